@@ -1,0 +1,150 @@
+"""Where a step runs.  :func:`backend_for` is the one place that looks at the buffers and
+picks the CPU (NumPy arrays, Numba ``@njit`` kernels) or CUDA (anything exposing
+``__cuda_array_interface__``, Numba CUDA kernels); optimizer classes never branch on it.
+
+A backend validates a (params, grads) pair, allocates state next to the parameters, moves
+state to and from host NumPy arrays for checkpoints, plans how a step's segments are cut
+into chunks, and launches a kernel by name.
+"""
+import numpy as np
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def describe(obj):
+    return type(obj).__module__ + "." + type(obj).__qualname__ if not isinstance(obj, np.ndarray) else "numpy.ndarray"
+
+
+def is_cuda_array(obj):
+    return hasattr(obj, "__cuda_array_interface__") or _is_numba_device_array(obj)
+
+
+def _is_numba_device_array(obj):
+    # Under the CUDA simulator Numba's device arrays expose no __cuda_array_interface__.
+    return type(obj).__name__ in ("DeviceNDArray", "FakeCUDAArray") and hasattr(obj, "copy_to_host")
+
+
+def backend_for(params, grads):
+    """The backend that owns both buffers; TypeError if they live in different places."""
+    if isinstance(params, np.ndarray) and isinstance(grads, np.ndarray):
+        return CPU
+    if is_cuda_array(params) and is_cuda_array(grads):
+        from flatopt.kernels.cuda_backend import CUDA
+        return CUDA
+    if is_cuda_array(params) or is_cuda_array(grads):
+        where = lambda a: "GPU" if is_cuda_array(a) else ("host" if isinstance(a, np.ndarray) else describe(a))
+        raise TypeError(f"params ({where(params)}) and grads ({where(grads)}) must live on the same device")
+    bad = params if not isinstance(params, np.ndarray) else grads
+    name = "params" if bad is params else "grads"
+    raise TypeError(f"{name} must be a NumPy array or a CUDA array (__cuda_array_interface__), "
+                    f"got {describe(bad)}")
+
+
+def check_dtype(name, dtype):
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {dtype}; flatopt supports float32 and float64")
+
+
+def check_pair(params, grads, *, shape_of, dtype_of, contiguous, writeable, span):
+    """Checks shared by every backend; the accessors read one backend's array type."""
+    for name, arr in (("params", params), ("grads", grads)):
+        shape = shape_of(arr)
+        if len(shape) != 1:
+            raise ValueError(f"{name} must be a 1-D buffer, got shape {tuple(shape)}")
+        check_dtype(name, dtype_of(arr))
+        if not contiguous(arr):
+            raise ValueError(f"{name} must be contiguous")
+    if not writeable(params):
+        raise ValueError("params is read-only")
+    if dtype_of(grads) != dtype_of(params):
+        raise TypeError(f"grads dtype {dtype_of(grads)} does not match params dtype {dtype_of(params)}")
+    if shape_of(grads)[0] != shape_of(params)[0]:
+        raise ValueError(f"grads has {shape_of(grads)[0]} elements but params has {shape_of(params)[0]}")
+    (p0, p1), (g0, g1) = span(params), span(grads)
+    if p0 < g1 and g0 < p1:
+        raise ValueError("params and grads share memory; grads must be a separate buffer")
+
+
+def split_chunks(segments, n_chunks_hint, align=16):
+    """Cut ``(start, stop, row)`` segments into about ``n_chunks_hint`` equal chunks.
+
+    Chunk boundaries inside a segment fall on multiples of ``align`` elements (64 bytes
+    in float32) so that every chunk but a segment's last starts on a cache line.
+    """
+    total = sum(stop - start for start, stop, _ in segments)
+    size = max(align, -(-total // max(1, n_chunks_hint)))
+    size = -(-size // align) * align
+    chunks = []
+    for start, stop, row in segments:
+        lo = start
+        while lo < stop:
+            hi = min(stop, -(-(lo + size) // align) * align)
+            chunks.append((lo, hi, row))
+            lo = hi
+    return np.array(chunks, dtype=np.int64).reshape(-1, 3)
+
+
+class CpuBackend:
+    """NumPy buffers, Numba CPU kernels (flatopt.kernels.cpu)."""
+
+    name = "cpu"
+    # Below this many updated elements one thread beats two: waking a second thread
+    # costs more than the work it takes over.
+    parallel_min = 1 << 15
+    chunks_per_thread = 4
+
+    def __init__(self):
+        self._kernels = None
+
+    def check(self, params, grads):
+        check_pair(params, grads, shape_of=np.shape, dtype_of=lambda a: a.dtype,
+                   contiguous=lambda a: a.flags.c_contiguous, writeable=lambda a: a.flags.writeable,
+                   span=_host_span)
+
+    def owns(self, buffer):
+        return isinstance(buffer, np.ndarray)
+
+    def zeros(self, n, dtype):
+        return np.zeros(n, dtype=dtype)
+
+    def empty_state(self, dtype):
+        return np.empty(0, dtype=dtype)
+
+    def to_host(self, buffer):
+        return np.array(buffer, copy=True)
+
+    def from_host(self, array, like):
+        return np.array(array, dtype=like.dtype, copy=True)
+
+    def copy(self, src, dst):
+        np.copyto(dst, src)
+
+    def table(self, rows, dtype):
+        return np.array(rows, dtype=dtype)
+
+    def plan(self, segments):
+        """Chunks for ``(start, stop, row)`` segments and whether to use threads."""
+        import numba
+        total = sum(stop - start for start, stop, _ in segments)
+        threads = numba.get_num_threads()
+        parallel = threads > 1 and total >= self.parallel_min
+        if not parallel:
+            return (np.array(segments, dtype=np.int64).reshape(-1, 3), False)
+        return (split_chunks(segments, threads * self.chunks_per_thread), True)
+
+    def launch(self, kernel, params, grads, states, plan, table):
+        if self._kernels is None:
+            from flatopt.kernels import cpu
+            self._kernels = cpu
+        chunks, parallel = plan
+        fn = getattr(self._kernels, kernel + ("_parallel" if parallel else "_serial"))
+        fn(params, grads, *states, chunks, table)
+
+
+def _host_span(a):
+    start = a.__array_interface__["data"][0]
+    return start, start + a.nbytes
+
+
+CPU = CpuBackend()
+

@@ -1,0 +1,1 @@
+"""Kernels by backend: ``cpu`` (Numba ``@njit``) and ``cuda`` (Numba CUDA)."""

@@ -1,0 +1,120 @@
+"""Lookahead (Zhang et al., 2019) around any flat-buffer optimizer."""
+import numbers
+from contextlib import contextmanager
+
+import numpy as np
+
+from flatopt.backend import backend_for
+from flatopt.optimizers.base import Optimizer, _unwrap
+
+
+class Lookahead:
+    r"""Keeps slow weights beside the parameters the inner optimizer updates (the fast
+    weights).  Slow weights start as a copy of the parameters, taken before the first inner
+    step; after every ``k``-th inner step one fused kernel does
+
+    .. math::
+        s \leftarrow s + \alpha (p - s), \qquad p \leftarrow s
+
+    rounded as the reference wrapper computes it, ``alpha * p + (1 - alpha) * s``.
+    ``with opt.slow_weights(params):`` evaluates on the slow weights and swaps back.
+    """
+
+    def __init__(self, inner, k=5, alpha=0.5):
+        if not isinstance(inner, Optimizer):
+            raise TypeError(f"Lookahead wraps a flatopt optimizer, got {type(inner).__name__}")
+        self.inner, self.k, self.alpha = inner, k, alpha
+        self._check()
+        self.slow = None
+        self.step_count = 0
+        self._plan_key = self._plan = None
+
+    def _check(self):
+        if not isinstance(self.k, numbers.Integral) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"Invalid k: {self.k!r}; Lookahead needs an integer k >= 1")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"Invalid alpha: {self.alpha!r}; Lookahead needs 0 <= alpha <= 1")
+
+    def step(self, params, grads):
+        """One inner step; every ``k``-th also pulls slow and fast weights together."""
+        self._check()
+        backend = backend_for(params, grads)
+        backend.check(params, grads)
+        if self.slow is not None:
+            self._check_slow_fits(backend, params)
+            slow = self.slow
+        else:
+            slow = backend.zeros(len(params), params.dtype)
+            backend.copy(params, slow)
+        self.inner.step(params, grads)  # validates everything of its own before touching anything
+        self.slow = slow
+        self.step_count += 1
+        if self.step_count % self.k == 0:
+            dt = params.dtype.type
+            key = (backend.name, len(params))
+            if key != self._plan_key:
+                self._plan, self._plan_key = backend.plan([(0, len(params), 0)]), key
+            backend.launch("lookahead", params, slow, (), self._plan,
+                           backend.table([(dt(self.alpha), dt(1 - self.alpha))], params.dtype))
+
+    def _check_slow_fits(self, backend, params):
+        if len(self.slow) != len(params):
+            raise ValueError(f"params has {len(params)} elements but the slow weights have {len(self.slow)}")
+        if self.slow.dtype != params.dtype:
+            raise TypeError(f"params dtype {params.dtype} does not match the slow weights' dtype {self.slow.dtype}")
+        if not backend.owns(self.slow):
+            self.slow = backend.from_host(self.slow, params)  # freshly loaded from a checkpoint
+
+    @contextmanager
+    def slow_weights(self, params):
+        """Inside the block ``params`` holds the slow weights; the fast ones come back after."""
+        if self.slow is None:  # before the first step the slow weights are the parameters
+            yield params
+            return
+        backend = backend_for(params, params)
+        self._check_slow_fits(backend, params)
+        fast = backend.zeros(len(params), params.dtype)
+        backend.copy(params, fast)
+        backend.copy(self.slow, params)
+        try:
+            yield params
+        finally:
+            backend.copy(fast, params)
+
+    def state_dict(self):
+        return {
+            "optimizer": "Lookahead",
+            "k": self.k,
+            "alpha": self.alpha,
+            "step_count": self.step_count,
+            "slow": None if self.slow is None else backend_for(self.slow, self.slow).to_host(self.slow),
+            "inner": self.inner.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict):
+        sd = {k: _unwrap(v) for k, v in dict(state_dict).items()}
+        expected = {"optimizer", "k", "alpha", "step_count", "slow", "inner"}
+        if set(sd) != expected:
+            raise ValueError(f"state_dict keys {sorted(sd)} do not match the expected {sorted(expected)}")
+        if sd["optimizer"] != "Lookahead":
+            raise ValueError(f"state_dict is for {sd['optimizer']}, not Lookahead")
+        trial = Lookahead(self.inner, sd["k"], sd["alpha"])
+        if not isinstance(sd["step_count"], numbers.Integral) or sd["step_count"] < 0:
+            raise ValueError(f"invalid step_count {sd['step_count']!r}")
+        slow = sd["slow"]
+        if slow is not None:
+            slow = np.asarray(slow)
+            if slow.ndim != 1:
+                raise ValueError(f"slow weights must be 1-D, got shape {slow.shape}")
+            inner_state = dict(_unwrap(sd["inner"])).get("state", {})
+            sizes = {len(np.asarray(v)) for v in dict(_unwrap(inner_state)).values()}
+            if sizes and sizes != {len(slow)}:
+                raise ValueError(f"slow weights have {len(slow)} elements but the inner state has {sizes.pop()}")
+        self.inner.load_state_dict(sd["inner"])  # checks everything before changing anything
+        self.k, self.alpha, self.step_count = trial.k, trial.alpha, int(sd["step_count"])
+        self.slow = None if slow is None else np.array(slow, copy=True)
+        self._plan_key = None
+
+    def __repr__(self):
+        return f"Lookahead({self.inner!r}, k={self.k}, alpha={self.alpha})"
+

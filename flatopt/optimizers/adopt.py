@@ -1,0 +1,54 @@
+"""ADOPT (Taniguchi et al., NeurIPS 2024), the rule of the authors' implementation."""
+import math
+
+from flatopt.optimizers.base import Optimizer
+
+
+def default_clip(step):
+    """The official clipping schedule: ``step ** 0.25`` (``step`` = earlier calls)."""
+    return step**0.25
+
+
+class ADOPT(Optimizer):
+    r"""ADOPT: Adam with the current gradient left out of its own normaliser.
+
+    First call: :math:`v \leftarrow g^2` and nothing else.  Later calls, with :math:`t` the
+    number of earlier calls and :math:`g` negated if ``maximize``, plus ``wd * p`` (L2)
+    unless ``decouple``:
+
+    .. math::
+        p &\leftarrow p (1 - \eta\lambda) \text{ (decouple)} \\
+        n &= \operatorname{clip}\big(g / \max(\sqrt{v}, \epsilon),\ c(t)\big) \\
+        m &\leftarrow m + (1 - \beta_1)(n - m), \qquad p \leftarrow p - \eta m \\
+        v &\leftarrow \beta_2 v + (1 - \beta_2) g^2
+
+    ``clip_lambda`` is the clip schedule :math:`c(t)`, default :func:`default_clip`
+    (:math:`t^{1/4}`); ``None`` disables clipping.  No bias correction.
+    State: ``exp_avg``, ``exp_avg_sq``.
+    """
+
+    kernel = "adopt"
+    state_names = ("exp_avg", "exp_avg_sq")
+    defaults = dict(lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, decouple=False, maximize=False,
+                    clip_lambda=default_clip)
+
+    def __init__(self, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, decouple=False, *,
+                 clip_lambda=default_clip, maximize=False, param_groups=None):
+        super().__init__(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         decouple=decouple, maximize=maximize, clip_lambda=clip_lambda)
+
+    def _check(self, hp):
+        from flatopt.optimizers.adam import _check_adam
+        _check_adam(hp)
+        if hp["clip_lambda"] is not None and not callable(hp["clip_lambda"]):
+            raise TypeError(f"clip_lambda must be a callable of the step or None, got {hp['clip_lambda']!r}")
+
+    def _needs(self, hp):
+        return self.state_names
+
+    def _row(self, hp, group_state, dt):
+        (beta1, beta2), lr, t = hp["betas"], hp["lr"], group_state["step"]
+        clip = math.inf if hp["clip_lambda"] is None or t == 0 else hp["clip_lambda"](t)
+        w1 = dt(1 - beta1)
+        return (dt(lr), w1, w1 - dt(1), dt(beta2), dt(1 - beta2), dt(hp["eps"]), dt(hp["weight_decay"]),
+                dt(1 - lr * hp["weight_decay"]), dt(clip), hp["decouple"], hp["maximize"], t == 0)

@@ -1,0 +1,237 @@
+"""What every flat-buffer optimizer shares: hyperparameters, parameter groups, lazily
+allocated state, checkpoints and the validate-then-launch ``step``.
+
+A subclass supplies the math's inputs only:
+
+* ``kernel``: the kernel's name in each backend (``flatopt.kernels``);
+* ``state_names``: the flat state buffers, in the kernel's argument order;
+* ``_check(hp)``: torch.optim's hyperparameter checks and messages;
+* ``_row(hp, group_state, dtype)``: one segment's scalars for this step, in the kernel's
+  row order, rounded to the buffers' dtype the way torch rounds Python scalars;
+* ``_needs(hp)``: which state buffers a group with these hyperparameters uses.
+"""
+import numbers
+
+import numpy as np
+
+from flatopt.backend import SUPPORTED_DTYPES, backend_for
+
+GROUP_KEYS = ("start", "stop", "frozen")
+
+
+class Optimizer:
+    kernel = None
+    state_names = ()
+    defaults = {}
+
+    def __init__(self, param_groups=None, **hyperparameters):
+        self.__dict__.update(hyperparameters)
+        self._check(self._resolve(None, 0))
+        self.param_groups = param_groups
+        self.state = {}
+        self._backend = None
+        self._plan_key = self._plan = None
+
+    # --- hyperparameters and groups -------------------------------------------------
+    def hyperparameters(self):
+        """The optimizer-wide hyperparameters, as given (``lr`` may be a callable)."""
+        return {name: getattr(self, name) for name in self.defaults}
+
+    def _resolve(self, group, step):
+        """Effective hyperparameters of ``group`` (``None``: the defaults) at ``step``."""
+        hp = {name: self.__dict__[name] for name in self.defaults}
+        if group is not None:
+            hp.update((k, v) for k, v in group.items() if k in hp)
+        if callable(hp["lr"]):
+            hp["lr"] = hp["lr"](step)
+        return hp
+
+    @property
+    def param_groups(self):
+        """Contiguous segments of the flat buffer, each a dict with ``start``, ``stop``,
+        optional per-group hyperparameters and ``frozen``.  ``None``: the whole buffer is
+        one group, created at the first step.  Elements outside every group are left alone.
+        """
+        return self._groups
+
+    @param_groups.setter
+    def param_groups(self, groups):
+        if groups is None:
+            self._groups, self.group_state = None, [self._new_group_state()]
+            self._plan_key = None
+            return
+        groups = [self._checked_group(i, g) for i, g in enumerate(groups)]
+        for i in range(1, len(groups)):
+            if groups[i]["start"] < groups[i - 1]["stop"]:
+                raise ValueError(f"param group {i} starts at {groups[i]['start']}, inside or before "
+                                 f"group {i - 1} (which stops at {groups[i - 1]['stop']}); "
+                                 "groups must be sorted and must not overlap")
+        old = getattr(self, "group_state", None)
+        self._groups = groups
+        if old is None or len(old) != len(groups):
+            self.group_state = [self._new_group_state() for _ in groups]
+        self._plan_key = None
+
+    def _checked_group(self, i, group):
+        if not isinstance(group, dict):
+            raise TypeError(f"param group {i} must be a dict, got {type(group).__name__}")
+        unknown = set(group) - set(GROUP_KEYS) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"param group {i} has unknown keys {sorted(unknown)}; allowed: "
+                             f"{sorted(set(GROUP_KEYS) | set(self.defaults))}")
+        for key in ("start", "stop"):
+            if key not in group:
+                raise ValueError(f"param group {i} needs '{key}'")
+            if not isinstance(group[key], numbers.Integral) or isinstance(group[key], bool):
+                raise TypeError(f"param group {i}: '{key}' must be an int, got {group[key]!r}")
+        if not 0 <= group["start"] < group["stop"]:
+            raise ValueError(f"param group {i}: need 0 <= start < stop, got start={group['start']}, "
+                             f"stop={group['stop']}")
+        group = dict(group)
+        group.setdefault("frozen", False)
+        self._check(self._resolve(group, 0))
+        return group
+
+    def _new_group_state(self):
+        return {"step": 0}
+
+    def _groups_for(self, n):
+        if self._groups is None:
+            return ({"start": 0, "stop": n, "frozen": False},)
+        last = self._groups[-1]["stop"] if self._groups else 0
+        if last > n:
+            raise ValueError(f"param groups reach element {last} but the buffer has {n} elements")
+        return self._groups
+
+    # --- the step -----------------------------------------------------------------------
+    def step(self, params, grads):
+        """One update of ``params`` in place from ``grads``: a single kernel launch.
+
+        Everything is validated first; on any error nothing has been modified.
+        """
+        backend = backend_for(params, grads)
+        backend.check(params, grads)
+        n, dtype = len(params), params.dtype
+        self._check_state_fits(backend, n, dtype)
+        groups = self._groups_for(n)
+        segments, rows, hps = [], [], []
+        for i, group in enumerate(groups):
+            if group["frozen"]:
+                continue
+            hp = self._resolve(group, self.group_state[i]["step"])
+            self._check(hp)
+            segments.append((group["start"], group["stop"], len(rows)))
+            rows.append(self._row(hp, self.group_state[i], dtype.type))
+            hps.append((i, hp))
+        if not segments:
+            return
+        # Nothing above modified anything; from here on the step happens.
+        states = self._states(backend, n, dtype, [hp for _, hp in hps])
+        backend.launch(self.kernel, params, grads, states, self._plan_for(backend, segments),
+                       backend.table(rows, dtype))
+        for i, hp in hps:
+            self._advance(hp, self.group_state[i])
+
+    def _advance(self, hp, group_state):
+        group_state["step"] += 1
+
+    def _check_state_fits(self, backend, n, dtype):
+        if not self.state:
+            return
+        buf = next(iter(self.state.values()))
+        if len(buf) != n:
+            raise ValueError(f"params has {n} elements but the optimizer state was made for {len(buf)}")
+        if buf.dtype != dtype:
+            raise TypeError(f"params dtype {dtype} does not match the optimizer state's dtype {buf.dtype}")
+        if self._backend is not None and self._backend is not backend:
+            raise TypeError(f"the optimizer state lives on {self._backend.name} but params are on "
+                            f"{backend.name}; move it with state_dict() / load_state_dict()")
+
+    def _states(self, backend, n, dtype, hps):
+        if self._backend is None:  # fresh, or just loaded from host arrays: place the state
+            self.state = {k: backend.from_host(v, np.empty(0, dtype)) for k, v in self.state.items()}
+            self._backend = backend
+        needed = set().union(*(self._needs(hp) for hp in hps))
+        for name in self.state_names:
+            if name in needed and name not in self.state:
+                self.state[name] = backend.zeros(n, dtype)
+        return [self.state[name] if name in self.state else backend.empty_state(dtype)
+                for name in self.state_names]
+
+    def _plan_for(self, backend, segments):
+        key = (backend.name, tuple(segments))
+        if key != self._plan_key:
+            self._plan, self._plan_key = backend.plan(segments), key
+        return self._plan
+
+    # --- checkpoints --------------------------------------------------------------------
+    def state_dict(self):
+        """Plain Python and NumPy data: picklable, ``np.savez``-able, device independent.
+
+        A callable ``lr`` is not saved; the loading optimizer keeps its own.
+        """
+        return {
+            "optimizer": type(self).__name__,
+            "hyperparameters": {k: v for k, v in self.hyperparameters().items() if not callable(v)},
+            "param_groups": None if self._groups is None else [dict(g) for g in self._groups],
+            "group_state": [dict(s) for s in self.group_state],
+            "state": {k: backend_for(v, v).to_host(v) for k, v in self.state.items()},
+        }
+
+    def load_state_dict(self, state_dict):
+        """Restore a checkpoint; everything is checked before anything changes."""
+        sd = {k: _unwrap(v) for k, v in dict(state_dict).items()}
+        expected = {"optimizer", "hyperparameters", "param_groups", "group_state", "state"}
+        if set(sd) != expected:
+            raise ValueError(f"state_dict keys {sorted(sd)} do not match the expected {sorted(expected)}")
+        if sd["optimizer"] != type(self).__name__:
+            raise ValueError(f"state_dict is for {sd['optimizer']}, not {type(self).__name__}")
+        hyper = dict(sd["hyperparameters"])
+        unknown = set(hyper) - set(self.defaults)
+        if unknown:
+            raise ValueError(f"state_dict has unknown hyperparameters {sorted(unknown)}")
+        trial = object.__new__(type(self))
+        trial.__dict__.update(self.__dict__)
+        trial.__dict__.update(hyper)
+        trial._check(trial._resolve(None, 0))
+        trial.param_groups = sd["param_groups"]
+        group_state = [dict(_unwrap(s)) for s in sd["group_state"]]
+        if len(group_state) != len(trial.group_state):
+            raise ValueError(f"state_dict has {len(group_state)} group states for "
+                             f"{len(trial.group_state)} param groups")
+        for s in group_state:
+            if set(s) != set(trial._new_group_state()) or not all(
+                    isinstance(v, numbers.Integral) for v in s.values()):
+                raise ValueError(f"invalid group state {s}")
+        state = {k: np.asarray(v) for k, v in dict(sd["state"]).items()}
+        unknown = set(state) - set(self.state_names)
+        if unknown:
+            raise ValueError(f"state_dict has unknown state buffers {sorted(unknown)}; "
+                             f"{type(self).__name__} keeps {list(self.state_names)}")
+        sizes = {len(v) if v.ndim == 1 else -1 for v in state.values()}
+        dtypes = {v.dtype for v in state.values()}
+        if -1 in sizes or len(sizes) > 1:
+            raise ValueError("state buffers must be 1-D and of one length, got shapes "
+                             f"{ {k: v.shape for k, v in state.items()} }")
+        if len(dtypes) > 1 or (dtypes and dtypes.pop() not in SUPPORTED_DTYPES):
+            raise TypeError("state buffers must share one dtype, float32 or float64, got "
+                            f"{ {k: str(v.dtype) for k, v in state.items()} }")
+        if state and trial._groups and trial._groups[-1]["stop"] > sizes.copy().pop():
+            raise ValueError("state_dict's param groups reach beyond its state buffers")
+        # Everything checked: commit.
+        self.__dict__.update(hyper)
+        self._groups, self.group_state = trial._groups, group_state
+        self.state = {k: np.array(v, copy=True) for k, v in state.items()}
+        self._backend = None
+        self._plan_key = None
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _unwrap(value):
+    """``np.savez`` stores dicts and scalars as 0-d arrays; take them back out."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value.item()
+    return value

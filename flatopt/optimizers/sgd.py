@@ -1,0 +1,85 @@
+"""SGD with momentum, dampening, Nesterov and L2 weight decay (torch.optim.SGD's rule)."""
+from flatopt.optimizers.base import Optimizer
+
+
+class SGD(Optimizer):
+    r"""Stochastic gradient descent, as ``torch.optim.SGD``.
+
+    .. math::
+        g &\leftarrow -g \text{ if maximize};\quad g \leftarrow g + \lambda p \\
+        b &\leftarrow g \text{ (first momentum step)}, \quad
+            b \leftarrow \mu b + (1 - \tau) g \text{ (later)} \\
+        g &\leftarrow g + \mu b \text{ (nesterov)}, \quad g \leftarrow b \text{ (otherwise)} \\
+        p &\leftarrow p - \eta\, g
+
+    State: ``momentum_buffer`` (only when ``momentum != 0``).
+    """
+
+    kernel = "sgd"
+    state_names = ("momentum_buffer",)
+    defaults = dict(lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)
+
+    def __init__(self, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
+                 maximize=False, param_groups=None):
+        super().__init__(param_groups, lr=lr, momentum=momentum, dampening=dampening,
+                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize)
+
+    def _check(self, hp):
+        if hp["lr"] < 0.0:
+            raise ValueError(f"Invalid learning rate: {hp['lr']}")
+        if hp["momentum"] < 0.0:
+            raise ValueError(f"Invalid momentum value: {hp['momentum']}")
+        if hp["weight_decay"] < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {hp['weight_decay']}")
+        if hp["nesterov"] and (hp["momentum"] <= 0 or hp["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def _needs(self, hp):
+        return ("momentum_buffer",) if hp["momentum"] != 0 else ()
+
+    def _new_group_state(self):
+        return {"step": 0, "momentum_started": False}
+
+    def _row(self, hp, group_state, dt):
+        first = hp["momentum"] != 0 and not group_state["momentum_started"]
+        return (dt(hp["lr"]), dt(hp["momentum"]), dt(1 - hp["dampening"]), dt(hp["weight_decay"]),
+                hp["nesterov"], hp["maximize"], first)
+
+    def _advance(self, hp, group_state):
+        group_state["step"] += 1
+        group_state["momentum_started"] |= hp["momentum"] != 0
+
+
+class Momentum(SGD):
+    r"""Exponentially weighted momentum, the textbook form:
+
+    .. math::
+        v_0 = 0, \quad v \leftarrow \beta v + (1 - \beta) g, \quad p \leftarrow p - \eta v
+
+    Unlike ``SGD(momentum=beta, dampening=beta)``, whose buffer starts as the first
+    gradient (torch's rule), this buffer starts at zero.  Runs the SGD kernel.
+    """
+
+    defaults = dict(lr=1e-3, beta=0.9, weight_decay=0.0, maximize=False)
+
+    def __init__(self, lr=1e-3, beta=0.9, weight_decay=0.0, *, maximize=False, param_groups=None):
+        Optimizer.__init__(self, param_groups, lr=lr, beta=beta, weight_decay=weight_decay, maximize=maximize)
+
+    def _check(self, hp):
+        if not 0.0 <= hp["lr"]:
+            raise ValueError(f"Invalid learning rate: {hp['lr']}")
+        if not 0.0 <= hp["beta"] < 1.0:
+            raise ValueError(f"Invalid beta value: {hp['beta']}")
+        if not 0.0 <= hp["weight_decay"]:
+            raise ValueError(f"Invalid weight_decay value: {hp['weight_decay']}")
+
+    def _needs(self, hp):
+        return ("momentum_buffer",)
+
+    def _row(self, hp, group_state, dt):
+        beta = dt(hp["beta"])
+        return (dt(hp["lr"]), beta, dt(1 - hp["beta"]), dt(hp["weight_decay"]), False, hp["maximize"], False)
+
+    def _advance(self, hp, group_state):
+        group_state["step"] += 1
+        group_state["momentum_started"] = True
