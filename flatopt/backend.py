@@ -9,6 +9,7 @@ into chunks, and launches a kernel by name.
 import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_DTYPES = frozenset(SUPPORTED_DTYPES)
 
 
 def describe(obj):
@@ -94,12 +95,17 @@ class CpuBackend:
     chunks_per_thread = 4
 
     def __init__(self):
-        self._kernels = None
+        self._kernels = {}
 
     def check(self, params, grads):
-        check_pair(params, grads, shape_of=np.shape, dtype_of=lambda a: a.dtype,
-                   contiguous=lambda a: a.flags.c_contiguous, writeable=lambda a: a.flags.writeable,
-                   span=_host_span)
+        pf, gf, dtype = params.flags, grads.flags, params.dtype
+        if not (params.ndim == 1 and grads.ndim == 1 and dtype in _DTYPES and grads.dtype == dtype
+                and pf.c_contiguous and gf.c_contiguous and pf.writeable
+                and params.shape == grads.shape) or np.may_share_memory(params, grads):
+            # Something is off: the full check names it.
+            check_pair(params, grads, shape_of=np.shape, dtype_of=lambda a: a.dtype,
+                       contiguous=lambda a: a.flags.c_contiguous, writeable=lambda a: a.flags.writeable,
+                       span=_host_span)
 
     def owns(self, buffer):
         return isinstance(buffer, np.ndarray)
@@ -133,11 +139,11 @@ class CpuBackend:
         return (split_chunks(segments, threads * self.chunks_per_thread), True)
 
     def launch(self, kernel, params, grads, states, plan, table):
-        if self._kernels is None:
-            from flatopt.kernels import cpu
-            self._kernels = cpu
         chunks, parallel = plan
-        fn = getattr(self._kernels, kernel + ("_parallel" if parallel else "_serial"))
+        fn = self._kernels.get((kernel, parallel))
+        if fn is None:
+            from flatopt.kernels import cpu
+            fn = self._kernels[kernel, parallel] = getattr(cpu, kernel + ("_parallel" if parallel else "_serial"))
         fn(params, grads, *states, chunks, table)
 
 

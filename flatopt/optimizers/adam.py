@@ -1,5 +1,5 @@
 """Adam and AdamW, with amsgrad (torch.optim.Adam / AdamW's rule)."""
-from flatopt.optimizers.base import Optimizer
+from flatopt.optimizers.base import Optimizer, lerp_weight_minus_one
 
 
 def _check_adam(hp):
@@ -51,9 +51,8 @@ class Adam(Optimizer):
 
     def _row(self, hp, group_state, dt):
         (beta1, beta2), lr, t = hp["betas"], hp["lr"], group_state["step"] + 1
-        w1 = dt(1 - beta1)
-        return (dt(lr / (1 - beta1**t)), w1, w1 - dt(1), dt(beta2), dt(1 - beta2), dt((1 - beta2**t) ** 0.5),
-                dt(hp["eps"]), dt(hp["weight_decay"]), dt(1 - lr * hp["weight_decay"]),
+        return (lr / (1 - beta1**t), 1 - beta1, lerp_weight_minus_one(1 - beta1, dt), beta2, 1 - beta2,
+                (1 - beta2**t) ** 0.5, hp["eps"], hp["weight_decay"], 1 - lr * hp["weight_decay"],
                 hp["decoupled_weight_decay"], hp["amsgrad"], hp["maximize"])
 
 

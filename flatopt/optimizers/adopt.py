@@ -1,7 +1,7 @@
 """ADOPT (Taniguchi et al., NeurIPS 2024), the rule of the authors' implementation."""
 import math
 
-from flatopt.optimizers.base import Optimizer
+from flatopt.optimizers.base import Optimizer, lerp_weight_minus_one
 
 
 def default_clip(step):
@@ -49,6 +49,5 @@ class ADOPT(Optimizer):
     def _row(self, hp, group_state, dt):
         (beta1, beta2), lr, t = hp["betas"], hp["lr"], group_state["step"]
         clip = math.inf if hp["clip_lambda"] is None or t == 0 else hp["clip_lambda"](t)
-        w1 = dt(1 - beta1)
-        return (dt(lr), w1, w1 - dt(1), dt(beta2), dt(1 - beta2), dt(hp["eps"]), dt(hp["weight_decay"]),
-                dt(1 - lr * hp["weight_decay"]), dt(clip), hp["decouple"], hp["maximize"], t == 0)
+        return (lr, 1 - beta1, lerp_weight_minus_one(1 - beta1, dt), beta2, 1 - beta2, hp["eps"],
+                hp["weight_decay"], 1 - lr * hp["weight_decay"], clip, hp["decouple"], hp["maximize"], t == 0)

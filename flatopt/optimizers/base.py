@@ -6,15 +6,17 @@ A subclass supplies the math's inputs only:
 * ``kernel``: the kernel's name in each backend (``flatopt.kernels``);
 * ``state_names``: the flat state buffers, in the kernel's argument order;
 * ``_check(hp)``: torch.optim's hyperparameter checks and messages;
-* ``_row(hp, group_state, dtype)``: one segment's scalars for this step, in the kernel's
-  row order, rounded to the buffers' dtype the way torch rounds Python scalars;
+* ``_row(hp, group_state, dt)``: one segment's scalars for this step, in the kernel's row
+  order, as Python numbers: the backend's table rounds them to the buffers' dtype once,
+  as torch rounds Python scalars (``dt`` is that dtype's scalar type, for the rare value
+  torch computes in the buffers' dtype);
 * ``_needs(hp)``: which state buffers a group with these hyperparameters uses.
 """
 import numbers
 
 import numpy as np
 
-from flatopt.backend import SUPPORTED_DTYPES, backend_for
+from flatopt.backend import CPU, SUPPORTED_DTYPES, backend_for
 
 GROUP_KEYS = ("start", "stop", "frozen")
 
@@ -31,6 +33,7 @@ class Optimizer:
         self.state = {}
         self._backend = None
         self._plan_key = self._plan = None
+        self._state_key = self._state_args = None
 
     # --- hyperparameters and groups -------------------------------------------------
     def hyperparameters(self):
@@ -109,36 +112,47 @@ class Optimizer:
 
         Everything is validated first; on any error nothing has been modified.
         """
-        backend = backend_for(params, grads)
+        backend = CPU if type(params) is np.ndarray and type(grads) is np.ndarray else backend_for(params, grads)
         backend.check(params, grads)
         n, dtype = len(params), params.dtype
-        self._check_state_fits(backend, n, dtype)
-        groups = self._groups_for(n)
-        segments, rows, hps = [], [], []
-        for i, group in enumerate(groups):
-            if group["frozen"]:
-                continue
-            hp = self._resolve(group, self.group_state[i]["step"])
+        if self.state:
+            self._check_state_fits(backend, n, dtype)
+        if self._groups is None:  # the common case: one group over the whole buffer
+            hp = self._resolve_default()
             self._check(hp)
-            segments.append((group["start"], group["stop"], len(rows)))
-            rows.append(self._row(hp, self.group_state[i], dtype.type))
-            hps.append((i, hp))
-        if not segments:
-            return
+            active = ((self.group_state[0], hp),)
+            segments = ((0, n, 0),)
+        else:
+            active, segments = [], []
+            for group, group_state in zip(self._groups_for(n), self.group_state):
+                if not group["frozen"]:
+                    hp = self._resolve(group, group_state["step"])
+                    self._check(hp)
+                    segments.append((group["start"], group["stop"], len(active)))
+                    active.append((group_state, hp))
+            if not active:
+                return
+            segments = tuple(segments)
+        rows = [self._row(hp, group_state, dtype.type) for group_state, hp in active]
         # Nothing above modified anything; from here on the step happens.
-        states = self._states(backend, n, dtype, [hp for _, hp in hps])
-        backend.launch(self.kernel, params, grads, states, self._plan_for(backend, segments),
-                       backend.table(rows, dtype))
-        for i, hp in hps:
-            self._advance(hp, self.group_state[i])
+        states = self._states(backend, n, dtype, active)
+        if (backend, segments) != self._plan_key:
+            self._plan, self._plan_key = backend.plan(segments), (backend, segments)
+        backend.launch(self.kernel, params, grads, states, self._plan, backend.table(rows, dtype))
+        for group_state, hp in active:
+            self._advance(hp, group_state)
+
+    def _resolve_default(self):
+        hp = self.__dict__
+        if callable(hp["lr"]):
+            hp = dict(hp, lr=hp["lr"](self.group_state[0]["step"]))
+        return hp
 
     def _advance(self, hp, group_state):
         group_state["step"] += 1
 
     def _check_state_fits(self, backend, n, dtype):
-        if not self.state:
-            return
-        buf = next(iter(self.state.values()))
+        buf = self._state_args[0] if self._state_args else next(iter(self.state.values()))
         if len(buf) != n:
             raise ValueError(f"params has {n} elements but the optimizer state was made for {len(buf)}")
         if buf.dtype != dtype:
@@ -147,22 +161,23 @@ class Optimizer:
             raise TypeError(f"the optimizer state lives on {self._backend.name} but params are on "
                             f"{backend.name}; move it with state_dict() / load_state_dict()")
 
-    def _states(self, backend, n, dtype, hps):
+    def _states(self, backend, n, dtype, active):
+        """The kernel's state arguments, allocating (zeros) the buffers first needed now."""
+        needed = self._needs(active[0][1])
+        for _, hp in active[1:]:
+            needed = tuple(name for name in self.state_names if name in needed or name in self._needs(hp))
+        if self._backend is not None and needed == self._state_key:
+            return self._state_args
         if self._backend is None:  # fresh, or just loaded from host arrays: place the state
             self.state = {k: backend.from_host(v, np.empty(0, dtype)) for k, v in self.state.items()}
             self._backend = backend
-        needed = set().union(*(self._needs(hp) for hp in hps))
-        for name in self.state_names:
-            if name in needed and name not in self.state:
+        for name in needed:
+            if name not in self.state:
                 self.state[name] = backend.zeros(n, dtype)
-        return [self.state[name] if name in self.state else backend.empty_state(dtype)
-                for name in self.state_names]
-
-    def _plan_for(self, backend, segments):
-        key = (backend.name, tuple(segments))
-        if key != self._plan_key:
-            self._plan, self._plan_key = backend.plan(segments), key
-        return self._plan
+        self._state_key = needed
+        self._state_args = [self.state[name] if name in self.state else backend.empty_state(dtype)
+                            for name in self.state_names]
+        return self._state_args
 
     # --- checkpoints --------------------------------------------------------------------
     def state_dict(self):
@@ -223,11 +238,17 @@ class Optimizer:
         self._groups, self.group_state = trial._groups, group_state
         self.state = {k: np.array(v, copy=True) for k, v in state.items()}
         self._backend = None
-        self._plan_key = None
+        self._plan_key = self._state_key = self._state_args = None
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"
+
+
+def lerp_weight_minus_one(weight, dt):
+    """``weight - 1`` as torch's lerp computes it, in the buffers' dtype from the rounded
+    weight.  Only used when ``weight >= 0.5``."""
+    return float(dt(weight)) - 1.0 if weight >= 0.5 else weight - 1.0
 
 
 def _unwrap(value):

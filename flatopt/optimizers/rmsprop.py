@@ -1,5 +1,5 @@
 """RMSprop, plain or centered, with optional momentum (torch.optim.RMSprop's rule)."""
-from flatopt.optimizers.base import Optimizer
+from flatopt.optimizers.base import Optimizer, lerp_weight_minus_one
 
 
 class RMSprop(Optimizer):
@@ -43,6 +43,6 @@ class RMSprop(Optimizer):
             ("grad_avg",) if hp["centered"] else ())
 
     def _row(self, hp, group_state, dt):
-        w = dt(1 - hp["alpha"])
-        return (dt(hp["lr"]), dt(hp["alpha"]), w, w - dt(1), dt(hp["eps"]), dt(hp["weight_decay"]),
-                dt(hp["momentum"]), hp["centered"], hp["maximize"])
+        w = 1 - hp["alpha"]
+        return (hp["lr"], hp["alpha"], w, lerp_weight_minus_one(w, dt), hp["eps"], hp["weight_decay"],
+                hp["momentum"], hp["centered"], hp["maximize"])

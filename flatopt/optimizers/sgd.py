@@ -42,8 +42,8 @@ class SGD(Optimizer):
 
     def _row(self, hp, group_state, dt):
         first = hp["momentum"] != 0 and not group_state["momentum_started"]
-        return (dt(hp["lr"]), dt(hp["momentum"]), dt(1 - hp["dampening"]), dt(hp["weight_decay"]),
-                hp["nesterov"], hp["maximize"], first)
+        return (hp["lr"], hp["momentum"], 1 - hp["dampening"], hp["weight_decay"], hp["nesterov"], hp["maximize"],
+                first)
 
     def _advance(self, hp, group_state):
         group_state["step"] += 1
@@ -77,8 +77,7 @@ class Momentum(SGD):
         return ("momentum_buffer",)
 
     def _row(self, hp, group_state, dt):
-        beta = dt(hp["beta"])
-        return (dt(hp["lr"]), beta, dt(1 - hp["beta"]), dt(hp["weight_decay"]), False, hp["maximize"], False)
+        return (hp["lr"], hp["beta"], 1 - hp["beta"], hp["weight_decay"], False, hp["maximize"], False)
 
     def _advance(self, hp, group_state):
         group_state["step"] += 1
