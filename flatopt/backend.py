@@ -107,6 +107,9 @@ class CpuBackend:
                        contiguous=lambda a: a.flags.c_contiguous, writeable=lambda a: a.flags.writeable,
                        span=_host_span)
 
+    def dtype(self, buffer):
+        return buffer.dtype
+
     def owns(self, buffer):
         return isinstance(buffer, np.ndarray)
 

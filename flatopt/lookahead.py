@@ -44,24 +44,24 @@ class Lookahead:
             self._check_slow_fits(backend, params)
             slow = self.slow
         else:
-            slow = backend.zeros(len(params), params.dtype)
+            slow = backend.zeros(len(params), backend.dtype(params))
             backend.copy(params, slow)
         self.inner.step(params, grads)  # validates everything of its own before touching anything
         self.slow = slow
         self.step_count += 1
         if self.step_count % self.k == 0:
-            dt = params.dtype.type
             key = (backend.name, len(params))
             if key != self._plan_key:
                 self._plan, self._plan_key = backend.plan([(0, len(params), 0)]), key
             backend.launch("lookahead", params, slow, (), self._plan,
-                           backend.table([(dt(self.alpha), dt(1 - self.alpha))], params.dtype))
+                           backend.table([(self.alpha, 1 - self.alpha)], backend.dtype(params)))
 
     def _check_slow_fits(self, backend, params):
         if len(self.slow) != len(params):
             raise ValueError(f"params has {len(params)} elements but the slow weights have {len(self.slow)}")
-        if self.slow.dtype != params.dtype:
-            raise TypeError(f"params dtype {params.dtype} does not match the slow weights' dtype {self.slow.dtype}")
+        dtype = backend.dtype(params)
+        if self.slow.dtype != dtype:
+            raise TypeError(f"params dtype {dtype} does not match the slow weights' dtype {self.slow.dtype}")
         if not backend.owns(self.slow):
             self.slow = backend.from_host(self.slow, params)  # freshly loaded from a checkpoint
 
@@ -73,7 +73,7 @@ class Lookahead:
             return
         backend = backend_for(params, params)
         self._check_slow_fits(backend, params)
-        fast = backend.zeros(len(params), params.dtype)
+        fast = backend.zeros(len(params), backend.dtype(params))
         backend.copy(params, fast)
         backend.copy(self.slow, params)
         try:

@@ -34,6 +34,7 @@ class Optimizer:
         self._backend = None
         self._plan_key = self._plan = None
         self._state_key = self._state_args = None
+        self._table_key = self._table = None
 
     # --- hyperparameters and groups -------------------------------------------------
     def hyperparameters(self):
@@ -114,7 +115,7 @@ class Optimizer:
         """
         backend = CPU if type(params) is np.ndarray and type(grads) is np.ndarray else backend_for(params, grads)
         backend.check(params, grads)
-        n, dtype = len(params), params.dtype
+        n, dtype = len(params), backend.dtype(params)  # a NumPy dtype, also for torch tensors
         if self.state:
             self._check_state_fits(backend, n, dtype)
         if self._groups is None:  # the common case: one group over the whole buffer
@@ -138,7 +139,9 @@ class Optimizer:
         states = self._states(backend, n, dtype, active)
         if (backend, segments) != self._plan_key:
             self._plan, self._plan_key = backend.plan(segments), (backend, segments)
-        backend.launch(self.kernel, params, grads, states, self._plan, backend.table(rows, dtype))
+        if (backend, dtype, rows) != self._table_key:  # rows settle once bias corrections reach 1
+            self._table, self._table_key = backend.table(rows, dtype), (backend, dtype, rows)
+        backend.launch(self.kernel, params, grads, states, self._plan, self._table)
         for group_state, hp in active:
             self._advance(hp, group_state)
 

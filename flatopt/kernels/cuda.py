@@ -1,0 +1,296 @@
+"""Numba CUDA kernels: the CPU kernels' math (``flatopt.kernels.cpu``), one launch per step.
+
+Work layout.  A step's segments are cut into chunks, ``(start, stop, segment)`` int64
+rows exactly as on the CPU (the backend's plan).  Each block takes chunks in a
+grid-stride loop over the chunk table; inside a chunk its threads stride over the
+elements, so consecutive threads touch consecutive addresses (coalesced) and the
+segment's scalars (``table[segment]``, a block-uniform row) are read once per chunk,
+not once per element.  Every per-segment flag is therefore uniform across a block: no
+divergence.  Hyperparameters live in the table, a kernel argument: changing them never
+recompiles.
+
+Rounding.  Every operation is written out with an explicitly rounded intrinsic:
+``fma`` (``fma.rn``) exactly where the CPU kernels call ``fma`` and ``mul.rn`` /
+``add.rn`` / ``div.rn`` / ``sqrt.rn`` everywhere else.  NVVM contracts a plain
+``a * b + c`` into an FMA by default (numba-cuda passes no ``-fma=0``), and ptxas may
+fuse ``mul``/``add`` without a rounding modifier; it does neither to ``.rn`` intrinsics.
+``fastmath`` stays off (no flush-to-zero, no approximate division or square root).
+Constants are typed in the buffers' dtype (``HALF``, ``ZERO``): a float32 kernel holds
+no float64 instruction at all.  NaN and Inf propagate as on the CPU (comparisons are
+written the same way: ``a > b or a != a``).
+
+Under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``) the same kernel source runs as
+Python on NumPy scalars; the intrinsics are replaced by NumPy operations of the same
+dtype and by a correctly rounded ``fma`` (NumPy has none; the simulator's ``cuda.fma``
+is an unfused ``a * b + c``), so simulated results are bitwise those of the CPU kernels.
+"""
+import math
+from fractions import Fraction
+
+import numpy as np
+from numba import config, cuda
+
+SIMULATOR = bool(config.ENABLE_CUDASIM)
+KERNEL_NAMES = ("sgd", "rmsprop", "adam", "adopt", "lookahead")
+DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+# Number of state buffers each kernel takes between ``grads`` and ``chunks``.
+N_STATES = {"sgd": 1, "rmsprop": 3, "adam": 3, "adopt": 2, "lookahead": 0}
+
+
+# --- exact arithmetic for the simulator --------------------------------------------------
+def _sim_fma32(a, b, c):
+    """float32 ``a*b + c`` rounded once.  The product is exact in float64; the float64
+    sum is made round-to-odd (two-sum error term), which then rounds correctly to float32.
+    """
+    x, y, z = float(a), float(b), float(c)
+    prod = x * y
+    s = prod + z
+    if not math.isfinite(s) or not math.isfinite(prod):
+        with np.errstate(all="ignore"):
+            return np.float32(np.float64(x) * np.float64(y) + np.float64(z))
+    bb = s - prod
+    err = (prod - (s - bb)) + (z - bb)
+    if err != 0.0 and not (np.float64(s).view(np.int64) & 1):
+        s = float(np.nextafter(s, math.inf if err > 0 else -math.inf))
+    with np.errstate(over="ignore"):
+        return np.float32(s)
+
+
+def _sim_fma64(a, b, c):
+    """float64 ``a*b + c`` rounded once, through exact rational arithmetic."""
+    x, y, z = float(a), float(b), float(c)
+    if not (math.isfinite(x) and math.isfinite(y)):  # the product is Inf or NaN: as unfused
+        with np.errstate(all="ignore"):
+            return np.float64(x) * np.float64(y) + np.float64(z)
+    if not math.isfinite(z):  # a finite exact product cannot overflow to cancel an infinite c
+        return np.float64(z)
+    exact = Fraction(x) * Fraction(y) + Fraction(z)
+    if exact == 0:
+        # IEEE: an exact zero sum is +0 unless both addends are zeros of the same sign.
+        with np.errstate(all="ignore"):
+            return np.float64(x) * np.float64(y) + np.float64(z) if x * y == 0 else np.float64(0.0)
+    try:
+        return np.float64(float(exact))  # int / int true division rounds correctly
+    except OverflowError:
+        return np.float64(math.inf if exact > 0 else -math.inf)
+
+
+class _SimIntrinsics:
+    """What the kernels call as ``cu.fma`` under the simulator: a correctly rounded FMA."""
+
+    @staticmethod
+    def fma(a, b, c):
+        return _sim_fma32(a, b, c) if type(a) is np.float32 else _sim_fma64(a, b, c)
+
+
+# The kernels call ``cu.fma``: numba.cuda's (``fma.rn``) on a GPU, the exact one above
+# under the simulator (which swaps every global bound to ``numba.cuda`` for its own
+# module, whose ``fma`` is an unfused ``a * b + c``).
+cu = _SimIntrinsics if SIMULATOR else cuda
+
+
+def _ops(dtype):
+    """(add, mul, div, sqrt) for one dtype, each correctly rounded and never contracted
+    with a neighbour.  Subtraction is ``add(a, -b)`` (negation is exact)."""
+    if SIMULATOR:
+        def add(a, b):
+            return a + b
+
+        def mul(a, b):
+            return a * b
+
+        def div(a, b):
+            return a / b
+
+        def sqrt(a):
+            return np.sqrt(a)
+
+        return add, mul, div, sqrt
+    from numba.cuda import libdevice as ld
+    if dtype == np.float32:
+        return ld.fadd_rn, ld.fmul_rn, ld.fdiv_rn, ld.fsqrt_rn
+    return ld.dadd_rn, ld.dmul_rn, ld.ddiv_rn, ld.dsqrt_rn
+
+
+def _kernel(fn):
+    return cuda.jit(fn) if SIMULATOR else cuda.jit(fastmath=False)(fn)
+
+
+def _build(dtype):
+    """The five kernels for one dtype; constants are typed in that dtype.
+
+    The helpers of ``flatopt.kernels.cpu`` (``lerp``, ``maximum``, ``clamp``) are written
+    out inline: a CUDA device function needs a current device to compile, and these
+    kernels must also compile to PTX on a machine without one (``tests/test_ptx.py``).
+    """
+    ZERO, HALF = dtype.type(0), dtype.type(0.5)
+    add, mul, div, sqrt = _ops(dtype)
+
+    # --- SGD: row lr, momentum, 1 - dampening, weight_decay, nesterov, maximize, first
+    @_kernel
+    def sgd(p, g, buf, chunks, table):
+        c = cuda.blockIdx.x
+        while c < chunks.shape[0]:
+            lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            c += cuda.gridDim.x
+            lr, momentum, keep, weight_decay = table[s, 0], table[s, 1], table[s, 2], table[s, 3]
+            nesterov, maximize, first = table[s, 4] != ZERO, table[s, 5] != ZERO, table[s, 6] != ZERO
+            use_buf = momentum != ZERO
+            neg_lr = -lr
+            i = lo + cuda.threadIdx.x - cuda.blockDim.x
+            while i + cuda.blockDim.x < hi:
+                i += cuda.blockDim.x
+                gi = -g[i] if maximize else g[i]
+                if weight_decay != ZERO:
+                    gi = cu.fma(weight_decay, p[i], gi)
+                if use_buf:
+                    b = gi if first else cu.fma(keep, gi, mul(buf[i], momentum))
+                    buf[i] = b
+                    gi = cu.fma(momentum, b, gi) if nesterov else b
+                p[i] = cu.fma(neg_lr, gi, p[i])
+
+    # --- RMSprop: row lr, alpha, 1 - alpha, (1 - alpha) - 1, eps, weight_decay, momentum,
+    #     centered, maximize
+    @_kernel
+    def rmsprop(p, g, square_avg, buf, grad_avg, chunks, table):
+        c = cuda.blockIdx.x
+        while c < chunks.shape[0]:
+            lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            c += cuda.gridDim.x
+            lr, alpha, w, w_m1, eps = table[s, 0], table[s, 1], table[s, 2], table[s, 3], table[s, 4]
+            weight_decay, momentum = table[s, 5], table[s, 6]
+            centered, maximize = table[s, 7] != ZERO, table[s, 8] != ZERO
+            neg_lr = -lr
+            i = lo + cuda.threadIdx.x - cuda.blockDim.x
+            while i + cuda.blockDim.x < hi:
+                i += cuda.blockDim.x
+                gi = -g[i] if maximize else g[i]
+                if weight_decay != ZERO:
+                    gi = cu.fma(weight_decay, p[i], gi)
+                v = cu.fma(mul(w, gi), gi, mul(square_avg[i], alpha))
+                square_avg[i] = v
+                if centered:
+                    ga = grad_avg[i]  # lerp(ga, g, w): one FMA from the nearer end
+                    d = add(gi, -ga)
+                    ga = cu.fma(w, d, ga) if w < HALF else cu.fma(w_m1, d, gi)
+                    grad_avg[i] = ga
+                    avg = add(sqrt(cu.fma(-ga, ga, v)), eps)
+                else:
+                    avg = add(sqrt(v), eps)
+                if momentum > ZERO:
+                    b = add(mul(buf[i], momentum), div(gi, avg))
+                    buf[i] = b
+                    p[i] = cu.fma(neg_lr, b, p[i])
+                else:
+                    p[i] = add(p[i], div(mul(neg_lr, gi), avg))
+
+    # --- Adam / AdamW: row lr/bc1, 1 - b1, (1 - b1) - 1, b2, 1 - b2, sqrt(bc2), eps,
+    #     weight_decay, 1 - lr*wd, decoupled, amsgrad, maximize
+    @_kernel
+    def adam(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, chunks, table):
+        c = cuda.blockIdx.x
+        while c < chunks.shape[0]:
+            lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            c += cuda.gridDim.x
+            step_size, w1, w1_m1, beta2 = table[s, 0], table[s, 1], table[s, 2], table[s, 3]
+            w2, bc2_sqrt, eps = table[s, 4], table[s, 5], table[s, 6]
+            weight_decay, decay_factor = table[s, 7], table[s, 8]
+            decoupled, amsgrad, maximize = table[s, 9] != ZERO, table[s, 10] != ZERO, table[s, 11] != ZERO
+            neg_step_size = -step_size
+            i = lo + cuda.threadIdx.x - cuda.blockDim.x
+            while i + cuda.blockDim.x < hi:
+                i += cuda.blockDim.x
+                gi = -g[i] if maximize else g[i]
+                pi = p[i]
+                if weight_decay != ZERO:
+                    if decoupled:
+                        pi = mul(pi, decay_factor)
+                    else:
+                        gi = cu.fma(weight_decay, pi, gi)
+                m = exp_avg[i]  # lerp(m, g, w1)
+                d = add(gi, -m)
+                m = cu.fma(w1, d, m) if w1 < HALF else cu.fma(w1_m1, d, gi)
+                v = cu.fma(mul(w2, gi), gi, mul(exp_avg_sq[i], beta2))
+                exp_avg[i] = m
+                exp_avg_sq[i] = v
+                if amsgrad:
+                    vmax = max_exp_avg_sq[i]  # torch.maximum: NaN wins
+                    v = vmax if (vmax > v or vmax != vmax) else v
+                    max_exp_avg_sq[i] = v
+                p[i] = add(pi, div(mul(neg_step_size, m), add(div(sqrt(v), bc2_sqrt), eps)))
+
+    # --- ADOPT: row lr, 1 - b1, (1 - b1) - 1, b2, 1 - b2, eps, weight_decay, 1 - lr*wd, clip,
+    #     decouple, maximize, first_step
+    @_kernel
+    def adopt(p, g, exp_avg, exp_avg_sq, chunks, table):
+        c = cuda.blockIdx.x
+        while c < chunks.shape[0]:
+            lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            c += cuda.gridDim.x
+            lr, w1, w1_m1, beta2, w2, eps = table[s, 0], table[s, 1], table[s, 2], table[s, 3], table[s, 4], table[s, 5]
+            weight_decay, decay_factor, clip = table[s, 6], table[s, 7], table[s, 8]
+            decouple, maximize, first = table[s, 9] != ZERO, table[s, 10] != ZERO, table[s, 11] != ZERO
+            neg_lr = -lr
+            neg_clip = -clip
+            i = lo + cuda.threadIdx.x - cuda.blockDim.x
+            while i + cuda.blockDim.x < hi:
+                i += cuda.blockDim.x
+                gi = -g[i] if maximize else g[i]
+                pi = p[i]
+                if weight_decay != ZERO and not decouple:
+                    gi = cu.fma(weight_decay, pi, gi)
+                if first:
+                    exp_avg_sq[i] = mul(gi, gi)
+                    continue
+                if weight_decay != ZERO and decouple:
+                    pi = mul(pi, decay_factor)
+                v = exp_avg_sq[i]
+                sqrt_v = sqrt(v)
+                normed = div(gi, eps if sqrt_v < eps else sqrt_v)
+                normed = neg_clip if normed < neg_clip else normed  # torch.clamp: NaN stays
+                normed = clip if normed > clip else normed
+                m = exp_avg[i]  # lerp(m, normed, w1)
+                d = add(normed, -m)
+                m = cu.fma(w1, d, m) if w1 < HALF else cu.fma(w1_m1, d, normed)
+                exp_avg[i] = m
+                p[i] = cu.fma(neg_lr, m, pi)
+                exp_avg_sq[i] = cu.fma(mul(w2, gi), gi, mul(v, beta2))
+
+    # --- Lookahead: row alpha, 1 - alpha;  slow <- alpha*fast + (1 - alpha)*slow; fast <- slow
+    @_kernel
+    def lookahead(fast, slow, chunks, table):
+        c = cuda.blockIdx.x
+        while c < chunks.shape[0]:
+            lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
+            c += cuda.gridDim.x
+            alpha, keep = table[s, 0], table[s, 1]
+            i = lo + cuda.threadIdx.x - cuda.blockDim.x
+            while i + cuda.blockDim.x < hi:
+                i += cuda.blockDim.x
+                merged = cu.fma(keep, slow[i], mul(fast[i], alpha))
+                slow[i] = merged
+                fast[i] = merged
+
+    return {"sgd": sgd, "rmsprop": rmsprop, "adam": adam, "adopt": adopt, "lookahead": lookahead}
+
+
+_KERNELS = {}
+
+
+def get_kernel(name, dtype):
+    """The dispatcher of kernel ``name`` for ``dtype`` (compiled at its first launch)."""
+    dtype = np.dtype(dtype)
+    kernels = _KERNELS.get(dtype)
+    if kernels is None:
+        if dtype not in DTYPES:
+            raise TypeError(f"flatopt's CUDA kernels support float32 and float64, not {dtype}")
+        kernels = _KERNELS[dtype] = _build(dtype)
+    return kernels[name]
+
+
+def signature(name, dtype):
+    """The kernel's Numba signature for contiguous buffers, e.g. for ``cuda.compile_ptx``."""
+    ty = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64"}[np.dtype(dtype)]
+    arrays = 2 + N_STATES[name]
+    return "void(" + ", ".join([f"{ty}[::1]"] * arrays + ["int64[:, ::1]", f"{ty}[:, ::1]"]) + ")"

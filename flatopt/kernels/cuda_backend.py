@@ -1,0 +1,443 @@
+"""The CUDA backend: buffers on a GPU, Numba CUDA kernels (``flatopt.kernels.cuda``).
+
+Accepted buffers: CuPy arrays, Numba device arrays (``numba.cuda.to_device``, also the
+simulator's, which expose no ``__cuda_array_interface__``) and any object exposing
+``__cuda_array_interface__`` (torch CUDA tensors: interface v2 without a stream).
+Foreign arrays are viewed as Numba device arrays without copying and without the
+stream synchronisation Numba would otherwise perform on import; the views are cached
+(weakly) so that a training loop passing the same buffers pays for the conversion once.
+
+Streams.  A step runs on the stream the parameters belong to: the stream in their
+``__cuda_array_interface__`` (CuPy), torch's current stream for torch tensors, the
+array's own stream for a Numba device array, else the default stream.  The step never
+synchronises the device: the per-step table of scalars (a few dozen bytes) is copied
+from pageable host memory with ``cuMemcpyHtoDAsync`` on that stream, which stages the
+bytes before returning and orders the copy before the kernel.  ``to_host`` (checkpoints)
+is the one operation that waits for the device.
+
+Allocation.  State buffers are CuPy arrays when CuPy is installed and can see a GPU,
+Numba device arrays otherwise (``CudaBackend.array_library`` = ``"auto"``, ``"cupy"`` or
+``"numba"``), on the device of the parameters last checked.
+"""
+import ctypes
+import weakref
+
+import numpy as np
+from numba import cuda
+
+from flatopt.backend import SUPPORTED_DTYPES, check_pair, describe, is_cuda_array, split_chunks
+from flatopt.kernels import cuda as kernels
+
+SIMULATOR = kernels.SIMULATOR
+_DTYPES = frozenset(SUPPORTED_DTYPES)
+_TYPESTR = {}
+
+
+class _Info:
+    """What a step needs to know about one buffer."""
+
+    __slots__ = ("shape", "dtype", "contiguous", "ptr", "nbytes", "writeable", "device", "stream", "view")
+
+    def __init__(self, shape, dtype, contiguous, ptr, nbytes, writeable, device, stream, view):
+        self.shape, self.dtype, self.contiguous, self.ptr = shape, dtype, contiguous, ptr
+        self.nbytes, self.writeable, self.device, self.stream, self.view = nbytes, writeable, device, stream, view
+
+
+class Plan:
+    """How one step's segments are cut: the chunk table (host, and per device a device
+    copy uploaded once), the grid and the block size."""
+
+    def __init__(self, chunks, grid, block):
+        self.chunks, self.grid, self.block = chunks, grid, block
+        self._device_chunks = {}
+
+    @property
+    def nchunks(self):
+        return len(self.chunks)
+
+    def __repr__(self):
+        return f"Plan({self.nchunks} chunks, grid={self.grid}, block={self.block})"
+
+
+class CudaBackend:
+    """Buffers on a GPU, Numba CUDA kernels."""
+
+    name = "cuda"
+
+    def __init__(self, *, block=256, blocks_per_sm=4, min_chunk=1024, max_chunk=1 << 16, align=32,
+                 max_grid=None, array_library="auto"):
+        # Block: 256 threads.  Grid: blocks_per_sm * SMs blocks, all resident at once (every
+        # kernel needs at most 64 registers per thread, and 4 blocks of 256 such threads fill
+        # an SM's 64K registers), so no block waits for a second wave.  Chunks: at least 4
+        # elements per thread (the segment's row of scalars is read once per chunk), at most
+        # 64K elements, and a whole number of chunks per block when the buffer is one segment.
+        self.block, self.blocks_per_sm, self.align = block, blocks_per_sm, align
+        self.min_chunk, self.max_chunk, self.max_grid = min_chunk, max_chunk, max_grid
+        self.array_library = array_library
+        self._views = {}
+        self._device = None  # the device of the params last checked: where state goes
+        self._sm_count = {}
+        self._streams = {}
+        self._tables = {}
+        self._empty = {}
+        self._cupy = None
+
+    # --- describing buffers ----------------------------------------------------------------
+    def _info(self, obj):
+        if SIMULATOR and type(obj).__name__ == "FakeCUDAArray":
+            ary = obj._ary
+            return _Info(ary.shape, ary.dtype, ary.flags.c_contiguous, ary.__array_interface__["data"][0],
+                         ary.nbytes, ary.flags.writeable, 0, None, obj)
+        if not SIMULATOR and isinstance(obj, _device_ndarray_type()):
+            return self._numba_info(obj)
+        try:
+            desc = obj.__cuda_array_interface__
+        except AttributeError:
+            raise TypeError(f"expected a CUDA array (CuPy, Numba device array or an object with "
+                            f"__cuda_array_interface__), got {describe(obj)}") from None
+        return self._cai_info(obj, desc)
+
+    def _numba_info(self, arr):
+        ptr = arr.device_ctypes_pointer.value or 0
+        entry = self._views.get(id(arr))
+        if entry is not None and entry[0]() is arr and entry[1] == ptr:
+            device = entry[3]
+        else:
+            device = self._pointer_device(arr, ptr)
+            self._remember(arr, ptr, None, device)
+        itemsize = arr.dtype.itemsize
+        return _Info(arr.shape, arr.dtype, arr.is_c_contiguous(), ptr, arr.size * itemsize, True, device,
+                     arr.stream, arr)
+
+    def _cai_info(self, obj, desc):
+        if desc.get("mask") is not None:
+            raise ValueError("masked CUDA arrays are not supported")
+        shape = tuple(desc["shape"])
+        typestr = desc["typestr"]
+        dtype = _TYPESTR.get(typestr)
+        if dtype is None:
+            dtype = _TYPESTR[typestr] = np.dtype(typestr)
+        ptr, readonly = desc["data"]
+        ptr = ptr or 0
+        strides = desc.get("strides")
+        contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize) or (
+            len(shape) == 1 and shape[0] <= 1)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        entry = self._views.get(id(obj))
+        if entry is not None and entry[0]() is obj and entry[1] == (ptr, shape, typestr):
+            view, device = entry[2], entry[3]
+        else:
+            view, device = None, self._pointer_device(obj, ptr)
+            if contiguous:
+                view = self._view_from_cai(obj, desc, shape, dtype, ptr, nbytes)
+            self._remember(obj, (ptr, shape, typestr), view, device)
+        stream = desc.get("stream")
+        if stream is None and type(obj).__module__.startswith("torch"):
+            stream = _torch_stream(obj)
+        return _Info(shape, dtype, contiguous, ptr, nbytes, not readonly, device, stream, view)
+
+    def _view_from_cai(self, obj, desc, shape, dtype, ptr, nbytes):
+        cacheable = _weakrefable(obj)
+        if SIMULATOR:
+            # Under the simulator "device" pointers are host pointers (test doubles).
+            if nbytes == 0:
+                host = np.empty(shape, dtype)
+            else:
+                host = np.frombuffer((ctypes.c_char * nbytes).from_address(ptr), dtype=dtype).reshape(shape)
+            from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+            return FakeCUDAArray(host)
+        # sync=False: no synchronisation of the exporter's stream (we launch on it instead);
+        # owner=None for cached views, which must not keep the user's buffer alive.
+        return cuda.from_cuda_array_interface(dict(desc, stream=None), owner=None if cacheable else obj,
+                                              sync=False)
+
+    def _remember(self, obj, key, view, device):
+        if not _weakrefable(obj):
+            return
+        views = self._views
+        oid = id(obj)
+        if len(views) > 256:
+            views.clear()
+        views[oid] = (weakref.ref(obj, lambda _, oid=oid: views.pop(oid, None)), key, view, device)
+
+    def _pointer_device(self, obj, ptr):
+        """The ordinal of the GPU holding ``ptr`` (None for an empty buffer)."""
+        if SIMULATOR:
+            return 0
+        device = getattr(obj, "device", None)
+        if type(obj).__module__.startswith("torch") and device is not None:
+            return device.index
+        if type(obj).__module__.startswith("cupy") and device is not None:
+            return device.id
+        if not ptr:
+            return None
+        try:
+            from numba.cuda.cudadrv.driver import binding, driver
+            attr = binding.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL
+            return int(driver.cuPointerGetAttribute(attr, binding.CUdeviceptr(ptr)))
+        except Exception:  # noqa: BLE001 - an unknown pointer: assume the current device
+            return cuda.get_current_device().id
+
+    def _view(self, obj):
+        info = self._info(obj)
+        if info.view is None:
+            raise ValueError(f"{describe(obj)} is not contiguous")
+        return info
+
+    # --- the backend interface -----------------------------------------------------------------
+    def check(self, params, grads):
+        pi, gi = self._info(params), self._info(grads)
+        if not (len(pi.shape) == 1 and pi.dtype in _DTYPES and gi.dtype == pi.dtype and pi.shape == gi.shape
+                and pi.contiguous and gi.contiguous and pi.writeable) or (
+                pi.ptr < gi.ptr + gi.nbytes and gi.ptr < pi.ptr + pi.nbytes):
+            infos = {id(params): pi, id(grads): gi}
+            check_pair(params, grads, shape_of=lambda a: infos[id(a)].shape, dtype_of=lambda a: infos[id(a)].dtype,
+                       contiguous=lambda a: infos[id(a)].contiguous, writeable=lambda a: infos[id(a)].writeable,
+                       span=lambda a: (infos[id(a)].ptr, infos[id(a)].ptr + infos[id(a)].nbytes))
+        if pi.device is not None and gi.device is not None and pi.device != gi.device:
+            raise ValueError(f"params are on GPU {pi.device} but grads are on GPU {gi.device}; "
+                             "both must be on the same GPU")
+        if pi.device is not None:
+            self._device = pi.device
+
+    def dtype(self, buffer):
+        """The buffer's NumPy dtype (torch tensors report a torch.dtype of their own)."""
+        return self._info(buffer).dtype
+
+    def owns(self, buffer):
+        return is_cuda_array(buffer)
+
+    def zeros(self, n, dtype):
+        dtype = np.dtype(dtype)
+        cp = self._array_module()
+        if cp is not None:
+            with cp.cuda.Device(self._device or 0):
+                return cp.zeros(n, dtype=dtype)
+        if SIMULATOR:
+            return cuda.to_device(np.zeros(n, dtype))
+        with self._on(self._device):
+            arr = cuda.device_array(n, dtype=dtype)
+            if n:
+                from numba.cuda.cudadrv.driver import device_memset
+                device_memset(arr, 0, arr.size * dtype.itemsize)
+            return arr
+
+    def empty_state(self, dtype):
+        key = (np.dtype(dtype), self._device)
+        arr = self._empty.get(key)
+        if arr is None:
+            with self._on(self._device):
+                arr = self._empty[key] = cuda.device_array(0, dtype=np.dtype(dtype))
+        return arr
+
+    def to_host(self, buffer):
+        info = self._view(buffer)
+        if SIMULATOR:
+            return info.view.copy_to_host()
+        with self._on(info.device):
+            cuda.synchronize()  # finish the steps queued on any stream before reading
+            return info.view.copy_to_host()
+
+    def from_host(self, array, like):
+        host = np.ascontiguousarray(array, dtype=_dtype_of(like))
+        cp = self._array_module()
+        if cp is not None:
+            with cp.cuda.Device(self._device or 0):
+                return cp.asarray(host)
+        with self._on(self._device):
+            return cuda.to_device(host)
+
+    def copy(self, src, dst):
+        d = self._view(dst)
+        if isinstance(src, np.ndarray):
+            source = np.ascontiguousarray(src, dtype=d.dtype)
+        else:
+            source = self._view(src).view
+        if len(source) != d.shape[0]:
+            raise ValueError(f"cannot copy {len(source)} elements into a buffer of {d.shape[0]}")
+        if SIMULATOR:
+            d.view.copy_to_device(source)
+            return
+        with self._on(d.device):
+            d.view.copy_to_device(source, stream=self._stream(d))
+
+    def table(self, rows, dtype):
+        # Host rows: ``launch`` copies them asynchronously on the step's stream.
+        return np.array(rows, dtype=dtype).reshape(len(rows), -1)
+
+    def plan(self, segments):
+        segments = [(int(a), int(b), int(r)) for a, b, r in segments]
+        total = sum(stop - start for start, stop, _ in segments)
+        max_grid = self.max_grid or self.blocks_per_sm * self._sms(self._device)
+        waves = -(-total // (max_grid * self.max_chunk))  # chunks per block when every chunk is max size
+        hint = max(1, min(max_grid * waves, total // self.min_chunk))
+        chunks = split_chunks(segments, hint, align=self.align)
+        return Plan(chunks, max(1, min(len(chunks), max_grid)), self.block)
+
+    def launch(self, kernel, params, grads, states, plan, table):
+        infos = [self._view(params), self._view(grads)] + [self._view(s) for s in states]
+        p = infos[0]
+        for info in infos[1:]:
+            if info.device is not None and p.device is not None and info.device != p.device:
+                raise ValueError(f"a buffer of this step is on GPU {info.device} but params are on GPU {p.device}; "
+                                 "move optimizer state with state_dict() / load_state_dict()")
+        if plan.nchunks == 0:
+            return
+        fn = kernels.get_kernel(kernel, p.dtype)
+        args = [info.view for info in infos]
+        if SIMULATOR:
+            host = table.copy_to_host() if hasattr(table, "copy_to_host") else table
+            fn[plan.grid, plan.block](*args, cuda.to_device(plan.chunks), cuda.to_device(np.asarray(host, p.dtype)))
+            return
+        with self._on(p.device):
+            stream = self._stream(p)
+            chunks = plan._device_chunks.get(p.device)
+            if chunks is None:
+                chunks = plan._device_chunks[p.device] = cuda.to_device(plan.chunks)
+            fn[plan.grid, plan.block, stream](*args, chunks, self._device_table(table, p, stream))
+
+    # --- helpers -----------------------------------------------------------------------------
+    def _device_table(self, table, p, stream):
+        if is_cuda_array(table):
+            return table
+        host = np.ascontiguousarray(table, dtype=p.dtype)
+        key = (p.device, _stream_key(stream), host.shape, host.dtype)
+        entry = self._tables.get(key)
+        if entry is None:
+            entry = self._tables[key] = [cuda.device_array(host.shape, dtype=host.dtype), None]
+        buf, last = entry
+        if last is not table:  # the core reuses an unchanged table object: nothing to send
+            # Pageable source + stream: cuMemcpyHtoDAsync stages the bytes and returns; the
+            # copy is ordered after the previous step's kernel on this stream, which read buf.
+            buf.copy_to_device(host, stream=stream)
+            entry[1] = table if host is table else None
+        return buf
+
+    def _stream(self, info):
+        """A Numba stream object for the stream ``info``'s buffer belongs to."""
+        s = info.stream
+        if s is not None and not isinstance(s, int):
+            return s  # a Numba device array's own stream object
+        key = (info.device, s)
+        stream = self._streams.get(key)
+        if stream is None:
+            if s in (None, 0):
+                stream = cuda.default_stream()
+            elif s == 1:
+                stream = cuda.legacy_default_stream()
+            elif s == 2:
+                stream = cuda.per_thread_default_stream()
+            else:
+                stream = cuda.external_stream(s)
+            self._streams[key] = stream
+        return stream
+
+    def _on(self, device):
+        """Context manager making ``device`` current (a no-op when it already is)."""
+        if SIMULATOR or device is None or len(cuda.gpus) == 1 or cuda.get_current_device().id == device:
+            return _NULL
+        return cuda.gpus[device]
+
+    def _sms(self, device):
+        if SIMULATOR:
+            return 1
+        n = self._sm_count.get(device)
+        if n is None:
+            with self._on(device):
+                n = self._sm_count[device] = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+        return n
+
+    def _array_module(self):
+        """CuPy when state should be CuPy arrays, None for Numba device arrays."""
+        lib = self.array_library
+        if lib not in ("auto", "cupy", "numba"):
+            raise ValueError(f"array_library must be 'auto', 'cupy' or 'numba', got {lib!r}")
+        if lib == "numba" or (SIMULATOR and lib == "auto"):
+            return None
+        if self._cupy is None:
+            self._cupy = _usable_cupy()
+        if isinstance(self._cupy, str):
+            if lib == "cupy":
+                raise ImportError(f"flatopt's CUDA backend was asked for CuPy arrays (array_library='cupy') "
+                                  f"but {self._cupy}; install CuPy for your CUDA version (e.g. "
+                                  f"`pip install cupy-cuda13x`) or set flatopt.kernels.cuda_backend.CUDA."
+                                  f"array_library = 'numba'")
+            return None
+        return self._cupy
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NULL = _Null()
+
+
+def _usable_cupy():
+    """The cupy module, or a string saying why it cannot be used."""
+    if SIMULATOR:
+        return "the CUDA simulator is active (NUMBA_ENABLE_CUDASIM=1)"
+    try:
+        import cupy
+    except ImportError:
+        return "CuPy is not installed"
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return "CuPy sees no GPU"
+    except Exception as exc:  # noqa: BLE001 - CUDARuntimeError and friends
+        return f"CuPy cannot use a GPU ({exc})"
+    return cupy
+
+
+def _device_ndarray_type():
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+    return DeviceNDArray
+
+
+def _c_strides(shape, itemsize):
+    strides, stride = [], itemsize
+    for dim in reversed(shape):
+        strides.append(stride)
+        stride *= dim
+    return tuple(reversed(strides))
+
+
+def _weakrefable(obj):
+    try:
+        weakref.ref(obj)
+    except TypeError:
+        return False
+    return True
+
+
+def _stream_key(stream):
+    try:
+        return int(stream)
+    except (TypeError, ValueError):
+        return id(stream)
+
+
+def _torch_stream(tensor):
+    import sys
+    torch = sys.modules["torch"]
+    ptr = torch.cuda.current_stream(tensor.device).cuda_stream
+    return ptr or None
+
+
+def _dtype_of(like):
+    if isinstance(like, np.ndarray):
+        return like.dtype
+    desc = getattr(like, "__cuda_array_interface__", None)
+    if desc is not None:
+        return np.dtype(desc["typestr"])
+    return np.dtype(like.dtype)
+
+
+# Under the simulator every CUDA thread is a Python thread: a grid of 2 blocks of 32 threads
+# and chunks of at most 64 elements keep it quick while still running both grid-stride loops
+# (several chunks per block, several elements per thread) on a few hundred elements.
+CUDA = CudaBackend(block=32, blocks_per_sm=2, min_chunk=32, max_chunk=64, align=16) if SIMULATOR else CudaBackend()

@@ -1,0 +1,647 @@
+"""The CUDA backend against the CPU kernels (bitwise) and torch.optim, under Numba's CUDA
+simulator (or on a real GPU when one is present; see conftest.py).
+
+Sizes stay small (the simulator runs every CUDA thread as a Python thread): a few hundred
+elements, a few steps, the simulator backend's grid of 2 blocks of 32 threads and chunks of
+at most 64 elements, so every kernel runs its grid-stride loops over several chunks per
+block and several elements per thread.
+"""
+import pickle
+
+import numpy as np
+import pytest
+from numba import cuda
+
+import flatopt
+from flatopt.backend import backend_for
+from flatopt.kernels import cuda as kernels
+from flatopt.kernels.cuda_backend import CUDA, CudaBackend
+
+pytestmark = [pytest.mark.cudasim, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
+SIMULATOR = kernels.SIMULATOR
+sim_only = pytest.mark.skipif(not SIMULATOR, reason="uses host memory as 'device' memory: simulator only")
+DTYPES = [np.float32, np.float64]
+N = 300
+STEPS = 3
+
+
+# --- helpers ---------------------------------------------------------------------------------
+def data(n=N, dtype=np.float32, steps=STEPS, seed=0, special=False):
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(n).astype(dtype)
+    grads = [rng.standard_normal(n).astype(dtype) for _ in range(steps)]
+    if special:  # NaN / Inf / zeros / subnormals in the gradients and the parameters
+        tiny = np.finfo(dtype).smallest_subnormal
+        for k, g in enumerate(grads):
+            g[k:k + 8] = [np.nan, np.inf, -np.inf, 0.0, -0.0, tiny, -tiny, 1e30]
+        p[20:24] = [np.inf, -np.inf, np.nan, tiny]
+    return p, grads
+
+
+def as_bits(a):
+    return a.view(np.uint32 if a.dtype == np.float32 else np.uint64)
+
+
+def assert_same(actual, expected):
+    """Bitwise equal, NaN payloads aside (NaNs must sit in the same places)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(actual), nan)
+    bad = np.flatnonzero(as_bits(actual)[~nan] != as_bits(expected)[~nan])
+    assert bad.size == 0, (f"{bad.size} elements differ, first at {np.flatnonzero(~nan)[bad[0]]}: "
+                           f"{actual[~nan][bad[0]]!r} vs {expected[~nan][bad[0]]!r}")
+
+
+def run_cpu_and_cuda(make, p0, grads):
+    """The same steps on NumPy buffers (CPU kernels) and device buffers (CUDA kernels)."""
+    cpu, dev = make(), make()
+    pc, pd = p0.copy(), cuda.to_device(p0)
+    for g in grads:
+        cpu.step(pc, g)
+        dev.step(pd, cuda.to_device(g))
+    return cpu, dev, pc, pd.copy_to_host()
+
+
+def assert_states_same(cpu, dev):
+    inner_c, inner_d = getattr(cpu, "inner", cpu), getattr(dev, "inner", dev)
+    sc, sd = inner_c.state_dict(), inner_d.state_dict()
+    assert sorted(sc["state"]) == sorted(sd["state"])
+    for name in sc["state"]:
+        assert type(sd["state"][name]) is np.ndarray
+        assert_same(sd["state"][name], sc["state"][name])
+    assert sc["group_state"] == sd["group_state"]
+    if inner_c is not cpu:
+        assert_same(dev.state_dict()["slow"], cpu.state_dict()["slow"])
+
+
+# Every option of every optimizer, one at a time (and a few together).
+CASES = {
+    "sgd": lambda: flatopt.SGD(lr=0.1),
+    "sgd-momentum": lambda: flatopt.SGD(lr=0.1, momentum=0.9),
+    "sgd-dampening": lambda: flatopt.SGD(lr=0.1, momentum=0.9, dampening=0.3),
+    "sgd-nesterov": lambda: flatopt.SGD(lr=0.1, momentum=0.9, nesterov=True),
+    "sgd-weight-decay": lambda: flatopt.SGD(lr=0.1, weight_decay=0.1),
+    "sgd-maximize": lambda: flatopt.SGD(lr=0.1, momentum=0.5, maximize=True),
+    "sgd-all": lambda: flatopt.SGD(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True, maximize=True),
+    "momentum": lambda: flatopt.Momentum(lr=0.1, beta=0.9, weight_decay=0.01),
+    "rmsprop": lambda: flatopt.RMSprop(lr=0.01),
+    "rmsprop-alpha": lambda: flatopt.RMSprop(lr=0.01, alpha=0.3),  # 1 - alpha >= 0.5: lerp's other end
+    "rmsprop-centered": lambda: flatopt.RMSprop(lr=0.01, centered=True),
+    "rmsprop-centered-alpha": lambda: flatopt.RMSprop(lr=0.01, centered=True, alpha=0.3),
+    "rmsprop-momentum": lambda: flatopt.RMSprop(lr=0.01, momentum=0.9),
+    "rmsprop-weight-decay": lambda: flatopt.RMSprop(lr=0.01, weight_decay=0.1),
+    "rmsprop-maximize": lambda: flatopt.RMSprop(lr=0.01, maximize=True),
+    "rmsprop-all": lambda: flatopt.RMSprop(lr=0.01, eps=1e-3, weight_decay=0.1, momentum=0.5, centered=True,
+                                           maximize=True),
+    "adam": lambda: flatopt.Adam(lr=0.01),
+    "adam-betas": lambda: flatopt.Adam(lr=0.01, betas=(0.3, 0.5)),  # 1 - beta1 >= 0.5: lerp's other end
+    "adam-amsgrad": lambda: flatopt.Adam(lr=0.01, amsgrad=True),
+    "adam-weight-decay": lambda: flatopt.Adam(lr=0.01, weight_decay=0.1),
+    "adam-decoupled": lambda: flatopt.Adam(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    "adam-maximize": lambda: flatopt.Adam(lr=0.01, maximize=True),
+    "adam-eps": lambda: flatopt.Adam(lr=0.01, eps=0.1),
+    "adamw": lambda: flatopt.AdamW(lr=0.01),
+    "adamw-all": lambda: flatopt.AdamW(lr=0.01, betas=(0.5, 0.9), weight_decay=0.2, amsgrad=True, maximize=True),
+    "adopt": lambda: flatopt.ADOPT(lr=0.01),
+    "adopt-betas": lambda: flatopt.ADOPT(lr=0.01, betas=(0.2, 0.5)),
+    "adopt-weight-decay": lambda: flatopt.ADOPT(lr=0.01, weight_decay=0.1),
+    "adopt-decouple": lambda: flatopt.ADOPT(lr=0.01, weight_decay=0.1, decouple=True),
+    "adopt-no-clip": lambda: flatopt.ADOPT(lr=0.01, clip_lambda=None),
+    "adopt-maximize": lambda: flatopt.ADOPT(lr=0.01, maximize=True, eps=0.5),
+    "lookahead-sgd": lambda: flatopt.Lookahead(flatopt.SGD(lr=0.1, momentum=0.9), k=2, alpha=0.5),
+    "lookahead-adam": lambda: flatopt.Lookahead(flatopt.Adam(lr=0.01, amsgrad=True), k=2, alpha=0.3),
+}
+
+
+def groups_of(make, groups):
+    def build():
+        opt = make()
+        (getattr(opt, "inner", opt)).param_groups = groups
+        return opt
+    return build
+
+
+# --- the CUDA kernels are the CPU kernels ----------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_matches_cpu_kernels_bitwise(case, dtype):
+    p0, grads = data(dtype=dtype, steps=4 if case.startswith("lookahead") else STEPS, seed=len(case))
+    cpu, dev, pc, pd = run_cpu_and_cuda(CASES[case], p0, grads)
+    assert_same(pd, pc)
+    assert_states_same(cpu, dev)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["sgd-all", "rmsprop-all", "adam-amsgrad", "adamw-all", "adopt", "adopt-no-clip",
+                                  "lookahead-adam"])
+def test_nan_inf_subnormal_propagate_like_cpu(case, dtype):
+    p0, grads = data(dtype=dtype, steps=4, special=True)
+    cpu, dev, pc, pd = run_cpu_and_cuda(CASES[case], p0, grads)
+    assert not np.isfinite(pc).all()  # the special values did reach the parameters
+    assert_same(pd, pc)
+    assert_states_same(cpu, dev)
+
+
+GROUPS = [
+    {"start": 0, "stop": 70, "lr": 0.05},
+    {"start": 70, "stop": 100, "frozen": True},
+    {"start": 130, "stop": 250, "weight_decay": 0.3},  # 100..130 belong to no group: never touched
+    {"start": 250, "stop": 300, "lr": 0.001, "maximize": True},
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["sgd-momentum", "rmsprop-centered", "adam-amsgrad", "adamw", "adopt-decouple",
+                                  "lookahead-sgd"])
+def test_groups_frozen_and_untouched_segments(case, dtype):
+    p0, grads = data(dtype=dtype, steps=4)
+    cpu, dev, pc, pd = run_cpu_and_cuda(groups_of(CASES[case], GROUPS), p0, grads)
+    assert_same(pd, pc)
+    assert_states_same(cpu, dev)
+    inner = getattr(dev, "inner", dev)
+    if not case.startswith("lookahead"):  # Lookahead's sync moves every element to the slow weights
+        np.testing.assert_array_equal(pd[70:130], p0[70:130])
+    for name, buf in inner.state_dict()["state"].items():
+        assert not buf[70:130].any(), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_per_group_hyperparameters_of_every_kind(dtype):
+    groups = [{"start": 0, "stop": 100, "betas": (0.2, 0.5), "amsgrad": True},
+              {"start": 100, "stop": 200, "eps": 1e-2, "decoupled_weight_decay": True, "weight_decay": 0.5},
+              {"start": 200, "stop": 300, "lr": lambda t: 0.1 / (t + 1)}]
+    p0, grads = data(dtype=dtype)
+    cpu, dev, pc, pd = run_cpu_and_cuda(lambda: flatopt.Adam(lr=0.01, param_groups=groups), p0, grads)
+    assert_same(pd, pc)
+    assert_states_same(cpu, dev)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hyperparameters_change_between_steps(dtype):
+    p0, grads = data(dtype=dtype, steps=4)
+    cpu, dev = flatopt.AdamW(lr=0.01), flatopt.AdamW(lr=0.01)
+    pc, pd = p0.copy(), cuda.to_device(p0)
+    for k, g in enumerate(grads):
+        for opt in (cpu, dev):
+            opt.lr, opt.weight_decay, opt.betas = 0.01 * (k + 1), 0.1 * k, (0.9 - 0.1 * k, 0.999)
+        cpu.step(pc, g)
+        dev.step(pd, cuda.to_device(g))
+    assert_same(pd.copy_to_host(), pc)
+
+
+def test_one_launch_per_step_whatever_the_groups(monkeypatch):
+    launches = []
+    real = kernels.get_kernel
+
+    class Counting:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, config):
+            launch = self.fn[config]
+
+            def counted(*args):
+                launches.append(config)
+                return launch(*args)
+            return counted
+
+    monkeypatch.setattr(kernels, "get_kernel", lambda name, dtype: Counting(real(name, dtype)))
+    groups = [{"start": 10 * i, "stop": 10 * i + 7, "lr": 0.01 * (i + 1)} for i in range(25)]
+    opt = flatopt.Adam(param_groups=groups)
+    p, g = cuda.to_device(np.ones(250, np.float32)), cuda.to_device(np.ones(250, np.float32))
+    for _ in range(3):
+        opt.step(p, g)
+    assert len(launches) == 3
+
+
+# --- torch.optim, option by option --------------------------------------------------------------
+TORCH = {
+    # case: (torch optimizer, its kwargs, rtol float32, rtol float64); rtol 0 = bitwise
+    "sgd": ("SGD", dict(lr=0.1), 0, 0),
+    "sgd-momentum": ("SGD", dict(lr=0.1, momentum=0.9), 0, 0),
+    "sgd-dampening": ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.3), 0, 0),
+    "sgd-nesterov": ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True), 0, 0),
+    "sgd-weight-decay": ("SGD", dict(lr=0.1, weight_decay=0.1), 0, 0),
+    "sgd-maximize": ("SGD", dict(lr=0.1, momentum=0.5, maximize=True), 0, 0),
+    "sgd-all": ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01, nesterov=True, maximize=True), 0, 0),
+    "rmsprop": ("RMSprop", dict(lr=0.01), 1e-5, 1e-12),
+    "rmsprop-alpha": ("RMSprop", dict(lr=0.01, alpha=0.3), 1e-5, 1e-12),
+    "rmsprop-centered": ("RMSprop", dict(lr=0.01, centered=True), 1e-5, 1e-12),
+    "rmsprop-centered-alpha": ("RMSprop", dict(lr=0.01, centered=True, alpha=0.3), 1e-5, 1e-12),
+    "rmsprop-momentum": ("RMSprop", dict(lr=0.01, momentum=0.9), 1e-5, 1e-12),
+    "rmsprop-weight-decay": ("RMSprop", dict(lr=0.01, weight_decay=0.1), 1e-5, 1e-12),
+    "rmsprop-maximize": ("RMSprop", dict(lr=0.01, maximize=True), 1e-5, 1e-12),
+    "rmsprop-all": ("RMSprop", dict(lr=0.01, eps=1e-3, weight_decay=0.1, momentum=0.5, centered=True,
+                                    maximize=True), 1e-5, 1e-12),
+    "adam": ("Adam", dict(lr=0.01), 0, 0),
+    "adam-betas": ("Adam", dict(lr=0.01, betas=(0.3, 0.5)), 0, 0),
+    "adam-amsgrad": ("Adam", dict(lr=0.01, amsgrad=True), 0, 0),
+    "adam-weight-decay": ("Adam", dict(lr=0.01, weight_decay=0.1), 0, 0),
+    "adam-decoupled": ("Adam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True), 0, 0),
+    "adam-maximize": ("Adam", dict(lr=0.01, maximize=True), 0, 0),
+    "adam-eps": ("Adam", dict(lr=0.01, eps=0.1), 0, 0),
+    "adamw": ("AdamW", dict(lr=0.01), 0, 0),
+    "adamw-all": ("AdamW", dict(lr=0.01, betas=(0.5, 0.9), weight_decay=0.2, amsgrad=True, maximize=True), 0, 0),
+}
+
+
+def torch_run(name, kwargs, p0, grads, groups=None, lookahead=None):
+    """torch.optim on the same data: one tensor per group; frozen groups get no gradient."""
+    torch = pytest.importorskip("torch")
+    p = p0.copy()
+    segments = [(g["start"], g["stop"], {k: v for k, v in g.items() if k not in ("start", "stop", "frozen")},
+                 g.get("frozen", False)) for g in (groups or [{"start": 0, "stop": len(p0)}])]
+    tensors = [torch.from_numpy(p[a:b]) for a, b, _, _ in segments]  # views of p
+    param_groups = [dict(params=[t], **extra) for t, (_, _, extra, _) in zip(tensors, segments)]
+    variant = dict(fused=True) if name in ("Adam", "AdamW") else dict(foreach=False)
+    opt = getattr(torch.optim, name)(param_groups, **kwargs, **variant)
+    slow = [t.clone() for t in tensors]
+    for k, g in enumerate(grads, 1):
+        for t, (a, b, _, frozen) in zip(tensors, segments):
+            t.grad = None if frozen else torch.from_numpy(g[a:b].copy())
+        opt.step()
+        if lookahead and k % lookahead[0] == 0:
+            with torch.no_grad():
+                for t, q in zip(tensors, slow):
+                    t.mul_(lookahead[1]).add_(q, alpha=1 - lookahead[1])
+                    q.copy_(t)
+    return p
+
+
+# torch's fused CPU Adam rounds its scalar tail (the last size % 16 elements of a tensor)
+# differently from its vectorised body, so the tensors compared with it are multiples of 16
+# long: N_TORCH elements, and group boundaries on multiples of 16.
+N_TORCH = 320
+TORCH_GROUPS = [
+    {"start": 0, "stop": 64, "lr": 0.05},
+    {"start": 64, "stop": 96, "frozen": True},
+    {"start": 128, "stop": 256, "weight_decay": 0.3},  # 96..128 belong to no group
+    {"start": 256, "stop": 320, "lr": 0.001, "maximize": True},
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(TORCH))
+def test_matches_torch_optim(case, dtype):
+    name, kwargs, rtol32, rtol64 = TORCH[case]
+    p0, grads = data(N_TORCH, dtype=dtype, seed=len(case))
+    _, _, _, pd = run_cpu_and_cuda(CASES[case], p0, grads)
+    expected = torch_run(name, kwargs, p0, grads)
+    rtol = rtol32 if dtype == np.float32 else rtol64
+    if rtol == 0:
+        assert_same(pd, expected)
+    else:
+        np.testing.assert_allclose(pd, expected, rtol=rtol, atol=rtol * 1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["sgd-nesterov", "adam-amsgrad", "adamw", "rmsprop-centered"])
+def test_groups_match_torch_param_groups(case, dtype):
+    name, kwargs, rtol32, rtol64 = TORCH[case]
+    p0, grads = data(N_TORCH, dtype=dtype, steps=4)
+    _, _, _, pd = run_cpu_and_cuda(groups_of(CASES[case], TORCH_GROUPS), p0, grads)
+    expected = torch_run(name, kwargs, p0, grads, groups=TORCH_GROUPS)
+    rtol = rtol32 if dtype == np.float32 else rtol64
+    if rtol == 0:
+        assert_same(pd, expected)
+    else:
+        np.testing.assert_allclose(pd, expected, rtol=rtol, atol=rtol * 1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["lookahead-sgd", "lookahead-adam"])
+def test_lookahead_matches_torch_reference(case, dtype):
+    name, kwargs = ("SGD", dict(lr=0.1, momentum=0.9)) if case == "lookahead-sgd" else (
+        "Adam", dict(lr=0.01, amsgrad=True))
+    k, alpha = (2, 0.5) if case == "lookahead-sgd" else (2, 0.3)
+    p0, grads = data(N_TORCH, dtype=dtype, steps=5)
+    _, _, _, pd = run_cpu_and_cuda(CASES[case], p0, grads)
+    assert_same(pd, torch_run(name, kwargs, p0, grads, lookahead=(k, alpha)))
+
+
+def adopt_reference(p0, grads, lr, betas, eps, weight_decay=0.0, decouple=False, maximize=False, clip=True):
+    """The authors' ADOPT rule in float64 NumPy (see reference-notes)."""
+    p = p0.astype(np.float64)
+    m, v = np.zeros_like(p), None
+    for t, g in enumerate(grads):
+        g = -g.astype(np.float64) if maximize else g.astype(np.float64)
+        if weight_decay and not decouple:
+            g = g + weight_decay * p
+        if v is None:
+            v = g * g
+            continue
+        if weight_decay and decouple:
+            p = p - lr * weight_decay * p
+        n = g / np.maximum(np.sqrt(v), eps)
+        if clip:
+            n = np.clip(n, -t**0.25, t**0.25)
+        m = m + (1 - betas[0]) * (n - m)
+        p = p - lr * m
+        v = betas[1] * v + (1 - betas[1]) * g * g
+    return p
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1}, {"weight_decay": 0.1, "decouple": True},
+                                     {"maximize": True}, {"clip": False}])
+def test_adopt_matches_reference_rule(options, dtype):
+    p0, grads = data(dtype=dtype, steps=5)
+    kw = dict(options)
+    clip = kw.pop("clip", True)
+    make = lambda: flatopt.ADOPT(lr=0.01, betas=(0.9, 0.99), eps=1e-6, clip_lambda=None if not clip else  # noqa: E731
+                                 flatopt.optimizers.adopt.default_clip, **kw)
+    _, _, _, pd = run_cpu_and_cuda(make, p0, grads)
+    expected = adopt_reference(p0, grads, 0.01, (0.9, 0.99), 1e-6, clip=clip, **kw)
+    np.testing.assert_allclose(pd, expected, rtol=2e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("options", [{}, {"weight_decay": 0.1}, {"maximize": True}])
+def test_momentum_matches_textbook_rule(options, dtype):
+    """torch has no EMA momentum (its buffer starts at the first gradient): NumPy float64."""
+    p0, grads = data(dtype=dtype, steps=4)
+    _, _, _, pd = run_cpu_and_cuda(lambda: flatopt.Momentum(lr=0.1, beta=0.8, **options), p0, grads)
+    p, v = p0.astype(np.float64), np.zeros(len(p0))
+    for g in grads:
+        g = -g.astype(np.float64) if options.get("maximize") else g.astype(np.float64)
+        g = g + options.get("weight_decay", 0.0) * p
+        v = 0.8 * v + 0.2 * g
+        p = p - 0.1 * v
+    np.testing.assert_allclose(pd, p, rtol=1e-5 if dtype == np.float32 else 1e-13, atol=1e-6)
+
+
+# --- checkpoints move between CPU and GPU --------------------------------------------------------
+@pytest.mark.parametrize("direction", ["cpu-to-cuda", "cuda-to-cpu"])
+@pytest.mark.parametrize("case", ["adam-amsgrad", "sgd-nesterov", "rmsprop-all", "adopt", "lookahead-adam"])
+def test_checkpoint_resumes_on_the_other_device(case, direction):
+    dtype = np.float32
+    p0, grads = data(dtype=dtype, steps=6)
+    make = groups_of(CASES[case], GROUPS[:2] + GROUPS[3:])
+    reference = make()
+    pr = p0.copy()
+    for g in grads:
+        reference.step(pr, g)
+
+    first, second = make(), make()
+    if direction == "cpu-to-cuda":
+        p = p0.copy()
+        for g in grads[:3]:
+            first.step(p, g)
+        sd = pickle.loads(pickle.dumps(first.state_dict()))
+        second.load_state_dict(sd)
+        pd = cuda.to_device(p)
+        for g in grads[3:]:
+            second.step(pd, cuda.to_device(g))
+        p = pd.copy_to_host()
+        state = second.state_dict()
+    else:
+        pd = cuda.to_device(p0)
+        for g in grads[:3]:
+            first.step(pd, cuda.to_device(g))
+        sd = first.state_dict()
+        inner_sd = sd["inner"] if "inner" in sd else sd
+        assert all(type(v) is np.ndarray for v in inner_sd["state"].values())
+        if "slow" in sd:
+            assert type(sd["slow"]) is np.ndarray
+        sd = pickle.loads(pickle.dumps(sd))
+        second.load_state_dict(sd)
+        p = pd.copy_to_host()
+        for g in grads[3:]:
+            second.step(p, g)
+        state = second.state_dict()
+    assert_same(p, pr)
+    ref_state = reference.state_dict()
+    inner, ref_inner = state.get("inner", state), ref_state.get("inner", ref_state)
+    for name in ref_inner["state"]:
+        assert_same(inner["state"][name], ref_inner["state"][name])
+    assert inner["group_state"] == ref_inner["group_state"]
+
+
+def test_state_lives_on_the_device_and_state_dict_is_host():
+    opt = flatopt.Adam(amsgrad=True)
+    p, g = cuda.to_device(np.ones(50, np.float32)), cuda.to_device(np.ones(50, np.float32))
+    opt.step(p, g)
+    for name, buf in opt.state.items():
+        assert CUDA.owns(buf) and not isinstance(buf, np.ndarray), name
+    sd = opt.state_dict()
+    assert all(type(v) is np.ndarray and v.dtype == np.float32 for v in sd["state"].values())
+    with pytest.raises(TypeError, match="state lives on cuda"):
+        opt.step(np.ones(50, np.float32), np.ones(50, np.float32))
+
+
+# --- the backend interface and its errors --------------------------------------------------------
+class FakeCAI:
+    """Host memory presented through ``__cuda_array_interface__``: under the simulator a
+    'device pointer' is read as host memory, so this stands in for CuPy / torch buffers."""
+
+    def __init__(self, host, version=2, stream=None, readonly=False, mask=None, device_id=0):
+        self._host = host
+        self.dtype = host.dtype
+        self.device_id = device_id
+        desc = {"shape": host.shape, "typestr": host.dtype.str, "version": version,
+                "data": (host.__array_interface__["data"][0], readonly),
+                "strides": None if host.flags.c_contiguous else host.strides}
+        if version >= 1:
+            desc["mask"] = mask
+        if version >= 3:
+            desc["stream"] = stream
+        self.__cuda_array_interface__ = desc
+
+    def __len__(self):
+        return len(self._host)
+
+
+def dev(a):
+    return cuda.to_device(np.ascontiguousarray(a))
+
+
+@pytest.mark.parametrize("params, grads, error, match", [
+    (lambda: dev(np.ones((4, 5), np.float32)), lambda: dev(np.ones((4, 5), np.float32)), ValueError, "1-D"),
+    (lambda: dev(np.ones(20, np.float32))[::2], lambda: dev(np.ones(10, np.float32)), ValueError, "contiguous"),
+    (lambda: dev(np.ones(10, np.float32)), lambda: dev(np.ones(20, np.float32))[::2], ValueError, "contiguous"),
+    (lambda: dev(np.ones(10, np.float16)), lambda: dev(np.ones(10, np.float16)), TypeError, "float32 and float64"),
+    (lambda: dev(np.ones(10, np.int32)), lambda: dev(np.ones(10, np.int32)), TypeError, "float32 and float64"),
+    (lambda: dev(np.ones(10, np.float32)), lambda: dev(np.ones(10, np.float64)), TypeError, "does not match"),
+    (lambda: dev(np.ones(10, np.float32)), lambda: dev(np.ones(11, np.float32)), ValueError, "11 elements"),
+])
+def test_check_rejects_bad_buffers(params, grads, error, match):
+    p, g = params(), grads()
+    opt = flatopt.Adam()
+    with pytest.raises(error, match=match):
+        opt.step(p, g)
+    assert opt.state == {} and opt.group_state[0]["step"] == 0
+
+
+def test_check_rejects_shared_memory():
+    buf = dev(np.ones(40, np.float32))
+    with pytest.raises(ValueError, match="share memory"):
+        flatopt.SGD().step(buf, buf)
+    with pytest.raises(ValueError, match="share memory"):
+        flatopt.SGD().step(buf[0:20], buf[10:30])
+    flatopt.SGD().step(buf[0:20], buf[20:40])  # adjacent is fine
+
+
+def test_params_and_grads_on_host_and_gpu_is_a_type_error():
+    host, device = np.ones(10, np.float32), dev(np.ones(10, np.float32))
+    for p, g in ((device, host), (host, device)):
+        with pytest.raises(TypeError, match="same device"):
+            flatopt.Adam().step(p, g)
+        with pytest.raises(TypeError, match="same device"):
+            backend_for(p, g)
+
+
+@sim_only
+def test_cuda_array_interface_objects():
+    """CuPy / torch stand-ins: interface v2 without a stream, v3 with one."""
+    p0, grads = data(dtype=np.float32)
+    expected = p0.copy()
+    ref = flatopt.AdamW(lr=0.01)
+    for g in grads:
+        ref.step(expected, g)
+    for version, stream in ((2, None), (3, None), (3, 1)):
+        host = p0.copy()
+        p = FakeCAI(host, version=version, stream=stream)
+        opt = flatopt.AdamW(lr=0.01)
+        for g in grads:
+            opt.step(p, FakeCAI(g.copy(), version=version, stream=stream))
+        assert_same(host, expected)
+        assert backend_for(p, p) is CUDA and CUDA.owns(p)
+
+
+@sim_only
+def test_cuda_array_interface_errors(monkeypatch):
+    ro = FakeCAI(np.ones(10, np.float32), readonly=True)
+    with pytest.raises(ValueError, match="read-only"):
+        flatopt.SGD().step(ro, FakeCAI(np.ones(10, np.float32)))
+    strided = FakeCAI(np.ones(20, np.float32)[::2])
+    with pytest.raises(ValueError, match="contiguous"):
+        flatopt.SGD().step(strided, FakeCAI(np.ones(10, np.float32)))
+    masked = FakeCAI(np.ones(10, np.float32), mask=object())
+    with pytest.raises(ValueError, match="masked"):
+        flatopt.SGD().step(masked, FakeCAI(np.ones(10, np.float32)))
+    # Two GPUs: the simulator has one, so the pointer's device is taken from the stand-in.
+    monkeypatch.setattr(CUDA, "_pointer_device", lambda obj, ptr: obj.device_id)
+    a, b = FakeCAI(np.ones(10, np.float32), device_id=0), FakeCAI(np.ones(10, np.float32), device_id=1)
+    with pytest.raises(ValueError, match="params are on GPU 0 but grads are on GPU 1"):
+        flatopt.SGD().step(a, b)
+    opt = flatopt.Adam()
+    opt.step(a, FakeCAI(np.ones(10, np.float32), device_id=0))
+    c, d = FakeCAI(np.ones(10, np.float32), device_id=1), FakeCAI(np.ones(10, np.float32), device_id=1)
+    with pytest.raises(ValueError, match="on GPU 0 but params are on GPU 1"):
+        opt.step(c, d)
+
+
+def test_backend_interface():
+    assert CUDA.name == "cuda"
+    z = CUDA.zeros(37, np.float64)
+    assert CUDA.owns(z) and not CUDA.owns(np.zeros(3)) and len(z) == 37 and z.dtype == np.float64
+    host = CUDA.to_host(z)
+    assert type(host) is np.ndarray and host.dtype == np.float64 and not host.any()
+    e = CUDA.empty_state(np.float32)
+    assert len(e) == 0 and e.dtype == np.float32
+    x = CUDA.from_host(np.arange(37), np.empty(0, np.float32))
+    assert x.dtype == np.float32 and CUDA.owns(x)
+    np.testing.assert_array_equal(CUDA.to_host(x), np.arange(37, dtype=np.float32))
+    y = CUDA.zeros(37, np.float32)
+    CUDA.copy(x, y)
+    np.testing.assert_array_equal(CUDA.to_host(y), np.arange(37, dtype=np.float32))
+    with pytest.raises(ValueError, match="cannot copy"):
+        CUDA.copy(x, CUDA.zeros(5, np.float32))
+    t = CUDA.table([(1, 2.5, True), (3, 4, False)], np.float32)
+    assert t.shape == (2, 3) and t.dtype == np.float32
+
+
+def test_plan_covers_every_segment_in_aligned_chunks():
+    segments = [(0, 1000, 0), (1003, 1010, 1), (2000, 2500, 2)]
+    plan = CUDA.plan(segments)
+    chunks = plan.chunks
+    assert chunks.dtype == np.int64 and chunks.shape[1] == 3
+    assert 1 <= plan.grid <= plan.nchunks and plan.block == CUDA.block
+    for start, stop, row in segments:
+        mine = chunks[chunks[:, 2] == row]
+        assert mine[0, 0] == start and mine[-1, 1] == stop
+        np.testing.assert_array_equal(mine[1:, 0], mine[:-1, 1])
+        assert all(lo % CUDA.align == 0 for lo in mine[1:, 0])
+    if SIMULATOR:  # the simulator's configuration runs both grid-stride loops on small buffers
+        plan = CUDA.plan([(0, 300, 0)])
+        assert plan.nchunks > plan.grid and (plan.chunks[:, 1] - plan.chunks[:, 0]).max() > CUDA.block
+    # A GPU-sized configuration: whole waves of equal chunks, at most max_chunk elements each.
+    big = CudaBackend(max_grid=1056)
+    plan = big.plan([(0, 100_000_000, 0)])
+    sizes = plan.chunks[:, 1] - plan.chunks[:, 0]
+    assert sizes.max() <= big.max_chunk and plan.grid == 1056 and plan.nchunks % plan.grid == 0
+    small = big.plan([(0, 5000, 0)])
+    assert small.nchunks == 4 and small.grid == 4  # >= min_chunk elements per chunk
+
+
+@sim_only
+def test_cupy_requests_fail_clearly():
+    backend = CudaBackend(array_library="cupy")
+    with pytest.raises(ImportError, match="asked for CuPy arrays"):
+        backend.zeros(4, np.float32)
+    with pytest.raises(ValueError, match="array_library must be"):
+        CudaBackend(array_library="jax").zeros(4, np.float32)
+    assert not isinstance(CudaBackend(array_library="numba").zeros(4, np.float32), np.ndarray)
+
+
+def test_lookahead_slow_weights_on_device():
+    p0, grads = data(dtype=np.float32, steps=3)
+    la = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2)
+    p = cuda.to_device(p0)
+    for g in grads:
+        la.step(p, cuda.to_device(g))
+    fast = p.copy_to_host()
+    with la.slow_weights(p):
+        slow = p.copy_to_host()
+    np.testing.assert_array_equal(p.copy_to_host(), fast)
+    assert_same(slow, la.state_dict()["slow"])
+    assert not np.array_equal(slow, fast)
+
+
+def test_empty_buffers_and_all_frozen():
+    for make in (lambda: flatopt.Adam(), lambda: flatopt.Lookahead(flatopt.SGD(), k=1)):
+        e = cuda.to_device(np.zeros(0, np.float32))
+        make().step(e, cuda.to_device(np.zeros(0, np.float32)))
+    opt = flatopt.SGD(param_groups=[{"start": 0, "stop": 10, "frozen": True}])
+    p = cuda.to_device(np.ones(10, np.float32))
+    opt.step(p, cuda.to_device(np.ones(10, np.float32)))
+    np.testing.assert_array_equal(p.copy_to_host(), 1)
+
+
+# --- the simulator's FMA is an FMA -------------------------------------------------------------
+def test_simulator_fma_is_correctly_rounded():
+    """The simulator evaluates ``cu.fma`` in Python; it must round once, like llvm.fma on
+    the CPU and fma.rn on the GPU.  Includes sums that land near float32 midpoints, where
+    a product rounded first (or a float64 sum rounded twice) gives a different answer."""
+    from numba import njit
+
+    from flatopt.kernels.cpu import fma
+
+    @njit
+    def llvm_fma(a, b, c, out):
+        for i in range(a.shape[0]):
+            out[i] = fma(a[i], b[i], c[i])
+
+    rng = np.random.default_rng(1)
+    for dtype, sim in ((np.float32, kernels._sim_fma32), (np.float64, kernels._sim_fma64)):
+        n = 4000
+        a = rng.standard_normal(n).astype(dtype)
+        b = rng.standard_normal(n).astype(dtype)
+        c = -(a.astype(np.float64) * b).astype(dtype)  # catastrophic cancellation: the exact product matters
+        c[: n // 4] = rng.standard_normal(n // 4).astype(dtype)
+        eps = np.finfo(dtype).eps
+        a[n // 2:3 * n // 4] = 1 + eps * rng.integers(1, 8, n // 4)  # products a hair off a midpoint
+        b[n // 2:3 * n // 4] = (eps / 2) * (1 + eps * rng.integers(-4, 4, n // 4))
+        c[n // 2:3 * n // 4] = 1
+        info = np.finfo(dtype)
+        special = np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, info.max, info.smallest_subnormal], dtype)
+        grid = np.array(np.meshgrid(special, special, special)).reshape(3, -1).astype(dtype)
+        a, b, c = (np.concatenate([x, y]) for x, y in zip((a, b, c), grid))
+        expected = np.empty_like(a)
+        llvm_fma(a, b, c, expected)
+        with np.errstate(all="ignore"):
+            actual = np.array([sim(x, y, z) for x, y, z in zip(a, b, c)], dtype)
+            naive = (a * b + c).astype(dtype)
+        assert_same(actual, expected)
+        assert not np.array_equal(naive, expected)  # the test can tell an FMA from mul + add

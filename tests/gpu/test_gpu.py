@@ -1,0 +1,260 @@
+"""The CUDA backend on a real GPU, at sizes the simulator cannot reach (1e6+ elements):
+CuPy arrays, Numba device arrays and torch CUDA tensors, against the CPU kernels (bitwise:
+both sides round every operation the same way) and torch.optim on the GPU.
+
+Skipped without a GPU (and under NUMBA_ENABLE_CUDASIM=1, whose 'GPU' is the simulator).
+"""
+import os
+
+import numpy as np
+import pytest
+
+import flatopt
+
+
+def _no_gpu_reason():
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "") not in ("", "0"):
+        return "NUMBA_ENABLE_CUDASIM is set: the simulator is not a GPU"
+    try:
+        from numba import cuda
+    except Exception as exc:  # noqa: BLE001 - numba-cuda missing or broken
+        return f"numba-cuda is not usable ({exc})"
+    try:
+        if not cuda.is_available():
+            return "no CUDA GPU (numba.cuda.is_available() is False)"
+    except Exception as exc:  # noqa: BLE001
+        return f"no CUDA GPU ({exc})"
+    return None
+
+
+NO_GPU = _no_gpu_reason()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NO_GPU is not None, reason=str(NO_GPU))]
+N = 1_000_003  # not a multiple of anything: partial chunks, partial warps
+DTYPES = [np.float32, np.float64]
+
+OPTIMIZERS = {
+    "sgd-nesterov": lambda: flatopt.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+    "momentum": lambda: flatopt.Momentum(lr=0.1),
+    "rmsprop-centered": lambda: flatopt.RMSprop(lr=0.01, momentum=0.5, centered=True, weight_decay=0.1),
+    "adam-amsgrad": lambda: flatopt.Adam(lr=0.01, amsgrad=True, weight_decay=0.1, maximize=True),
+    "adamw": lambda: flatopt.AdamW(lr=0.01, betas=(0.3, 0.9)),
+    "adopt": lambda: flatopt.ADOPT(lr=0.01, weight_decay=0.1, decouple=True),
+    "lookahead-adam": lambda: flatopt.Lookahead(flatopt.Adam(lr=0.01), k=2, alpha=0.5),
+}
+GROUPS = [{"start": 0, "stop": 400_000, "lr": 0.05}, {"start": 400_000, "stop": 500_000, "frozen": True},
+          {"start": 600_000, "stop": N, "weight_decay": 0.2}]
+
+
+@pytest.fixture(scope="module")
+def cupy():
+    cp = pytest.importorskip("cupy")
+    try:
+        cp.zeros(1)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"CuPy cannot use the GPU: {exc}")
+    return cp
+
+
+@pytest.fixture(scope="module")
+def torch():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch has no CUDA")
+    return torch
+
+
+def data(n=N, dtype=np.float32, steps=3, seed=0):
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(n).astype(dtype)
+    grads = [rng.standard_normal(n).astype(dtype) for _ in range(steps)]
+    grads[0][:4] = [np.nan, np.inf, -np.inf, 0.0]
+    return p, grads
+
+
+def cpu_run(make, p0, grads):
+    opt, p = make(), p0.copy()
+    for g in grads:
+        opt.step(p, g)
+    return opt, p
+
+
+def assert_same(actual, expected):
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(actual), nan)
+    bits = np.uint32 if expected.dtype == np.float32 else np.uint64
+    mismatch = np.flatnonzero(actual[~nan].view(bits) != expected[~nan].view(bits))
+    assert mismatch.size == 0, f"{mismatch.size} elements differ"
+
+
+def with_groups(make):
+    def build():
+        opt = make()
+        getattr(opt, "inner", opt).param_groups = GROUPS
+        return opt
+    return build
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", sorted(OPTIMIZERS))
+def test_cupy_bitwise_equal_to_cpu_kernels(cupy, case, dtype):
+    p0, grads = data(dtype=dtype)
+    make = with_groups(OPTIMIZERS[case])
+    ref, expected = cpu_run(make, p0, grads)
+    opt, p = make(), cupy.asarray(p0)
+    for g in grads:
+        opt.step(p, cupy.asarray(g))
+    assert_same(cupy.asnumpy(p), expected)
+    inner, ref_inner = getattr(opt, "inner", opt), getattr(ref, "inner", ref)
+    for name, buf in inner.state_dict()["state"].items():
+        assert_same(buf, ref_inner.state[name])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numba_device_arrays_without_cupy(monkeypatch, dtype):
+    from numba import cuda
+
+    from flatopt.kernels.cuda_backend import CUDA
+    monkeypatch.setattr(CUDA, "array_library", "numba")
+    p0, grads = data(dtype=dtype)
+    _, expected = cpu_run(OPTIMIZERS["adam-amsgrad"], p0, grads)
+    opt, p = OPTIMIZERS["adam-amsgrad"](), cuda.to_device(p0)
+    for g in grads:
+        opt.step(p, cuda.to_device(g))
+    assert all(type(b).__name__ == "DeviceNDArray" for b in opt.state.values())
+    assert_same(p.copy_to_host(), expected)
+
+
+def test_hyperparameter_changes_do_not_recompile(cupy):
+    from flatopt.kernels import cuda as kernels
+    opt, p, g = flatopt.AdamW(lr=1e-3), cupy.ones(N, cupy.float32), cupy.ones(N, cupy.float32)
+    opt.step(p, g)
+    compiled = len(kernels.get_kernel("adam", np.float32).overloads)
+    for k in range(5):
+        opt.lr, opt.weight_decay, opt.betas = 1e-3 * (k + 2), 0.1 * k, (0.8, 0.99)
+        opt.step(p, g)
+    assert len(kernels.get_kernel("adam", np.float32).overloads) == compiled
+
+
+def test_cupy_non_default_stream(cupy):
+    p0, grads = data(dtype=np.float32)
+    _, expected = cpu_run(OPTIMIZERS["adamw"], p0, grads)
+    opt = OPTIMIZERS["adamw"]()
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        p = cupy.asarray(p0)
+        for g in grads:
+            opt.step(p, cupy.asarray(g))
+        stream.synchronize()
+    assert_same(cupy.asnumpy(p), expected)
+
+
+def test_checkpoint_gpu_to_cpu_and_back(cupy):
+    p0, grads = data(dtype=np.float32, steps=6)
+    make = OPTIMIZERS["lookahead-adam"]
+    _, expected = cpu_run(make, p0, grads)
+    a, p = make(), cupy.asarray(p0)
+    for g in grads[:2]:
+        a.step(p, cupy.asarray(g))
+    b = make()
+    b.load_state_dict(a.state_dict())  # host NumPy state
+    host = cupy.asnumpy(p)
+    for g in grads[2:4]:
+        b.step(host, g)  # continues on the CPU
+    c = make()
+    c.load_state_dict(b.state_dict())
+    p = cupy.asarray(host)
+    for g in grads[4:]:
+        c.step(p, cupy.asarray(g))  # and back on the GPU
+    assert_same(cupy.asnumpy(p), expected)
+
+
+class TorchFlat:
+    """A torch CUDA tensor as flatopt's core sees buffers (NumPy dtype, length, the CUDA
+    array interface); the backend itself takes the tensor as it is."""
+
+    def __init__(self, tensor):
+        import torch
+        self.tensor = tensor
+        self.dtype = np.dtype({torch.float32: np.float32, torch.float64: np.float64}[tensor.dtype])
+
+    @property
+    def __cuda_array_interface__(self):
+        return self.tensor.__cuda_array_interface__
+
+    def __len__(self):
+        return len(self.tensor)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_cuda_tensors_match_cpu_kernels(torch, dtype):
+    p0, grads = data(dtype=dtype)
+    _, expected = cpu_run(OPTIMIZERS["rmsprop-centered"], p0, grads)
+    opt, p = OPTIMIZERS["rmsprop-centered"](), torch.from_numpy(p0).cuda()
+    for g in grads:
+        opt.step(TorchFlat(p), TorchFlat(torch.from_numpy(g).cuda()))
+    torch.cuda.synchronize()
+    assert_same(p.cpu().numpy(), expected)
+
+
+def test_torch_cuda_tensors_straight_into_step(torch):
+    from flatopt.backend import CPU
+    if not hasattr(CPU, "dtype"):
+        pytest.xfail("the core reads params.dtype as a NumPy dtype; torch tensors need the backend.dtype() "
+                     "change described in docs/cuda.md")
+    p0, grads = data(dtype=np.float32)
+    _, expected = cpu_run(OPTIMIZERS["adamw"], p0, grads)
+    opt, p = OPTIMIZERS["adamw"](), torch.from_numpy(p0).cuda()
+    for g in grads:
+        opt.step(p, torch.from_numpy(g).cuda())
+    assert_same(p.cpu().numpy(), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name, kwargs, flat", [
+    ("Adam", dict(lr=0.01, fused=True), lambda: flatopt.Adam(lr=0.01)),
+    ("AdamW", dict(lr=0.01, weight_decay=0.1, fused=True), lambda: flatopt.AdamW(lr=0.01, weight_decay=0.1)),
+    ("Adam", dict(lr=0.01, amsgrad=True, fused=True), lambda: flatopt.Adam(lr=0.01, amsgrad=True)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, foreach=False),
+     lambda: flatopt.SGD(lr=0.1, momentum=0.9, nesterov=True)),
+    ("RMSprop", dict(lr=0.01, centered=True, foreach=False), lambda: flatopt.RMSprop(lr=0.01, centered=True)),
+])
+def test_matches_torch_optim_on_the_gpu(torch, cupy, name, kwargs, flat, dtype):
+    """torch's CUDA kernels are compiled with FMA contraction, so agreement is to rounding."""
+    p0, grads = data(dtype=dtype)
+    for g in grads:
+        g[:4] = 0.5
+    t = torch.from_numpy(p0).cuda()
+    topt = getattr(torch.optim, name)([t], **kwargs)
+    opt, p = flat(), cupy.asarray(p0)
+    for g in grads:
+        t.grad = torch.from_numpy(g).cuda()
+        topt.step()
+        opt.step(p, cupy.asarray(g))
+    rtol = 2e-6 if dtype == np.float32 else 1e-14
+    np.testing.assert_allclose(cupy.asnumpy(p), t.cpu().numpy(), rtol=rtol, atol=rtol)
+
+
+def test_large_buffer_many_waves(cupy):
+    n = (1 << 24) + 5
+    p0 = np.random.default_rng(1).standard_normal(n).astype(np.float32)
+    g0 = np.ones(n, np.float32)
+    _, expected = cpu_run(lambda: flatopt.AdamW(lr=0.01), p0, [g0, g0])
+    opt, p, g = flatopt.AdamW(lr=0.01), cupy.asarray(p0), cupy.asarray(g0)
+    opt.step(p, g)
+    opt.step(p, g)
+    assert_same(cupy.asnumpy(p), expected)
+
+
+def test_errors_on_the_gpu(cupy):
+    p = cupy.ones(10, cupy.float32)
+    with pytest.raises(TypeError, match="same device"):
+        flatopt.Adam().step(p, np.ones(10, np.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        flatopt.Adam().step(cupy.ones(20, cupy.float32)[::2], p)
+    with pytest.raises(ValueError, match="share memory"):
+        flatopt.Adam().step(p, p)
+    if cupy.cuda.runtime.getDeviceCount() >= 2:
+        with cupy.cuda.Device(1):
+            other = cupy.ones(10, cupy.float32)
+        with pytest.raises(ValueError, match="params are on GPU 0 but grads are on GPU 1"):
+            flatopt.Adam().step(p, other)
