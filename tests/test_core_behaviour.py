@@ -1,0 +1,495 @@
+"""The core's contract beyond the math: validation that modifies nothing, checkpoints,
+parameter groups, lazy state, dtypes, recompilation, imports."""
+import io
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flatopt
+from flatopt.backend import CPU
+from flatopt.kernels import cpu as kernels
+
+SWEEP = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+MAKERS = {
+    "SGD": lambda: flatopt.SGD(lr=0.05),
+    "SGD-nesterov": lambda: flatopt.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "Momentum": lambda: flatopt.Momentum(lr=0.05, beta=0.9),
+    "RMSprop": lambda: flatopt.RMSprop(lr=1e-3),
+    "RMSprop-centered-momentum": lambda: flatopt.RMSprop(lr=1e-3, centered=True, momentum=0.9),
+    "Adam": lambda: flatopt.Adam(lr=1e-2),
+    "Adam-amsgrad": lambda: flatopt.Adam(lr=1e-2, amsgrad=True, weight_decay=0.1),
+    "AdamW": lambda: flatopt.AdamW(lr=1e-2),
+    "ADOPT": lambda: flatopt.ADOPT(lr=1e-2),
+    "ADOPT-decouple": lambda: flatopt.ADOPT(lr=1e-2, weight_decay=0.1, decouple=True),
+    "Lookahead-Adam": lambda: flatopt.Lookahead(flatopt.Adam(lr=1e-2), k=3, alpha=0.5),
+    "Lookahead-SGD": lambda: flatopt.Lookahead(flatopt.SGD(lr=0.05, momentum=0.9), k=2, alpha=0.3),
+}
+
+
+def rand(n, dtype=np.float32, seed=0):
+    return np.random.default_rng(seed).standard_normal(n).astype(dtype)
+
+
+def snapshot(opt):
+    """Everything a failed step must leave untouched, copied."""
+    inner = opt.inner if isinstance(opt, flatopt.Lookahead) else opt
+    snap = {"state": {k: v.copy() for k, v in inner.state.items()},
+            "group_state": [dict(s) for s in inner.group_state]}
+    if isinstance(opt, flatopt.Lookahead):
+        snap["slow"] = None if opt.slow is None else opt.slow.copy()
+        snap["step_count"] = opt.step_count
+    return snap
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "state":
+            assert a[key].keys() == b[key].keys()
+            for name in a[key]:
+                np.testing.assert_array_equal(a[key][name], b[key][name])
+        elif key == "slow" and a[key] is not None:
+            np.testing.assert_array_equal(a[key], b[key])
+        else:
+            assert a[key] == b[key]
+
+
+# --- bad input: a clear error, nothing modified --------------------------------------------------
+def bad_inputs(n):
+    p, g = rand(n), rand(n, seed=1)
+    readonly = p.copy()
+    readonly.flags.writeable = False
+    both = rand(2 * n)
+    return [
+        ("2-D params", lambda: (p.reshape(1, n), g.reshape(1, n)), ValueError, "1-D"),
+        ("strided params", lambda: (rand(2 * n)[::2], g), ValueError, "contiguous"),
+        ("read-only params", lambda: (readonly, g), ValueError, "read-only"),
+        ("length mismatch", lambda: (p, rand(n + 1)), ValueError, "elements"),
+        ("dtype mismatch", lambda: (p, g.astype(np.float64)), TypeError, "dtype"),
+        ("same memory", lambda: (p, p), ValueError, "share memory"),
+        ("overlapping views", lambda: (both[:n], both[n // 2:n // 2 + n]), ValueError, "share memory"),
+        ("int params", lambda: (np.arange(n), np.arange(n)), TypeError, "int64"),
+        ("float16", lambda: (p.astype(np.float16), g.astype(np.float16)), TypeError, "float16"),
+        ("complex", lambda: (p.astype(np.complex64), g.astype(np.complex64)), TypeError, "complex64"),
+        ("object", lambda: (p.astype(object), g.astype(object)), TypeError, "object"),
+        ("list", lambda: (list(p), g), TypeError, "NumPy array"),
+        ("None grads", lambda: (p, None), TypeError, "grads"),
+        ("other length than the state", lambda: (rand(n + 3), rand(n + 3, seed=1)), ValueError, "state|slow weights"),
+        ("other dtype than the state", lambda: (p.astype(np.float64), g.astype(np.float64)), TypeError, "dtype"),
+    ]
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_bad_buffers_raise_and_modify_nothing(name):
+    n = 40
+    opt = MAKERS[name]()
+    params, grads = rand(n), rand(n, seed=1)
+    for _ in range(2):
+        opt.step(params, grads)
+    for label, make, exc, words in bad_inputs(n):
+        p, g = make()
+        if label.startswith("other") and not snapshot(opt)["state"] and not isinstance(opt, flatopt.Lookahead):
+            continue  # plain SGD keeps no state: any length is fine for it
+        before, p_before = snapshot(opt), np.array(p, copy=True) if isinstance(p, np.ndarray) else None
+        g_before = np.array(g, copy=True) if isinstance(g, np.ndarray) else None
+        with pytest.raises(exc, match=words):
+            opt.step(p, g)
+        assert_same(snapshot(opt), before)
+        if p_before is not None:
+            np.testing.assert_array_equal(p, p_before)
+        if g_before is not None:
+            np.testing.assert_array_equal(g, g_before)
+
+
+def test_readonly_grads_are_fine():
+    p, g = rand(10), rand(10, seed=1)
+    g.flags.writeable = False
+    flatopt.Adam().step(p, g)
+
+
+TORCH_MESSAGES = [
+    (flatopt.SGD, dict(lr=-1.0), "Invalid learning rate: -1.0"),
+    (flatopt.SGD, dict(momentum=-0.5), "Invalid momentum value: -0.5"),
+    (flatopt.SGD, dict(weight_decay=-1e-3), "Invalid weight_decay value: -0.001"),
+    (flatopt.SGD, dict(nesterov=True), "Nesterov momentum requires a momentum and zero dampening"),
+    (flatopt.SGD, dict(nesterov=True, momentum=0.9, dampening=0.1), "Nesterov momentum requires"),
+    (flatopt.RMSprop, dict(alpha=-0.1), "Invalid alpha value: -0.1"),
+    (flatopt.RMSprop, dict(eps=-1.0), "Invalid epsilon value: -1.0"),
+    (flatopt.RMSprop, dict(momentum=-1.0), "Invalid momentum value: -1.0"),
+    (flatopt.Adam, dict(lr=-1.0), "Invalid learning rate: -1.0"),
+    (flatopt.Adam, dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
+    (flatopt.Adam, dict(betas=(0.9, 1.0)), "Invalid beta parameter at index 1: 1.0"),
+    (flatopt.Adam, dict(eps=-1e-8), "Invalid epsilon value: -1e-08"),
+    (flatopt.AdamW, dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+    (flatopt.ADOPT, dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1: -0.1"),
+    (flatopt.ADOPT, dict(lr=-2.0), "Invalid learning rate: -2.0"),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, message", TORCH_MESSAGES)
+def test_hyperparameter_messages_are_torchs(cls, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cls(**kwargs)
+    torch = pytest.importorskip("torch")
+    if hasattr(torch.optim, cls.__name__):
+        with pytest.raises(ValueError) as torch_error:
+            getattr(torch.optim, cls.__name__)([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+        assert str(torch_error.value).startswith(message)
+
+
+@pytest.mark.parametrize("cls, kwargs, message", TORCH_MESSAGES)
+def test_bad_hyperparameter_set_between_steps_modifies_nothing(cls, kwargs, message):
+    opt, params, grads = cls(lr=1e-2), rand(30), rand(30, seed=1)
+    opt.step(params, grads)
+    before, p_before = snapshot(opt), params.copy()
+    for key, value in kwargs.items():
+        setattr(opt, key, value)
+    with pytest.raises(ValueError, match="Invalid|Nesterov"):
+        opt.step(params, grads)
+    assert_same(snapshot(opt), before)
+    np.testing.assert_array_equal(params, p_before)
+
+
+def test_bad_group_override_and_negative_callable_lr_modify_nothing():
+    params, grads = rand(20), rand(20, seed=1)
+    opt = flatopt.Adam(param_groups=[dict(start=0, stop=10), dict(start=10, stop=20, lr=1e-3)])
+    opt.step(params, grads)
+    before, p_before = snapshot(opt), params.copy()
+    opt.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match="Invalid learning rate: -1.0"):
+        opt.step(params, grads)
+    assert_same(snapshot(opt), before)
+    np.testing.assert_array_equal(params, p_before)
+    opt = flatopt.SGD(lr=lambda t: 0.1 - 0.05 * t)
+    for _ in range(3):
+        opt.step(params, grads)
+    p_before = params.copy()
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        opt.step(params, grads)  # lr(2) = 0.0 was fine, lr(3) < 0 is not
+    np.testing.assert_array_equal(params, p_before)
+
+
+@pytest.mark.parametrize("groups, exc, words", [
+    ([dict(start=0, stop=10), dict(start=5, stop=20)], ValueError, "overlap"),
+    ([dict(start=10, stop=20), dict(start=0, stop=10)], ValueError, "sorted"),
+    ([dict(start=0, stop=10, learning_rate=1.0)], ValueError, "unknown keys"),
+    ([dict(start=5, stop=5)], ValueError, "start < stop"),
+    ([dict(start=0)], ValueError, "stop"),
+    ([dict(start=0.0, stop=3)], TypeError, "int"),
+    ([(0, 10)], TypeError, "dict"),
+])
+def test_bad_param_groups(groups, exc, words):
+    with pytest.raises(exc, match=words):
+        flatopt.Adam(param_groups=groups)
+
+
+def test_groups_beyond_the_buffer_raise_at_step_and_modify_nothing():
+    params, grads = rand(20), rand(20, seed=1)
+    opt = flatopt.Adam(param_groups=[dict(start=0, stop=25)])
+    with pytest.raises(ValueError, match="25"):
+        opt.step(params, grads)
+    assert opt.state == {} and opt.group_state == [{"step": 0}]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(k=0), "k"), (dict(k=2.5), "k"), (dict(k=True), "k"), (dict(alpha=-0.1), "alpha"), (dict(alpha=1.5), "alpha")])
+def test_lookahead_bad_arguments(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        flatopt.Lookahead(flatopt.SGD(), **kwargs)
+
+
+def test_lookahead_needs_a_flatopt_optimizer_and_checks_changed_attributes():
+    with pytest.raises(TypeError, match="flatopt optimizer"):
+        flatopt.Lookahead(object())
+    opt, params, grads = flatopt.Lookahead(flatopt.Adam()), rand(10), rand(10, seed=1)
+    opt.step(params, grads)
+    before, p_before = snapshot(opt), params.copy()
+    opt.alpha = 2.0
+    with pytest.raises(ValueError, match="alpha"):
+        opt.step(params, grads)
+    assert_same(snapshot(opt), before)
+    np.testing.assert_array_equal(params, p_before)
+
+
+def test_failed_first_step_leaves_no_state_and_no_slow_weights():
+    opt = flatopt.Lookahead(flatopt.Adam())
+    opt.inner.lr = -1.0
+    with pytest.raises(ValueError):
+        opt.step(rand(10), rand(10, seed=1))
+    assert opt.slow is None and opt.step_count == 0 and opt.inner.state == {}
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+def plain(obj):
+    """Only plain Python and NumPy data."""
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and plain(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return all(plain(v) for v in obj)
+    return obj is None or isinstance(obj, (bool, int, float, str, np.ndarray))
+
+
+def via_pickle(sd):
+    return pickle.loads(pickle.dumps(sd))
+
+
+def via_savez(sd):
+    buffer = io.BytesIO()
+    np.savez(buffer, **sd)
+    buffer.seek(0)
+    return dict(np.load(buffer, allow_pickle=True))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("transport", [lambda sd: sd, via_pickle, via_savez], ids=["direct", "pickle", "savez"])
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_save_load_continue_is_bit_identical(name, transport, dtype):
+    grads = [rand(300, dtype, seed=s) for s in range(12)]
+    p0 = rand(300, dtype, seed=99)
+    straight, params = MAKERS[name](), p0.copy()
+    for g in grads:
+        straight.step(params, g)
+    first, resumed = MAKERS[name](), p0.copy()
+    for g in grads[:7]:
+        first.step(resumed, g)
+    sd = first.state_dict()
+    assert plain(sd)
+    second = MAKERS[name]()
+    second.load_state_dict(transport(sd))
+    for g in grads[7:]:
+        second.step(resumed, g)
+    np.testing.assert_array_equal(resumed, params)
+
+
+def test_state_dict_is_a_copy():
+    opt, params, grads = flatopt.Adam(), rand(10), rand(10, seed=1)
+    opt.step(params, grads)
+    sd = opt.state_dict()
+    sd["state"]["exp_avg"][:] = 123
+    assert not np.any(opt.state["exp_avg"] == 123)
+
+
+def corrupt(sd, how):
+    sd = pickle.loads(pickle.dumps(sd))
+    if how == "kind":
+        sd["optimizer"] = "SGD"
+    elif how == "missing key":
+        del sd["group_state"]
+    elif how == "extra key":
+        sd["extra"] = 1
+    elif how == "unknown buffer":
+        sd["state"]["momentum"] = sd["state"]["exp_avg"]
+    elif how == "lengths differ":
+        sd["state"]["exp_avg"] = sd["state"]["exp_avg"][:-1]
+    elif how == "2-D buffer":
+        sd["state"]["exp_avg"] = sd["state"]["exp_avg"].reshape(2, -1)
+    elif how == "integer buffer":
+        sd["state"]["exp_avg"] = sd["state"]["exp_avg"].astype(np.int32)
+    elif how == "group state count":
+        sd["group_state"].append({"step": 1})
+    elif how == "bad hyperparameter":
+        sd["hyperparameters"]["betas"] = (0.9, 1.5)
+    elif how == "unknown hyperparameter":
+        sd["hyperparameters"]["momentum"] = 0.9
+    return sd
+
+
+@pytest.mark.parametrize("how", ["kind", "missing key", "extra key", "unknown buffer", "lengths differ", "2-D buffer",
+                                 "integer buffer", "group state count", "bad hyperparameter",
+                                 "unknown hyperparameter"])
+def test_load_state_dict_rejects_bad_checkpoints_and_changes_nothing(how):
+    source, params = flatopt.Adam(lr=0.1), rand(10)
+    source.step(params, rand(10, seed=1))
+    target = flatopt.Adam(lr=0.5)
+    target.step(rand(10), rand(10, seed=2))
+    before, lr = snapshot(target), target.lr
+    with pytest.raises((ValueError, TypeError)):
+        target.load_state_dict(corrupt(source.state_dict(), how))
+    assert_same(snapshot(target), before)
+    assert target.lr == lr
+
+
+def test_lookahead_checkpoint_rejects_mismatched_slow_weights():
+    source, params = flatopt.Lookahead(flatopt.Adam()), rand(10)
+    source.step(params, rand(10, seed=1))
+    sd = source.state_dict()
+    sd["slow"] = sd["slow"][:5]
+    target = flatopt.Lookahead(flatopt.Adam())
+    with pytest.raises(ValueError, match="slow"):
+        target.load_state_dict(sd)
+    assert target.slow is None and target.inner.state == {}
+
+
+def test_loaded_dtype_must_match_params():
+    source = flatopt.Adam()
+    source.step(rand(10, np.float32), rand(10, np.float32, seed=1))
+    target = flatopt.Adam()
+    target.load_state_dict(source.state_dict())
+    with pytest.raises(TypeError, match="dtype"):
+        target.step(rand(10, np.float64), rand(10, np.float64, seed=1))
+
+
+def test_callable_lr_is_not_saved_and_the_loader_keeps_its_own():
+    schedule = lambda t: 0.1 / (t + 1)
+    source = flatopt.SGD(lr=schedule)
+    source.step(rand(5), rand(5, seed=1))
+    sd = source.state_dict()
+    assert "lr" not in sd["hyperparameters"]
+    pickle.dumps(sd)
+    target = flatopt.SGD(lr=0.3)
+    target.load_state_dict(sd)
+    assert target.lr == 0.3
+
+
+# --- groups ---------------------------------------------------------------------------------------
+@SWEEP
+@given(cuts=st.lists(st.integers(1, 60), min_size=1, max_size=5), frozen=st.lists(st.booleans(), min_size=5, max_size=5),
+       gap=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]))
+def test_groups_equal_separate_optimizers(cuts, frozen, gap, dtype):
+    overrides = [dict(lr=1e-2), dict(lr=3e-2, weight_decay=0.1), dict(betas=(0.5, 0.9), amsgrad=True),
+                 dict(lr=1e-3, eps=1e-3), dict(maximize=True)]
+    groups, start = [], 0
+    for i, size in enumerate(cuts):
+        start += 3 if gap else 0  # elements outside every group must be left alone
+        groups.append(dict(start=start, stop=start + size, frozen=frozen[i], **overrides[i]))
+        start += size
+    n = start + 2
+    p0, grads = rand(n, dtype), [rand(n, dtype, seed=s) for s in range(1, 9)]
+    opt, params = flatopt.AdamW(lr=5e-3, param_groups=groups), p0.copy()
+    for g in grads:
+        opt.step(params, g)
+    expected = p0.copy()
+    for group in groups:
+        a, b = group["start"], group["stop"]
+        if group["frozen"]:
+            continue
+        kw = {k: v for k, v in group.items() if k not in ("start", "stop", "frozen")}
+        single, part = flatopt.AdamW(**{"lr": 5e-3, **kw}), expected[a:b].copy()
+        for g in grads:
+            single.step(part, g[a:b].copy())
+        expected[a:b] = part
+    np.testing.assert_array_equal(params, expected)
+    for group, state in zip(groups, opt.group_state):
+        assert state["step"] == (0 if group["frozen"] else len(grads))
+        if group["frozen"] and opt.state:
+            np.testing.assert_array_equal(opt.state["exp_avg"][group["start"]:group["stop"]], 0)
+
+
+def test_frozen_toggle_keeps_state_bits():
+    p0, grads = rand(64), [rand(64, seed=s) for s in range(1, 6)]
+    opt, params = flatopt.Adam(param_groups=[dict(start=0, stop=32), dict(start=32, stop=64)]), p0.copy()
+    opt.step(params, grads[0])
+    opt.param_groups[1]["frozen"] = True
+    frozen_state = {k: v[32:].copy() for k, v in opt.state.items()}
+    frozen_params = params[32:].copy()
+    opt.step(params, grads[1])
+    opt.step(params, grads[2])
+    for k, v in opt.state.items():
+        np.testing.assert_array_equal(v[32:], frozen_state[k])
+    np.testing.assert_array_equal(params[32:], frozen_params)
+    assert [s["step"] for s in opt.group_state] == [3, 1]
+    opt.param_groups[1]["frozen"] = False
+    opt.step(params, grads[3])
+    assert [s["step"] for s in opt.group_state] == [4, 2]
+
+
+@pytest.mark.parametrize("name", ["SGD-nesterov", "RMSprop-centered-momentum", "Adam-amsgrad", "ADOPT-decouple"])
+def test_parallel_path_equals_serial_path(name, monkeypatch):
+    n = 3 * CPU.parallel_min + 7
+    groups = [dict(start=0, stop=5), dict(start=5, stop=n // 2 + 3, lr=3e-3), dict(start=n // 2 + 3, stop=n)]
+    p0, grads = rand(n), [rand(n, seed=s) for s in range(1, 5)]
+    results = []
+    for parallel_min in (CPU.parallel_min, 10**12):
+        monkeypatch.setattr(CPU, "parallel_min", parallel_min)
+        opt, params = MAKERS[name](), p0.copy()
+        opt.param_groups = groups
+        for g in grads:
+            opt.step(params, g)
+        results.append(params)
+        assert opt._plan[1] is (parallel_min == CPU.parallel_min and parallel_min < n)
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_changing_hyperparameters_never_recompiles():
+    opt, params = flatopt.Adam(), rand(100)
+    opt.step(params, rand(100, seed=1))
+    compiled = len(kernels.adam_serial.overloads)
+    for i in range(20):
+        opt.lr, opt.betas, opt.weight_decay, opt.amsgrad = 10.0 ** -(i % 5), (0.5 + i / 50, 0.99), i / 100, i % 2 == 0
+        opt.step(params, rand(100, seed=i))
+    assert len(kernels.adam_serial.overloads) == compiled
+
+
+def test_callable_lr_receives_the_step_count():
+    seen = []
+    opt, params = flatopt.SGD(lr=lambda t: seen.append(t) or 0.1), rand(5)
+    for _ in range(3):
+        opt.step(params, rand(5, seed=1))
+    assert seen[-3:] == [0, 1, 2]
+    a, b = rand(50), rand(50)
+    b[:] = a
+    scheduled, manual = flatopt.Adam(lr=lambda t: 1e-2 / (1 + t)), flatopt.Adam()
+    for t in range(10):
+        g = rand(50, seed=t)
+        scheduled.step(a, g)
+        manual.lr = 1e-2 / (1 + t)
+        manual.step(b, g)
+    np.testing.assert_array_equal(a, b)
+
+
+# --- state, dtypes, imports ---------------------------------------------------------------------------
+@pytest.mark.parametrize("make, expected", [
+    (lambda: flatopt.SGD(), set()), (lambda: flatopt.SGD(momentum=0.9), {"momentum_buffer"}),
+    (lambda: flatopt.RMSprop(), {"square_avg"}),
+    (lambda: flatopt.RMSprop(centered=True, momentum=0.1), {"square_avg", "momentum_buffer", "grad_avg"}),
+    (lambda: flatopt.Adam(), {"exp_avg", "exp_avg_sq"}),
+    (lambda: flatopt.AdamW(amsgrad=True), {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}),
+    (lambda: flatopt.ADOPT(), {"exp_avg", "exp_avg_sq"}),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_state_is_lazy_and_takes_the_params_dtype(make, expected, dtype):
+    opt = make()
+    assert opt.state == {}
+    opt.step(rand(17, dtype), rand(17, dtype, seed=1))
+    assert set(opt.state) == expected
+    for buffer in opt.state.values():
+        assert buffer.dtype == dtype and buffer.shape == (17,)
+
+
+def test_defaults_are_torchs():
+    torch = pytest.importorskip("torch")
+    import inspect
+    for name in ["SGD", "RMSprop", "Adam", "AdamW"]:
+        ours = inspect.signature(getattr(flatopt, name)).parameters
+        theirs = inspect.signature(getattr(torch.optim, name)).parameters
+        for arg, param in ours.items():
+            if arg in theirs and arg != "params":
+                assert param.default == theirs[arg].default, (name, arg)
+
+
+def test_import_flatopt_imports_no_framework():
+    code = ("import sys, flatopt, numpy as np; flatopt.Adam().step(np.ones(4, np.float32), np.ones(4, np.float32));"
+            "print(sorted(m for m in ('torch', 'jax', 'cupy', 'numba.cuda') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_kernels_are_cached_on_disk(tmp_path):
+    code = ("import flatopt, numpy as np; from flatopt.kernels import cpu;"
+            "flatopt.Adam().step(np.ones(8, np.float32), np.ones(8, np.float32));"
+            "print(sum(cpu.adam_serial.stats.cache_hits.values()))")
+    env = dict(__import__("os").environ, NUMBA_CACHE_DIR=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+            for _ in range(2)]
+    assert runs[0].strip() == "0" and runs[1].strip() == "1"
+
+
+def test_repr_names_the_hyperparameters():
+    assert repr(flatopt.AdamW(lr=0.5)).startswith("AdamW(lr=0.5, betas=(0.9, 0.999)")
+    assert "k=5" in repr(flatopt.Lookahead(flatopt.SGD()))
