@@ -1,0 +1,5 @@
+import sys
+
+from flatopt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,74 @@
+"""FlatParams: named views over one flat parameter buffer and one flat gradient buffer."""
+import numpy as np
+import pytest
+
+import flatopt
+
+
+def arrays(dtype=np.float32):
+    rng = np.random.default_rng(0)
+    return {"W1": rng.standard_normal((8, 5)).astype(dtype), "b1": np.zeros(5, dtype),
+            "W2": rng.standard_normal((5, 3)).astype(dtype), "b2": np.zeros(3, dtype)}
+
+
+def test_views_share_the_flat_buffers():
+    source = arrays()
+    flat = flatopt.FlatParams(source)
+    assert flat.params.shape == (8 * 5 + 5 + 5 * 3 + 3,) and flat.params.dtype == np.float32
+    for name, value in source.items():
+        np.testing.assert_array_equal(flat[name], value)
+        assert flat[name].shape == value.shape
+        assert np.shares_memory(flat[name], flat.params) and np.shares_memory(flat.grad(name), flat.grads)
+        assert not np.shares_memory(flat[name], value)  # packing copies the inputs
+    flat.grad("b1")[:] = 7
+    a, b = flat.slices["b1"]
+    np.testing.assert_array_equal(flat.grads[a:b], 7)
+    assert list(flat) == ["W1", "b1", "W2", "b2"] and len(flat) == 4
+
+
+def test_one_step_updates_every_named_array():
+    flat = flatopt.FlatParams(arrays())
+    before = {name: flat[name].copy() for name in flat}
+    for name in flat:
+        flat.grad(name)[...] = 1.0
+    flatopt.SGD(lr=0.5).step(flat.params, flat.grads)
+    for name in flat:
+        np.testing.assert_array_equal(flat[name], before[name] - np.float32(0.5))
+
+
+def test_groups_per_array_equal_separate_optimizers():
+    flat = flatopt.FlatParams(arrays(np.float64))
+    groups = flat.param_groups({"b1": {"weight_decay": 0.0}, "b2": {"weight_decay": 0.0, "lr": 1e-2}})
+    assert [(g["start"], g["stop"]) for g in groups] == [(0, 40), (40, 45), (45, 60), (60, 63)]
+    opt = flatopt.AdamW(lr=1e-3, weight_decay=0.1, param_groups=groups)
+    separate = {name: flatopt.AdamW(lr=1e-2 if name == "b2" else 1e-3, weight_decay=0.0 if name[0] == "b" else 0.1)
+                for name in flat}
+    copies = {name: flat[name].reshape(-1).copy() for name in flat}
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        flat.grads[:] = rng.standard_normal(len(flat.grads))
+        for name in flat:
+            separate[name].step(copies[name], flat.grad(name).reshape(-1).copy())
+        opt.step(flat.params, flat.grads)
+    for name in flat:
+        np.testing.assert_array_equal(flat[name].reshape(-1), copies[name])
+
+
+def test_neighbours_with_equal_overrides_merge():
+    flat = flatopt.FlatParams(arrays())
+    assert flat.param_groups() == [{"start": 0, "stop": 63}]
+    merged = flat.param_groups({"W2": {"lr": 0.1}, "b2": {"lr": 0.1}})
+    assert merged == [{"start": 0, "stop": 45}, {"start": 45, "stop": 63, "lr": 0.1}]
+
+
+def test_list_input_dtype_argument_and_errors():
+    flat = flatopt.FlatParams([np.ones(3), np.zeros((2, 2))], dtype=np.float32)
+    assert flat.params.dtype == np.float32 and list(flat) == [0, 1]
+    with pytest.raises(ValueError, match="at least one"):
+        flatopt.FlatParams({})
+    with pytest.raises(TypeError, match="not an array"):
+        flatopt.FlatParams({"a": [1.0, 2.0]})
+    with pytest.raises(TypeError, match="float32 and float64"):
+        flatopt.FlatParams({"a": np.ones(3, np.int64)})
+    with pytest.raises(KeyError, match="nope"):
+        flat.param_groups({"nope": {}})
