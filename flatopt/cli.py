@@ -15,7 +15,8 @@ def main(argv=None):
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from flatopt.bench import main as bench_main
-        return bench_main(rest)
+        bench_main(rest)
+        return 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from flatopt import demo as demo_module

@@ -1,0 +1,243 @@
+"""``flatopt bench``: flatopt against torch.optim, optax, NumPy and the bandwidth floor.
+
+All implementations of one size run interleaved, round by round, in this one process; each
+is warmed up right before it is timed (an idle thread pool costs milliseconds on this kind
+of VM).  Tables give medians, the spread, the ratio to the floor and to the best peer.
+"""
+import argparse
+import datetime
+import os
+import platform
+import time
+
+import numpy as np
+
+import flatopt
+from flatopt.backend import CPU, split_chunks
+
+SIZES = [10**3, 10**5, 10**6, 10**7, 3 * 10**7]
+QUICK_SIZES = [10**3, 10**5, 10**6]
+MODEL_TENSORS = 200
+FLATOPT = ("flatopt Adam", "flatopt AdamW", "flatopt.torch Adam, 200 tensors")
+FLOOR = "floor (Adam traffic)"
+
+
+def rounds_for(n, quick):
+    base = 9 if quick else 15
+    return max(5, base * 100 if n <= 10**3 else base * 20 if n <= 10**5 else base * 4 if n <= 10**6 else base)
+
+
+def implementations(n, rng):
+    """name -> zero-argument callable doing one step, on fresh random data of n elements."""
+    params, grads = rng.standard_normal(n, dtype=np.float32), 1e-3 * rng.standard_normal(n, dtype=np.float32)
+    impls, notes = {}, []
+    adam, adamw, pa, pw = flatopt.Adam(lr=1e-3), flatopt.AdamW(lr=1e-3), params.copy(), params.copy()
+    impls["flatopt Adam"] = lambda: adam.step(pa, grads)
+    impls["flatopt AdamW"] = lambda: adamw.step(pw, grads)
+
+    from flatopt.kernels.floor import adam_floor
+    fp, fm, fv = params.copy(), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    chunks = CPU.plan(((0, n, 0),))[0]
+    if len(chunks) == 1:
+        chunks = split_chunks(((0, n, 0),), 1)
+    impls[FLOOR] = lambda: adam_floor(fp, grads, fm, fv, chunks)
+
+    impls["NumPy in place"] = numpy_adam(params.copy(), grads)
+    try:
+        import torch
+    except ImportError:
+        notes.append("torch not installed: torch.optim and flatopt.torch skipped")
+    else:
+        impls.update(torch_impls(torch, params, grads, notes))
+    try:
+        impls["optax adam (jit, donated)"] = optax_adam(params, grads)
+    except ImportError:
+        notes.append("jax/optax not installed: optax skipped")
+    return impls, notes
+
+
+def numpy_adam(p, g, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
+    m, v, tmp, denom = (np.zeros_like(p) for _ in range(4))
+    state = {"t": 0}
+
+    def step():
+        state["t"] += 1
+        t = state["t"]
+        np.subtract(g, m, out=tmp)                      # m += (1 - b1) (g - m)
+        np.multiply(tmp, np.float32(1 - b1), out=tmp)
+        np.add(m, tmp, out=m)
+        np.multiply(g, g, out=tmp)                      # v = b2 v + (1 - b2) g^2
+        np.multiply(tmp, np.float32(1 - b2), out=tmp)
+        np.multiply(v, np.float32(b2), out=v)
+        np.add(v, tmp, out=v)
+        np.sqrt(v, out=denom)                           # p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
+        np.divide(denom, np.float32((1 - b2**t) ** 0.5), out=denom)
+        np.add(denom, np.float32(eps), out=denom)
+        np.divide(m, denom, out=tmp)
+        np.multiply(tmp, np.float32(-lr / (1 - b1**t)), out=tmp)
+        np.add(p, tmp, out=p)
+    return step
+
+
+def split_sizes(n, parts):
+    base = np.full(parts, n // parts)
+    base[: n % parts] += 1
+    return [int(s) for s in base if s]
+
+
+def torch_impls(torch, params, grads, notes):
+    torch.set_num_threads(int(os.environ.get("FLATOPT_BENCH_TORCH_THREADS", len(os.sched_getaffinity(0)))))
+    impls = {}
+    one = torch.nn.Parameter(torch.from_numpy(params.copy()))
+    one.grad = torch.from_numpy(grads.copy())
+    for label, kw in (("foreach=False", dict(foreach=False)), ("foreach=True", dict(foreach=True)),
+                      ("fused=True", dict(fused=True))):
+        opt = torch.optim.Adam([one], lr=1e-3, **kw)
+        impls[f"torch Adam {label}"] = opt.step
+    sizes = split_sizes(len(params), MODEL_TENSORS)
+    offsets = np.cumsum([0] + sizes)
+    many = [torch.nn.Parameter(torch.from_numpy(params[a:b].copy())) for a, b in zip(offsets[:-1], offsets[1:])]
+    for p, a, b in zip(many, offsets[:-1], offsets[1:]):
+        p.grad = torch.from_numpy(grads[a:b].copy())
+    impls[f"torch Adam fused=True, {len(many)} tensors"] = torch.optim.Adam(many, lr=1e-3, fused=True).step
+    try:
+        import flatopt.torch as ft
+    except ImportError as error:
+        notes.append(f"flatopt.torch unavailable ({error}): skipped")
+        return impls
+    model = [torch.nn.Parameter(torch.from_numpy(params[a:b].copy())) for a, b in zip(offsets[:-1], offsets[1:])]
+    opt = ft.Adam(model, lr=1e-3)
+    for p, a, b in zip(model, offsets[:-1], offsets[1:]):
+        p.grad.copy_(torch.from_numpy(grads[a:b]))
+    impls["flatopt.torch Adam, 200 tensors"] = opt.step
+    return impls
+
+
+def optax_adam(params, grads):
+    import jax
+    import jax.numpy as jnp
+    import optax
+    tx = optax.adam(1e-3)
+    state = {"p": jnp.asarray(params), "g": jnp.asarray(grads)}
+    state["s"] = tx.init(state["p"])
+
+    @jax.jit
+    def update(p, s, g):
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    update = jax.jit(update, donate_argnums=(0, 1))
+
+    def step():
+        state["p"], state["s"] = update(state["p"], state["s"], state["g"])
+        state["p"].block_until_ready()
+    return step
+
+
+def measure(impls, rounds):
+    """Interleaved rounds: each implementation once per round, warmed up right before; the
+    order rotates every round so no implementation always follows the same neighbour (torch's
+    OpenMP threads keep spinning for a while after its steps)."""
+    times = {name: [] for name in impls}
+    names = list(impls)
+    for fn in impls.values():
+        fn()
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn = impls[name]
+            fn()
+            t0 = time.perf_counter_ns()
+            fn()
+            times[name].append(time.perf_counter_ns() - t0)
+    return {name: np.array(t) / 1e3 for name, t in times.items()}
+
+
+def summarize(times):
+    medians = {name: float(np.median(t)) for name, t in times.items()}
+    floor = medians.get(FLOOR)
+    peers = [m for name, m in medians.items() if name not in FLATOPT and name != FLOOR]
+    best_peer = min(peers) if peers else None
+    rows = []
+    for name, t in times.items():
+        q1, q3 = np.percentile(t, [25, 75])
+        rows.append(dict(name=name, median=medians[name], iqr=float(q3 - q1),
+                         vs_floor=medians[name] / floor if floor else None,
+                         vs_best_peer=best_peer / medians[name] if best_peer else None))
+    return rows
+
+
+def header():
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import numba
+    return (f"{datetime.date.today().isoformat()}, {cpu}, {os.cpu_count()} CPUs, numba {numba.__version__} "
+            f"with {numba.get_num_threads()} threads, float32")
+
+
+def format_table(n, rows, markdown):
+    def fmt(x, spec):
+        return "" if x is None else format(x, spec)
+    lines = []
+    if markdown:
+        lines += [f"**n = {n:,}**", "",
+                  "| implementation | median µs/step | IQR µs | × floor | best peer ÷ this |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['name']} | {r['median']:.1f} | {r['iqr']:.1f} | {fmt(r['vs_floor'], '.2f')} | "
+                  f"{fmt(r['vs_best_peer'], '.2f')} |" for r in rows]
+    else:
+        lines += [f"n = {n:,}", f"  {'implementation':<36} {'median µs':>11} {'IQR µs':>9} {'x floor':>8} "
+                                f"{'best peer / this':>17}"]
+        lines += [f"  {r['name']:<36} {r['median']:>11.1f} {r['iqr']:>9.1f} {fmt(r['vs_floor'], '8.2f'):>8} "
+                  f"{fmt(r['vs_best_peer'], '.2f'):>17}" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    names = list(dict.fromkeys(r["name"] for rows in results.values() for r in rows))
+    for name in names:
+        xs = [n for n, rows in results.items() if any(r["name"] == name for r in rows)]
+        ys = [next(r["median"] for r in results[n] if r["name"] == name) for n in xs]
+        style = dict(lw=2.5) if name in FLATOPT else dict(ls="--", color="black") if name == FLOOR else dict(alpha=0.7)
+        ax.plot(xs, ys, marker="o", label=name, **style)
+    ax.set(xscale="log", yscale="log", xlabel="parameters (float32)", ylabel="µs per step (median)",
+           title="Adam step: flatopt vs peers vs the bandwidth floor")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="flatopt bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", help="comma-separated sizes, e.g. 1000,1e6 (default 1e3,1e5,1e6,1e7,3e7)")
+    parser.add_argument("--quick", action="store_true", help="sizes 1e3,1e5,1e6 and fewer rounds (< 1 minute)")
+    parser.add_argument("--rounds", type=int, help="rounds per size (default: by size)")
+    parser.add_argument("--markdown", action="store_true", help="markdown tables with a header line")
+    parser.add_argument("--plot", metavar="FILE.png", help="log-log plot of time per step against size")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    sizes = [int(float(s)) for s in args.sizes.split(",")] if args.sizes else QUICK_SIZES if args.quick else SIZES
+    rng = np.random.default_rng(args.seed)
+    print(("_" if args.markdown else "") + header() + ("_" if args.markdown else ""))
+    results = {}
+    for n in sizes:
+        impls, notes = implementations(n, rng)
+        rows = summarize(measure(impls, args.rounds or rounds_for(n, args.quick)))
+        results[n] = rows
+        print()
+        print(format_table(n, rows, args.markdown))
+        for note in notes:
+            print(f"  note: {note}")
+        del impls
+    if args.plot:
+        plot(results, args.plot)
+        print(f"\nplot saved to {args.plot}")
+    return results
