@@ -1,0 +1,133 @@
+"""asv benchmarks: one optimizer step on a flat buffer, per optimizer, option, dtype and size.
+
+Every timed benchmark runs a few steps in ``setup`` and asv's ``warmup_time`` steps right
+before timing (an idle thread pool costs milliseconds on its next call on these VMs), on
+fresh random data.
+"""
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+import flatopt
+
+SIZES = [10**3, 10**5, 10**6, 10**7]
+DTYPES = ["float32", "float64"]
+OPTIMIZERS = {
+    "SGD": lambda: flatopt.SGD(lr=1e-3),
+    "SGD momentum": lambda: flatopt.SGD(lr=1e-3, momentum=0.9),
+    "SGD nesterov": lambda: flatopt.SGD(lr=1e-3, momentum=0.9, nesterov=True, weight_decay=1e-4),
+    "Momentum": lambda: flatopt.Momentum(lr=1e-3),
+    "RMSprop": lambda: flatopt.RMSprop(),
+    "RMSprop centered momentum": lambda: flatopt.RMSprop(centered=True, momentum=0.9),
+    "Adam": lambda: flatopt.Adam(),
+    "Adam amsgrad": lambda: flatopt.Adam(amsgrad=True),
+    "AdamW": lambda: flatopt.AdamW(),
+    "ADOPT": lambda: flatopt.ADOPT(),
+    "ADOPT decouple": lambda: flatopt.ADOPT(weight_decay=1e-2, decouple=True),
+    "Lookahead(Adam)": lambda: flatopt.Lookahead(flatopt.Adam(), k=5),
+}
+
+
+class Step:
+    """Time and peak memory of one ``opt.step(params, grads)``."""
+
+    params = (list(OPTIMIZERS), DTYPES, SIZES)
+    param_names = ["optimizer", "dtype", "n"]
+    warmup_time = 0.05
+    repeat = (5, 20, 10.0)
+    timeout = 300
+
+    def setup(self, name, dtype, n):
+        rng = np.random.default_rng(0)
+        self.params_ = rng.standard_normal(n).astype(dtype)
+        self.grads = (1e-3 * rng.standard_normal(n)).astype(dtype)
+        self.opt = OPTIMIZERS[name]()
+        for _ in range(3):
+            self.opt.step(self.params_, self.grads)
+
+    def time_step(self, name, dtype, n):
+        self.opt.step(self.params_, self.grads)
+
+    def peakmem_step(self, name, dtype, n):
+        self.opt.step(self.params_, self.grads)
+
+
+class TorchAdapter:
+    """flatopt.torch.Adam on a 200-tensor model, against torch's fused Adam on the same model."""
+
+    params = ([10**5, 10**6, 10**7], ["flatopt.torch", "torch fused"])
+    param_names = ["n", "implementation"]
+    warmup_time = 0.05
+    repeat = (5, 20, 10.0)
+    timeout = 300
+
+    def setup(self, n, implementation):
+        try:
+            import torch
+            import flatopt.torch as flat_torch
+        except ImportError:
+            raise NotImplementedError("torch or flatopt.torch not available")
+        sizes = [n // 200 + (i < n % 200) for i in range(200)]
+        gen = torch.Generator().manual_seed(0)
+        self.model = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in sizes]
+        if implementation == "torch fused":
+            self.opt = torch.optim.Adam(self.model, lr=1e-3, fused=True)
+        else:
+            self.opt = flat_torch.Adam(self.model, lr=1e-3)
+        for p in self.model:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.copy_(1e-3 * torch.randn(p.shape, generator=gen))
+        for _ in range(3):
+            self.opt.step()
+
+    def time_step(self, n, implementation):
+        self.opt.step()
+
+
+FIRST_STEP = """
+import time; t0 = time.perf_counter()
+import numpy as np, flatopt
+from flatopt.backend import CPU
+p = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+flatopt.{name}().step(p, 1e-3 * p)
+if {all_kernels}:
+    CPU.parallel_min = 1  # also the threaded driver: every kernel of this optimizer and dtype
+    flatopt.{name}().step(p, 1e-3 * p)
+print(time.perf_counter() - t0)
+"""
+
+
+def _fresh_process(name, cache_dir, all_kernels):
+    env = dict(os.environ, NUMBA_CACHE_DIR=cache_dir)
+    code = FIRST_STEP.format(name=name, all_kernels=all_kernels)
+    return float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                check=True).stdout)
+
+
+class FreshProcess:
+    """Seconds from a new interpreter to the first finished step."""
+
+    params = ["Adam", "SGD", "ADOPT"]
+    param_names = ["optimizer"]
+    timeout = 300
+    unit = "seconds"
+
+    def setup_cache(self):
+        cache = tempfile.mkdtemp(prefix="flatopt-asv-cache-")
+        for name in self.params:
+            _fresh_process(name, cache, True)
+        return cache
+
+    def track_import_and_first_step_warm_cache(self, cache, name):
+        return _fresh_process(name, cache, False)
+
+    def track_compile_all_kernels_empty_cache(self, cache, name):
+        with tempfile.TemporaryDirectory(prefix="flatopt-asv-cold-") as empty:
+            return _fresh_process(name, empty, True)
+
+    track_import_and_first_step_warm_cache.unit = "seconds"
+    track_compile_all_kernels_empty_cache.unit = "seconds"
