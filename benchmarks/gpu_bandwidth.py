@@ -9,7 +9,10 @@ For each size it reports, in one run on one GPU:
 * every flatopt optimizer step: the bytes the step must move (each buffer read once and
   written once; table and chunk reads are negligible) divided by its median GPU time;
 * torch.optim Adam and AdamW with ``fused=True`` on one tensor of the same size, when torch
-  has CUDA.
+  has CUDA;
+* Adam on a model of ``--model-tensors`` CUDA tensors of the same total size: flatopt.torch
+  against torch.optim's ``foreach=True`` and ``fused=True`` (the GPU time and the host time
+  per step: with many small tensors the host side can be the limit).
 
 GPU times come from CUDA events around each step, taken while a spinning kernel holds the
 stream so that the host can queue all the timed steps first: the times are the kernels'
@@ -112,7 +115,36 @@ class Timer:
         return statistics.median(samples)
 
 
-def run(sizes, dtype, steps, warmup, simulated=False):
+def model_rows(torch, timer, host, tensors, steps, warmup):
+    """Adam on a model of ``tensors`` CUDA tensors holding ``len(host)`` elements in all:
+    flatopt.torch (one launch over its flat buffer) against torch.optim's multi-tensor paths."""
+    import flatopt.torch as ft
+    from flatopt.bench import split_sizes
+
+    sizes = split_sizes(len(host), tensors)
+    offsets = np.cumsum([0] + sizes)
+
+    def make_model():
+        model = [torch.nn.Parameter(torch.from_numpy(host[a:b]).cuda()) for a, b in zip(offsets[:-1], offsets[1:])]
+        for p in model:
+            p.grad = p.detach() * 1e-3
+        return model
+
+    rows = []
+    candidates = [(f"flatopt.torch Adam, {tensors} tensors", lambda m: ft.Adam(m, lr=1e-3))]
+    for label, kw in (("foreach=True", dict(foreach=True)), ("fused=True", dict(fused=True))):
+        candidates.append((f"torch Adam {label}, {tensors} tensors",
+                           lambda m, kw=kw: torch.optim.Adam(m, lr=1e-3, **kw)))
+    for name, make in candidates:
+        model = make_model()
+        opt = make(model)
+        opt.step()  # flatopt.torch adopts the gradients: from now on each p.grad is a flat view
+        rows.append((name, 7, timer.gpu_ms(opt.step, steps, warmup), timer.host_us(opt.step)))
+        del opt, model
+    return rows
+
+
+def run(sizes, dtype, steps, warmup, simulated=False, model_tensors=200):
     from numba import cuda
 
     import flatopt
@@ -179,6 +211,8 @@ def run(sizes, dtype, steps, warmup, simulated=False):
                 rows.append((name, 7, ms, timer.host_us(topt.step)))
                 del topt
             del tp
+        if torch_cuda and model_tensors:
+            rows += model_rows(torch, timer, host, model_tensors, steps, warmup)
         for name, traffic, ms, host_us in rows:
             gbs = traffic * n * itemsize / (ms * 1e-3) / 1e9
             print(f"{n:>11,d}  {name:30s} {ms * 1e3:12.1f} {gbs:9.1f} {gbs / copy_gbs:8.2f} {host_us:13.1f}")
@@ -193,6 +227,11 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--model-tensors", type=int, default=200,
+                        help="also time Adam on a model of this many torch CUDA tensors (0: skip)")
+    parser.add_argument("--blocks-per-sm", type=int, default=None,
+                        help="launch geometry to try instead of the backend's default")
+    parser.add_argument("--block", type=int, default=None, help="threads per block to try instead of the default")
     parser.add_argument("--check", action="store_true",
                         help="run every code path on tiny sizes, also under NUMBA_ENABLE_CUDASIM=1 (no timings)")
     args = parser.parse_args(argv)
@@ -206,7 +245,11 @@ def main(argv=None):
         simulated = True
     if args.check:
         sizes, args.steps, args.warmup = [1000], 2, 1
-    run(sizes, np.dtype(args.dtype).type, args.steps, args.warmup, simulated)
+    from flatopt.kernels.cuda_backend import CUDA
+    CUDA.blocks_per_sm = args.blocks_per_sm or CUDA.blocks_per_sm
+    CUDA.block = args.block or CUDA.block
+    print(f"launch geometry: {CUDA.block} threads per block, at most {CUDA.blocks_per_sm} blocks per SM")
+    run(sizes, np.dtype(args.dtype).type, args.steps, args.warmup, simulated, args.model_tensors)
     return 0
 
 

@@ -64,15 +64,14 @@ def clamp(x, low, high):
 
 
 # --- SGD ------------------------------------------------------------------------------
-# row: lr, momentum, 1 - dampening, weight_decay, nesterov, maximize, first_momentum_step
+# row: lr, momentum, 1 - dampening, weight_decay, nesterov, maximize, first_momentum_step, buffered
 #   g <- -g if maximize;  g <- g + wd*p
 #   buf <- g (first step) | momentum*buf + (1 - dampening)*g
 #   g <- g + momentum*buf (nesterov) | buf;   p <- p - lr*g
 @njit(**_INLINE)
 def sgd_chunk(p, g, buf, row):
     lr, momentum, keep, weight_decay = row[0], row[1], row[2], row[3]
-    nesterov, maximize, first = row[4] != 0, row[5] != 0, row[6] != 0
-    use_buf = momentum != 0
+    nesterov, maximize, first, use_buf = row[4] != 0, row[5] != 0, row[6] != 0, row[7] != 0
     for i in range(p.shape[0]):
         gi = -g[i] if maximize else g[i]
         if weight_decay != 0:

@@ -127,7 +127,7 @@ def _build(dtype):
     ZERO, HALF = dtype.type(0), dtype.type(0.5)
     add, mul, div, sqrt = _ops(dtype)
 
-    # --- SGD: row lr, momentum, 1 - dampening, weight_decay, nesterov, maximize, first
+    # --- SGD: row lr, momentum, 1 - dampening, weight_decay, nesterov, maximize, first, buffered
     @_kernel
     def sgd(p, g, buf, chunks, table):
         c = cuda.blockIdx.x
@@ -136,7 +136,7 @@ def _build(dtype):
             c += cuda.gridDim.x
             lr, momentum, keep, weight_decay = table[s, 0], table[s, 1], table[s, 2], table[s, 3]
             nesterov, maximize, first = table[s, 4] != ZERO, table[s, 5] != ZERO, table[s, 6] != ZERO
-            use_buf = momentum != ZERO
+            use_buf = table[s, 7] != ZERO
             neg_lr = -lr
             i = lo + cuda.threadIdx.x - cuda.blockDim.x
             while i + cuda.blockDim.x < hi:

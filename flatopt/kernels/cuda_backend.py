@@ -64,7 +64,7 @@ class CudaBackend:
 
     name = "cuda"
 
-    def __init__(self, *, block=256, blocks_per_sm=4, min_chunk=1024, max_chunk=1 << 16, align=32,
+    def __init__(self, *, block=256, blocks_per_sm=16, min_chunk=1024, max_chunk=1 << 16, align=32,
                  max_grid=None, array_library="auto"):
         # Block: 256 threads.  Grid: blocks_per_sm * SMs blocks, all resident at once (every
         # kernel needs at most 64 registers per thread, and 4 blocks of 256 such threads fill

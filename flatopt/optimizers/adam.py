@@ -1,5 +1,7 @@
 """Adam and AdamW, with amsgrad (torch.optim.Adam / AdamW's rule)."""
-from flatopt.optimizers.base import Optimizer, lerp_weight_minus_one
+import math
+
+from flatopt.optimizers.base import Optimizer, lerp_weight_minus_one, one_minus_product
 
 
 def _check_adam(hp):
@@ -52,7 +54,7 @@ class Adam(Optimizer):
     def _row(self, hp, group_state, dt):
         (beta1, beta2), lr, t = hp["betas"], hp["lr"], group_state["step"] + 1
         return (lr / (1 - beta1**t), 1 - beta1, lerp_weight_minus_one(1 - beta1, dt), beta2, 1 - beta2,
-                (1 - beta2**t) ** 0.5, hp["eps"], hp["weight_decay"], 1 - lr * hp["weight_decay"],
+                math.sqrt(1 - beta2**t), hp["eps"], hp["weight_decay"], one_minus_product(lr, hp["weight_decay"]),
                 hp["decoupled_weight_decay"], hp["amsgrad"], hp["maximize"])
 
 

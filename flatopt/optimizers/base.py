@@ -12,7 +12,10 @@ A subclass supplies the math's inputs only:
   torch computes in the buffers' dtype);
 * ``_needs(hp)``: which state buffers a group with these hyperparameters uses.
 """
+import functools
+import math
 import numbers
+from fractions import Fraction
 
 import numpy as np
 
@@ -158,11 +161,13 @@ class Optimizer:
         buf = self._state_args[0] if self._state_args else next(iter(self.state.values()))
         if len(buf) != n:
             raise ValueError(f"params has {n} elements but the optimizer state was made for {len(buf)}")
-        if buf.dtype != dtype:
-            raise TypeError(f"params dtype {dtype} does not match the optimizer state's dtype {buf.dtype}")
         if self._backend is not None and self._backend is not backend:
             raise TypeError(f"the optimizer state lives on {self._backend.name} but params are on "
                             f"{backend.name}; move it with state_dict() / load_state_dict()")
+        if buf.dtype != dtype:  # a torch tensor's dtype is a torch.dtype: ask its backend
+            state_dtype = buf.dtype if self._backend is None else self._backend.dtype(buf)
+            if state_dtype != dtype:
+                raise TypeError(f"params dtype {dtype} does not match the optimizer state's dtype {state_dtype}")
 
     def _states(self, backend, n, dtype, active):
         """The kernel's state arguments, allocating (zeros) the buffers first needed now."""
@@ -252,6 +257,17 @@ def lerp_weight_minus_one(weight, dt):
     """``weight - 1`` as torch's lerp computes it, in the buffers' dtype from the rounded
     weight.  Only used when ``weight >= 0.5``."""
     return float(dt(weight)) - 1.0 if weight >= 0.5 else weight - 1.0
+
+
+@functools.lru_cache(maxsize=64)
+def one_minus_product(a, b):
+    """``1 - a*b`` rounded once, as a fused multiply-add computes it (torch's fused Adam
+    kernels are compiled with FMA contraction).  Cached: lr changes at most once a step."""
+    if hasattr(math, "fma"):  # Python >= 3.13
+        return math.fma(-a, b, 1.0)
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return 1.0 - a * b
+    return float(1 - Fraction(a) * Fraction(b))  # exact, then one correct rounding
 
 
 def _unwrap(value):

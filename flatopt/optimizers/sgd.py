@@ -43,7 +43,7 @@ class SGD(Optimizer):
     def _row(self, hp, group_state, dt):
         first = hp["momentum"] != 0 and not group_state["momentum_started"]
         return (hp["lr"], hp["momentum"], 1 - hp["dampening"], hp["weight_decay"], hp["nesterov"], hp["maximize"],
-                first)
+                first, hp["momentum"] != 0)
 
     def _advance(self, hp, group_state):
         group_state["step"] += 1
@@ -77,7 +77,8 @@ class Momentum(SGD):
         return ("momentum_buffer",)
 
     def _row(self, hp, group_state, dt):
-        return (hp["lr"], hp["beta"], 1 - hp["beta"], hp["weight_decay"], False, hp["maximize"], False)
+        # buffered even at beta = 0: v = g must still be stored for when beta is raised
+        return (hp["lr"], hp["beta"], 1 - hp["beta"], hp["weight_decay"], False, hp["maximize"], False, True)
 
     def _advance(self, hp, group_state):
         group_state["step"] += 1

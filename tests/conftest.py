@@ -1,0 +1,167 @@
+"""Shared helpers for the parity suites (test_parity_torch, test_adopt, test_lookahead_parity,
+test_momentum).
+
+Import the helpers with ``from conftest import ...`` (``tests/`` has no ``__init__.py``, so
+pytest puts it on ``sys.path``).  Nothing here is autouse and nothing imports torch, jax or
+optax at module level: the other suites (and the CUDA simulator run) are not affected.
+
+Tolerance vocabulary used by the suites:
+
+* ``max_ulp_diff(got, ref)``: ``max |got - ref|`` in units of ``ulp(max |ref|)`` in ref's
+  dtype, so a number near 1 means "one rounding of the largest parameter".  This is robust
+  for elements near zero, whose relative error is meaningless after many steps.
+* ``assert_close64(got, ref)``: float64, ``rtol=1e-12`` plus an ``atol`` of ``1e-14 *
+  max |ref|`` (elements that pass through zero have no meaningful relative error).
+* ``assert_same_nonfinite(got, ref)``: NaN and +-Inf at the same positions.
+"""
+import os
+
+import numpy as np
+import pytest
+
+DTYPES = (np.float32, np.float64)
+
+# Sizes used by the sweeps: 1, tiny odd lengths, lengths around SIMD widths (8/16 float32,
+# 4/8 float64), and a few thousand.  The 1e5-scale sizes appear only in fixed cases.
+SMALL_SIZES = (1, 2, 3, 5, 7, 8, 15, 16, 17, 31, 33, 63, 64, 65, 127, 200, 257, 1000, 1001, 4099)
+LARGE_SIZE = 100_003  # odd and above flatopt's parallel threshold (2**15): the prange path
+
+
+def sweep(max_examples):
+    """Hypothesis settings for the sweeps: ``max_examples`` by default (keeps the suites
+    fast), ``FLATOPT_SWEEP_EXAMPLES`` examples when that variable is set (deeper runs)."""
+    from hypothesis import HealthCheck, settings
+    n = int(os.environ.get("FLATOPT_SWEEP_EXAMPLES", max_examples))
+    return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def dtype_name(dtype):
+    return np.dtype(dtype).name
+
+
+def ulp(x, dtype):
+    """Spacing of float ``x`` in ``dtype`` (the gap to the next representable number)."""
+    return float(np.spacing(np.asarray(abs(x), dtype=dtype)))
+
+
+def max_ulp_diff(got, ref, scale=None):
+    """``max |got - ref| / ulp(scale)`` over the finite elements, ulp taken in ref's dtype.
+
+    ``scale`` defaults to ``max |ref|``; the torch suites pass the largest parameter
+    magnitude seen along the whole trajectory (each step rounds at that magnitude, so that
+    is the unit in which accumulated rounding is measured).  Non-finite positions must agree.
+    """
+    got, ref = np.asarray(got), np.asarray(ref)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    assert_same_nonfinite(got, ref)
+    finite = np.isfinite(ref)
+    if not finite.any():
+        return 0.0
+    if scale is None:
+        scale = np.max(np.abs(ref[finite].astype(np.float64)))
+    unit = ulp(scale, ref.dtype) if scale > 0 else float(np.finfo(ref.dtype).smallest_subnormal)
+    diff = np.max(np.abs(got[finite].astype(np.float64) - ref[finite].astype(np.float64)))
+    return float(diff / unit)
+
+
+def max_rel_diff(got, ref):
+    """``max |got - ref| / max |ref|`` (a norm-wise relative difference, finite elements)."""
+    got, ref = np.asarray(got, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    finite = np.isfinite(ref)
+    scale = np.max(np.abs(ref[finite])) if finite.any() else 0.0
+    if scale == 0:
+        return float(np.max(np.abs(got[finite] - ref[finite]), initial=0.0))
+    return float(np.max(np.abs(got[finite] - ref[finite]), initial=0.0) / scale)
+
+
+def assert_same_nonfinite(got, ref):
+    got, ref = np.asarray(got), np.asarray(ref)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref), err_msg="NaN positions differ")
+    np.testing.assert_array_equal(np.isposinf(got), np.isposinf(ref), err_msg="+Inf positions differ")
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(ref), err_msg="-Inf positions differ")
+
+
+def assert_ulp_close(got, ref, k, scale=None, what=""):
+    """``max |got - ref| <= k * ulp(scale)`` (see :func:`max_ulp_diff`); records the value."""
+    d = max_ulp_diff(got, ref, scale)
+    record(what or "ulp", d)
+    assert d <= k, f"{what}: max diff {d:.4g} ulp(scale) > {k}"
+    return d
+
+
+def assert_f32_like_plain_float32(got, exact, plain, k, scale=None, what=""):
+    """float32 against a formula transcribed in NumPy: ``exact`` is the transcription run in
+    float64, ``plain`` the same transcription run in float32 arithmetic.  Criterion::
+
+        max |got - exact| <= max(k, 2 * max |plain - exact| + 16)   [ulps of scale]
+
+    i.e. within ``k`` ulps, or -- where the rule itself amplifies rounding (a ratio of
+    cancelling terms, a recursion whose float32-rounded coefficients do not sum to one) --
+    no worse than twice what an honest float32 evaluation of the formula achieves.  Where
+    the plain float32 transcription is accurate the bound is just ``k``.
+    """
+    exact32 = np.asarray(exact).astype(np.float32)
+    err = max_ulp_diff(got, exact32, scale)
+    err_plain = max_ulp_diff(plain, exact32, scale)
+    record(what or "f32 vs plain", err)
+    record((what or "f32 vs plain") + " / plain float32", err / max(err_plain, 1.0))
+    bound = max(k, 2 * err_plain + 16)
+    assert err <= bound, f"{what}: {err:.4g} ulps > max({k}, 2 * {err_plain:.4g} + 16)"
+    return err
+
+
+def assert_close64(got, ref, rtol=1e-12, atol_scale=1e-14, scale=None, what=""):
+    """float64: ``|got - ref| <= atol + rtol*|ref|`` with ``atol = atol_scale * scale``;
+    ``scale`` defaults to ``max |ref|`` (pass the trajectory's largest |param| instead)."""
+    ref = np.asarray(ref, dtype=np.float64)
+    assert_same_nonfinite(got, ref)
+    finite = np.isfinite(ref)
+    if scale is None:
+        scale = np.max(np.abs(ref[finite]), initial=0.0)
+    got = np.asarray(got, dtype=np.float64)
+    record((what or "f64") + " rel", max_rel_diff(got, ref))
+    np.testing.assert_allclose(got[finite], ref[finite], rtol=rtol, atol=atol_scale * scale, err_msg=what)
+
+
+def make_problem(n, steps, dtype, seed=0, spread=True):
+    """Initial parameters and a list of gradients, all in ``dtype``.
+
+    With ``spread`` the gradients' magnitudes vary over about five decades per element and
+    per step (so that ``eps``, clipping and the sign of every term matter), and a few
+    gradients are exactly zero.
+    """
+    rng = np.random.default_rng(seed)
+    p0 = rng.standard_normal(n).astype(dtype)
+    grads = []
+    for _ in range(steps):
+        g = rng.standard_normal(n)
+        if spread:
+            g *= 10.0 ** rng.uniform(-4, 1, size=n)
+            g[rng.random(n) < 0.02] = 0.0
+        grads.append(g.astype(dtype))
+    return p0, grads
+
+
+# --- measured tolerances ------------------------------------------------------------------
+# Every ulp / relative comparison records its value under a label; with
+# FLATOPT_REPORT_TOLERANCES=1 the largest value per label is printed at the end of the run
+# (that is how the bounds in the suites were chosen).  Off by default: no output.
+MEASURED = {}
+
+
+def record(label, value):
+    if value == value:  # not NaN
+        MEASURED[label] = max(MEASURED.get(label, 0.0), float(value))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if os.environ.get("FLATOPT_REPORT_TOLERANCES") and MEASURED:
+        terminalreporter.section("largest measured differences (per label)")
+        for label in sorted(MEASURED):
+            terminalreporter.write_line(f"{label:60s} {MEASURED[label]:.4g}")
+
+
+@pytest.fixture
+def rng():
+    """A seeded NumPy generator for non-hypothesis tests (hypothesis tests draw a seed)."""
+    return np.random.default_rng(20240601)

@@ -1,0 +1,77 @@
+"""``flatopt bench`` smoke test and the bandwidth-floor kernels.  No timing assertions."""
+import numpy as np
+import pytest
+
+from flatopt.backend import split_chunks
+from flatopt.kernels.floor import ADAM_TRAFFIC, SGD_TRAFFIC, adam_floor, sgd_floor
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n, nchunks", [(1, 1), (1000, 1), (1000, 7), (100_003, 8)])
+def test_adam_floor_moves_adams_data(dtype, n, nchunks):
+    rng = np.random.default_rng(n)
+    p, g, m, v = (rng.standard_normal(n).astype(dtype) for _ in range(4))
+    ref_m, ref_v = m + g, v + g
+    ref_p = p + ref_m
+    g0 = g.copy()
+    adam_floor(p, g, m, v, split_chunks(((0, n, 0),), nchunks))
+    # reads p, g, m, v and writes p, m, v: every element of every buffer touched, g unchanged
+    np.testing.assert_array_equal(m, ref_m)
+    np.testing.assert_array_equal(v, ref_v)
+    np.testing.assert_array_equal(p, ref_p)
+    np.testing.assert_array_equal(g, g0)
+    assert ADAM_TRAFFIC * np.dtype(dtype).itemsize == (28 if dtype == np.float32 else 56)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_floor_moves_sgds_data(dtype):
+    n = 50_001
+    rng = np.random.default_rng(1)
+    p, g, b = (rng.standard_normal(n).astype(dtype) for _ in range(3))
+    ref_b = b + g
+    ref_p = p + ref_b
+    sgd_floor(p, g, b, split_chunks(((0, n, 0),), 5))
+    np.testing.assert_array_equal(b, ref_b)
+    np.testing.assert_array_equal(p, ref_p)
+    assert SGD_TRAFFIC * np.dtype(dtype).itemsize == (20 if dtype == np.float32 else 40)
+
+
+def test_bench_smoke(capsys):
+    from flatopt.bench import FLOOR, main
+    results = main(["--sizes", "1000,20000", "--rounds", "3"])
+    out = capsys.readouterr().out
+    assert sorted(results) == [1000, 20000]
+    for n, rows in results.items():
+        names = [r["name"] for r in rows]
+        for name in ("flatopt Adam", "flatopt AdamW", FLOOR, "NumPy in place"):
+            assert name in names
+        assert f"n = {n:,}" in out
+        for r in rows:
+            assert set(r) == {"name", "median", "iqr", "vs_floor", "vs_best_peer"}
+            assert r["median"] > 0 and r["iqr"] >= 0
+            assert r["vs_floor"] > 0
+        floor = next(r for r in rows if r["name"] == FLOOR)
+        assert floor["vs_floor"] == pytest.approx(1.0)
+    for column in ("implementation", "median µs", "IQR µs", "x floor", "best peer / this"):
+        assert column in out
+
+
+def test_bench_peers_present_when_installed():
+    pytest.importorskip("torch")
+    from flatopt.bench import implementations
+    impls, notes = implementations(1000, np.random.default_rng(0))
+    for name in ("torch Adam foreach=False", "torch Adam foreach=True", "torch Adam fused=True",
+                 "torch Adam fused=True, 200 tensors"):
+        assert name in impls
+    for fn in impls.values():  # every implementation runs a step
+        fn()
+
+
+def test_bench_markdown_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from flatopt.bench import main
+    png = tmp_path / "bench.png"
+    main(["--sizes", "1000,3000", "--rounds", "2", "--markdown", "--plot", str(png)])
+    out = capsys.readouterr().out
+    assert "| implementation | median µs/step |" in out
+    assert png.stat().st_size > 1000

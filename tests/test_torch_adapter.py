@@ -1,0 +1,494 @@
+"""flatopt.torch: torch.optim.Optimizer subclasses on flat buffers, against torch.optim."""
+import io
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import flatopt  # noqa: E402
+import flatopt.torch as ft  # noqa: E402
+
+STEPS = 50
+
+
+class Net(torch.nn.Module):
+    """An MLP plus a head used only on even steps (so its grads are sometimes None)."""
+
+    def __init__(self, sizes=(16, 32, 16), dtype=torch.float32, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.l1 = torch.nn.Linear(sizes[0], sizes[1]).to(dtype)
+        self.l2 = torch.nn.Linear(sizes[1], sizes[2]).to(dtype)
+        self.extra = torch.nn.Linear(sizes[2], sizes[2]).to(dtype)
+
+    def forward(self, x, use_extra=False):
+        h = self.l2(torch.tanh(self.l1(x)))
+        return self.extra(h) if use_extra else h
+
+
+def data(dtype=torch.float32, n=STEPS, sizes=(16, 32, 16)):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8, sizes[0], generator=g, dtype=dtype), torch.randn(8, sizes[2], generator=g, dtype=dtype))
+            for _ in range(n)]
+
+
+def train(model, opt, batches, *, unused=False, set_to_none=True, sched=None, closure=False):
+    for i, (x, y) in enumerate(batches):
+        def loss_fn():
+            return torch.nn.functional.mse_loss(model(x, use_extra=unused and i % 2 == 0), y)
+        opt.zero_grad(set_to_none=set_to_none)
+        if closure:
+            def clo():
+                opt.zero_grad(set_to_none=set_to_none)
+                loss = loss_fn()
+                loss.backward()
+                return loss
+            opt.step(clo)
+        else:
+            loss_fn().backward()
+            opt.step()
+        if sched is not None:
+            sched.step()
+    return model
+
+
+def params_of(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_same(m1, m2, exact=True, rtol=1e-6, atol=1e-7):
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        if exact:
+            assert torch.equal(a, b), (n, (a - b).abs().max().item())
+        else:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=n)
+
+
+def pair(ours, theirs, dtype=torch.float32, sizes=(16, 32, 16), **kw):
+    m1, m2 = Net(sizes, dtype), Net(sizes, dtype)
+    o1, o2 = ours(m1.parameters()), theirs(m2.parameters())
+    batches = data(dtype, sizes=sizes)
+    train(m1, o1, batches, **kw)
+    train(m2, o2, batches, **kw)
+    return m1, m2, o1, o2
+
+
+# --- parity ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kw", [dict(lr=0.05), dict(lr=0.05, momentum=0.9, weight_decay=0.01),
+                                dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
+                                dict(lr=0.05, momentum=0.8, dampening=0.3, maximize=True)])
+def test_sgd_bitwise(dtype, kw):
+    m1, m2, _, _ = pair(lambda p: ft.SGD(p, **kw), lambda p: torch.optim.SGD(p, foreach=False, **kw), dtype,
+                        unused=True)
+    assert_same(m1, m2)
+
+
+@pytest.mark.parametrize("name,kw", [("Adam", dict(lr=1e-2)), ("Adam", dict(lr=1e-2, weight_decay=0.1, amsgrad=True)),
+                                     ("AdamW", dict(lr=1e-2, weight_decay=0.1)),
+                                     ("AdamW", dict(lr=1e-2, maximize=True, amsgrad=True))])
+def test_adam_bitwise_vs_fused(name, kw):
+    m1, m2, _, _ = pair(lambda p: getattr(ft, name)(p, **kw),
+                        lambda p: getattr(torch.optim, name)(p, fused=True, **kw), unused=True)
+    assert_same(m1, m2)
+
+
+def test_adam_odd_sizes_close():
+    m1, m2, _, _ = pair(lambda p: ft.Adam(p, lr=1e-2), lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+                        sizes=(7, 13, 5), unused=True)
+    assert_same(m1, m2, exact=False)
+
+
+@pytest.mark.parametrize("kw", [dict(lr=1e-3), dict(lr=1e-3, centered=True, momentum=0.5, weight_decay=0.01)])
+def test_rmsprop_close(kw):
+    m1, m2, _, _ = pair(lambda p: ft.RMSprop(p, **kw), lambda p: torch.optim.RMSprop(p, foreach=False, **kw),
+                        torch.float64, unused=True)
+    assert_same(m1, m2, exact=False, rtol=1e-12, atol=1e-14)
+
+
+def test_adopt_bitwise_vs_core():
+    m1, m2 = Net(), Net()
+    opt = ft.ADOPT(m1.parameters(), lr=1e-2, weight_decay=0.01, decouple=True)
+    core = flatopt.ADOPT(lr=1e-2, weight_decay=0.01, decouple=True)
+    flat = torch.cat([p.detach().reshape(-1) for p in m2.parameters()]).numpy().copy()
+    for x, y in data():
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(m1(x, True), y).backward()
+        opt.step()
+        m2.zero_grad()
+        torch.nn.functional.mse_loss(m2(x, True), y).backward()
+        grads = torch.cat([p.grad.reshape(-1) for p in m2.parameters()]).numpy()
+        core.step(flat, grads)
+        with torch.no_grad():
+            off = 0
+            for p in m2.parameters():
+                p.copy_(torch.from_numpy(flat[off:off + p.numel()]).view_as(p))
+                off += p.numel()
+    assert_same(m1, m2)
+    assert opt.state[m1.l1.weight]["step"].item() == STEPS
+
+
+# --- groups, schedulers, frozen and unused parameters -----------------------------------
+
+def _groups(model):
+    return [{"params": [model.l1.weight, model.l1.bias, model.extra.weight, model.extra.bias]},
+            {"params": [model.l2.weight, model.l2.bias], "lr": 3e-3, "weight_decay": 0.0}]
+
+
+@pytest.mark.parametrize("name", ["Adam", "SGD"])
+def test_groups_scheduler_frozen_unused(name):
+    kw = dict(lr=1e-2, weight_decay=0.05) if name == "Adam" else dict(lr=1e-2, momentum=0.9, weight_decay=0.05)
+    ref_kw = dict(fused=True) if name == "Adam" else dict(foreach=False)
+    models, opts = [], []
+    for cls, extra in ((getattr(ft, name), {}), (getattr(torch.optim, name), ref_kw)):
+        m = Net()
+        m.l1.bias.requires_grad_(False)
+        o = cls(_groups(m), **kw, **extra)
+        s = torch.optim.lr_scheduler.StepLR(o, step_size=10, gamma=0.5)
+        train(m, o, data(), unused=True, sched=s)
+        models.append(m)
+        opts.append(o)
+    assert_same(*models)
+    assert opts[0].param_groups[0]["lr"] == opts[1].param_groups[0]["lr"] == 1e-2 * 0.5 ** 5
+    assert models[0].l1.bias.grad is None
+    assert models[0].l1.bias not in opts[0].state
+    assert opts[0].state[models[0].extra.weight]["step"].item() == STEPS // 2
+
+
+# --- zero copy, zero_grad, replaced tensors --------------------------------------------
+
+def _inside(ptr, buf):
+    start = buf.data_ptr()
+    return start <= ptr < start + buf.numel() * buf.element_size()
+
+
+def test_zero_copy():
+    m = Net()
+    opt = ft.Adam(m.parameters(), lr=1e-2)
+    (b,) = opt._buckets.values()
+    assert b.flat.numel() == sum(p.numel() for p in m.parameters())
+    assert all(_inside(p.data_ptr(), b.flat) for p in m.parameters())
+    x, y = data()[0]
+    for set_to_none in (False, False, True):
+        opt.zero_grad(set_to_none=set_to_none)
+        torch.nn.functional.mse_loss(m(x, True), y).backward()
+        if opt.state and not set_to_none:  # after one step the grads are the flat views
+            assert all(_inside(p.grad.data_ptr(), b.gflat) for p in m.parameters())
+        opt.step()
+        assert all(_inside(p.data_ptr(), b.flat) for p in m.parameters())
+        assert all(_inside(p.grad.data_ptr(), b.gflat) for p in m.parameters())
+        for p in m.parameters():
+            st = opt.state[p]
+            assert _inside(st["exp_avg"].data_ptr(), torch.from_numpy(b.core.state["exp_avg"]))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_zero_grad_modes(set_to_none):
+    m1, m2, o1, _ = pair(lambda p: ft.Adam(p, lr=1e-2), lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+                         set_to_none=set_to_none, unused=True)
+    assert_same(m1, m2)
+    o1.zero_grad(set_to_none=set_to_none)
+    for p in m1.parameters():
+        assert (p.grad is None) if set_to_none else (p.grad is not None and not p.grad.any())
+
+
+def test_replaced_grad_and_data():
+    models = [Net(), Net()]
+    opts = [ft.SGD(models[0].parameters(), lr=0.1, momentum=0.9),
+            torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=0.9, foreach=False)]
+    for i, (x, y) in enumerate(data(n=10)):
+        for m, o in zip(models, opts):
+            o.zero_grad(set_to_none=False)
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            if i % 3 == 1:
+                m.l1.weight.grad = m.l1.weight.grad * 2.0  # a new tensor
+            if i % 4 == 2:
+                m.l2.weight.data = m.l2.weight.data * 0.5  # a new storage
+            o.step()
+    assert_same(*models)
+    (b,) = opts[0]._buckets.values()
+    assert _inside(models[0].l2.weight.data_ptr(), b.flat)
+    assert _inside(models[0].l1.weight.grad.data_ptr(), b.gflat)
+
+
+# --- checkpoints -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop", "ADOPT"])
+def test_save_load_resume_bitwise(name):
+    kw = dict(lr=1e-2, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=1e-2)
+    batches = data()
+    ref = Net()
+    ref_opt = getattr(ft, name)(_groups(ref), **kw)
+    train(ref, ref_opt, batches, unused=True)
+
+    m = Net()
+    opt = getattr(ft, name)(_groups(m), **kw)
+    train(m, opt, batches[:20], unused=True)
+    buf = io.BytesIO()
+    torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    m2 = Net(seed=5)
+    opt2 = getattr(ft, name)(_groups(m2), **kw)
+    m2.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["opt"])
+    train(m2, opt2, batches[20:], unused=True)
+    assert_same(ref, m2)
+    sd = opt2.state_dict()
+    assert set(sd) == {"state", "param_groups"}
+    assert all(isinstance(v, torch.Tensor) for st in sd["state"].values() for v in st.values())
+
+
+def test_state_dict_matches_torch_layout():
+    m1, m2, o1, o2 = pair(lambda p: ft.Adam(p, lr=1e-2), lambda p: torch.optim.Adam(p, lr=1e-2, fused=True),
+                          unused=True)
+    s1, s2 = o1.state_dict(), o2.state_dict()
+    assert s1["state"].keys() == s2["state"].keys()
+    for k in s2["state"]:
+        for name, v in s2["state"][k].items():
+            torch.testing.assert_close(s1["state"][k][name], v, check_dtype=False)
+
+
+# --- amp, clipping, closure, add_param_group, errors -----------------------------------
+
+def test_gradscaler_and_clipping():
+    models = [Net(), Net()]
+    opts = [ft.Adam(models[0].parameters(), lr=1e-2), torch.optim.Adam(models[1].parameters(), lr=1e-2, fused=True)]
+    scalers = [torch.amp.GradScaler("cpu", init_scale=256.0), torch.amp.GradScaler("cpu", init_scale=256.0)]
+    for x, y in data(n=20):
+        for m, o, s in zip(models, opts, scalers):
+            o.zero_grad()
+            s.scale(torch.nn.functional.mse_loss(m(x), y)).backward()
+            s.unscale_(o)
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 0.5)
+            s.step(o)
+            s.update()
+    assert_same(*models)
+
+
+def test_closure():
+    m1, m2, _, _ = pair(lambda p: ft.SGD(p, lr=0.05, momentum=0.5),
+                        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.5, foreach=False), closure=True)
+    assert_same(m1, m2)
+
+
+def test_add_param_group():
+    models = [Net(), Net()]
+    opts = [ft.Adam([models[0].l1.weight, models[0].l1.bias, models[0].l2.weight, models[0].l2.bias], lr=1e-2),
+            torch.optim.Adam([models[1].l1.weight, models[1].l1.bias, models[1].l2.weight, models[1].l2.bias],
+                             lr=1e-2, fused=True)]
+    batches = data()
+    for i, (x, y) in enumerate(batches):
+        if i == 10:
+            for m, o in zip(models, opts):
+                o.add_param_group({"params": list(m.extra.parameters()), "lr": 5e-3})
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x, True), y).backward()
+            o.step()
+    assert_same(*models)
+    (b,) = opts[0]._buckets.values()
+    assert all(_inside(p.data_ptr(), b.flat) for p in models[0].parameters())
+    assert opts[0].state[models[0].l1.weight]["step"].item() == STEPS
+    assert opts[0].state[models[0].extra.weight]["step"].item() == STEPS - 10
+
+
+def test_errors_match_torch():
+    m = Net()
+    with pytest.raises(ValueError, match="empty parameter list"):
+        ft.Adam([])
+    with pytest.raises(ValueError, match="some parameters appear in more than one parameter group"):
+        ft.Adam([{"params": [m.l1.weight]}, {"params": [m.l1.weight]}])
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        ft.Adam(m.parameters(), lr=-1.0)
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 0"):
+        ft.AdamW([{"params": [m.l1.weight], "betas": (1.5, 0.9)}])
+    with pytest.raises(ValueError, match="Nesterov momentum requires"):
+        ft.SGD(m.parameters(), lr=0.1, nesterov=True)
+
+
+def test_mixed_dtypes_two_buckets():
+    m32, m64 = Net(), Net(dtype=torch.float64)
+    params = list(m32.parameters()) + list(m64.parameters())
+    opt = ft.AdamW(params, lr=1e-2)
+    assert len(opt._buckets) == 2
+    x, y = data(n=1)[0]
+    for _ in range(3):
+        opt.zero_grad()
+        (torch.nn.functional.mse_loss(m32(x), y) + torch.nn.functional.mse_loss(m64(x.double()), y.double())).backward()
+        opt.step()
+    assert opt.state[m64.l1.weight]["exp_avg"].dtype == torch.float64
+
+
+# --- Lookahead --------------------------------------------------------------------------
+
+class RefLookahead:
+    """The seed's reference rule, per tensor."""
+
+    def __init__(self, opt, k=5, alpha=0.5):
+        self.opt, self.k, self.alpha, self.n = opt, k, alpha, 0
+        self.slow = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
+
+    def zero_grad(self, set_to_none=True):
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        self.opt.step()
+        self.n += 1
+        if self.n % self.k == 0:
+            with torch.no_grad():
+                for p, q in zip([p for g in self.opt.param_groups for p in g["params"]], self.slow):
+                    p.mul_(self.alpha).add_(q, alpha=1 - self.alpha)
+                    q.copy_(p)
+
+
+@pytest.mark.parametrize("inner", ["flatopt", "torch"])
+def test_lookahead(inner):
+    def make(model):
+        if inner == "flatopt":
+            return ft.Adam(model.parameters(), lr=1e-2)
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, foreach=False)
+
+    def make_ref(model):
+        if inner == "flatopt":
+            return torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, foreach=False)
+
+    batches = data()
+    m_ref = Net()
+    train(m_ref, RefLookahead(make_ref(m_ref), k=3, alpha=0.6), batches)
+
+    m = Net()
+    la = ft.Lookahead(make(m), k=3, alpha=0.6)
+    sched = torch.optim.lr_scheduler.LambdaLR(la, lambda step: 1.0)  # schedulers accept it
+    train(m, la, batches[:22])
+    buf = io.BytesIO()
+    torch.save(la.state_dict(), buf)
+    buf.seek(0)
+    m2 = Net(seed=3)
+    m2.load_state_dict(m.state_dict())
+    la2 = ft.Lookahead(make(m2), k=5, alpha=0.1)
+    la2.load_state_dict(torch.load(buf, weights_only=True))
+    assert (la2.k, la2.alpha, la2.step_count) == (3, 0.6, 22)
+    train(m2, la2, batches[22:])
+    assert_same(m_ref, m2)
+    before = params_of(m2)
+    with la2.slow_weights():
+        for p, q in zip(m2.parameters(), la2.slow):
+            assert torch.equal(p, q)
+    assert all(torch.equal(a, b) for a, b in zip(before, m2.parameters()))
+    assert sched.optimizer is la
+
+
+def test_checkpoint_interchange_with_torch_adam():
+    """A flatopt.torch state_dict loads into torch.optim.Adam and vice versa."""
+    batches = data()
+    m_ref = Net()
+    train(m_ref, ft.Adam(m_ref.parameters(), lr=1e-2), batches)
+    for first, second in ((ft.Adam, lambda p, **kw: torch.optim.Adam(p, fused=True, **kw)),
+                          (lambda p, **kw: torch.optim.Adam(p, fused=True, **kw), ft.Adam)):
+        m = Net()
+        o = first(m.parameters(), lr=1e-2)
+        train(m, o, batches[:25])
+        sd = o.state_dict()
+        o2 = second(m.parameters(), lr=1e-2)
+        o2.load_state_dict(sd)
+        for group in o2.param_groups:  # torch takes the saved groups' flags (fused=None from ours)
+            if "fused" in group and not isinstance(o2, ft.Adam):
+                group["fused"] = True
+        train(m, o2, batches[25:])
+        assert_same(m_ref, m)
+
+
+# --- DistributedDataParallel -------------------------------------------------------------
+
+def _ddp_worker(rank, world, port, path):
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = []
+        for make in (lambda p: ft.AdamW(p, lr=1e-2), lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True)):
+            torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
+            model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16))
+            ddp = DDP(model)
+            opt = make(ddp.parameters())
+            for i, (x, y) in enumerate(data(n=12)):
+                opt.zero_grad(set_to_none=i % 2 == 0)
+                torch.nn.functional.mse_loss(ddp(x[rank * 4:(rank + 1) * 4]), y[rank * 4:(rank + 1) * 4]).backward()
+                opt.step()
+            results.append([p.detach().clone() for p in model.parameters()])
+        torch.save(results, f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_gloo(tmp_path):
+    import socket
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("gloo backend not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "ddp")
+    mp.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{path}.{r}", weights_only=True) for r in (0, 1))
+    for flat_params, torch_params, other_rank in zip(r0[0], r0[1], r1[0]):
+        assert torch.equal(flat_params, torch_params)
+        assert torch.equal(flat_params, other_rank)
+
+
+def test_lookahead_add_param_group_and_frozen():
+    """After add_param_group the flat buffers are re-laid out: Lookahead follows the new layout."""
+    batches = data(n=20)
+    results = []
+    for flat in (True, False):
+        m = Net()
+        m.l2.bias.requires_grad_(False)
+        first = [m.l1.weight, m.l1.bias, m.l2.weight, m.l2.bias]
+        inner = ft.Adam(first, lr=1e-2) if flat else torch.optim.Adam(first, lr=1e-2, fused=True)
+        la = ft.Lookahead(inner, k=2, alpha=0.5)
+        for i, (x, y) in enumerate(batches):
+            if i == 7:
+                la.add_param_group({"params": list(m.extra.parameters())})
+            la.zero_grad()
+            torch.nn.functional.mse_loss(m(x, True), y).backward()
+            la.step()
+        results.append(m)
+    assert_same(*results)
+
+
+def test_invalid_group_change_fails_before_any_update():
+    m = Net()
+    opt = ft.Adam(m.parameters(), lr=1e-2)
+    x, y = data(n=1)[0]
+    torch.nn.functional.mse_loss(m(x), y).backward()
+    opt.step()
+    before = params_of(m)
+    steps = opt.state[m.l1.weight]["step"].item()
+    opt.param_groups[0]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert opt.state[m.l1.weight]["step"].item() == steps
+
+
+def test_adopt_clip_lambda_stays_on_the_core():
+    m = Net()
+    opt = ft.ADOPT(m.parameters(), lr=1e-2, clip_lambda=None)
+    assert "clip_lambda" not in opt.param_groups[0]
+    train(m, opt, data(n=5))
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)  # param_groups hold no callables
+    buf.seek(0)
+    torch.load(buf, weights_only=True)
