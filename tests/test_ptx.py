@@ -175,8 +175,10 @@ def test_assembles_without_local_memory(tools, name, dtype, cc, record_property)
     record_property("registers", regs)
     assert (frame, spill_stores, spill_loads) == (0, 0, 0), f"{name} {dtype}: local memory used"
     assert not re.search(r"\b(ld|st)\.local\b", tools.ptx(name, dtype, cc))
-    # The backend sizes its grid as 4 resident blocks of 256 threads per SM: <= 64 registers.
-    assert regs <= 64, f"{name} {dtype} needs {regs} registers per thread"
+    # Blocks of 256 threads: <= 96 registers keeps at least two blocks (512 threads, each
+    # with two elements' loads in flight) resident per SM; the grid-stride loop over chunks
+    # lets the rest of the grid wait its turn.
+    assert regs <= 96, f"{name} {dtype} needs {regs} registers per thread"
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")
