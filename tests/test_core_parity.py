@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import flatopt
 
 torch = pytest.importorskip("torch")
+from seed_lookahead import SeedLookahead  # noqa: E402 - the seed's reference wrapper, needs torch
 
 DTYPES = [np.float32, np.float64]
 SWEEP = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -286,23 +287,6 @@ def test_momentum_first_step_differs_from_torch_sgd_rule():
 
 
 # --- Lookahead -------------------------------------------------------------------------------------
-class SeedLookahead(torch.optim.Optimizer):
-    """The reference wrapper flatopt's Lookahead must reproduce (from the seed document)."""
-
-    def __init__(self, optimizer, k=5, alpha=0.5):
-        self.optimizer, self.k, self.alpha, self.step_counter = optimizer, k, alpha, 0
-        self.slow_weights = [[p.clone().detach() for p in group["params"]] for group in optimizer.param_groups]
-
-    def step(self):
-        self.step_counter += 1
-        self.optimizer.step()
-        if self.step_counter % self.k == 0:
-            for group, slow_weights in zip(self.optimizer.param_groups, self.slow_weights):
-                for p, q in zip(group["params"], slow_weights):
-                    p.data.mul_(self.alpha).add_(q, alpha=1.0 - self.alpha)
-                    q.data.copy_(p.data)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k, alpha", [(1, 0.5), (3, 0.8), (5, 0.5), (6, 0.3), (4, 0.0), (4, 1.0)])
 @pytest.mark.parametrize("inner", ["sgd", "adam"])

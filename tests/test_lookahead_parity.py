@@ -18,6 +18,7 @@ import flatopt
 from conftest import DTYPES, assert_close64, assert_ulp_close, dtype_name, make_problem, max_ulp_diff, record
 
 torch = pytest.importorskip("torch")
+from seed_lookahead import SeedLookahead  # noqa: E402 - the seed's reference wrapper, needs torch
 
 STEPS = 50
 N = 203  # odd: 192 elements in the fused kernel's SIMD body (both dtypes), 11 / 3 in its tail
@@ -34,25 +35,6 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class SeedLookahead:
-    """The reference wrapper (the seed's): slow weights cloned at construction, synced
-    every k inner steps."""
-
-    def __init__(self, optimizer, k=5, alpha=0.5):
-        self.optimizer, self.k, self.alpha, self.step_counter = optimizer, k, alpha, 0
-        self.slow_weights = [[p.clone().detach() for p in group["params"]] for group in optimizer.param_groups]
-
-    @torch.no_grad()
-    def step(self):
-        self.step_counter += 1
-        self.optimizer.step()
-        if self.step_counter % self.k == 0:
-            for group, slow_weights in zip(self.optimizer.param_groups, self.slow_weights):
-                for p, q in zip(group["params"], slow_weights):
-                    p.mul_(self.alpha).add_(q, alpha=1.0 - self.alpha)
-                    q.copy_(p)
 
 
 INNERS = {

@@ -4,6 +4,7 @@ import io
 import pytest
 
 torch = pytest.importorskip("torch")
+from seed_lookahead import SeedLookahead as RefLookahead  # noqa: E402 - the seed's reference wrapper, needs torch
 
 import flatopt  # noqa: E402
 import flatopt.torch as ft  # noqa: E402
@@ -322,26 +323,6 @@ def test_mixed_dtypes_two_buckets():
 
 
 # --- Lookahead --------------------------------------------------------------------------
-
-class RefLookahead:
-    """The seed's reference rule, per tensor."""
-
-    def __init__(self, opt, k=5, alpha=0.5):
-        self.opt, self.k, self.alpha, self.n = opt, k, alpha, 0
-        self.slow = [p.detach().clone() for g in opt.param_groups for p in g["params"]]
-
-    def zero_grad(self, set_to_none=True):
-        self.opt.zero_grad(set_to_none=set_to_none)
-
-    def step(self, closure=None):
-        self.opt.step()
-        self.n += 1
-        if self.n % self.k == 0:
-            with torch.no_grad():
-                for p, q in zip([p for g in self.opt.param_groups for p in g["params"]], self.slow):
-                    p.mul_(self.alpha).add_(q, alpha=1 - self.alpha)
-                    q.copy_(p)
-
 
 @pytest.mark.parametrize("inner", ["flatopt", "torch"])
 def test_lookahead(inner):
