@@ -54,7 +54,7 @@ class Lookahead:
             if key != self._plan_key:
                 self._plan, self._plan_key = backend.plan([(0, len(params), 0)]), key
             backend.launch("lookahead", params, slow, (), self._plan,
-                           backend.table([(self.alpha, 1 - self.alpha)], backend.dtype(params)))
+                           backend.table([(float(self.alpha), 1 - float(self.alpha))], backend.dtype(params)))
 
     def _check_slow_fits(self, backend, params):
         if len(self.slow) != len(params):

@@ -493,3 +493,37 @@ def test_kernels_are_cached_on_disk(tmp_path):
 def test_repr_names_the_hyperparameters():
     assert repr(flatopt.AdamW(lr=0.5)).startswith("AdamW(lr=0.5, betas=(0.9, 0.999)")
     assert "k=5" in repr(flatopt.Lookahead(flatopt.SGD()))
+
+
+@pytest.mark.parametrize("make", [
+    lambda lr, wd: flatopt.AdamW(lr=lr, weight_decay=wd),
+    lambda lr, wd: flatopt.Adam(lr=lr, weight_decay=wd),
+    lambda lr, wd: flatopt.ADOPT(lr=lr, weight_decay=wd, decouple=True),
+    lambda lr, wd: flatopt.SGD(lr=lr, momentum=0.9, weight_decay=wd),
+    lambda lr, wd: flatopt.RMSprop(lr=lr, weight_decay=wd),
+])
+def test_numpy_scalar_hyperparameters_act_as_python_floats(make):
+    """``opt.lr = np.float32(...)`` (e.g. from a NumPy schedule) steps exactly as the same value as a float."""
+    lr, wd = np.float32(3e-3), np.float32(0.02)
+    rng = np.random.default_rng(5)
+    p0, grads = rng.standard_normal(257).astype(np.float32), rng.standard_normal((4, 257)).astype(np.float32)
+    results = []
+    for args in ((lr, wd), (float(lr), float(wd))):
+        opt, p = make(*args), p0.copy()
+        for g in grads:
+            opt.step(p, g)
+        results.append(p)
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_numpy_scalar_lookahead_alpha_and_callable_lr_act_as_python_floats():
+    rng = np.random.default_rng(6)
+    p0, grads = rng.standard_normal(129), rng.standard_normal((6, 129))  # float64: float32 scalar math would show
+    results = []
+    for alpha, lr in ((np.float32(0.3), lambda t: np.float32(1e-2) * np.float32(0.9) ** t),
+                      (float(np.float32(0.3)), lambda t: float(np.float32(1e-2) * np.float32(0.9) ** t))):
+        opt, p = flatopt.Lookahead(flatopt.Adam(lr=lr), k=2, alpha=alpha), p0.copy()
+        for g in grads:
+            opt.step(p, g)
+        results.append(p)
+    np.testing.assert_array_equal(results[0], results[1])

@@ -30,14 +30,19 @@ class Optimizer:
     defaults = {}
 
     def __init__(self, param_groups=None, **hyperparameters):
-        self.__dict__.update(hyperparameters)
+        self.__dict__.update((name, _plain(value)) for name, value in hyperparameters.items())
         self._check(self._resolve(None, 0))
         self.param_groups = param_groups
         self.state = {}
         self._backend = None
         self._plan_key = self._plan = None
         self._state_key = self._state_args = None
-        self._table_key = self._table = None
+        self._table_cache = [None, None]  # [key, table]: a list, rewritten in place each step
+
+    def __setattr__(self, name, value):
+        # Hyperparameters become Python scalars: a NumPy float32 lr would make the scalar
+        # arithmetic of the step (e.g. lr / (1 - beta1**t)) run in float32, not in double as torch's.
+        object.__setattr__(self, name, _plain(value) if name in self.defaults else value)
 
     # --- hyperparameters and groups -------------------------------------------------
     def hyperparameters(self):
@@ -50,7 +55,7 @@ class Optimizer:
         if group is not None:
             hp.update((k, v) for k, v in group.items() if k in hp)
         if callable(hp["lr"]):
-            hp["lr"] = hp["lr"](step)
+            hp["lr"] = _plain(hp["lr"](step))
         return hp
 
     @property
@@ -94,7 +99,7 @@ class Optimizer:
         if not 0 <= group["start"] < group["stop"]:
             raise ValueError(f"param group {i}: need 0 <= start < stop, got start={group['start']}, "
                              f"stop={group['stop']}")
-        group = dict(group)
+        group = {k: _plain(v) if k in self.defaults else v for k, v in group.items()}
         group.setdefault("frozen", False)
         self._check(self._resolve(group, 0))
         return group
@@ -142,16 +147,17 @@ class Optimizer:
         states = self._states(backend, n, dtype, active)
         if (backend, segments) != self._plan_key:
             self._plan, self._plan_key = backend.plan(segments), (backend, segments)
-        if (backend, dtype, rows) != self._table_key:  # rows settle once bias corrections reach 1
-            self._table, self._table_key = backend.table(rows, dtype), (backend, dtype, rows)
-        backend.launch(self.kernel, params, grads, states, self._plan, self._table)
+        table_cache = self._table_cache
+        if (backend, dtype, rows) != table_cache[0]:  # rows settle once bias corrections reach 1
+            table_cache[:] = (backend, dtype, rows), backend.table(rows, dtype)
+        backend.launch(self.kernel, params, grads, states, self._plan, table_cache[1])
         for group_state, hp in active:
             self._advance(hp, group_state)
 
     def _resolve_default(self):
         hp = self.__dict__
         if callable(hp["lr"]):
-            hp = dict(hp, lr=hp["lr"](self.group_state[0]["step"]))
+            hp = dict(hp, lr=_plain(hp["lr"](self.group_state[0]["step"])))
         return hp
 
     def _advance(self, hp, group_state):
@@ -263,11 +269,21 @@ def lerp_weight_minus_one(weight, dt):
 def one_minus_product(a, b):
     """``1 - a*b`` rounded once, as a fused multiply-add computes it (torch's fused Adam
     kernels are compiled with FMA contraction).  Cached: lr changes at most once a step."""
+    a, b = float(a), float(b)  # NumPy scalars too (Fraction takes no np.float32)
     if hasattr(math, "fma"):  # Python >= 3.13
         return math.fma(-a, b, 1.0)
     if not (math.isfinite(a) and math.isfinite(b)):
         return 1.0 - a * b
     return float(1 - Fraction(a) * Fraction(b))  # exact, then one correct rounding
+
+
+def _plain(value):
+    """NumPy scalars (also inside a tuple, e.g. betas) as the Python scalars they hold."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if type(value) is tuple:
+        return tuple(_plain(v) for v in value)
+    return value
 
 
 def _unwrap(value):
