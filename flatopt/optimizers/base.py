@@ -37,7 +37,7 @@ class Optimizer:
         self._backend = None
         self._plan_key = self._plan = None
         self._state_key = self._state_args = None
-        self._table_cache = [None, None]  # [key, table]: a list, rewritten in place each step
+        self._table_cache = [None, None]  # [key, table], updated in place: no __setattr__ on the step path
 
     def __setattr__(self, name, value):
         # Hyperparameters become Python scalars: a NumPy float32 lr would make the scalar
