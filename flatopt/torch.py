@@ -123,7 +123,9 @@ class _FlatOptimizer(torch.optim.Optimizer):
             b.steps = np.zeros(len(b.params), np.float32)
             b.started = np.zeros(len(b.params), bool)
             old_index = {id(p): i for i, p in enumerate(prev.params)} if prev is not None else {}
-            new_state = {name: np.zeros(total, _NP_DTYPES[dtype]) for name in (prev.core.state if prev else ())}
+            # host copies of the previous state (CUDA state too: the core's checkpoint format)
+            old_state = prev.core.state_dict()["state"] if prev is not None else {}
+            new_state = {name: np.zeros(total, _NP_DTYPES[dtype]) for name in old_state}
             with torch.no_grad():
                 for i, (p, off, n) in enumerate(zip(b.params, b.offsets, b.sizes)):
                     b.flat[off:off + n].copy_(p.data.reshape(-1))
@@ -132,7 +134,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
                         b.steps[i], b.started[i] = prev.steps[j], prev.started[j]
                         po = prev.offsets[j]
                         for name, buf in new_state.items():
-                            buf[off:off + n] = np.asarray(prev.core.state[name][po:po + n])
+                            buf[off:off + n] = old_state[name][po:po + n]
             b.views = [b.flat[off:off + n].view_as(p) for p, off, n in zip(b.params, b.offsets, b.sizes)]
             b.gviews = [b.gflat[off:off + n].view_as(p) for p, off, n in zip(b.params, b.offsets, b.sizes)]
             for p, v in zip(b.params, b.views):
