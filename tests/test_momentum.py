@@ -65,6 +65,14 @@ def run_momentum(w0, grads, *, lr, lr_mode="const", **kw):
     return opt, w, (sched if lr_mode != "const" else lr)
 
 
+def assert_params_close(w, ref, dtype, scale, what):
+    """float64: 1e-12 relative to the float64 reference; float32: K ulps of the largest weight."""
+    if dtype == np.float64:
+        assert_close64(w, ref, rtol=1e-12, atol_scale=1e-13, scale=scale, what=what)
+    else:
+        assert_ulp_close(w, ref.astype(np.float32), MOMENTUM_F32_ULP_K, scale, what=what + " [ulp]")
+
+
 def check(w0, grads, dtype, *, lr, lr_mode="const", **kw):
     opt, w, ref_lr = run_momentum(w0, grads, lr=lr, lr_mode=lr_mode, **kw)
     ref, v, scale, vscale = momentum_reference(w0, grads, lr=ref_lr, **kw)
@@ -104,10 +112,7 @@ def test_beta_zero_updates_like_the_formula(dtype):
     w0, grads = make_problem(257, STEPS, dtype, seed=6)
     opt, w, _ = run_momentum(w0, grads, lr=0.05, beta=0.0, weight_decay=0.05)
     ref, _, scale, _ = momentum_reference(w0, grads, lr=0.05, beta=0.0, weight_decay=0.05)
-    if dtype == np.float64:
-        assert_close64(w, ref, rtol=1e-12, atol_scale=1e-13, scale=scale, what="Momentum beta=0 params")
-    else:
-        assert_ulp_close(w, ref.astype(np.float32), MOMENTUM_F32_ULP_K, scale, what="Momentum beta=0 params [ulp]")
+    assert_params_close(w, ref, dtype, scale, "Momentum beta=0 params")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
@@ -135,10 +140,7 @@ def test_beta_changed_between_steps(dtype):
         v = beta * v + (1 - beta) * g.astype(np.float64)
         ref = ref - 0.05 * v
         scale = max(scale, float(np.max(np.abs(ref))))
-    if dtype == np.float64:
-        assert_close64(w, ref, rtol=1e-12, atol_scale=1e-13, scale=scale, what="Momentum beta schedule")
-    else:
-        assert_ulp_close(w, ref.astype(np.float32), MOMENTUM_F32_ULP_K, scale, what="Momentum beta schedule")
+    assert_params_close(w, ref, dtype, scale, "Momentum beta schedule")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)

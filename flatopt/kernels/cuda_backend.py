@@ -286,9 +286,10 @@ class CudaBackend:
     def launch(self, kernel, params, grads, states, plan, table):
         checked, self._checked = self._checked, None
         if checked is not None and checked[0] is params and checked[1] is grads:
-            infos = [checked[2], checked[3]] + [self._view(s) for s in states]
+            infos = list(checked[2:])
         else:
-            infos = [self._view(params), self._view(grads)] + [self._view(s) for s in states]
+            infos = [self._view(params), self._view(grads)]
+        infos += [self._view(s) for s in states]
         p = infos[0]
         for info in infos[1:]:
             if info.device is not None and p.device is not None and info.device != p.device:
