@@ -6,6 +6,9 @@ A backend validates a (params, grads) pair, allocates state next to the paramete
 state to and from host NumPy arrays for checkpoints, plans how a step's segments are cut
 into chunks, and launches a kernel by name.
 """
+import functools
+import struct
+
 import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -100,8 +103,9 @@ class CpuBackend:
     def check(self, params, grads):
         pf, gf, dtype = params.flags, grads.flags, params.dtype
         if not (params.ndim == 1 and grads.ndim == 1 and dtype in _DTYPES and grads.dtype == dtype
-                and pf.c_contiguous and gf.c_contiguous and pf.writeable
-                and params.shape == grads.shape) or np.may_share_memory(params, grads):
+                and pf.c_contiguous and gf.c_contiguous and pf.writeable and len(params) == len(grads)
+                # two arrays that each allocated their own memory cannot overlap
+                and (pf.owndata and gf.owndata and params is not grads or not np.may_share_memory(params, grads))):
             # Something is off: the full check names it.
             check_pair(params, grads, shape_of=np.shape, dtype_of=lambda a: a.dtype,
                        contiguous=lambda a: a.flags.c_contiguous, writeable=lambda a: a.flags.writeable,
@@ -128,7 +132,17 @@ class CpuBackend:
     def copy(self, src, dst):
         np.copyto(dst, src)
 
-    def table(self, rows, dtype):
+    def table(self, rows, dtype, reuse=None):
+        """Rows of scalars rounded to ``dtype``; written into ``reuse`` when it fits (a
+        struct pack is a fraction of a new array's cost, which matters at small sizes)."""
+        if reuse is not None and reuse.dtype == dtype and len(reuse) == len(rows):
+            values = rows[0] if len(rows) == 1 else [x for row in rows for x in row]
+            if len(values) == reuse.size:
+                try:
+                    _packer(dtype.char, len(values)).pack_into(reuse, 0, *values)
+                    return reuse
+                except OverflowError:  # a finite value beyond float32's range: NumPy rounds it to inf
+                    pass
         return np.array(rows, dtype=dtype)
 
     def plan(self, segments):
@@ -142,12 +156,24 @@ class CpuBackend:
         return (split_chunks(segments, threads * self.chunks_per_thread), True)
 
     def launch(self, kernel, params, grads, states, plan, table):
+        self.launcher(kernel, plan)(params, grads, states, table)
+
+    def launcher(self, kernel, plan):
+        """``launch`` with the kernel and plan bound: ``f(params, grads, states, table)``."""
         chunks, parallel = plan
         fn = self._kernels.get((kernel, parallel))
         if fn is None:
             from flatopt.kernels import cpu
             fn = self._kernels[kernel, parallel] = getattr(cpu, kernel + ("_parallel" if parallel else "_serial"))
-        fn(params, grads, *states, chunks, table)
+
+        def launch(params, grads, states, table):
+            fn(params, grads, *states, chunks, table)
+        return launch
+
+
+@functools.lru_cache(maxsize=None)
+def _packer(char, count):
+    return struct.Struct(f"={count}{char}")  # native byte order, no padding
 
 
 def _host_span(a):

@@ -142,16 +142,19 @@ def optax_adam(params, grads):
     return step
 
 
-def measure(impls, rounds):
-    """Interleaved rounds: each implementation once per round, warmed up right before; the
-    order rotates every round so no implementation always follows the same neighbour (torch's
-    OpenMP threads keep spinning for a while after its steps)."""
+def measure(impls, rounds, seed=0):
+    """Interleaved rounds: each implementation once per round, warmed up right before, in a
+    new random order every round, so that no implementation always follows the same
+    neighbour (torch's and Numba's OpenMP threads keep spinning for a while after a step, and
+    a peer's code and data evict the next one's from the caches)."""
     times = {name: [] for name in impls}
     names = list(impls)
+    order = np.random.default_rng(seed)
     for fn in impls.values():
         fn()
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+    for _ in range(rounds):
+        for i in order.permutation(len(names)):
+            name = names[i]
             fn = impls[name]
             fn()
             t0 = time.perf_counter_ns()
@@ -242,7 +245,7 @@ def main(argv=None):
     results = {}
     for n in sizes:
         impls, notes = implementations(n, rng)
-        rows = summarize(measure(impls, args.rounds or rounds_for(n, args.quick)))
+        rows = summarize(measure(impls, args.rounds or rounds_for(n, args.quick), args.seed))
         results[n] = rows
         print()
         print(format_table(n, rows, args.markdown))

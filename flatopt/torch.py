@@ -27,10 +27,11 @@ reads ``__cuda_array_interface__``; untested), sparse gradients, complex and hal
 """
 from collections import OrderedDict, defaultdict
 from contextlib import contextmanager
-from operator import is_
+from operator import attrgetter, is_
 
 import numpy as np
 import torch
+import torch.optim.optimizer as _torch_optimizer
 
 import flatopt
 from flatopt.backend import backend_for
@@ -39,6 +40,20 @@ __all__ = ["SGD", "RMSprop", "Adam", "AdamW", "ADOPT", "Lookahead"]
 
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 _data_ptr = torch.Tensor.data_ptr
+_grad_of = attrgetter("grad")
+
+
+def _number(value):
+    """A hyperparameter as the core takes it: torch allows a tensor lr (read it every step)."""
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _global_hooks_or_profiler():
+    """Whether torch.optim's global step hooks or a profiler want to see every step (if a
+    torch release moves the hook registries, every step takes torch's own path)."""
+    return bool(getattr(_torch_optimizer, "_global_optimizer_pre_hooks", True)
+                or getattr(_torch_optimizer, "_global_optimizer_post_hooks", True)
+                or torch.autograd.profiler._is_profiler_enabled or torch.autograd._profiler_enabled())
 
 
 class _Bucket:
@@ -192,13 +207,16 @@ class _FlatOptimizer(torch.optim.Optimizer):
     def _sync(self, b):
         """Pull replaced ``.data`` / ``.grad`` into the flat views; which params have a grad.
 
-        Called under ``torch.no_grad()``.  The copies of one step go in one
-        ``torch._foreach_copy_`` call (after ``zero_grad()`` every gradient is a fresh tensor).
+        The copies of one step go in one ``torch._foreach_copy_`` call (after ``zero_grad()``
+        every gradient is a fresh tensor).
         """
         params = b.params
-        grads = [p.grad for p in params]
-        if all(map(is_, grads, b.gviews)) and list(map(_data_ptr, params)) == b.ptrs:
+        if all(map(is_, map(_grad_of, params), b.gviews)) and list(map(_data_ptr, params)) == b.ptrs:
             return b.all_active  # the common zero-copy case: nothing to pull in
+        with torch.no_grad():
+            return self._pull_in(b, params, [p.grad for p in params])
+
+    def _pull_in(self, b, params, grads):
         dst, src, repoint_data, repoint_grad = [], [], [], []
         active = []
         for i, p in enumerate(params):
@@ -248,8 +266,20 @@ class _FlatOptimizer(torch.optim.Optimizer):
                 runs.append(cur)
         return [(k[0], s, e, i0, i1) for k, s, e, i0, i1 in runs]
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, *args, **kwargs):
+        """``step(closure=None)``: one flatopt kernel per (device, dtype) bucket.
+
+        torch wraps every optimizer's ``step`` in its hook and profiler machinery, which costs
+        as much as the rest of the step on a small model; this step runs it itself, only when
+        a step hook is registered or a profiler is recording.
+        """
+        if self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_hooks_or_profiler():
+            return self._step_with_hooks(*args, **kwargs)
+        return self._step(*args, **kwargs)
+
+    step.hooked = True  # tells torch.optim.Optimizer not to wrap it again
+
+    def _step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -258,36 +288,21 @@ class _FlatOptimizer(torch.optim.Optimizer):
             self._step_bucket(b)
         return loss
 
+    _step_with_hooks = torch.optim.Optimizer.profile_hook_step(_step)
+
     def _step_bucket(self, b):
         active = self._sync(b)
-        if active != b.layout_key:
-            b.layout = self._runs(b, active)
-            b.layout_key = active
+        if active is not b.layout_key and active != b.layout_key:
+            b.layout, b.layout_key, b.core_groups_key = self._runs(b, active), active, None
         runs = b.layout
         if not runs:
             return
-        core, pg = b.core, self.param_groups
-        groups = []
-        for gi, s, e, _, _ in runs:
-            tg = pg[gi]
-            g = {"start": s, "stop": e}
-            for k in self._hp_names:
-                v = tg[k]
-                g[k] = v.item() if isinstance(v, torch.Tensor) else v
-            groups.append(g)
-        if groups != b.core_groups_key:
-            core.param_groups = groups  # validates every group's hyperparameters
-            b.core_groups_key = groups
-        proto = core._new_group_state()
-        gs = []
-        for _, _, _, i0, _ in runs:
-            s = dict(proto)
-            s["step"] = int(b.steps[i0])
-            if "momentum_started" in s:
-                s["momentum_started"] = bool(b.started[i0])
-            gs.append(s)
-        core.group_state = gs
-        core.step(b.flat_np, b.gflat_np)
+        pg = self.param_groups
+        hps = [tuple(map(_number, map(pg[gi].__getitem__, self._hp_names))) for gi, *_ in runs]
+        if hps != b.core_groups_key:
+            self._configure_core(b, runs, hps)
+            b.core_groups_key = hps
+        b.core.step(b.flat_np, b.gflat_np)
         newly = False
         sgd = isinstance(self, SGD)
         for gi, _, _, i0, i1 in runs:
@@ -300,6 +315,28 @@ class _FlatOptimizer(torch.optim.Optimizer):
         if newly:  # new state entries; SGD runs may have split or merged
             b.layout_key = None
         self._refresh_state(force=newly)
+
+    def _configure_core(self, b, runs, hps):
+        """Hand the runs to the core as its param groups, each with its torch group's
+        hyperparameters and its step count; the core advances those counts itself, in step
+        with ``b.steps``, until the runs or the hyperparameters change."""
+        core, names = b.core, self._hp_names
+        if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == len(b.flat_np):
+            # The whole buffer is one run (the common case): the core's groupless path,
+            # which validates the hyperparameters once and then only computes each step's scalars.
+            core.param_groups = None
+            for name, value in zip(names, hps[0]):
+                setattr(core, name, value)
+        else:
+            core.param_groups = [dict(zip(names, hp), start=s, stop=e) for hp, (_, s, e, _, _) in zip(hps, runs)]
+        proto = core._new_group_state()
+        states = []
+        for _, _, _, i0, _ in runs:
+            state = dict(proto, step=int(b.steps[i0]))
+            if "momentum_started" in state:
+                state["momentum_started"] = bool(b.started[i0])
+            states.append(state)
+        core.group_state = states
 
     # --- zero_grad ---------------------------------------------------------------------
     def zero_grad(self, set_to_none=True):

@@ -527,3 +527,59 @@ def test_numpy_scalar_lookahead_alpha_and_callable_lr_act_as_python_floats():
             opt.step(p, g)
         results.append(p)
     np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_list_betas_are_kept_as_a_tuple():
+    """A checked hyperparameter cannot change in place behind the step's back."""
+    opt = flatopt.Adam(betas=[0.9, 0.99])
+    assert opt.betas == (0.9, 0.99)
+    opt.betas = [np.float32(0.5), 0.25]
+    assert opt.betas == (0.5, 0.25) and type(opt.betas[0]) is float
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64) | st.booleans(),
+                       min_size=12, max_size=12),
+       dtype=st.sampled_from([np.float32, np.float64]), reuse=st.booleans())
+def test_cpu_table_rounds_every_value_as_numpy_does(values, dtype, reuse):
+    """The CPU table is refilled in place with a struct pack; its float32 rounding (and a finite
+    double beyond float32's range, which NumPy turns into inf) must be NumPy's, bit for bit."""
+    from flatopt.backend import CPU
+    dtype = np.dtype(dtype)
+    rows = [tuple(values[:6]), tuple(values[6:])]
+    with np.errstate(over="ignore"):
+        expected = np.array(rows, dtype=dtype)
+    old = np.full((2, 6), 7.0, dtype) if reuse else None
+    with np.errstate(over="ignore"):
+        table = CPU.table(rows, dtype, old)
+    assert table.dtype == dtype and table.shape == (2, 6)
+    np.testing.assert_array_equal(table.view(f"u{dtype.itemsize}"), expected.view(f"u{dtype.itemsize}"))
+    if reuse and np.all(np.isfinite(expected) | ~np.isfinite(np.array(rows, np.float64))):
+        assert table is old  # refilled in place whenever no value overflows
+
+
+@pytest.mark.parametrize("name", [n for n in MAKERS if not n.startswith("Lookahead")])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_step_entries_are_every_row_entry_that_changes_with_the_step(name, dtype):
+    """Between steps with unchanged hyperparameters only ``_set_step_entries`` runs, so every
+    row entry it does not write must be the same at every step, and what it writes must be
+    the row's value."""
+    opt = MAKERS[name]()
+    hp, dt = opt._resolve(None, 0), np.dtype(dtype).type
+    rows, written = [], set()
+    for t in range(6):
+        state = dict(opt._new_group_state(), step=t)
+        if "momentum_started" in state:
+            state["momentum_started"] = t > 0
+        row = opt._row(hp, state, dt)
+        unset = object()
+        probe = [unset] * len(row)
+        opt._set_step_entries(probe, hp, state)
+        entries = {i for i, v in enumerate(probe) if v is not unset}
+        assert all(probe[i] == row[i] for i in entries)
+        written |= entries
+        rows.append(row)
+    fixed = [i for i in range(len(rows[0])) if i not in written]
+    assert all([row[i] for i in fixed] == [rows[0][i] for i in fixed] for row in rows)
+    if name.startswith(("Adam", "ADOPT", "SGD-")):  # bias corrections, clip schedule, first momentum step
+        assert written and (rows[1] != rows[2] or rows[0] != rows[1])

@@ -565,3 +565,27 @@ def test_adamw_decay_factor_rounded_like_fused_kernel():
     run = lockstep(flatopt.AdamW, torch.optim.AdamW, dict(lr=lr, weight_decay=wd), p0, grads,
                    torch_kw=dict(fused=True))
     check_adam_fused(run, "AdamW")
+
+
+# ================================ hyperparameters changed between steps, not only the lr
+# After a step that validated everything, the next one only recomputes the per-step scalars
+# until an attribute is assigned: every assignment must reach the very next kernel launch.
+@pytest.mark.parametrize("cls", [flatopt.Adam, flatopt.AdamW])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+def test_every_hyperparameter_change_takes_effect_at_the_next_step(cls, dtype):
+    changes = {3: dict(betas=[0.8, 0.99]), 11: dict(eps=1e-3), 19: dict(weight_decay=0.3), 27: dict(maximize=True),
+               35: dict(lr=3e-2, betas=(0.95, 0.9))}
+    p0, grads = make_problem(64, STEPS, dtype, seed=13)
+    flat = cls(lr=1e-2)
+    tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    topt = getattr(torch.optim, cls.__name__)([tp], lr=1e-2, fused=True)
+    params, scale = p0.copy(), float(np.max(np.abs(p0)))
+    for i, g in enumerate(grads):
+        for name, value in changes.get(i, {}).items():
+            setattr(flat, name, value)
+            topt.param_groups[0][name] = tuple(value) if name == "betas" else value
+        flat.step(params, g)
+        tp.grad = torch.from_numpy(g.copy())
+        topt.step()
+        scale = max(scale, float(np.max(np.abs(tp.detach().numpy()))))
+    check_adam_fused(Run(params, tp.detach().numpy().copy(), scale, flat, topt.state[tp], dtype), cls.__name__)

@@ -473,3 +473,80 @@ def test_adopt_clip_lambda_stays_on_the_core():
     torch.save(opt.state_dict(), buf)  # param_groups hold no callables
     buf.seek(0)
     torch.load(buf, weights_only=True)
+
+
+# --- torch's step machinery and per-step hyperparameter changes ------------------------------
+
+def test_step_hooks_and_the_profiler_see_every_step():
+    """The step skips torch's hook wrapper only while no hook is registered and no profiler records."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    m = Net()
+    opt = ft.Adam(m.parameters(), lr=1e-2)
+    x, y = data(n=1)[0]
+    torch.nn.functional.mse_loss(m(x), y).backward()
+    seen = []
+    handles = [opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", o, args, kwargs))),
+               opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", o, args, kwargs))),
+               register_optimizer_step_pre_hook(lambda o, args, kwargs: seen.append(("global pre", o))),
+               register_optimizer_step_post_hook(lambda o, args, kwargs: seen.append(("global post", o)))]
+    try:
+        opt.step()
+        assert [s[0] for s in seen] == ["global pre", "pre", "post", "global post"]
+        assert all(s[1] is opt for s in seen) and seen[1][2] == (opt,) and seen[1][3] == {}
+        for handle in handles:
+            handle.remove()
+        opt.step()
+        assert len(seen) == 4
+        with torch.profiler.profile() as prof:
+            opt.step()
+        assert "Optimizer.step#Adam.step" in {e.name for e in prof.events()}
+        assert opt.state[m.l1.weight]["step"].item() == 3
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _used(model):
+    """The parameters that get a gradient at every step (Net's extra head is left out)."""
+    return [*model.l1.parameters(), *model.l2.parameters()]
+
+
+def _whole_buffer_path(opt):
+    (bucket,) = opt._buckets.values()
+    return bucket.core.param_groups is None
+
+
+def test_whole_model_step_follows_schedulers_tensor_lr_and_group_edits():
+    """Every parameter has a gradient: one run over the whole buffer, the core's fastest path,
+    which checks hyperparameters only when they change; all changes must still land."""
+    models, opts = [], []
+    for cls, extra in ((ft.Adam, {}), (torch.optim.Adam, dict(fused=True))):
+        m = Net()
+        o = cls(_used(m), lr=torch.tensor(1e-2), **extra)
+        s = torch.optim.lr_scheduler.LambdaLR(o, lambda t: 1.0 / (1 + t))
+        batches = data()
+        for i, half in enumerate((batches[:20], batches[20:35], batches[35:])):
+            train(m, o, half, sched=s)
+            o.param_groups[0].update([dict(weight_decay=0.1), dict(betas=(0.8, 0.99), amsgrad=False)][i % 2])
+        models.append(m)
+        opts.append(o)
+    assert_same(*models)
+    assert _whole_buffer_path(opts[0])
+    lrs = [o.param_groups[0]["lr"].item() for o in opts]
+    assert lrs[0] == lrs[1] == pytest.approx(1e-2 / (1 + STEPS), rel=1e-6)  # a float32 tensor
+
+
+def test_invalid_change_fails_before_any_update_on_the_whole_model_path():
+    m = Net()
+    opt = ft.Adam(_used(m), lr=1e-2)
+    train(m, opt, data(n=3))
+    assert _whole_buffer_path(opt)
+    before = params_of(m)
+    opt.param_groups[0]["eps"] = -1.0
+    with pytest.raises(ValueError, match="Invalid epsilon value: -1.0"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert opt.state[m.l1.weight]["step"].item() == 3
+    opt.param_groups[0]["eps"] = 1e-8
+    opt.step()
+    assert opt.state[m.l1.weight]["step"].item() == 4

@@ -26,7 +26,7 @@ import weakref
 import numpy as np
 from numba import cuda
 
-from flatopt.backend import SUPPORTED_DTYPES, check_pair, describe, is_cuda_array, split_chunks
+from flatopt.backend import CPU, SUPPORTED_DTYPES, check_pair, describe, is_cuda_array, split_chunks
 from flatopt.kernels import cuda as kernels
 
 SIMULATOR = kernels.SIMULATOR
@@ -270,9 +270,10 @@ class CudaBackend:
         with self._on(d.device):
             d.view.copy_to_device(source, stream=self._stream(d))
 
-    def table(self, rows, dtype):
-        # Host rows: ``launch`` copies them asynchronously on the step's stream.
-        return np.array(rows, dtype=dtype).reshape(len(rows), -1)
+    def table(self, rows, dtype, reuse=None):
+        # Host rows: ``launch`` copies them asynchronously on the step's stream when they differ
+        # from what it last sent.
+        return CPU.table(rows, dtype, reuse)
 
     def plan(self, segments):
         segments = [(int(a), int(b), int(r)) for a, b, r in segments]
@@ -282,6 +283,10 @@ class CudaBackend:
         hint = max(1, min(max_grid * waves, total // self.min_chunk))
         chunks = split_chunks(segments, hint, align=self.align)
         return Plan(chunks, max(1, min(len(chunks), max_grid)), self.block)
+
+    def launcher(self, kernel, plan):
+        """``launch`` with the kernel and plan bound: ``f(params, grads, states, table)``."""
+        return lambda params, grads, states, table: self.launch(kernel, params, grads, states, plan, table)
 
     def launch(self, kernel, params, grads, states, plan, table):
         checked, self._checked = self._checked, None
@@ -320,12 +325,13 @@ class CudaBackend:
         if entry is None:
             entry = self._tables[key] = [cuda.device_array(host.shape, dtype=host.dtype), None]
         buf, last = entry
-        if last is not table:  # the core reuses an unchanged table object: nothing to send
+        sent = host.tobytes()
+        if sent != last:  # the core rewrites its tables in place: compare what they hold
             # Pageable source + stream: cuMemcpyHtoDAsync stages the bytes and returns; the
             # copy is ordered after the previous step's kernel on this stream, which read buf.
             from numba.cuda.cudadrv.driver import host_to_device  # DeviceNDArray.copy_to_device: ~70 µs more
             host_to_device(buf, host, host.nbytes, stream=stream)
-            entry[1] = table if host is table else None
+            entry[1] = sent
         return buf
 
     def _stream(self, info):

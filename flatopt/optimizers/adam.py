@@ -52,10 +52,16 @@ class Adam(Optimizer):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] else ())
 
     def _row(self, hp, group_state, dt):
-        (beta1, beta2), lr, t = hp["betas"], hp["lr"], group_state["step"] + 1
-        return (lr / (1 - beta1**t), 1 - beta1, lerp_weight_minus_one(1 - beta1, dt), beta2, 1 - beta2,
-                math.sqrt(1 - beta2**t), hp["eps"], hp["weight_decay"], one_minus_product(lr, hp["weight_decay"]),
-                hp["decoupled_weight_decay"], hp["amsgrad"], hp["maximize"])
+        (beta1, beta2), lr = hp["betas"], hp["lr"]
+        row = [None, 1 - beta1, lerp_weight_minus_one(1 - beta1, dt), beta2, 1 - beta2, None, hp["eps"],
+               hp["weight_decay"], one_minus_product(lr, hp["weight_decay"]), hp["decoupled_weight_decay"],
+               hp["amsgrad"], hp["maximize"]]
+        self._set_step_entries(row, hp, group_state)
+        return tuple(row)
+
+    def _set_step_entries(self, row, hp, group_state):
+        (beta1, beta2), t = hp["betas"], group_state["step"] + 1
+        row[0], row[5] = hp["lr"] / (1 - beta1**t), math.sqrt(1 - beta2**t)  # lr / bc1, sqrt(bc2)
 
 
 class AdamW(Adam):

@@ -47,7 +47,13 @@ class ADOPT(Optimizer):
         return self.state_names
 
     def _row(self, hp, group_state, dt):
-        (beta1, beta2), lr, t = hp["betas"], hp["lr"], group_state["step"]
-        clip = math.inf if hp["clip_lambda"] is None or t == 0 else hp["clip_lambda"](t)
-        return (lr, 1 - beta1, lerp_weight_minus_one(1 - beta1, dt), beta2, 1 - beta2, hp["eps"],
-                hp["weight_decay"], 1 - lr * hp["weight_decay"], clip, hp["decouple"], hp["maximize"], t == 0)
+        (beta1, beta2), lr = hp["betas"], hp["lr"]
+        row = [lr, 1 - beta1, lerp_weight_minus_one(1 - beta1, dt), beta2, 1 - beta2, hp["eps"],
+               hp["weight_decay"], 1 - lr * hp["weight_decay"], None, hp["decouple"], hp["maximize"], None]
+        self._set_step_entries(row, hp, group_state)
+        return tuple(row)
+
+    def _set_step_entries(self, row, hp, group_state):
+        t = group_state["step"]
+        row[8] = math.inf if hp["clip_lambda"] is None or t == 0 else hp["clip_lambda"](t)  # clip bound
+        row[11] = t == 0  # first step: v <- g^2 only

@@ -10,7 +10,10 @@ A subclass supplies the math's inputs only:
   order, as Python numbers: the backend's table rounds them to the buffers' dtype once,
   as torch rounds Python scalars (``dt`` is that dtype's scalar type, for the rare value
   torch computes in the buffers' dtype);
-* ``_needs(hp)``: which state buffers a group with these hyperparameters uses.
+* ``_needs(hp)``: which state buffers a group with these hyperparameters uses;
+* ``_set_step_entries(row, hp, group_state)``: writes the row entries that change from one
+  step to the next (bias corrections, first-step flags); ``_row`` calls it, and between two
+  steps with unchanged hyperparameters it is all that runs in Python.
 """
 import functools
 import math
@@ -43,6 +46,9 @@ class Optimizer:
         # Hyperparameters become Python scalars: a NumPy float32 lr would make the scalar
         # arithmetic of the step (e.g. lr / (1 - beta1**t)) run in float32, not in double as torch's.
         object.__setattr__(self, name, _plain(value) if name in self.defaults else value)
+        # Whatever changed (hyperparameters, groups, state, group_state), the next step
+        # validates and prepares everything again.
+        self.__dict__["_ready"] = None
 
     # --- hyperparameters and groups -------------------------------------------------
     def hyperparameters(self):
@@ -124,6 +130,16 @@ class Optimizer:
         backend = CPU if type(params) is np.ndarray and type(grads) is np.ndarray else backend_for(params, grads)
         backend.check(params, grads)
         n, dtype = len(params), backend.dtype(params)  # a NumPy dtype, also for torch tensors
+        ready = self._ready
+        if ready is not None and ready[0] is backend and ready[1] == n and ready[2] == dtype:
+            # Same buffer length, dtype, hyperparameters and state as the last step, which
+            # checked them all: only the row entries that depend on the step are new.
+            launch, states, table, row = ready[3:]
+            group_state = self.group_state[0]
+            self._set_step_entries(row, self.__dict__, group_state)  # rounded as a full table build rounds
+            launch(params, grads, states, table)
+            self._advance(self.__dict__, group_state)
+            return
         if self.state:
             self._check_state_fits(backend, n, dtype)
         if self._groups is None:  # the common case: one group over the whole buffer
@@ -147,12 +163,26 @@ class Optimizer:
         states = self._states(backend, n, dtype, active)
         if (backend, segments) != self._plan_key:
             self._plan, self._plan_key = backend.plan(segments), (backend, segments)
-        table_cache = self._table_cache
-        if (backend, dtype, rows) != table_cache[0]:  # rows settle once bias corrections reach 1
-            table_cache[:] = (backend, dtype, rows), backend.table(rows, dtype)
-        backend.launch(self.kernel, params, grads, states, self._plan, table_cache[1])
+        backend.launch(self.kernel, params, grads, states, self._plan, self._table(backend, dtype, rows))
         for group_state, hp in active:
             self._advance(hp, group_state)
+        if self._groups is None and not callable(self.lr):
+            # The next steps reuse all of this until an attribute is assigned (__setattr__).
+            table = backend.table(rows, dtype)  # the ready path's own: it writes into it
+            self.__dict__["_ready"] = (backend, n, dtype, backend.launcher(self.kernel, self._plan), states, table,
+                                       table[0])
+
+    def _set_step_entries(self, row, hp, group_state):
+        pass
+
+    def _table(self, backend, dtype, rows):
+        """The step's scalars as the kernel's table: rebuilt only when they change (they
+        settle once bias corrections reach 1), refilled in place where the backend can."""
+        cache = self._table_cache
+        if (backend, dtype, rows) != cache[0]:
+            reuse = cache[1] if cache[0] is not None and cache[0][0] is backend else None
+            cache[:] = (backend, dtype, rows), backend.table(rows, dtype, reuse)
+        return cache[1]
 
     def _resolve_default(self):
         hp = self.__dict__
@@ -278,10 +308,11 @@ def one_minus_product(a, b):
 
 
 def _plain(value):
-    """NumPy scalars (also inside a tuple, e.g. betas) as the Python scalars they hold."""
+    """NumPy scalars as the Python scalars they hold; a list or tuple (betas) as a tuple of
+    them, which cannot change behind the step's back (checked values are not checked again)."""
     if isinstance(value, np.generic):
         return value.item()
-    if type(value) is tuple:
+    if type(value) in (tuple, list):
         return tuple(_plain(v) for v in value)
     return value
 

@@ -41,9 +41,13 @@ class SGD(Optimizer):
         return {"step": 0, "momentum_started": False}
 
     def _row(self, hp, group_state, dt):
-        first = hp["momentum"] != 0 and not group_state["momentum_started"]
-        return (hp["lr"], hp["momentum"], 1 - hp["dampening"], hp["weight_decay"], hp["nesterov"], hp["maximize"],
-                first, hp["momentum"] != 0)
+        row = [hp["lr"], hp["momentum"], 1 - hp["dampening"], hp["weight_decay"], hp["nesterov"], hp["maximize"],
+               None, hp["momentum"] != 0]
+        self._set_step_entries(row, hp, group_state)
+        return tuple(row)
+
+    def _set_step_entries(self, row, hp, group_state):
+        row[6] = hp["momentum"] != 0 and not group_state["momentum_started"]  # the buffer starts as g
 
     def _advance(self, hp, group_state):
         group_state["step"] += 1
@@ -75,6 +79,9 @@ class Momentum(SGD):
 
     def _needs(self, hp):
         return ("momentum_buffer",)
+
+    def _set_step_entries(self, row, hp, group_state):
+        pass  # the buffer starts at zero: no first step to mark
 
     def _row(self, hp, group_state, dt):
         # buffered even at beta = 0: v = g must still be stored for when beta is raised
