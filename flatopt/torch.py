@@ -22,8 +22,9 @@
   flatopt.torch optimizer its slow weights mirror the flat buffers, so the every-``k``
   pull is two tensor ops per buffer.
 
-Not covered yet: CUDA parameters (the code passes the CUDA tensors to the core, whose backend
-reads ``__cuda_array_interface__``; untested), sparse gradients, complex and half dtypes.
+CUDA parameters go to the core as tensors (its backend reads ``__cuda_array_interface__``); they
+are tested on a real GPU (``tests/gpu/test_gpu_torch.py``).  Not supported: sparse gradients,
+complex and half dtypes.
 """
 from collections import OrderedDict, defaultdict
 from contextlib import contextmanager

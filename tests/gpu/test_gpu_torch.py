@@ -160,3 +160,29 @@ def test_lookahead_on_cuda_matches_cpu():
         results.append(net)
     for a, b in zip(*(n.parameters() for n in results)):
         assert same_bits(a, b)
+
+
+def test_whole_buffer_steps_then_add_param_group_on_cuda_match_cpu():
+    """The first steps update every parameter of the optimizer (the core's groupless path on
+    the GPU); add_param_group then re-lays the buffers out and carries the state across,
+    which reads the CUDA state back through the core's state_dict."""
+    results = {}
+    for device in ("cpu", "cuda"):
+        net = model(device)
+        opt = ft.Adam([net[0].weight, net[0].bias], lr=1e-3, amsgrad=True)
+        steps = gradients(net, 8)
+        run(net, opt, steps[:4])
+        opt.add_param_group({"params": [net[2].weight, net[2].bias, net[4].weight, net[4].bias], "lr": 3e-3})
+        run(net, opt, steps[4:])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        results[device] = (net, opt)
+    (cpu_net, cpu_opt), (gpu_net, gpu_opt) = results["cpu"], results["cuda"]
+    for (name, a), (_, b) in zip(cpu_net.named_parameters(), gpu_net.named_parameters()):
+        assert same_bits(a, b), name
+    assert cpu_opt.state[cpu_net[0].weight]["step"].item() == gpu_opt.state[gpu_net[0].weight]["step"].item() == 8
+    for p_cpu, p_gpu in zip(cpu_net.parameters(), gpu_net.parameters()):
+        sa, sb = cpu_opt.state.get(p_cpu, {}), gpu_opt.state.get(p_gpu, {})
+        assert sorted(sa) == sorted(sb)
+        for key in sa:
+            assert same_bits(sa[key].reshape(-1), sb[key].reshape(-1)), key
