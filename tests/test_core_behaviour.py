@@ -583,3 +583,24 @@ def test_step_entries_are_every_row_entry_that_changes_with_the_step(name, dtype
     assert all([row[i] for i in fixed] == [rows[0][i] for i in fixed] for row in rows)
     if name.startswith(("Adam", "ADOPT", "SGD-")):  # bias corrections, clip schedule, first momentum step
         assert written and (rows[1] != rows[2] or rows[0] != rows[1])
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_pickled_or_copied_optimizer_continues_bit_identically(name, how):
+    """An optimizer object pickled (or deep-copied) mid-run steps on exactly as the original."""
+    import copy
+    opt, params = MAKERS[name](), rand(50)
+    grads = [rand(50, seed=s) for s in range(1, 7)]
+    for g in grads[:3]:
+        opt.step(params, g)
+    clone = pickle.loads(pickle.dumps(opt)) if how == "pickle" else copy.deepcopy(opt)
+    cloned_params = params.copy()
+    for g in grads[3:]:
+        opt.step(params, g)
+        clone.step(cloned_params, g)
+    np.testing.assert_array_equal(cloned_params, params)
+    inner, cloned_inner = getattr(opt, "inner", opt), getattr(clone, "inner", clone)
+    assert cloned_inner.group_state == inner.group_state
+    for key, buf in inner.state.items():
+        np.testing.assert_array_equal(cloned_inner.state[key], buf)

@@ -284,6 +284,18 @@ class Optimizer:
         self._backend = None
         self._plan_key = self._state_key = self._state_args = None
 
+    def __getstate__(self):
+        """pickle and copy.deepcopy: hyperparameters, groups, step counts and the state as host
+        arrays (placed next to the parameters again at the next step, as after
+        ``load_state_dict``); what the steps cached is left behind."""
+        kept = dict(self.__dict__, _backend=None, _ready=None, _plan_key=None, _plan=None, _state_key=None,
+                    _state_args=None, _table_cache=[None, None])
+        kept["state"] = {k: backend_for(v, v).to_host(v) for k, v in self.state.items()}
+        return kept
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"

@@ -663,3 +663,18 @@ def test_device_table_resends_a_table_rewritten_in_place(monkeypatch):
         buf = backend._device_table(table, info, 0)
         assert_same(buf.copy_to_host(), table)
         assert len(sent) == uploads
+
+
+def test_pickled_optimizer_continues_on_the_device():
+    p0, grads = data(steps=4)
+    opt, params = flatopt.Adam(lr=1e-2), cuda.to_device(p0)
+    for g in grads[:2]:
+        opt.step(params, cuda.to_device(g))
+    clone = pickle.loads(pickle.dumps(opt))  # the state travels as host arrays
+    assert all(isinstance(v, np.ndarray) for v in clone.state.values())
+    cloned = cuda.to_device(params.copy_to_host())
+    for g in grads[2:]:
+        opt.step(params, cuda.to_device(g))
+        clone.step(cloned, cuda.to_device(g))
+    assert_same(cloned.copy_to_host(), params.copy_to_host())
+    assert all(CUDA.owns(v) for v in clone.state.values())
