@@ -272,9 +272,11 @@ class _FlatOptimizer(torch.optim.Optimizer):
 
         torch wraps every optimizer's ``step`` in its hook and profiler machinery, which costs
         as much as the rest of the step on a small model; this step runs it itself, only when
-        a step hook is registered or a profiler is recording.
+        a step hook is registered or a profiler is recording (and not when a subclass overrides
+        ``step``: torch wraps that override, which calls this one).
         """
-        if self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_hooks_or_profiler():
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_hooks_or_profiler()) \
+                and type(self).step is _FlatOptimizer.step:
             return self._step_with_hooks(*args, **kwargs)
         return self._step(*args, **kwargs)
 

@@ -506,6 +506,21 @@ def test_step_hooks_and_the_profiler_see_every_step():
             handle.remove()
 
 
+def test_a_subclass_overriding_step_runs_each_hook_once():
+    class Counting(ft.SGD):
+        def step(self, closure=None):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().step(closure)
+
+    m = Net()
+    opt = Counting(m.parameters(), lr=0.1)
+    seen = []
+    opt.register_step_pre_hook(lambda *args: seen.append("pre"))
+    opt.register_step_post_hook(lambda *args: seen.append("post"))
+    train(m, opt, data(n=2))
+    assert opt.calls == 2 and seen == ["pre", "post"] * 2
+
+
 def _used(model):
     """The parameters that get a gradient at every step (Net's extra head is left out)."""
     return [*model.l1.parameters(), *model.l2.parameters()]
