@@ -14,10 +14,23 @@ Tolerance vocabulary used by the suites:
   max |ref|`` (elements that pass through zero have no meaningful relative error).
 * ``assert_same_nonfinite(got, ref)``: NaN and +-Inf at the same positions.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# The same examples in every run unless FLATOPT_SWEEP_RANDOM=1 asks for fresh ones (a CI run
+# must not fail on an example no earlier run drew).  Nothing is written into the checkout:
+# no example database, and Hypothesis's other caches go to a temporary directory.
+settings.register_profile("flatopt", derandomize=os.environ.get("FLATOPT_SWEEP_RANDOM") != "1", database=None)
+settings.load_profile("flatopt")
+if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
+    os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = tempfile.mkdtemp(prefix="flatopt-hypothesis-")
+    atexit.register(shutil.rmtree, os.environ["HYPOTHESIS_STORAGE_DIRECTORY"], ignore_errors=True)
 
 DTYPES = (np.float32, np.float64)
 
@@ -29,8 +42,9 @@ LARGE_SIZE = 100_003  # odd and above flatopt's parallel threshold (2**15): the 
 
 def sweep(max_examples):
     """Hypothesis settings for the sweeps: ``max_examples`` by default (keeps the suites
-    fast), ``FLATOPT_SWEEP_EXAMPLES`` examples when that variable is set (deeper runs)."""
-    from hypothesis import HealthCheck, settings
+    fast), ``FLATOPT_SWEEP_EXAMPLES`` examples when that variable is set (deeper runs; with
+    ``FLATOPT_SWEEP_RANDOM=1`` they are new examples each run)."""
+    from hypothesis import HealthCheck
     n = int(os.environ.get("FLATOPT_SWEEP_EXAMPLES", max_examples))
     return settings(max_examples=n, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -83,12 +83,14 @@ def adopt_reference(p0, grads, *, lr, betas=(0.9, 0.9999), eps=1e-6, weight_deca
                     clip=default_clip, maximize=False, dtype=np.float64):
     """NumPy transcription of ADOPT over all ``grads``, computed in ``dtype`` (float64 by
     default; float32 and longdouble for the accuracy comparisons).  ``lr`` may be a
-    callable of t.  Returns (p, m, v, number of clipped elements, largest |p| on the way)."""
+    callable of t.  Returns (p, m, v, number of clipped elements, largest |m| or |n| on the
+    way, largest |p| on the way): each step rounds m at the magnitude of its inputs, so a
+    final m far smaller than them (b1 = 0 after a large m, say) is compared to that scale."""
     p = np.asarray(p0).astype(dtype)
     m = np.zeros_like(p)
     v = np.zeros_like(p)
     clipped = 0
-    scale = float(np.max(np.abs(p), initial=0.0))
+    scale, m_scale = float(np.max(np.abs(p), initial=0.0)), 0.0
     for t, g in enumerate(grads):
         bound = None if (clip is None or t == 0) else clip(t)
         p, m, v, n = adopt_step(p, m, v, np.asarray(g).astype(dtype), t, lr=lr(t) if callable(lr) else lr,
@@ -99,7 +101,9 @@ def adopt_reference(p0, grads, *, lr, betas=(0.9, 0.9999), eps=1e-6, weight_deca
                 clipped += int(np.count_nonzero(n == bound) + np.count_nonzero(n == -bound))
         with np.errstate(invalid="ignore"):
             scale = max(scale, float(np.max(np.abs(p[np.isfinite(p)]), initial=0.0)))
-    return p, m, v, clipped, scale
+            for x in (m, n) if n is not None else ():
+                m_scale = max(m_scale, float(np.max(np.abs(x[np.isfinite(x)]), initial=0.0)))
+    return p, m, v, clipped, m_scale, scale
 
 
 LOCAL_ULP_K = 6  # one step from flatopt's own state: that step's rounding only (measured max 2.9)
@@ -169,7 +173,7 @@ def well_conditioned(weight_decay, decouple, clip, betas):
 def check_against_reference(p0, grads, dtype, *, lr, lr_mode="const", clip="default", expect_clipping=None,
                             local_check=True, **kw):
     opt, params, ref_lr = run_flat(p0, grads, lr=lr, lr_mode=lr_mode, clip=clip, local_check=local_check, **kw)
-    p, m, v, clipped, scale = adopt_reference(p0, grads, lr=ref_lr, clip=CLIPS[clip], **kw)
+    p, m, v, clipped, m_scale, scale = adopt_reference(p0, grads, lr=ref_lr, clip=CLIPS[clip], **kw)
     if expect_clipping is not None:
         # Make sure the clip branch was exercised (or, without clipping, not).
         assert (clipped > 0) == expect_clipping, clipped
@@ -178,10 +182,11 @@ def check_against_reference(p0, grads, dtype, *, lr, lr_mode="const", clip="defa
         return  # the step-by-step check above is the one that holds there
     if dtype == np.float64:
         assert_close64(params, p, rtol=1e-12, atol_scale=1e-13, scale=scale, what="ADOPT float64 params")
-        assert_close64(opt.state["exp_avg"], m, rtol=1e-12, atol_scale=1e-13, what="ADOPT float64 exp_avg")
+        assert_close64(opt.state["exp_avg"], m, rtol=1e-12, atol_scale=1e-13, scale=m_scale,
+                       what="ADOPT float64 exp_avg")
         assert_close64(opt.state["exp_avg_sq"], v, rtol=1e-12, atol_scale=1e-13, what="ADOPT float64 exp_avg_sq")
     else:
-        plain_p, plain_m, plain_v, _, _ = adopt_reference(p0, grads, lr=ref_lr, clip=CLIPS[clip], dtype=np.float32,
+        plain_p, plain_m, plain_v, *_ = adopt_reference(p0, grads, lr=ref_lr, clip=CLIPS[clip], dtype=np.float32,
                                                           **kw)
         assert_f32_like_plain_float32(params, p, plain_p, ADOPT_F32_ULP_K, scale, what="ADOPT float32 params [ulp]")
         assert_f32_like_plain_float32(opt.state["exp_avg"], m, plain_m, ADOPT_F32_ULP_K,
@@ -291,7 +296,7 @@ def test_nan_and_inf_gradients_match_transcription(dtype):
     grads[4][[6, 12]] = -np.inf
     opt, params, _ = run_flat(p0, grads, lr=1e-2, weight_decay=0.01)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        p, m, v, _, _ = adopt_reference(p0, grads, lr=1e-2, weight_decay=0.01)
+        p, m, v, *_ = adopt_reference(p0, grads, lr=1e-2, weight_decay=0.01)
     assert_same_nonfinite(params, p)
     assert_same_nonfinite(opt.state["exp_avg"], m)
     assert_same_nonfinite(opt.state["exp_avg_sq"], v)
