@@ -37,10 +37,7 @@ class Optimizer:
         self._check(self._resolve(None, 0))
         self.param_groups = param_groups
         self.state = {}
-        self._backend = None
-        self._plan_key = self._plan = None
-        self._state_key = self._state_args = None
-        self._table_cache = [None, None]  # [key, table], updated in place: no __setattr__ on the step path
+        self.__dict__.update(_unplaced())
 
     def __setattr__(self, name, value):
         # Hyperparameters become Python scalars: a NumPy float32 lr would make the scalar
@@ -281,15 +278,13 @@ class Optimizer:
         self.__dict__.update(hyper)
         self._groups, self.group_state = trial._groups, group_state
         self.state = {k: np.array(v, copy=True) for k, v in state.items()}
-        self._backend = None
-        self._plan_key = self._state_key = self._state_args = None
+        self.__dict__.update(_unplaced())
 
     def __getstate__(self):
         """pickle and copy.deepcopy: hyperparameters, groups, step counts and the state as host
         arrays (placed next to the parameters again at the next step, as after
         ``load_state_dict``); what the steps cached is left behind."""
-        kept = dict(self.__dict__, _backend=None, _ready=None, _plan_key=None, _plan=None, _state_key=None,
-                    _state_args=None, _table_cache=[None, None])
+        kept = dict(self.__dict__, **_unplaced())
         kept["state"] = {k: backend_for(v, v).to_host(v) for k, v in self.state.items()}
         return kept
 
@@ -299,6 +294,13 @@ class Optimizer:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"
+
+
+def _unplaced():
+    """The attributes of an optimizer whose state is host arrays (new, loaded or unpickled):
+    no backend holds it yet, and nothing the steps prepare is kept."""
+    return dict(_backend=None, _ready=None, _plan_key=None, _plan=None, _state_key=None, _state_args=None,
+                _table_cache=[None, None])  # [key, table], updated in place: no __setattr__ on the step path
 
 
 def lerp_weight_minus_one(weight, dt):
