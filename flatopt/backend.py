@@ -156,19 +156,21 @@ class CpuBackend:
         return (split_chunks(segments, threads * self.chunks_per_thread), True)
 
     def launch(self, kernel, params, grads, states, plan, table):
-        self.launcher(kernel, plan)(params, grads, states, table)
+        chunks, parallel = plan
+        self._kernel(kernel, parallel)(params, grads, *states, chunks, table)
 
     def launcher(self, kernel, plan):
         """``launch`` with the kernel and plan bound: ``f(params, grads, states, table)``."""
         chunks, parallel = plan
+        fn = self._kernel(kernel, parallel)
+        return lambda params, grads, states, table: fn(params, grads, *states, chunks, table)
+
+    def _kernel(self, kernel, parallel):
         fn = self._kernels.get((kernel, parallel))
         if fn is None:
             from flatopt.kernels import cpu
             fn = self._kernels[kernel, parallel] = getattr(cpu, kernel + ("_parallel" if parallel else "_serial"))
-
-        def launch(params, grads, states, table):
-            fn(params, grads, *states, chunks, table)
-        return launch
+        return fn
 
 
 @functools.lru_cache(maxsize=None)
