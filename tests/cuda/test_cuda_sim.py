@@ -651,11 +651,11 @@ def test_device_table_resends_a_table_rewritten_in_place(monkeypatch):
     """The core rewrites a step's table in place (only the step-dependent entries change), so
     the device copy must follow the table's contents, not its identity, and skip unchanged ones."""
     from numba.cuda.cudadrv import driver
+    backend = CudaBackend()
+    info = backend._view(cuda.to_device(np.zeros(4, np.float32)))  # on a GPU this is an upload too
     sent = []
     real = driver.host_to_device
     monkeypatch.setattr(driver, "host_to_device", lambda *a, **k: (sent.append(1), real(*a, **k))[1])
-    backend = CudaBackend()
-    info = backend._view(cuda.to_device(np.zeros(4, np.float32)))
     table = np.arange(12, dtype=np.float32).reshape(1, 12)
     for value, uploads in ((None, 1), (None, 1), (7.5, 2), (7.5, 2), (-1.0, 3)):
         if value is not None:
