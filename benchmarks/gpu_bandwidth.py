@@ -230,7 +230,10 @@ def main(argv=None):
     parser.add_argument("--model-tensors", type=int, default=200,
                         help="also time Adam on a model of this many torch CUDA tensors (0: skip)")
     parser.add_argument("--blocks-per-sm", type=int, default=None,
-                        help="launch geometry to try instead of the backend's default")
+                        help="most blocks per SM, to try instead of the backend's default")
+    parser.add_argument("--min-blocks-per-sm", type=int, default=None,
+                        help="fewest blocks per SM (set it equal to --blocks-per-sm for a fixed grid)")
+    parser.add_argument("--chunk", type=int, default=None, help="elements per block to aim for between the two")
     parser.add_argument("--block", type=int, default=None, help="threads per block to try instead of the default")
     parser.add_argument("--check", action="store_true",
                         help="run every code path on tiny sizes, also under NUMBA_ENABLE_CUDASIM=1 (no timings)")
@@ -247,8 +250,11 @@ def main(argv=None):
         sizes, args.steps, args.warmup = [1000], 2, 1
     from flatopt.kernels.cuda_backend import CUDA
     CUDA.blocks_per_sm = args.blocks_per_sm or CUDA.blocks_per_sm
+    CUDA.min_blocks_per_sm = args.min_blocks_per_sm or CUDA.min_blocks_per_sm
+    CUDA.chunk = args.chunk or CUDA.chunk
     CUDA.block = args.block or CUDA.block
-    print(f"launch geometry: {CUDA.block} threads per block, at most {CUDA.blocks_per_sm} blocks per SM")
+    print(f"launch geometry: {CUDA.block} threads per block, {CUDA.min_blocks_per_sm} to {CUDA.blocks_per_sm} "
+          f"blocks per SM, about {CUDA.chunk} elements per block")
     run(sizes, np.dtype(args.dtype).type, args.steps, args.warmup, simulated, args.model_tensors)
     return 0
 

@@ -575,6 +575,27 @@ def test_plan_covers_every_segment_in_aligned_chunks():
     assert small.nchunks == 4 and small.grid == 4  # >= min_chunk elements per chunk
 
 
+def test_grid_aims_at_chunk_elements_per_block_between_the_bounds(monkeypatch):
+    """Small buffers keep 16 blocks per SM (or fewer, at >= min_chunk elements per block), large
+    ones get about ``chunk`` elements per block, up to 64 blocks per SM, then whole waves."""
+    gpu = CudaBackend()
+    monkeypatch.setattr(gpu, "_sms", lambda device: 132)
+    for total, grid in ((5000, 16 * 132), (1_000_000, 16 * 132), (10_000_000, 16 * 132),
+                        (30_000_000, 30_000_000 // 8192), (100_000_000, 64 * 132), (10**9, 64 * 132)):
+        assert gpu._grid(total) == grid, total
+        plan = gpu.plan([(0, total, 0)])
+        sizes = plan.chunks[:, 1] - plan.chunks[:, 0]
+        assert sizes.sum() == total and sizes.max() <= gpu.max_chunk and sizes.min() >= gpu.min_chunk
+        assert plan.grid == min(plan.nchunks, grid)
+        if total >= grid * gpu.min_chunk:  # a chunk for every block (chunk sizes are rounded to align)
+            assert plan.nchunks >= 0.98 * grid
+        else:
+            assert sizes.min() < 2 * gpu.min_chunk
+    fixed = CudaBackend(blocks_per_sm=16)  # min_blocks_per_sm above the most: a fixed grid
+    monkeypatch.setattr(fixed, "_sms", lambda device: 132)
+    assert fixed.plan([(0, 100_000_000, 0)]).grid == 16 * 132
+
+
 @sim_only
 def test_cupy_requests_fail_clearly():
     backend = CudaBackend(array_library="cupy")
