@@ -45,8 +45,19 @@ _grad_of = attrgetter("grad")
 
 
 def _number(value):
-    """A hyperparameter as the core takes it: torch allows a tensor lr (read it every step)."""
-    return value.item() if isinstance(value, torch.Tensor) else value
+    """A hyperparameter as the core takes it, read now: torch allows tensors (an lr, betas)
+    and a group may hold a list; both can be edited in place between steps."""
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    if type(value) in (tuple, list):
+        return tuple(map(_number, value))
+    return value
+
+
+def _volatile(value):
+    """Whether a hyperparameter can change with no assignment to its group: a tensor or a
+    list (edited in place), also inside a tuple."""
+    return isinstance(value, (torch.Tensor, list)) or (type(value) is tuple and any(map(_volatile, value)))
 
 
 def _global_hooks_or_profiler():
@@ -69,8 +80,10 @@ class _Bucket:
         self.steps_t = None
         self.started = np.zeros(0, bool)       # SGD: the momentum buffer exists
         self.layout_key = self.layout = None
-        self.core_groups_key = None
-        self.state_ids = None
+        self.core_groups_key = None  # the hyperparameters the core has, one tuple per run
+        self.group_values = None  # the torch groups' values they were read from
+        self.volatile = False  # whether those values must be read again every step
+        self.state_args = None  # the core's state arguments self.state was last pointed at
 
 
 def _as_tensor(buf, device):
@@ -186,10 +199,10 @@ class _FlatOptimizer(torch.optim.Optimizer):
     def _refresh_state(self, force=False):
         """Point ``self.state[p]`` at views of the flat state (params that have stepped)."""
         for b in self._buckets.values():
-            ids = tuple((k, id(v)) for k, v in b.core.state.items())
-            if not force and ids == b.state_ids:
+            # The core rebuilds its list of state arguments whenever it (re)places a buffer.
+            if not force and b.core._state_args is b.state_args:
                 continue
-            b.state_ids = ids
+            b.state_args = b.core._state_args
             tstate = {k: _as_tensor(v, b.device) for k, v in b.core.state.items()}
             sgd = isinstance(self, SGD)
             for i, p in enumerate(b.params):
@@ -301,10 +314,13 @@ class _FlatOptimizer(torch.optim.Optimizer):
         if not runs:
             return
         pg = self.param_groups
-        hps = [tuple(map(_number, map(pg[gi].__getitem__, self._hp_names))) for gi, *_ in runs]
-        if hps != b.core_groups_key:
-            self._configure_core(b, runs, hps)
-            b.core_groups_key = hps
+        values = [tuple(map(pg[gi].__getitem__, self._hp_names)) for gi, *_ in runs]
+        if b.volatile or b.core_groups_key is None or values != b.group_values:
+            hps = [tuple(map(_number, v)) for v in values]
+            if hps != b.core_groups_key:
+                self._configure_core(b, runs, hps)
+                b.core_groups_key = hps
+            b.group_values, b.volatile = values, any(map(_volatile, (x for v in values for x in v)))
         b.core.step(b.flat_np, b.gflat_np)
         newly = False
         sgd = isinstance(self, SGD)

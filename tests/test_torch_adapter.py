@@ -551,6 +551,38 @@ def test_whole_model_step_follows_schedulers_tensor_lr_and_group_edits():
     assert lrs[0] == lrs[1] == pytest.approx(1e-2 / (1 + STEPS), rel=1e-6)  # a float32 tensor
 
 
+@pytest.mark.parametrize("kind", ["list", "tensor", "tensor lr"])
+def test_group_values_edited_in_place_reach_the_next_step(kind):
+    """torch reads a group's values at every step, so a list or a tensor edited in place (no
+    assignment to the group) takes effect at the next step; the reference gets new values
+    assigned instead (all exactly representable in float32: .item() is exact)."""
+    start = dict(lr=0.125, betas=(0.875, 0.99609375))
+    models = []
+    for cls, extra in ((ft.Adam, {}), (torch.optim.Adam, dict(fused=True))):
+        m = Net()
+        if cls is ft.Adam and kind == "list":
+            o = cls(_used(m), lr=0.125)
+            o.param_groups[0]["betas"] = [0.875, 0.99609375]
+        elif cls is ft.Adam:
+            o = cls(_used(m), lr=torch.tensor(0.125), betas=tuple(map(torch.tensor, start["betas"])))
+        else:
+            o = cls(_used(m), **start, **extra)
+        batches = data(n=6)
+        train(m, o, batches[:3])
+        group = o.param_groups[0]
+        if cls is not ft.Adam:
+            group.update(betas=(0.5, 0.99609375), lr=0.0625 if kind == "tensor lr" else 0.125)
+        elif kind == "list":
+            group["betas"][0] = 0.5
+        else:
+            group["betas"][0].fill_(0.5)
+            if kind == "tensor lr":
+                group["lr"].fill_(0.0625)
+        train(m, o, batches[3:])
+        models.append(m)
+    assert_same(*models)
+
+
 def test_invalid_change_fails_before_any_update_on_the_whole_model_path():
     m = Net()
     opt = ft.Adam(_used(m), lr=1e-2)
