@@ -11,7 +11,8 @@ from flatopt.optimizers.base import Optimizer, _unwrap
 class Lookahead:
     r"""Keeps slow weights beside the parameters the inner optimizer updates (the fast
     weights).  Slow weights start as a copy of the parameters, taken before the first inner
-    step; after every ``k``-th inner step one fused kernel does
+    step; after every ``k``-th inner step one fused kernel does, over the inner optimizer's
+    groups that are not frozen (the whole buffer without groups)
 
     .. math::
         s \leftarrow s + \alpha (p - s), \qquad p \leftarrow s
@@ -50,11 +51,17 @@ class Lookahead:
         self.slow = slow
         self.step_count += 1
         if self.step_count % self.k == 0:
-            key = (backend.name, len(params))
+            # Only what the inner optimizer updates: frozen groups and elements outside every
+            # group are left alone, as by the inner step.
+            groups = self.inner.param_groups
+            segments = ((0, len(params), 0),) if groups is None else tuple(
+                (g["start"], g["stop"], 0) for g in groups if not g.get("frozen", False))
+            key = (backend.name, segments)
             if key != self._plan_key:
-                self._plan, self._plan_key = backend.plan([(0, len(params), 0)]), key
-            backend.launch("lookahead", params, slow, (), self._plan,
-                           backend.table([(float(self.alpha), 1 - float(self.alpha))], backend.dtype(params)))
+                self._plan, self._plan_key = (backend.plan(segments) if segments else None), key
+            if self._plan is not None:
+                backend.launch("lookahead", params, slow, (), self._plan,
+                               backend.table([(float(self.alpha), 1 - float(self.alpha))], backend.dtype(params)))
 
     def _check_slow_fits(self, backend, params):
         if len(self.slow) != len(params):

@@ -54,8 +54,8 @@ class Adam(Optimizer):
     def _row(self, hp, group_state, dt):
         (beta1, beta2), lr = hp["betas"], hp["lr"]
         row = [None, 1 - beta1, lerp_weight_minus_one(1 - beta1, dt), beta2, 1 - beta2, None, hp["eps"],
-               hp["weight_decay"], one_minus_product(lr, hp["weight_decay"]), hp["decoupled_weight_decay"],
-               hp["amsgrad"], hp["maximize"]]
+               hp["weight_decay"], one_minus_product(lr, hp["weight_decay"]), bool(hp["decoupled_weight_decay"]),
+               bool(hp["amsgrad"]), bool(hp["maximize"])]
         self._set_step_entries(row, hp, group_state)
         return tuple(row)
 

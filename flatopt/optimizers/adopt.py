@@ -49,11 +49,15 @@ class ADOPT(Optimizer):
     def _row(self, hp, group_state, dt):
         (beta1, beta2), lr = hp["betas"], hp["lr"]
         row = [lr, 1 - beta1, lerp_weight_minus_one(1 - beta1, dt), beta2, 1 - beta2, hp["eps"],
-               hp["weight_decay"], 1 - lr * hp["weight_decay"], None, hp["decouple"], hp["maximize"], None]
+               hp["weight_decay"], 1 - lr * hp["weight_decay"], None, bool(hp["decouple"]),
+               bool(hp["maximize"]), None]
         self._set_step_entries(row, hp, group_state)
         return tuple(row)
 
     def _set_step_entries(self, row, hp, group_state):
-        t = group_state["step"]
-        row[8] = math.inf if hp["clip_lambda"] is None or t == 0 else hp["clip_lambda"](t)  # clip bound
+        t, clip = group_state["step"], hp["clip_lambda"]
+        bound = math.inf if clip is None or t == 0 else clip(t)
+        if not bound >= 0:  # NaN too: clamping to it would silently turn the update into NaN
+            raise ValueError(f"clip_lambda({t}) returned {bound!r}; the clip bound must be a number >= 0")
+        row[8] = bound
         row[11] = t == 0  # first step: v <- g^2 only

@@ -42,10 +42,19 @@ class Optimizer:
     def __setattr__(self, name, value):
         # Hyperparameters become Python scalars: a NumPy float32 lr would make the scalar
         # arithmetic of the step (e.g. lr / (1 - beta1**t)) run in float32, not in double as torch's.
+        if name == "state":
+            value = _StateBuffers(self, value)
         object.__setattr__(self, name, _plain(value) if name in self.defaults else value)
         # Whatever changed (hyperparameters, groups, state, group_state), the next step
         # validates and prepares everything again.
         self.__dict__["_ready"] = None
+        if name == "state":
+            self._state_replaced()
+
+    def _state_replaced(self):
+        """The state buffers were assigned, replaced or removed: the next step checks them and
+        copies them next to the parameters, as after ``load_state_dict``."""
+        self.__dict__.update(_backend=None, _ready=None, _state_key=None, _state_args=None)
 
     # --- hyperparameters and groups -------------------------------------------------
     def hyperparameters(self):
@@ -55,8 +64,8 @@ class Optimizer:
     def _resolve(self, group, step):
         """Effective hyperparameters of ``group`` (``None``: the defaults) at ``step``."""
         hp = {name: self.__dict__[name] for name in self.defaults}
-        if group is not None:
-            hp.update((k, v) for k, v in group.items() if k in hp)
+        if group is not None:  # a group dict may have been edited in place since it was checked
+            hp.update((k, _plain(v)) for k, v in group.items() if k in hp)
         if callable(hp["lr"]):
             hp["lr"] = _plain(hp["lr"](step))
         return hp
@@ -76,11 +85,7 @@ class Optimizer:
             self._plan_key = None
             return
         groups = [self._checked_group(i, g) for i, g in enumerate(groups)]
-        for i in range(1, len(groups)):
-            if groups[i]["start"] < groups[i - 1]["stop"]:
-                raise ValueError(f"param group {i} starts at {groups[i]['start']}, inside or before "
-                                 f"group {i - 1} (which stops at {groups[i - 1]['stop']}); "
-                                 "groups must be sorted and must not overlap")
+        _check_ranges(groups)
         old = getattr(self, "group_state", None)
         self._groups = groups
         if old is None or len(old) != len(groups):
@@ -94,14 +99,7 @@ class Optimizer:
         if unknown:
             raise ValueError(f"param group {i} has unknown keys {sorted(unknown)}; allowed: "
                              f"{sorted(set(GROUP_KEYS) | set(self.defaults))}")
-        for key in ("start", "stop"):
-            if key not in group:
-                raise ValueError(f"param group {i} needs '{key}'")
-            if not isinstance(group[key], numbers.Integral) or isinstance(group[key], bool):
-                raise TypeError(f"param group {i}: '{key}' must be an int, got {group[key]!r}")
-        if not 0 <= group["start"] < group["stop"]:
-            raise ValueError(f"param group {i}: need 0 <= start < stop, got start={group['start']}, "
-                             f"stop={group['stop']}")
+        _check_range(i, group)
         group = {k: _plain(v) if k in self.defaults else v for k, v in group.items()}
         group.setdefault("frozen", False)
         self._check(self._resolve(group, 0))
@@ -113,6 +111,17 @@ class Optimizer:
     def _groups_for(self, n):
         if self._groups is None:
             return ({"start": 0, "stop": n, "frozen": False},)
+        # The group dicts (and the list) can be edited in place: check the ranges every step.
+        if len(self._groups) != len(self.group_state):
+            raise ValueError(f"param_groups has {len(self._groups)} groups but the optimizer keeps step counts "
+                             f"for {len(self.group_state)}; assign opt.param_groups = [...] to change the groups")
+        stop = 0
+        for i, group in enumerate(self._groups):
+            start = group.get("start")
+            if not (type(start) is int and type(group.get("stop")) is int and stop <= start < group["stop"]):
+                _check_range(i, group)  # says what is wrong
+                _check_ranges(self._groups)
+            stop = group["stop"]
         last = self._groups[-1]["stop"] if self._groups else 0
         if last > n:
             raise ValueError(f"param groups reach element {last} but the buffer has {n} elements")
@@ -147,7 +156,7 @@ class Optimizer:
         else:
             active, segments = [], []
             for group, group_state in zip(self._groups_for(n), self.group_state):
-                if not group["frozen"]:
+                if not group.get("frozen", False):
                     hp = self._resolve(group, group_state["step"])
                     self._check(hp)
                     segments.append((group["start"], group["stop"], len(active)))
@@ -156,11 +165,12 @@ class Optimizer:
                 return
             segments = tuple(segments)
         rows = [self._row(hp, group_state, dtype.type) for group_state, hp in active]
+        table = self._table(backend, dtype, rows)  # converting the scalars is the last thing that can fail
         # Nothing above modified anything; from here on the step happens.
         states = self._states(backend, n, dtype, active)
         if (backend, segments) != self._plan_key:
             self._plan, self._plan_key = backend.plan(segments), (backend, segments)
-        backend.launch(self.kernel, params, grads, states, self._plan, self._table(backend, dtype, rows))
+        backend.launch(self.kernel, params, grads, states, self._plan, table)
         for group_state, hp in active:
             self._advance(hp, group_state)
         if self._groups is None and not callable(self.lr):
@@ -209,12 +219,12 @@ class Optimizer:
             needed = tuple(name for name in self.state_names if name in needed or name in self._needs(hp))
         if self._backend is not None and needed == self._state_key:
             return self._state_args
-        if self._backend is None:  # fresh, or just loaded from host arrays: place the state
+        if self._backend is None:  # fresh, loaded or assigned host arrays: place the state
             self.state = {k: backend.from_host(v, np.empty(0, dtype)) for k, v in self.state.items()}
             self._backend = backend
         for name in needed:
             if name not in self.state:
-                self.state[name] = backend.zeros(n, dtype)
+                dict.__setitem__(self.state, name, backend.zeros(n, dtype))
         self._state_key = needed
         self._state_args = [self.state[name] if name in self.state else backend.empty_state(dtype)
                             for name in self.state_names]
@@ -229,7 +239,8 @@ class Optimizer:
         return {
             "optimizer": type(self).__name__,
             "hyperparameters": {k: v for k, v in self.hyperparameters().items() if not callable(v)},
-            "param_groups": None if self._groups is None else [dict(g) for g in self._groups],
+            "param_groups": None if self._groups is None else [
+                {k: v for k, v in g.items() if not callable(v)} for g in self._groups],
             "group_state": [dict(s) for s in self.group_state],
             "state": {k: backend_for(v, v).to_host(v) for k, v in self.state.items()},
         }
@@ -242,7 +253,7 @@ class Optimizer:
             raise ValueError(f"state_dict keys {sorted(sd)} do not match the expected {sorted(expected)}")
         if sd["optimizer"] != type(self).__name__:
             raise ValueError(f"state_dict is for {sd['optimizer']}, not {type(self).__name__}")
-        hyper = dict(sd["hyperparameters"])
+        hyper = {k: _plain(v) for k, v in dict(sd["hyperparameters"]).items()}
         unknown = set(hyper) - set(self.defaults)
         if unknown:
             raise ValueError(f"state_dict has unknown hyperparameters {sorted(unknown)}")
@@ -250,7 +261,12 @@ class Optimizer:
         trial.__dict__.update(self.__dict__)
         trial.__dict__.update(hyper)
         trial._check(trial._resolve(None, 0))
-        trial.param_groups = sd["param_groups"]
+        groups = sd["param_groups"]
+        if groups is not None and self._groups is not None and len(groups) == len(self._groups):
+            # A callable (an lr schedule) is not saved: this optimizer's own stays, as for the top-level lr.
+            groups = [dict({k: v for k, v in mine.items() if callable(v) and k not in dict(g)}, **dict(g))
+                      for g, mine in zip(groups, self._groups)]
+        trial.param_groups = groups
         group_state = [dict(_unwrap(s)) for s in sd["group_state"]]
         if len(group_state) != len(trial.group_state):
             raise ValueError(f"state_dict has {len(group_state)} group states for "
@@ -290,6 +306,7 @@ class Optimizer:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        self.__dict__["state"] = _StateBuffers(self, state["state"])
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
@@ -321,14 +338,64 @@ def one_minus_product(a, b):
     return float(1 - Fraction(a) * Fraction(b))  # exact, then one correct rounding
 
 
+_PLAIN_TYPES = frozenset((float, int, bool, type(None)))
+
+
 def _plain(value):
     """NumPy scalars as the Python scalars they hold; a list or tuple (betas) as a tuple of
     them, which cannot change behind the step's back (checked values are not checked again)."""
+    if type(value) in _PLAIN_TYPES:
+        return value
     if isinstance(value, np.generic):
         return value.item()
+    if getattr(value, "shape", None) == () and hasattr(value, "__array__"):  # a 0-d NumPy/JAX/torch array
+        return np.asarray(value).item()
     if type(value) in (tuple, list):
         return tuple(_plain(v) for v in value)
     return value
+
+
+class _StateBuffers(dict):
+    """``opt.state``: a dict of flat buffers that tells its optimizer when a buffer is assigned,
+    replaced or removed (the steps keep what they checked and placed until then)."""
+
+    def __init__(self, owner, buffers=()):
+        super().__init__(buffers)
+        self._owner = owner
+
+    def _changed(method):
+        def changed(self, *args, **kwargs):
+            result = method(self, *args, **kwargs)
+            self._owner._state_replaced()
+            return result
+        return functools.wraps(method)(changed)
+
+    __setitem__, __delitem__, __ior__ = _changed(dict.__setitem__), _changed(dict.__delitem__), _changed(dict.__ior__)
+    clear, pop, popitem = _changed(dict.clear), _changed(dict.pop), _changed(dict.popitem)
+    setdefault, update = _changed(dict.setdefault), _changed(dict.update)
+    del _changed
+
+    def __reduce__(self):
+        return dict, (dict(self),)  # a copy or an unpickled one is a plain dict (its owner wraps it again)
+
+
+def _check_range(i, group):
+    for key in ("start", "stop"):
+        if key not in group:
+            raise ValueError(f"param group {i} needs '{key}'")
+        if not isinstance(group[key], numbers.Integral) or isinstance(group[key], bool):
+            raise TypeError(f"param group {i}: '{key}' must be an int, got {group[key]!r}")
+    if not 0 <= group["start"] < group["stop"]:
+        raise ValueError(f"param group {i}: need 0 <= start < stop, got start={group['start']}, "
+                         f"stop={group['stop']}")
+
+
+def _check_ranges(groups):
+    for i in range(1, len(groups)):
+        if groups[i]["start"] < groups[i - 1]["stop"]:
+            raise ValueError(f"param group {i} starts at {groups[i]['start']}, inside or before "
+                             f"group {i - 1} (which stops at {groups[i - 1]['stop']}); "
+                             "groups must be sorted and must not overlap")
 
 
 def _unwrap(value):

@@ -45,4 +45,4 @@ class RMSprop(Optimizer):
     def _row(self, hp, group_state, dt):
         w = 1 - hp["alpha"]
         return (hp["lr"], hp["alpha"], w, lerp_weight_minus_one(w, dt), hp["eps"], hp["weight_decay"],
-                hp["momentum"], hp["centered"], hp["maximize"])
+                hp["momentum"], bool(hp["centered"]), bool(hp["maximize"]))

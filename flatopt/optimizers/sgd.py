@@ -41,8 +41,8 @@ class SGD(Optimizer):
         return {"step": 0, "momentum_started": False}
 
     def _row(self, hp, group_state, dt):
-        row = [hp["lr"], hp["momentum"], 1 - hp["dampening"], hp["weight_decay"], hp["nesterov"], hp["maximize"],
-               None, hp["momentum"] != 0]
+        row = [hp["lr"], hp["momentum"], 1 - hp["dampening"], hp["weight_decay"], bool(hp["nesterov"]),
+               bool(hp["maximize"]), None, hp["momentum"] != 0]
         self._set_step_entries(row, hp, group_state)
         return tuple(row)
 
@@ -85,7 +85,7 @@ class Momentum(SGD):
 
     def _row(self, hp, group_state, dt):
         # buffered even at beta = 0: v = g must still be stored for when beta is raised
-        return (hp["lr"], hp["beta"], 1 - hp["beta"], hp["weight_decay"], False, hp["maximize"], False, True)
+        return (hp["lr"], hp["beta"], 1 - hp["beta"], hp["weight_decay"], False, bool(hp["maximize"]), False, True)
 
     def _advance(self, hp, group_state):
         group_state["step"] += 1

@@ -1,0 +1,214 @@
+"""Edits users make between steps, in place or by assignment, and odd hyperparameter types:
+each must reach the next step (as in torch.optim, which reads everything every step) or be
+refused with a clear error before anything changes."""
+import copy
+import math
+import pickle
+
+import numpy as np
+import pytest
+
+import flatopt
+
+from test_core_behaviour import assert_same, rand, snapshot
+
+
+def steps(opt, p, grads):
+    for g in grads:
+        opt.step(p, g)
+    return p
+
+
+def grads_for(n, count=4, dtype=np.float64):
+    return [rand(n, dtype, seed=10 + i) for i in range(count)]
+
+
+# --- flag hyperparameters: torch reads them by truth value -----------------------------------
+@pytest.mark.parametrize("make, flag", [
+    (flatopt.Adam, "amsgrad"), (flatopt.Adam, "maximize"), (flatopt.AdamW, "maximize"),
+    (flatopt.RMSprop, "centered"), (flatopt.RMSprop, "maximize"), (flatopt.SGD, "maximize"),
+    (flatopt.ADOPT, "decouple"), (flatopt.ADOPT, "maximize"), (flatopt.Momentum, "maximize"),
+])
+@pytest.mark.parametrize("value, same_as", [(None, False), (0, False), (1, True), ("yes", True)])
+def test_flags_act_by_truth_value(make, flag, value, same_as):
+    """``amsgrad=None`` once sized no ``max_exp_avg_sq`` yet sent NaN (not 0) as the flag: the
+    kernel wrote into an empty buffer.  torch uses ``if amsgrad:``; so do the kernels now."""
+    n, g = 70_000, grads_for(70_000, count=3)  # above the parallel threshold too
+    kwargs = dict(lr=1e-2, weight_decay=0.1) if flag == "decouple" else dict(lr=1e-2)
+    expected = steps(make(**kwargs, **{flag: same_as}), rand(n, np.float64), g)
+    actual = steps(make(**kwargs, **{flag: value}), rand(n, np.float64), g)
+    np.testing.assert_array_equal(actual, expected)
+
+
+def test_a_table_value_that_cannot_be_converted_modifies_nothing():
+    """torch checks no ``dampening``; a complex one fails only when the scalars are converted,
+    which now happens before the first buffers are allocated."""
+    opt = flatopt.SGD(lr=0.1, momentum=0.9, dampening=1j)
+    p, g = rand(8), rand(8, seed=1)
+    with pytest.raises(TypeError):
+        opt.step(p, g)
+    assert opt.state == {} and opt.group_state == [{"step": 0, "momentum_started": False}]
+    np.testing.assert_array_equal(p, rand(8))
+
+
+# --- hyperparameter values of other array libraries --------------------------------------------
+@pytest.mark.parametrize("make", [flatopt.Adam, flatopt.AdamW, flatopt.SGD, flatopt.RMSprop, flatopt.ADOPT])
+def test_zero_d_array_lr_acts_as_a_python_float(make):
+    g = grads_for(50)
+    expected = steps(make(lr=0.01), rand(50, np.float64), g)
+    np.testing.assert_array_equal(steps(make(lr=np.array(0.01)), rand(50, np.float64), g), expected)
+    np.testing.assert_array_equal(steps(make(lr=lambda t: np.array(0.01)), rand(50, np.float64), g), expected)
+
+
+def test_numpy_scalars_set_in_a_group_or_loaded_act_as_python_floats():
+    g = grads_for(20)
+    expected = steps(flatopt.Adam(lr=0.1, param_groups=[dict(start=0, stop=20)]), rand(20, np.float64), g)
+    opt = flatopt.Adam(lr=0.1, param_groups=[dict(start=0, stop=20)])
+    opt.param_groups[0]["lr"] = np.float64(0.1)  # edited in place: no assignment converts it
+    np.testing.assert_array_equal(steps(opt, rand(20, np.float64), g), expected)
+    sd = flatopt.Adam(lr=0.1).state_dict()
+    sd["hyperparameters"]["lr"] = np.float64(0.1)
+    loaded = flatopt.Adam(lr=0.5)
+    loaded.load_state_dict(sd)
+    assert type(loaded.lr) is float
+
+
+# --- param groups edited in place ------------------------------------------------------------
+@pytest.mark.parametrize("edit, words", [
+    (lambda gs: gs[0].update(stop=15), "inside or before group 0"),
+    (lambda gs: gs[0].update(start=-5), "need 0 <= start < stop"),
+    (lambda gs: gs[1].update(start=18, stop=12), "need 0 <= start < stop"),
+    (lambda gs: gs[1].update(stop=2.5), "'stop' must be an int"),
+    (lambda gs: gs[1].pop("start"), "needs 'start'"),
+    (lambda gs: gs.append(dict(start=20, stop=25)), "assign opt.param_groups"),
+    (lambda gs: gs.pop(0), "assign opt.param_groups"),
+])
+def test_group_ranges_edited_in_place_are_checked_before_anything_changes(edit, words):
+    opt = flatopt.Adam(lr=0.1, param_groups=[dict(start=0, stop=10), dict(start=10, stop=20)])
+    p, g = rand(30, np.float64), rand(30, np.float64, seed=1)
+    opt.step(p, g)
+    before, p_before = snapshot(opt), p.copy()
+    edit(opt.param_groups)
+    with pytest.raises((ValueError, TypeError), match=words):
+        opt.step(p, g)
+    assert_same(snapshot(opt), before)
+    np.testing.assert_array_equal(p, p_before)
+
+
+def test_group_range_moved_in_place_is_used_like_an_assigned_one():
+    g = grads_for(30)
+    edited = flatopt.SGD(lr=0.1, momentum=0.9, param_groups=[dict(start=0, stop=10), dict(start=10, stop=20)])
+    assigned = copy.deepcopy(edited)
+    p1, p2 = rand(30, np.float64), rand(30, np.float64)
+    for opt, p in ((edited, p1), (assigned, p2)):
+        opt.step(p, g[0])
+    edited.param_groups[1]["stop"] = 25
+    assigned.param_groups = [dict(start=0, stop=10), dict(start=10, stop=25)]
+    for opt, p in ((edited, p1), (assigned, p2)):
+        steps(opt, p, g[1:])
+    np.testing.assert_array_equal(p1, p2)
+
+
+# --- the state assigned or replaced --------------------------------------------------------
+@pytest.mark.parametrize("reset", [
+    lambda opt: setattr(opt, "state", {}),
+    lambda opt: opt.state.clear(),
+    lambda opt: [opt.state.pop(k) for k in list(opt.state)],
+])
+def test_state_reset_starts_the_buffers_over(reset):
+    """torch restarts an optimizer whose state was cleared; the core keeps its step counts in
+    ``group_state``, so a reset of both equals a fresh optimizer."""
+    g = grads_for(40, count=6)
+    fresh = steps(flatopt.Adam(lr=0.01, amsgrad=True), steps(flatopt.Adam(lr=0.01, amsgrad=True),
+                                                               rand(40, np.float64), g[:3]), g[3:])
+    opt = flatopt.Adam(lr=0.01, amsgrad=True)
+    p = steps(opt, rand(40, np.float64), g[:3])
+    reset(opt)
+    opt.group_state = [{"step": 0}]
+    np.testing.assert_array_equal(steps(opt, p, g[3:]), fresh)
+    assert set(opt.state) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+
+
+def test_state_buffer_replaced_by_item_is_copied_in_at_the_next_step():
+    g = grads_for(40, count=4)
+    reference = flatopt.RMSprop(lr=0.01, momentum=0.9)
+    p_ref = steps(reference, rand(40, np.float64), g[:2])
+    reference.state["momentum_buffer"][:] = 0.5  # in place: always worked
+    opt = flatopt.RMSprop(lr=0.01, momentum=0.9)
+    p = steps(opt, rand(40, np.float64), g[:2])
+    mine = np.full(40, 0.5)
+    opt.state["momentum_buffer"] = mine  # replaced: used from the next step on
+    np.testing.assert_array_equal(steps(opt, p, g[2:]), steps(reference, p_ref, g[2:]))
+    np.testing.assert_array_equal(mine, 0.5)  # copied in, as load_state_dict copies
+
+
+def test_replaced_state_of_the_wrong_length_or_dtype_is_refused():
+    opt = flatopt.Adam(lr=0.01)
+    p, g = rand(40, np.float64), rand(40, np.float64, seed=1)
+    opt.step(p, g)
+    opt.state["exp_avg"] = np.zeros(39)
+    with pytest.raises(ValueError, match="made for 39"):
+        opt.step(p, g)
+    opt.state = {"exp_avg": np.zeros(40, np.float32), "exp_avg_sq": np.zeros(40, np.float32)}
+    with pytest.raises(TypeError, match="does not match the optimizer state's dtype"):
+        opt.step(p, g)
+
+
+def test_state_survives_pickle_and_deepcopy_as_a_watched_dict():
+    opt = flatopt.Adam(lr=0.01)
+    opt.step(rand(10, np.float64), rand(10, np.float64, seed=1))
+    for clone in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
+        clone.state.clear()
+        clone.group_state = [{"step": 0}]
+        p = rand(10, np.float64)
+        clone.step(p, rand(10, np.float64, seed=1))
+        np.testing.assert_array_equal(p, steps(flatopt.Adam(lr=0.01), rand(10, np.float64),
+                                                [rand(10, np.float64, seed=1)]))
+
+
+# --- checkpoints with callables in groups -------------------------------------------------------
+def test_callable_group_lr_is_not_saved_and_the_loader_keeps_its_own():
+    def schedule(t):
+        return 0.1 / (1 + t)
+
+    groups = [dict(start=0, stop=10, lr=schedule), dict(start=10, stop=20)]
+    g = grads_for(20, count=6)
+    straight = steps(flatopt.Adam(lr=0.01, param_groups=groups), rand(20, np.float64), g)
+    first = flatopt.Adam(lr=0.01, param_groups=groups)
+    p = steps(first, rand(20, np.float64), g[:3])
+    sd = pickle.loads(pickle.dumps(first.state_dict()))  # picklable: no function inside
+    assert "lr" not in sd["param_groups"][0]
+    second = flatopt.Adam(lr=0.01, param_groups=groups)
+    second.load_state_dict(sd)
+    assert second.param_groups[0]["lr"] is schedule
+    np.testing.assert_array_equal(steps(second, p, g[3:]), straight)
+
+
+# --- ADOPT's clip bound ---------------------------------------------------------------------
+@pytest.mark.parametrize("bound", [math.nan, -1.0])
+def test_adopt_clip_bound_must_be_a_non_negative_number(bound):
+    opt = flatopt.ADOPT(lr=0.1, clip_lambda=lambda t: bound)
+    p, g = rand(8, np.float64), rand(8, np.float64, seed=1)
+    opt.step(p, g)  # the first step only initialises exp_avg_sq: no clipping yet
+    before, p_before = snapshot(opt), p.copy()
+    with pytest.raises(ValueError, match=r"clip_lambda\(1\) returned"):
+        opt.step(p, g)
+    assert_same(snapshot(opt), before)
+    np.testing.assert_array_equal(p, p_before)
+
+
+# --- Lookahead syncs only what the inner optimizer updates --------------------------------------
+def test_lookahead_leaves_frozen_groups_and_ungrouped_elements_alone():
+    inner = flatopt.SGD(lr=0.1, param_groups=[dict(start=0, stop=10), dict(start=10, stop=20, frozen=True)])
+    la = flatopt.Lookahead(inner, k=2, alpha=0.5)
+    p, g = rand(30, np.float64), rand(30, np.float64, seed=1)
+    la.step(p, g)
+    p[10:] = 100.0  # set by hand: neither updated nor pulled back
+    la.step(p, g)
+    np.testing.assert_array_equal(p[10:], 100.0)
+    # the active group follows the rule: slow += alpha (fast - slow), fast = slow
+    q = rand(30, np.float64)[:10]
+    slow = q.copy()
+    for _ in range(2):
+        q = q - 0.1 * g[:10]
+    np.testing.assert_allclose(p[:10], 0.5 * q + 0.5 * slow, rtol=1e-15)
