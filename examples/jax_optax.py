@@ -1,4 +1,4 @@
-"""A small JAX model trained in an ordinary optax loop, with flatopt's AdamW as the transformation.
+"""A small JAX model trained in a jitted optax loop, with flatopt's AdamW as the transformation.
 
     pip install -e ".[jax]" && python examples/jax_optax.py
 """
@@ -22,13 +22,19 @@ def loss_fn(p):
     return jnp.mean((h @ p["out"]["w"] + p["out"]["b"] - y) ** 2)
 
 
-grad_fn = jax.jit(jax.value_and_grad(loss_fn))
 tx = as_optax(flatopt.AdamW(lr=1e-2, weight_decay=1e-4))   # the whole pytree: one flat buffer, one kernel call
-state = tx.init(params)
-for step in range(300):
-    loss, grads = grad_fn(params)
+state = tx.init(params)                                      # a pytree of arrays, as optax's own states
+
+
+@jax.jit                                                     # tx.update works inside jit (a jax.pure_callback)
+def train_step(params, state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, state = tx.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), state, loss
+
+
+for step in range(300):
+    params, state, loss = train_step(params, state)
     if step % 50 == 0:
         print(f"step {step:3d}  loss {float(loss):.5f}")
 print(f"final loss {float(loss_fn(params)):.5f}")

@@ -1,13 +1,36 @@
 """JAX adapter: pytrees flattened to one flat buffer (``jax.flatten_util.ravel_pytree``), so
 each step is one flatopt kernel call however many leaves the tree has.
 
-* :func:`as_optax` wraps a flatopt optimizer as an optax ``GradientTransformation``
-  (``init`` / ``update``) for an ordinary optax loop, outside ``jax.jit``.
+* :func:`as_optax` wraps a flatopt optimizer as an optax ``GradientTransformation``.  It is
+  a pure one, as optax's own: ``init`` returns a fresh state that is a pytree of arrays (the
+  optimizer's flat state buffers and its step counters, :class:`FlatoptState`), and
+  ``update`` returns a new state without changing the one it was given.  The optimizer
+  passed in only supplies hyperparameters and param groups; it is copied by ``as_optax``
+  and never stepped.  So the transformation composes with ``jax.jit``, ``optax.chain``,
+  ``optax.apply_if_finite``, ``optax.MultiSteps`` and anything else that treats the state
+  as a value.
 * :class:`TreeOptimizer` is the direct path: pytree of gradients in, updated pytree of
-  parameters out, with the flat master copy kept between steps.
+  parameters out, with the flat master copy and the optimizer's state kept between steps.
+
+Why ``jax.pure_callback``: the update runs flatopt's Numba kernel, which works on NumPy
+buffers on the host, not on JAX tracers.  So ``update`` is a jitted function (the caller's
+``jax.jit`` or, called eagerly, its own) that flattens the trees and hands the flat buffers
+and the state to a host function through ``pure_callback``, with the result shapes and
+dtypes of the parameters and of the state ``init`` made.  The host function steps a private
+copy of the optimizer on NumPy copies and returns the updates and the new state, so the
+numbers are those of ``opt.step`` on the same flat buffer, bit for bit, under ``jax.jit``
+or not.  The step runs on the host's CPU kernels, also when JAX computes on a GPU.
 """
+import copy
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+
+from flatopt.lookahead import Lookahead
+from flatopt.optimizers import Optimizer
 
 
 def _flat(tree):
@@ -16,38 +39,70 @@ def _flat(tree):
     return np.asarray(flat), unravel
 
 
-class _FlatState:
-    """optax state of :func:`as_optax`: the optimizer's own state stays in ``opt``."""
+class FlatoptState(NamedTuple):
+    """:func:`as_optax`'s state for a flatopt optimizer."""
+    counters: dict  # entry of the optimizer's group_state ('step', ...) -> int32 array, one per param group
+    buffers: dict  # state buffer name ('exp_avg', ...) -> flat array in the parameters' dtype
 
-    def __init__(self, opt):
-        self.opt = opt
 
-    def __repr__(self):
-        return f"FlatoptState({self.opt!r})"
+class LookaheadState(NamedTuple):
+    """:func:`as_optax`'s state for :class:`flatopt.Lookahead`."""
+    inner: FlatoptState
+    slow: jax.Array  # the slow weights; unused until the first update (step_count 0)
+    step_count: jax.Array  # int32 scalar: inner steps taken
 
 
 def as_optax(opt):
-    """``opt`` as an optax ``GradientTransformation``.
+    """``opt`` (a flatopt optimizer or ``Lookahead``) as an optax ``GradientTransformation``.
 
-    ``update(grads, state, params)`` returns ``updates = new_params - params`` computed in
-    the parameters' dtype by one kernel call on a flat copy of ``params``.  ``params`` is
-    required (flatopt's rules read the parameters: weight decay, and the update itself).
+    ``update(grads, state, params)`` returns ``updates = new_params - params`` in the
+    parameters' dtype, where ``new_params`` is what ``opt.step`` computes from a flat copy
+    of ``params`` (one kernel call), and the new state.  ``params`` is required (flatopt's
+    rules read the parameters: weight decay, and the update itself).  ``opt`` is copied
+    here: later changes to it do not reach the transformation, and its own state (if it
+    was stepped directly) is not used.
     """
+    if not isinstance(opt, (Optimizer, Lookahead)):
+        raise TypeError(f"as_optax wraps a flatopt optimizer or Lookahead, got {type(opt).__name__}")
+    template = copy.deepcopy(opt)
+    template.load_state_dict(_fresh_checkpoint(template))
+    base = template.state_dict()  # hyperparameters and groups; the state part is replaced at each update
+
+    def host_update(grads, state, params):
+        """One step on NumPy copies: returns (flat updates, new state); changes none of its inputs."""
+        grads, state, params = jax.tree_util.tree_map(np.asarray, (grads, state, params))  # zero-copy views
+        worker = copy.deepcopy(template)
+        worker.load_state_dict(_checkpoint(base, state))  # load_state_dict copies the buffers
+        new_params = np.array(params, copy=True)
+        worker.step(new_params, grads)
+        return np.subtract(new_params, params), _read_state(worker, state)
 
     def init(params):
-        del params
-        return _FlatState(opt)
+        flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
+        if flat.dtype not in (np.float32, np.float64):
+            raise TypeError(f"params have dtype {flat.dtype}; flatopt supports float32 and float64")
+        return _fresh_state(template, flat.size, flat.dtype)
+
+    @jax.jit
+    def traced_update(grads, state, params):  # the checks run when it is traced (once per shapes)
+        flat_params, unravel = ravel_pytree(params)
+        flat_grads, _ = ravel_pytree(grads)
+        n, dtype = flat_params.size, flat_params.dtype
+        if flat_grads.size != n:
+            raise ValueError(f"grads have {flat_grads.size} elements but params have {n}")
+        shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(grads)]
+        if shapes != [jnp.shape(x) for x in jax.tree_util.tree_leaves(params)]:
+            raise ValueError(f"grads' leaf shapes {shapes} do not match params'")
+        _check_state(template, state, n, dtype)
+        like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (flat_params, state))
+        flat_updates, new_state = jax.pure_callback(host_update, like, flat_grads.astype(dtype), state, flat_params,
+                                                    vmap_method="sequential")
+        return unravel(flat_updates), new_state
 
     def update(grads, state, params=None):
         if params is None:
             raise ValueError("flatopt's optax transformation needs params: tx.update(grads, state, params)")
-        flat_params, unravel = _flat(params)
-        new_params = np.array(flat_params, copy=True)
-        flat_grads, _ = _flat(grads)
-        if flat_grads.shape != new_params.shape:
-            raise ValueError(f"grads have {flat_grads.size} elements but params have {new_params.size}")
-        state.opt.step(new_params, flat_grads)
-        return unravel(np.subtract(new_params, flat_params)), state
+        return traced_update(grads, state, params)
 
     try:
         import optax
@@ -55,6 +110,65 @@ def as_optax(opt):
         from types import SimpleNamespace
         return SimpleNamespace(init=init, update=update)
     return optax.GradientTransformation(init, update)
+
+
+def _fresh_checkpoint(opt):
+    """``opt``'s checkpoint with the state of a fresh optimizer (no buffers, counters at their start)."""
+    sd = opt.state_dict()
+    if isinstance(opt, Lookahead):
+        return dict(sd, step_count=0, slow=None, inner=_fresh_checkpoint(opt.inner))
+    return dict(sd, group_state=[opt._new_group_state() for _ in sd["group_state"]], state={})
+
+
+def _fresh_state(opt, n, dtype):
+    """init's state: zero buffers (those the hyperparameters need) and fresh counters."""
+    if isinstance(opt, Lookahead):
+        return LookaheadState(_fresh_state(opt.inner, n, dtype), jnp.zeros(n, dtype), jnp.zeros((), jnp.int32))
+    groups = opt.param_groups
+    if groups and groups[-1]["stop"] > n:
+        raise ValueError(f"param groups reach element {groups[-1]['stop']} but params have {n} elements")
+    needs = {name for group in (groups or [None]) for name in opt._needs(opt._resolve(group, 0))}
+    counters = {key: jnp.full(len(opt.group_state), int(value), jnp.int32)
+                for key, value in opt._new_group_state().items()}
+    return FlatoptState(counters, {name: jnp.zeros(n, dtype) for name in opt.state_names if name in needs})
+
+
+def _check_state(opt, state, n, dtype):
+    """Clear errors (also under jit) for a state that init did not make for these params."""
+    kind = LookaheadState if isinstance(opt, Lookahead) else FlatoptState
+    if not isinstance(state, kind):
+        raise TypeError(f"state must be the {kind.__name__} tx.init(params) returned, got {type(state).__name__}")
+    inner = state.inner if isinstance(state, LookaheadState) else state
+    flat = list(inner.buffers.values()) + ([state.slow] if isinstance(state, LookaheadState) else [])
+    for buf in flat:
+        if jnp.shape(buf) != (n,):
+            raise ValueError(f"the state was made for {jnp.shape(buf)} elements but params have {n}: "
+                             "call tx.init(params)")
+        if buf.dtype != dtype:
+            raise TypeError(f"the state has dtype {buf.dtype} but params have {dtype}: call tx.init(params)")
+
+
+def _checkpoint(base, state):
+    """The checkpoint (``load_state_dict``'s format) of ``base``'s optimizer in ``state``."""
+    if isinstance(state, LookaheadState):
+        step_count = int(state.step_count)
+        return dict(base, step_count=step_count, slow=np.asarray(state.slow) if step_count else None,
+                    inner=_checkpoint(base["inner"], state.inner))
+    group_state = [{key: type(value)(int(state.counters[key][i])) for key, value in fresh.items()}
+                   for i, fresh in enumerate(base["group_state"])]
+    return dict(base, group_state=group_state, state={k: np.asarray(v) for k, v in state.buffers.items()})
+
+
+def _read_state(opt, like):
+    """``opt``'s state after its step, as the NumPy pytree ``like`` (the state it started from)."""
+    if isinstance(like, LookaheadState):
+        return LookaheadState(_read_state(opt.inner, like.inner), opt.slow,
+                              np.asarray(opt.step_count, np.int32))
+    extra = set(opt.state) - set(like.buffers)
+    if extra:  # cannot happen with the hyperparameters init saw; a guard against silently lost state
+        raise RuntimeError(f"the step made state buffers {sorted(extra)} that init did not")
+    counters = {key: np.array([s[key] for s in opt.group_state], np.int32) for key in like.counters}
+    return FlatoptState(counters, {name: opt.state[name] for name in like.buffers})
 
 
 class TreeOptimizer:

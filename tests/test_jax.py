@@ -1,38 +1,65 @@
-"""JAX adapter: trajectories of as_optax / TreeOptimizer against optax's own optimizers."""
-import subprocess
-import sys
-
+"""JAX adapter: as_optax against optax's own optimizers and against the core optimizer on the
+same flat buffer; as_optax as a pure optax transformation (fresh inits, pure updates, jit,
+chain, apply_if_finite, MultiSteps); TreeOptimizer."""
 import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import flatopt  # noqa: E402
-from flatopt.jax import TreeOptimizer, as_optax  # noqa: E402
+from flatopt.jax import FlatoptState, LookaheadState, TreeOptimizer, as_optax  # noqa: E402
 
 
-def tree(seed, scale=1.0):
+def tree(seed, scale=1.0, dtype=jnp.float32):
     rng = np.random.default_rng(seed)
-    leaf = lambda *shape: jnp.asarray(scale * rng.standard_normal(shape), dtype=jnp.float32)
-    return {"dense": {"w": leaf(7, 5), "b": leaf(5)}, "layers": [leaf(3, 2, 2), (leaf(1), leaf(11))]}
+    leaf = lambda *shape: jnp.asarray(scale * rng.standard_normal(shape), dtype=dtype)
+    return {"dense": {"w": leaf(7, 5), "b": leaf(5)}, "layers": [leaf(3, 2, 2), (leaf(1), leaf(11))]}  # 64 elements
 
+
+def flat(t):
+    return np.asarray(ravel_pytree(t)[0])
+
+
+def host(t):
+    """A NumPy copy of a pytree's leaves, to compare later."""
+    return jax.tree_util.tree_map(lambda x: np.array(x, copy=True), t)
+
+
+def assert_trees_equal(a, b):
+    """Same structure, same dtypes, same bits."""
+    assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(x, y)
+
+
+def optax_loop(tx, params, grads_list, update=None):
+    update = update or tx.update
+    state = tx.init(params)
+    for grads in grads_list:
+        updates, state = update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+def worst_relative(ours, theirs):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))) / np.max(np.abs(np.asarray(y))))
+               for x, y in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)))
+
+
+# --- against optax's own optimizers -------------------------------------------------------
 
 CASES = [
     (lambda: flatopt.SGD(lr=0.05), lambda: optax.sgd(0.05)),
     (lambda: flatopt.SGD(lr=0.05, momentum=0.9), lambda: optax.sgd(0.05, momentum=0.9)),
+    (lambda: flatopt.SGD(lr=0.05, momentum=0.9, nesterov=True), lambda: optax.sgd(0.05, momentum=0.9, nesterov=True)),
     (lambda: flatopt.Adam(lr=1e-2), lambda: optax.adam(1e-2)),
     (lambda: flatopt.AdamW(lr=1e-2, weight_decay=0.1), lambda: optax.adamw(1e-2, weight_decay=0.1)),
 ]
-
-
-def optax_loop(tx, params, grads_list):
-    state = tx.init(params)
-    for grads in grads_list:
-        updates, state = tx.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-    return params
 
 
 @pytest.mark.parametrize("make_flat, make_optax", CASES)
@@ -43,6 +70,16 @@ def test_as_optax_matches_optax_float32(make_flat, make_optax):
     for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("make_flat, make_optax", CASES)
+def test_as_optax_matches_optax_float64_to_1e12(make_flat, make_optax):
+    with jax.enable_x64(True):
+        params, grads_list = tree(0, dtype=jnp.float64), [tree(s, 0.1, jnp.float64) for s in range(1, 61)]
+        ours = optax_loop(as_optax(make_flat()), params, grads_list)
+        theirs = optax_loop(make_optax(), params, grads_list)
+        assert all(x.dtype == jnp.float64 for x in jax.tree_util.tree_leaves(ours))
+        assert worst_relative(ours, theirs) < 1e-12
 
 
 @pytest.mark.parametrize("make_flat, make_optax", CASES)
@@ -57,40 +94,194 @@ def test_tree_optimizer_matches_optax_float32(make_flat, make_optax):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)
 
 
-X64 = r"""
-import jax, numpy as np, optax
-jax.config.update("jax_enable_x64", True)
-import jax.numpy as jnp, flatopt
-from flatopt.jax import as_optax, TreeOptimizer
-rng = np.random.default_rng(0)
-params = {"a": jnp.asarray(rng.standard_normal((4, 3))), "b": [jnp.asarray(rng.standard_normal(6))]}
-grads = [jax.tree_util.tree_map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape)), params) for _ in range(60)]
-def loop(tx):
-    p, s = params, tx.init(params)
-    for g in grads:
-        u, s = tx.update(g, s, p); p = optax.apply_updates(p, u)
-    return p
-worst = 0.0
-for ours, theirs in [(flatopt.Adam(lr=1e-2), optax.adam(1e-2)), (flatopt.AdamW(lr=1e-2, weight_decay=0.1), optax.adamw(1e-2, weight_decay=0.1)),
-                     (flatopt.SGD(lr=0.05, momentum=0.9), optax.sgd(0.05, momentum=0.9))]:
-    a, b = loop(as_optax(ours)), loop(theirs)
-    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        assert x.dtype == jnp.float64
-        worst = max(worst, float(np.max(np.abs(np.asarray(x) - np.asarray(y)) / np.max(np.abs(np.asarray(y))))))
-t = TreeOptimizer(flatopt.Adam(lr=1e-2), params)
-for g in grads: out = t.step(g)
-ref = loop(optax.adam(1e-2))
-for x, y in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(ref)):
-    worst = max(worst, float(np.max(np.abs(np.asarray(x) - np.asarray(y)) / np.max(np.abs(np.asarray(y))))))
-print(worst)
-"""
+def test_tree_optimizer_float64_matches_optax_to_1e12():
+    with jax.enable_x64(True):
+        params, grads_list = tree(0, dtype=jnp.float64), [tree(s, 0.1, jnp.float64) for s in range(1, 61)]
+        tree_opt = TreeOptimizer(flatopt.Adam(lr=1e-2), params)
+        for grads in grads_list:
+            ours = tree_opt.step(grads)
+        assert worst_relative(ours, optax_loop(optax.adam(1e-2), params, grads_list)) < 1e-12
 
 
-def test_float64_with_x64_matches_optax_to_1e12():
-    # x64 is process-global in JAX: run it in its own interpreter so no other test sees it.
-    out = subprocess.run([sys.executable, "-c", X64], capture_output=True, text=True, check=True).stdout
-    assert float(out.strip()) < 1e-12
+# --- against the core optimizer on the same flat buffer: bit for bit ------------------------
 
+CORE = {
+    "sgd": lambda: flatopt.SGD(lr=0.05),
+    "sgd-nesterov-l2": lambda: flatopt.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    "momentum": lambda: flatopt.Momentum(lr=0.05, beta=0.8),
+    "rmsprop-centered": lambda: flatopt.RMSprop(lr=1e-2, momentum=0.5, centered=True),
+    "adam-amsgrad": lambda: flatopt.Adam(lr=1e-2, amsgrad=True),
+    "adamw-lr-schedule": lambda: flatopt.AdamW(lr=lambda t: 1e-2 / (1 + t), weight_decay=0.1),
+    "adopt": lambda: flatopt.ADOPT(lr=1e-2),
+    "param-groups": lambda: flatopt.AdamW(lr=1e-2, param_groups=[
+        {"start": 0, "stop": 20, "weight_decay": 0.0}, {"start": 20, "stop": 30, "frozen": True},
+        {"start": 30, "stop": 60, "lr": 1e-3, "amsgrad": True}]),  # elements 60-63 in no group
+    "lookahead": lambda: flatopt.Lookahead(flatopt.Adam(lr=1e-2), k=3),
+}
+
+
+def assert_state_is_core(state, core):
+    if isinstance(core, flatopt.Lookahead):
+        assert isinstance(state, LookaheadState) and int(state.step_count) == core.step_count
+        np.testing.assert_array_equal(np.asarray(state.slow), core.slow)
+        state, core = state.inner, core.inner
+    assert isinstance(state, FlatoptState)
+    assert set(state.buffers) == set(core.state)
+    for name, buf in state.buffers.items():
+        assert buf.dtype == core.state[name].dtype
+        np.testing.assert_array_equal(np.asarray(buf), core.state[name])
+    for key, counts in state.counters.items():
+        assert [int(c) for c in counts] == [int(s[key]) for s in core.group_state]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(CORE))
+def test_as_optax_equals_core_step_bitwise(name, dtype, jit):
+    with jax.enable_x64(dtype == np.float64):
+        params, grads_list = tree(0, dtype=dtype), [tree(s, 0.1, dtype) for s in range(1, 12)]
+        tx = as_optax(CORE[name]())
+        update = jax.jit(tx.update) if jit else tx.update
+        core = CORE[name]()
+        state = (jax.jit(tx.init) if jit else tx.init)(params)
+        for grads in grads_list:
+            # the core steps the loop's parameters: apply_updates' p + (new - p) may round
+            # away from new by an ulp, so the two trajectories would drift apart
+            before = flat(params).copy()
+            core_params = before.copy()
+            core.step(core_params, flat(grads))
+            updates, state = update(grads, state, params)
+            ours = flat(updates)
+            assert ours.dtype == dtype
+            np.testing.assert_array_equal(ours, core_params - before)
+            assert_state_is_core(state, core)
+            params = optax.apply_updates(params, updates)
+
+
+# --- a pure optax transformation ----------------------------------------------------------
+
+def test_inits_are_fresh_and_independent_and_opt_is_untouched():
+    opt = flatopt.Adam(lr=0.1)
+    tx = as_optax(opt)
+    params, grads = tree(0), tree(1, 0.1)
+    first = tx.init(params)
+    state = tx.init(params)
+    for _ in range(3):  # a first run
+        _, state = tx.update(grads, state, params)
+    assert [int(c) for c in state.counters["step"]] == [3]
+    again = tx.init(params)  # a new run starts fresh
+    assert_trees_equal(again, first)
+    assert [int(c) for c in again.counters["step"]] == [0]
+    assert all(not np.any(np.asarray(b)) for b in again.buffers.values())
+    other = as_optax(flatopt.Adam(lr=0.1))
+    assert_trees_equal(tx.update(grads, again, params), other.update(grads, other.init(params), params))
+    # opt only supplied the hyperparameters: never stepped, and later changes do not reach tx
+    assert opt.state == {} and opt.group_state == [{"step": 0}]
+    opt.lr = 5.0
+    assert_trees_equal(tx.update(grads, again, params), other.update(grads, other.init(params), params))
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", ["sgd-nesterov-l2", "adamw-lr-schedule", "lookahead"])
+def test_update_is_pure(name, jit):
+    tx = as_optax(CORE[name]())
+    update = jax.jit(tx.update) if jit else tx.update
+    params, grads = tree(0), tree(1, 0.1)
+    state = tx.init(params)
+    for s in range(2, 5):
+        _, state = update(tree(s, 0.1), state, params)
+    saved = host((grads, state, params))
+    first = update(grads, state, params)
+    second = update(grads, state, params)
+    assert_trees_equal(first, second)  # the same inputs give the same outputs
+    assert_trees_equal((grads, state, params), saved)  # and stay as they were
+    assert not np.array_equal(flat(first[1]), flat(state))  # while the returned state moved on
+
+
+def test_numpy_leaves_are_not_modified():
+    rng = np.random.default_rng(0)
+    params = {"w": rng.standard_normal((4, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
+    grads = {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}
+    saved = host((params, grads))
+    tx = as_optax(flatopt.AdamW(lr=0.1))
+    updates, _ = tx.update(grads, tx.init(params), params)
+    assert_trees_equal((params, grads), saved)
+    assert np.all(np.asarray(updates["b"]) < 0)
+
+
+def test_vmap_over_a_batch_of_parameter_sets():
+    tx = as_optax(flatopt.Adam(lr=0.1))
+    params, grads = [tree(0), tree(1)], [tree(2, 0.1), tree(3, 0.1)]
+    stack = lambda trees: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+    state = tx.init(params[0])
+    batched = jax.vmap(tx.update, in_axes=(0, None, 0))(stack(grads), state, stack(params))
+    assert_trees_equal(batched, stack([tx.update(g, state, p) for g, p in zip(grads, params)]))
+
+
+def test_chain_with_clip_by_global_norm_matches_optax():
+    with jax.enable_x64(True):
+        params, grads_list = tree(0, dtype=jnp.float64), [tree(s, 1.0, jnp.float64) for s in range(1, 21)]
+        assert float(optax.tree.norm(grads_list[0])) > 2  # the clip is active
+        ours = optax.chain(optax.clip_by_global_norm(1.0), as_optax(flatopt.Adam(lr=1e-2)))
+        theirs = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-2))
+        assert worst_relative(optax_loop(ours, params, grads_list), optax_loop(theirs, params, grads_list)) < 1e-12
+        assert worst_relative(optax_loop(ours, params, grads_list, jax.jit(ours.update)),
+                              optax_loop(theirs, params, grads_list)) < 1e-12
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_apply_if_finite_skips_a_nan_step(jit):
+    inner = as_optax(flatopt.Adam(lr=0.1))
+    tx = optax.apply_if_finite(inner, 3)
+    update = jax.jit(tx.update) if jit else tx.update
+    params, g1, g2 = tree(0), tree(1, 0.1), tree(2, 0.1)
+    bad = jax.tree_util.tree_map(lambda x: x.at[0].set(jnp.nan) if x.ndim == 1 else x, g1)
+    state = tx.init(params)
+    updates, state = update(g1, state, params)
+    params = optax.apply_updates(params, updates)
+    before = host((params, state.inner_state))
+    updates, state = update(bad, state, params)
+    assert all(not np.any(np.asarray(u)) for u in jax.tree_util.tree_leaves(updates))
+    params = optax.apply_updates(params, updates)
+    assert_trees_equal((params, state.inner_state), before)  # nothing moved
+    assert int(state.notfinite_count) == 1 and int(state.total_notfinite) == 1
+    updates, state = update(g2, state, params)
+    params = optax.apply_updates(params, updates)
+    assert_trees_equal(params, optax_loop(inner, tree(0), [g1, g2]))  # as if the NaN step never came
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_multisteps_accumulates(jit):
+    with jax.enable_x64(True):
+        inner = as_optax(flatopt.Adam(lr=0.1))
+        tx = optax.MultiSteps(inner, 2, accumulator_dtype=jnp.float64)  # its default accumulates in float32
+        update = jax.jit(tx.update) if jit else tx.update
+        start, grads_list = tree(0, dtype=jnp.float64), [tree(s, 0.1, jnp.float64) for s in range(1, 7)]
+        params, state = start, tx.init(start)
+        for i, grads in enumerate(grads_list):
+            updates, state = update(grads, state, params)
+            if i % 2 == 0:  # a micro step: gradients accumulated, nothing applied
+                assert all(not np.any(np.asarray(u)) for u in jax.tree_util.tree_leaves(updates))
+            params = optax.apply_updates(params, updates)
+        assert [int(c) for c in state.inner_opt_state.counters["step"]] == [3]
+        means = [jax.tree_util.tree_map(lambda a, b: a + (b - a) / 2, grads_list[i], grads_list[i + 1])
+                 for i in range(0, 6, 2)]  # MultiSteps' running mean
+        assert worst_relative(params, optax_loop(inner, start, means)) < 1e-12
+        reference = optax.MultiSteps(optax.adam(0.1), 2, accumulator_dtype=jnp.float64)
+        assert worst_relative(params, optax_loop(reference, start, grads_list)) < 1e-12
+
+
+def test_float64_state_and_mixed_leaf_dtypes():
+    with jax.enable_x64(True):
+        params = {"a": jnp.ones(3, jnp.float32), "b": jnp.ones(2, jnp.float64)}
+        tx = as_optax(flatopt.Adam(lr=0.1))
+        state = tx.init(params)  # ravel_pytree promotes: one float64 buffer
+        assert all(b.dtype == jnp.float64 and b.shape == (5,) for b in state.buffers.values())
+        updates, _ = jax.jit(tx.update)(jax.tree_util.tree_map(jnp.ones_like, params), state, params)
+        assert updates["a"].dtype == jnp.float32 and updates["b"].dtype == jnp.float64
+
+
+# --- errors ---------------------------------------------------------------------------------
 
 def test_update_needs_params_and_matching_sizes():
     tx = as_optax(flatopt.Adam())
@@ -100,7 +291,27 @@ def test_update_needs_params_and_matching_sizes():
         tx.update(params, state)
     with pytest.raises(ValueError, match="elements"):
         tx.update({"x": jnp.ones(3)}, state, params)
+    with pytest.raises(ValueError, match="shapes"):
+        tx.update(jax.tree_util.tree_map(lambda x: x.reshape(-1), params), state, params)
+    with pytest.raises(ValueError, match="tx.init"):
+        tx.update({"x": jnp.ones(3)}, state, {"x": jnp.ones(3)})
+    with pytest.raises(ValueError, match="elements"):
+        jax.jit(tx.update)({"x": jnp.ones(3)}, state, params)
+    with pytest.raises(TypeError, match="LookaheadState"):
+        as_optax(flatopt.Lookahead(flatopt.Adam())).update(params, state, params)
 
+
+def test_init_errors():
+    with pytest.raises(TypeError, match="flatopt optimizer"):
+        as_optax(optax.adam(1e-3))
+    with pytest.raises(TypeError, match="float32 and float64"):
+        as_optax(flatopt.Adam()).init({"x": jnp.ones(3, jnp.bfloat16)})
+    tx = as_optax(flatopt.Adam(param_groups=[{"start": 0, "stop": 10}]))
+    with pytest.raises(ValueError, match="param groups reach element 10"):
+        tx.init({"x": jnp.ones(3)})
+
+
+# --- TreeOptimizer --------------------------------------------------------------------------
 
 def test_tree_optimizer_checkpoint_round_trip():
     params, grads_list = tree(0), [tree(s, 0.1) for s in range(1, 9)]
