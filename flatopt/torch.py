@@ -1,10 +1,15 @@
 """PyTorch adapter: ``torch.optim.Optimizer`` subclasses that run one flatopt kernel per
 (device, dtype) of parameters, on flat buffers the parameters live in (zero copy).
 
-* ``SGD``, ``RMSprop``, ``Adam``, ``AdamW``, ``ADOPT`` take ``params`` (tensors or param
-  group dicts) and the keyword arguments of ``flatopt.SGD`` etc.  Param groups,
-  ``add_param_group``, ``state_dict`` / ``load_state_dict``, lr schedulers, ``GradScaler``
-  and ``clip_grad_norm_`` work as with ``torch.optim`` (the machinery is torch's own).
+* ``SGD``, ``RMSprop``, ``Adam`` and ``AdamW`` take torch 2.13's arguments (same names, order and
+  defaults, positional too); ``ADOPT`` takes :class:`flatopt.ADOPT`'s.  torch's implementation
+  flags (``foreach``, ``fused``, ``capturable``, ``differentiable``) are accepted and recorded in
+  the param groups, as torch records them; ``foreach`` and ``fused`` change nothing (a step is
+  always one fused kernel per bucket), ``capturable=True`` and ``differentiable=True`` raise a
+  ``ValueError`` (the step runs host code: no CUDA graph capture, no autograd through it).
+  Param groups, ``add_param_group``, ``state_dict`` / ``load_state_dict`` (checkpoints of older
+  torch releases too: missing group keys get torch's defaults), lr schedulers, ``GradScaler``,
+  ``clip_grad_norm_``, ``copy.deepcopy`` and pickling work as with ``torch.optim``.
 * At construction every parameter's storage moves into one contiguous flat buffer per
   (device, dtype): ``p.data`` becomes a view of it.  From the first step on, ``p.grad`` is
   a view of a flat gradient buffer, so with ``zero_grad(set_to_none=False)`` backward
@@ -13,19 +18,47 @@
   step.  (Gradients are not pre-assigned at construction: a parameter that never got a
   gradient must stay ``None`` so that it is skipped, as torch skips it.)
 * Parameters whose ``.grad`` is ``None`` are skipped: no update, no decay, no state or
-  step change.  Replaced ``.grad`` / ``.data`` tensors are copied in and re-pointed at the
-  flat views before the step.
+  step change.  Replaced ``.grad`` / ``.data`` tensors (new memory) are copied in and
+  re-pointed at the flat views before the step.
 * ``state[p]`` holds torch's names (``step``, ``exp_avg``, ``exp_avg_sq``,
   ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ``grad_avg``) as views of the
-  flat state buffers; ``step`` is a float32 scalar view of one per-bucket step array.
+  flat state buffers, only the buffers ``p``'s group uses (SGD: ``momentum_buffer`` alone, and
+  no entry at ``momentum=0``, as torch); ``step`` is a float32 scalar view of one per-bucket
+  step array.  Zero-size parameters get state and step counts as in torch.
+* Editing the state as torch allows is seen at the next step: ``opt.state = ...``,
+  ``opt.state.clear()``, ``del opt.state[p]`` or ``opt.state[p].clear()`` restart those
+  parameters' state (step 0, zero buffers); ``opt.state[p]['exp_avg'] = t`` or
+  ``opt.state[p]['step'] = t`` copies ``t`` into the flat state.  (``opt.state`` and its
+  dicts note such edits, so that a step checks them at O(1) cost.)  In-place changes of a
+  state buffer (``exp_avg.zero_()``, ``copy_``) act directly: the buffers are views.
+* Editing ``param_groups[i]['params']`` (append, remove, replace an element, assign a new
+  list) or appending to ``param_groups`` is seen at the next step or ``zero_grad``, as
+  torch reads the lists then (the lists note edits too): the parameters are laid out
+  again; those that stay keep their state, those removed lose it.
+* A parameter whose dtype or device changed (``model.double()``, ``p.data =
+  p.data.cuda()``) raises a ``RuntimeError`` at the next step, before any update: build a
+  new optimizer.  A parameter listed twice (torch warns, updates it twice per step, and
+  plans to make it an error) raises a ``ValueError``: list it once.
 * ``Lookahead(optimizer, k=5, alpha=0.5)`` wraps any torch optimizer (per tensor); around a
   flatopt.torch optimizer its slow weights mirror the flat buffers, so the every-``k``
   pull is two tensor ops per buffer.
+
+Not seen (checking would cost a pass over every parameter at every step, as much as the
+rest of the step's Python on a model of a few hundred tensors):
+
+* ``p.data = p.data.t()`` (or any view with the same first element but other strides): the
+  flat view stays in place and updates land in the old layout.  Replace ``.data`` by a
+  tensor with its own memory (``p.data = p.data.t().contiguous()``).
+* An in-place change of a ``step`` tensor (``state[p]['step'].zero_()``): the kernel keeps
+  its own counts.  Assign a new tensor instead (``state[p]['step'] = torch.tensor(0.)``).
 
 CUDA parameters go to the core as tensors (its backend reads ``__cuda_array_interface__``); they
 are tested on a real GPU (``tests/gpu/test_gpu_torch.py``).  Not supported: sparse gradients,
 complex and half dtypes.
 """
+import functools
+import inspect
+import warnings
 from collections import OrderedDict, defaultdict
 from contextlib import contextmanager
 from operator import attrgetter, is_
@@ -42,6 +75,7 @@ __all__ = ["SGD", "RMSprop", "Adam", "AdamW", "ADOPT", "Lookahead"]
 _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 _data_ptr = torch.Tensor.data_ptr
 _grad_of = attrgetter("grad")
+_DUPLICATE_WARNING = "optimizer contains a parameter group with duplicate parameters"
 
 
 def _number(value):
@@ -68,6 +102,135 @@ def _global_hooks_or_profiler():
                 or torch.autograd.profiler._is_profiler_enabled or torch.autograd._profiler_enabled())
 
 
+def _check_flags(group):
+    """torch's implementation flags: ``foreach`` and ``fused`` are recorded only (a flatopt step
+    is one fused kernel anyway); the two that promise what a flatopt step cannot do raise."""
+    if group.get("differentiable"):
+        raise ValueError("flatopt.torch does not support differentiable=True: its step runs outside autograd")
+    if group.get("capturable"):
+        raise ValueError("flatopt.torch does not support capturable=True: its step runs host code, "
+                         "which a CUDA graph cannot capture")
+
+
+def _check_param(p):
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {torch.typename(p)}")
+    if p.dtype not in _NP_DTYPES:
+        raise TypeError(f"flatopt.torch supports float32 and float64 parameters, got {p.dtype}")
+    if p.is_sparse:
+        raise TypeError("flatopt.torch does not support sparse parameters")
+    if not (p.is_leaf or p.retains_grad):
+        raise ValueError("can't optimize a non-leaf Tensor")
+
+
+def _check_unique(params):
+    if len({id(p) for p in params}) != len(params):
+        raise ValueError("a parameter is listed twice in param_groups; flatopt.torch lays each parameter out "
+                         "once: list it once (torch warns, updates it twice per step, and plans to make this "
+                         "an error)")
+
+
+def _moved_error(p, device, dtype):
+    return RuntimeError(f"a parameter changed from {dtype} on {device} to {p.dtype} on {p.device} after the "
+                        "optimizer was built (e.g. model.double() or .to()); flatopt.torch keeps one flat buffer "
+                        "per (device, dtype): build a new optimizer")
+
+
+def _unaliased(src, bufs):
+    """``src``, cloned if it shares memory with one of ``bufs``: it is about to be copied into
+    them, and a copy between overlapping memory is refused (or reads what it already wrote)."""
+    ptr = src.untyped_storage().data_ptr()
+    return src.clone() if any(ptr == buf.untyped_storage().data_ptr() for buf in bufs) else src
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_defaults(cls):
+    """The defaults of the flatopt.torch class's ``__init__`` that ``cls`` is or derives from:
+    what torch's ``__setstate__`` fills into the groups of an older checkpoint that lacks a key."""
+    public = next(c for c in cls.__mro__ if c.__module__ == __name__ and c.__name__ in __all__)
+    return {name: p.default for name, p in inspect.signature(public.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+# --- opt.state and the groups' params lists, noting edits ---------------------------------------
+
+class _Edits:
+    """A flag, set when ``opt.state``, one of its dicts or a group's ``params`` list is edited
+    from outside, so that the next step sees the edit at O(1) cost and takes it in (the
+    optimizer itself writes through ``dict``'s own methods, which leave it alone).  Also the
+    ``default_factory`` of ``opt.state``: a parameter's new dict notes edits too."""
+    __slots__ = ("edited",)
+
+    def __init__(self):
+        self.edited = False
+
+    def __call__(self):
+        return _ParamState(self)
+
+    def __reduce__(self):
+        return _Edits, ()
+
+
+def _noting_edits(method):
+    def edit(self, *args, **kwargs):
+        self._edits.edited = True
+        return method(self, *args, **kwargs)
+    return functools.wraps(method)(edit)
+
+
+class _ParamState(dict):
+    """``opt.state[p]``: a dict that notes edits."""
+
+    def __init__(self, edits, entries=()):
+        dict.__init__(self, entries)
+        self._edits = edits
+
+    def __reduce__(self):  # pickle restores a dict's items before its attributes: pass both at once
+        return type(self), (self._edits, dict(self))
+
+
+class _State(defaultdict):
+    """``opt.state``: torch's ``defaultdict(dict)``, noting edits."""
+
+    def __init__(self, edits, entries=()):
+        defaultdict.__init__(self, edits, entries)
+
+    @property
+    def _edits(self):
+        return self.default_factory
+
+    def __reduce__(self):
+        return type(self), (self.default_factory, dict(self))
+
+
+class _ParamList(list):
+    """A group's ``params``: a list that notes edits (torch reads the list at every step)."""
+
+    def __init__(self, edits, params=()):
+        list.__init__(self, params)
+        self._edits = edits
+
+    def __reduce__(self):
+        return type(self), (self._edits, list(self))
+
+
+_DICT_EDITS = ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem", "setdefault", "update")
+_LIST_EDITS = ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "pop", "remove",
+               "clear", "sort", "reverse")
+for _cls, _base, _names in ((_ParamState, dict, _DICT_EDITS), (_State, dict, _DICT_EDITS),
+                            (_ParamList, list, _LIST_EDITS)):
+    for _name in _names:
+        setattr(_cls, _name, _noting_edits(getattr(_base, _name)))
+del _cls, _base, _names, _name
+
+_MISSING = object()
+
+
+def _unchanged(entries, installed):
+    """Whether a state dict still holds exactly what the optimizer installed."""
+    return len(entries) == len(installed) and all(dict.get(entries, k, _MISSING) is v for k, v in installed.items())
+
+
 class _Bucket:
     """The parameters of one (device, dtype): flat buffers, layout and one core optimizer."""
 
@@ -79,7 +242,10 @@ class _Bucket:
         self.steps = np.zeros(0, np.float32)   # per-param step counts (torch's state["step"])
         self.steps_t = None
         self.started = np.zeros(0, bool)       # SGD: the momentum buffer exists
-        self.layout_key = self.layout = None
+        self.installed = []  # per param: the dict this optimizer put in opt.state, or None
+        self.entries = []  # per param: the entries it put there (to see which were replaced)
+        self.layout_key = None
+        self.runs = self.spans = ()  # see _layout
         self.core_groups_key = None  # the hyperparameters the core has, one tuple per run
         self.group_values = None  # the torch groups' values they were read from
         self.volatile = False  # whether those values must be read again every step
@@ -92,99 +258,171 @@ def _as_tensor(buf, device):
 
 class _FlatOptimizer(torch.optim.Optimizer):
     _core_cls = None
+    _step_in_state = True  # torch keeps state["step"] (not SGD)
 
-    def __init__(self, params, **kwargs):
-        self._core_kwargs = dict(kwargs)
-        proto = self._core_cls(**kwargs)  # validates with torch's messages
+    def __init__(self, params, defaults):
+        """``defaults``: the group defaults in torch's order, the core's hyperparameters and
+        torch's implementation flags (the subclasses take torch's signatures)."""
+        core_args = inspect.signature(self._core_cls).parameters
+        self._core_kwargs = {k: v for k, v in defaults.items() if k in core_args}
+        proto = self._core_cls(**self._core_kwargs)  # validates with torch's messages
         hp = proto.hyperparameters()
         if callable(hp["lr"]):
             raise TypeError("flatopt.torch optimizers take a number as lr; use a torch lr_scheduler for schedules")
         # callables (ADOPT's clip_lambda) stay on the core: param_groups must stay picklable
         self._core_only = {k for k, v in hp.items() if callable(v) or k == "clip_lambda"}
         self._hp_names = tuple(k for k in proto.defaults if k not in self._core_only)
-        defaults = {k: hp[k] for k in self._hp_names}
-        defaults.update(foreach=None, differentiable=False, fused=None)
-        self._buckets = {}
+        defaults = {k: v for k, v in defaults.items() if k not in self._core_only}
+        for k in self._hp_names:
+            defaults.setdefault(k, hp[k])
+        _check_flags(defaults)
+        self._init_runtime()
         self._building = True
         super().__init__(params, defaults)
         self._building = False
         self._rebuild()
 
+    def _init_runtime(self):
+        """What a pickled or copied optimizer makes anew (see ``__setstate__``)."""
+        self._buckets = {}
+        self._building = False
+        self._state_edits = _Edits()
+        self._state_seen = None  # the opt.state the last check saw
+        self._group_edits = _Edits()  # noted by the groups' params lists
+        self._groups_seen = ()  # per group: its params list, as laid out
+
     # --- groups and layout ---------------------------------------------------------------
     def add_param_group(self, param_group):
         n_before = len(self.param_groups)
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+        with warnings.catch_warnings():  # a duplicate gets the error below instead
+            warnings.filterwarnings("ignore", message=_DUPLICATE_WARNING)
+            super().add_param_group(param_group)
         try:
+            group = self.param_groups[-1]
             for p in group["params"]:
-                if p.dtype not in _NP_DTYPES:
-                    raise TypeError(f"flatopt.torch supports float32 and float64 parameters, got {p.dtype}")
-                if p.is_sparse:
-                    raise TypeError("flatopt.torch does not support sparse parameters")
-            core = self._core_cls(**self._core_kwargs)
-            core._check(core._resolve({k: group[k] for k in self._hp_names}, 0))
+                _check_param(p)
+            _check_unique(group["params"])
+            self._check_group(group)
         except Exception:
             del self.param_groups[n_before:]
             raise
         if not self._building:
             self._rebuild()
 
+    def _check_group(self, group):
+        core = self._core_cls(**self._core_kwargs)
+        core._check(core._resolve({k: _number(group[k]) for k in self._hp_names}, 0))
+        _check_flags(group)
+
+    def _groups_edited(self):
+        """Whether a group's ``params`` list was edited or replaced, or a group was added or
+        removed, since the layout was made: O(groups)."""
+        seen = self._groups_seen
+        groups = self.param_groups
+        if self._group_edits.edited or len(groups) != len(seen):
+            return True
+        for group, params in zip(groups, seen):
+            if group["params"] is not params:
+                return True
+        return False
+
+    def _take_edits(self):
+        """Take in edits of ``param_groups``' lists and of ``opt.state`` made since the last step."""
+        if self._groups_edited():
+            self._rebuild()  # takes the state edits first
+        elif self.state is not self._state_seen or self._state_edits.edited:
+            self._take_state_edits()
+
     def _rebuild(self):
-        """(Re)lay every parameter out in flat buffers, keeping values, grads and state."""
+        """(Re)lay every parameter out in flat buffers, keeping values, grads and state; the
+        state of parameters new to the layout comes from ``opt.state`` if it has any (after
+        ``copy.deepcopy``, or when a user put it there)."""
+        self._take_state_edits()  # into the old layout, before it goes
+        for group in self.param_groups:  # lists that note edits (a replaced one may be any iterable)
+            if type(group["params"]) is not _ParamList or group["params"]._edits is not self._group_edits:
+                group["params"] = _ParamList(self._group_edits, group["params"])
         old = self._buckets
+        old_keys = {id(p): key for key, b in old.items() for p in b.params}
         order = defaultdict(list)
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
+                _check_param(p)
+                key = old_keys.get(id(p))
+                if key is not None and key != (p.device, p.dtype):
+                    raise _moved_error(p, *key)
                 order[(p.device, p.dtype)].append((p, gi))
+        _check_unique([p for entries in order.values() for p, _ in entries])
         buckets = {}
         for key, entries in order.items():
-            device, dtype = key
-            prev = old.get(key)
-            core = prev.core if prev is not None else self._core_cls(**self._core_kwargs)
-            b = _Bucket(core, device, dtype)
-            b.params = [p for p, _ in entries]
-            b.groups = [gi for _, gi in entries]
-            b.sizes = [p.numel() for p in b.params]
-            b.offsets = np.concatenate([[0], np.cumsum(b.sizes)[:-1]]).astype(int).tolist()
-            total = sum(b.sizes)
-            b.flat = torch.empty(total, dtype=dtype, device=device)
-            b.gflat = torch.zeros(total, dtype=dtype, device=device)
-            b.steps = np.zeros(len(b.params), np.float32)
-            b.started = np.zeros(len(b.params), bool)
-            old_index = {id(p): i for i, p in enumerate(prev.params)} if prev is not None else {}
-            # host copies of the previous state (CUDA state too: the core's checkpoint format)
-            old_state = prev.core.state_dict()["state"] if prev is not None else {}
-            new_state = {name: np.zeros(total, _NP_DTYPES[dtype]) for name in old_state}
-            with torch.no_grad():
-                for i, (p, off, n) in enumerate(zip(b.params, b.offsets, b.sizes)):
-                    b.flat[off:off + n].copy_(p.data.reshape(-1))
-                    j = old_index.get(id(p))
-                    if j is not None:  # carried over from the previous layout
-                        b.steps[i], b.started[i] = prev.steps[j], prev.started[j]
-                        po = prev.offsets[j]
-                        for name, buf in new_state.items():
-                            buf[off:off + n] = old_state[name][po:po + n]
-            b.views = [b.flat[off:off + n].view_as(p) for p, off, n in zip(b.params, b.offsets, b.sizes)]
-            b.gviews = [b.gflat[off:off + n].view_as(p) for p, off, n in zip(b.params, b.offsets, b.sizes)]
-            for p, v in zip(b.params, b.views):
-                p.data = v
-            b.ptrs = [v.data_ptr() for v in b.views]
-            b.all_active = (True,) * len(b.params)
-            with torch.no_grad():
-                for p, gv in zip(b.params, b.gviews):
-                    if p.grad is not None:
-                        gv.copy_(p.grad)
-                        p.grad = gv
-            if device.type == "cpu":
-                b.flat_np, b.gflat_np = b.flat.detach().numpy(), b.gflat.numpy()
-            else:  # CUDA: the core's backend takes the tensors (__cuda_array_interface__)
-                b.flat_np, b.gflat_np = b.flat.detach(), b.gflat
-                new_state = {k: torch.as_tensor(v, device=device) for k, v in new_state.items()}
-            b.steps_t = torch.from_numpy(b.steps)
-            self._install_state(b, new_state)
-            buckets[key] = b
+            buckets[key] = self._lay_out(key, entries, old.get(key))
+        kept = {id(p) for b in buckets.values() for p in b.params}
+        for b in old.values():  # parameters no longer optimized lose their state
+            for p, inst in zip(b.params, b.installed):
+                if id(p) not in kept and inst is not None and dict.get(self.state, p) is inst:
+                    dict.pop(self.state, p)
         self._buckets = buckets
+        for b in buckets.values():
+            new = [(i, dict.get(self.state, p), None) for i, (p, inst) in enumerate(zip(b.params, b.installed))
+                   if inst is None and dict.get(self.state, p)]
+            if new:
+                self._adopt(b, new)
+        self._note_groups()
         self._refresh_state(force=True)
+
+    def _note_groups(self):
+        self._groups_seen = tuple(g["params"] for g in self.param_groups)
+        self._group_edits.edited = False
+
+    def _lay_out(self, key, entries, prev):
+        """One bucket over ``entries`` (``[(param, group_index)]``), taking values, grads and the
+        state of the parameters ``prev`` (the old bucket of this key) had."""
+        device, dtype = key
+        core = prev.core if prev is not None else self._core_cls(**self._core_kwargs)
+        b = _Bucket(core, device, dtype)
+        b.params = [p for p, _ in entries]
+        b.groups = [gi for _, gi in entries]
+        b.sizes = [p.numel() for p in b.params]
+        b.offsets = np.concatenate([[0], np.cumsum(b.sizes)[:-1]]).astype(int).tolist()
+        total = sum(b.sizes)
+        b.flat = torch.empty(total, dtype=dtype, device=device)
+        b.gflat = torch.zeros(total, dtype=dtype, device=device)
+        b.steps = np.zeros(len(b.params), np.float32)
+        b.started = np.zeros(len(b.params), bool)
+        b.installed = [None] * len(b.params)
+        b.entries = [None] * len(b.params)
+        old_index = {id(p): i for i, p in enumerate(prev.params)} if prev is not None else {}
+        # host copies of the previous state (CUDA state too: the core's checkpoint format)
+        old_state = prev.core.state_dict()["state"] if prev is not None else {}
+        new_state = {name: np.zeros(total, _NP_DTYPES[dtype]) for name in old_state}
+        with torch.no_grad():
+            for i, (p, off, n) in enumerate(zip(b.params, b.offsets, b.sizes)):
+                b.flat[off:off + n].copy_(p.data.reshape(-1))
+                j = old_index.get(id(p))
+                if j is not None:  # carried over from the previous layout
+                    b.steps[i], b.started[i] = prev.steps[j], prev.started[j]
+                    b.installed[i], b.entries[i] = prev.installed[j], prev.entries[j]
+                    po = prev.offsets[j]
+                    for name, buf in new_state.items():
+                        buf[off:off + n] = old_state[name][po:po + n]
+        b.views = [b.flat[off:off + n].view_as(p) for p, off, n in zip(b.params, b.offsets, b.sizes)]
+        b.gviews = [b.gflat[off:off + n].view_as(p) for p, off, n in zip(b.params, b.offsets, b.sizes)]
+        for p, v in zip(b.params, b.views):
+            p.data = v
+        b.ptrs = [v.data_ptr() for v in b.views]
+        b.all_active = (True,) * len(b.params)
+        with torch.no_grad():
+            for p, gv in zip(b.params, b.gviews):
+                if p.grad is not None:
+                    gv.copy_(p.grad)
+                    p.grad = gv
+        if device.type == "cpu":
+            b.flat_np, b.gflat_np = b.flat.detach().numpy(), b.gflat.numpy()
+        else:  # CUDA: the core's backend takes the tensors (__cuda_array_interface__)
+            b.flat_np, b.gflat_np = b.flat.detach(), b.gflat
+            new_state = {k: torch.as_tensor(v, device=device) for k, v in new_state.items()}
+        b.steps_t = torch.from_numpy(b.steps)
+        self._install_state(b, new_state)
+        return b
 
     def _install_state(self, b, state):
         core = b.core
@@ -196,26 +434,114 @@ class _FlatOptimizer(torch.optim.Optimizer):
         core.param_groups = None
         b.layout_key = b.core_groups_key = None
 
+    # --- opt.state ------------------------------------------------------------------------
+    def _has_state(self, b, i):
+        return b.steps[i] > 0 if self._step_in_state else b.started[i]
+
     def _refresh_state(self, force=False):
-        """Point ``self.state[p]`` at views of the flat state (params that have stepped)."""
+        """Point ``self.state[p]`` at views of the flat state, for the params that have state:
+        torch's names, only the buffers their group uses (or used: torch keeps them)."""
         for b in self._buckets.values():
             # The core rebuilds its list of state arguments whenever it (re)places a buffer.
             if not force and b.core._state_args is b.state_args:
                 continue
             b.state_args = b.core._state_args
             tstate = {k: _as_tensor(v, b.device) for k, v in b.core.state.items()}
-            sgd = isinstance(self, SGD)
+            uses = [b.core._needs({k: _number(g[k]) for k in self._hp_names}) for g in self.param_groups]
             for i, p in enumerate(b.params):
-                if b.steps[i] == 0 and not b.started[i]:
-                    self.state.pop(p, None)
+                inst = b.installed[i]
+                mine = inst is not None and dict.get(self.state, p) is inst
+                if not self._has_state(b, i):
+                    if mine:
+                        dict.pop(self.state, p)
+                    b.installed[i] = b.entries[i] = None
                     continue
                 off, n = b.offsets[i], b.sizes[i]
-                st = {"step": b.steps_t[i]}
-                for name, t in tstate.items():
-                    if name == "momentum_buffer" and sgd and not b.started[i]:
+                entries = {"step": b.steps_t[i]} if self._step_in_state else {}
+                for name in b.core.state_names:
+                    if name in uses[b.groups[i]] or (inst is not None and name in inst):
+                        if name in tstate:
+                            entries[name] = tstate[name][off:off + n].view_as(p)
+                        elif n == 0:  # a bucket of zero-size params: no step allocated the buffer
+                            entries[name] = p.detach().new_zeros(p.shape)
+                if mine:  # the same dict, as torch keeps it: a reference to it stays current
+                    dict.clear(inst)
+                    dict.update(inst, entries)
+                else:
+                    inst = _ParamState(self._state_edits, entries)
+                    dict.__setitem__(self.state, p, inst)
+                b.installed[i], b.entries[i] = inst, entries
+
+    def _take_state_edits(self):
+        """Take in what was done to ``opt.state`` since the optimizer last wrote it: a parameter
+        whose dict is gone, emptied or replaced restarts as torch's would (step 0, zero
+        buffers, then whatever the new dict holds); an entry replaced in its dict is copied
+        into the flat state."""
+        state = self.state
+        if state is self._state_seen and not self._state_edits.edited:
+            return
+        if not isinstance(state, _State):  # reassigned: watch the new one (and its plain dicts)
+            edits = self._state_edits
+            self.state = state = _State(edits, {k: _ParamState(edits, v) if type(v) is dict else v
+                                                for k, v in state.items()})
+        self._state_seen = state
+        found = False
+        for b in self._buckets.values():
+            edits = []
+            for i, p in enumerate(b.params):
+                entries, inst = dict.get(state, p), b.installed[i]
+                if inst is None and not entries:
+                    continue  # still no state
+                if entries is inst and _unchanged(inst, b.entries[i]):
+                    continue
+                edits.append((i, entries, b.entries[i] if entries is inst else None))
+            if edits:
+                self._adopt(b, edits)
+                found = True
+        self._state_edits.edited = False  # (left set if an edit raised: the next step raises again)
+        if found:
+            self._refresh_state(force=True)
+
+    def _adopt(self, b, edits):
+        """Write torch-style state dicts into the flat state.  ``edits``: ``[(i, entries,
+        installed)]``: the dict of ``b.params[i]`` (``None`` or empty: a fresh start) and, if it is
+        the dict this optimizer installed, the entries it put there (those are in place)."""
+        core = b.core
+        wanted = set()
+        for i, entries, _ in edits:  # every check before the first write
+            for name, value in (entries or {}).items():
+                if name in core.state_names and value is not None:
+                    if torch.as_tensor(value).numel() != b.sizes[i]:
+                        raise RuntimeError(f"state['{name}'] has {torch.as_tensor(value).numel()} elements, its "
+                                           f"parameter {b.sizes[i]}")
+                    wanted.add(name)
+        missing = wanted - set(core.state)
+        if missing:  # buffers no step has needed yet: zeros, next to the others
+            state = dict(core.state)
+            for name in missing:
+                zeros = np.zeros(len(b.flat), _NP_DTYPES[b.dtype])
+                state[name] = zeros if b.device.type == "cpu" else torch.as_tensor(zeros, device=b.device)
+            self._install_state(b, state)
+        tstate = {k: _as_tensor(v, b.device) for k, v in core.state.items()}
+        with torch.no_grad():
+            for i, entries, installed in edits:
+                entries, installed = entries or {}, installed or {}
+                off, n = b.offsets[i], b.sizes[i]
+                for name, buf in tstate.items():
+                    value = entries.get(name)
+                    if value is not None and value is installed.get(name):
+                        continue  # this optimizer's own view, untouched
+                    dst = buf[off:off + n]
+                    if value is None:
+                        dst.zero_()
                         continue
-                    st[name] = t[off:off + n].view_as(p)
-                self.state[p] = st
+                    dst.copy_(_unaliased(torch.as_tensor(value).detach().reshape(-1), tstate.values()))
+                if self._step_in_state:
+                    step = entries.get("step")
+                    b.steps[i] = float(step) if step is not None else 0.0
+                else:  # SGD: torch starts a momentum buffer where there is none
+                    b.started[i] = entries.get("momentum_buffer") is not None
+        b.layout_key = b.core_groups_key = None  # runs may split or merge; the core takes the new counts
 
     # --- the step --------------------------------------------------------------------------
     def _sync(self, b):
@@ -236,6 +562,8 @@ class _FlatOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(params):
             if p.data_ptr() != b.ptrs[i]:
                 view = b.views[i]
+                if p.dtype != b.dtype or p.device != b.device:
+                    raise _moved_error(p, b.device, b.dtype)
                 if p.data.shape != view.shape:
                     raise RuntimeError(f"a parameter changed shape to {tuple(p.data.shape)}; "
                                        "build a new optimizer")
@@ -255,30 +583,38 @@ class _FlatOptimizer(torch.optim.Optimizer):
                     src.append(g)
                 repoint_grad.append((p, gv))
             active.append(True)
-        if dst:
-            torch._foreach_copy_(dst, src)
+        if dst:  # a source may be a view of the flat buffers (p.grad = p.grad.t()): copy it first
+            bufs = (b.flat, b.gflat)
+            torch._foreach_copy_(dst, [_unaliased(s, bufs) for s in src])
         for p, view in repoint_data:
             p.data = view
         for p, gv in repoint_grad:
             p.grad = gv
         return tuple(active)
 
-    def _runs(self, b, active):
-        """Maximal runs of neighbouring params with a grad, one torch group, one step count
-        (and for SGD one momentum state): ``[(group_index, start, stop, first, last)]``."""
-        runs, cur = [], None
+    def _layout(self, b, active):
+        """The core's runs: maximal runs of neighbouring params with a grad, one torch group,
+        one step count (and for SGD one momentum state): ``[(group_index, start, stop, first,
+        last)]``; and the spans whose step counts advance, ``[(group_index, first, last)]``: the
+        runs' and each zero-size param's with a grad (torch counts its steps; the core has no
+        element of it)."""
+        runs, spans, cur = [], [], None
         for i, a in enumerate(active):
-            if not a or b.sizes[i] == 0:
+            if not a:
                 cur = None
                 continue
-            key = (b.groups[i], float(b.steps[i]), bool(b.started[i]))
+            if b.sizes[i] == 0:
+                spans.append((b.groups[i], i, i + 1))
+                continue
+            key = (b.groups[i], float(b.steps[i]) if self._step_in_state else 0.0, bool(b.started[i]))
             if cur is not None and cur[0] == key:
                 cur[2] = b.offsets[i] + b.sizes[i]
                 cur[4] = i + 1
             else:
                 cur = [key, b.offsets[i], b.offsets[i] + b.sizes[i], i, i + 1]
                 runs.append(cur)
-        return [(k[0], s, e, i0, i1) for k, s, e, i0, i1 in runs]
+        runs = [(k[0], s, e, i0, i1) for k, s, e, i0, i1 in runs]
+        return runs, [(gi, i0, i1) for gi, _, _, i0, i1 in runs] + spans
 
     def step(self, *args, **kwargs):
         """``step(closure=None)``: one flatopt kernel per (device, dtype) bucket.
@@ -300,31 +636,39 @@ class _FlatOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for b in self._buckets.values():
-            self._step_bucket(b)
+        # edits of opt.state or of a group's params list: O(groups) to notice
+        if self.state is not self._state_seen or self._state_edits.edited or self._groups_edited():
+            self._take_edits()
+        buckets = self._buckets.values()
+        if len(buckets) > 1:  # every bucket's checks (shape, dtype) before the first update
+            actives = [self._sync(b) for b in buckets]
+            for b, active in zip(buckets, actives):
+                self._step_bucket(b, active)
+        else:  # (without the list: a step of a small model is mostly Python)
+            for b in buckets:
+                self._step_bucket(b, self._sync(b))
         return loss
 
     _step_with_hooks = torch.optim.Optimizer.profile_hook_step(_step)
 
-    def _step_bucket(self, b):
-        active = self._sync(b)
+    def _step_bucket(self, b, active):
         if active is not b.layout_key and active != b.layout_key:
-            b.layout, b.layout_key, b.core_groups_key = self._runs(b, active), active, None
-        runs = b.layout
-        if not runs:
-            return
+            b.runs, b.spans = self._layout(b, active)
+            b.layout_key, b.core_groups_key = active, None
+        runs = b.runs
         pg = self.param_groups
-        values = [tuple(map(pg[gi].__getitem__, self._hp_names)) for gi, *_ in runs]
-        if b.volatile or b.core_groups_key is None or values != b.group_values:
-            hps = [tuple(map(_number, v)) for v in values]
-            if hps != b.core_groups_key:
-                self._configure_core(b, runs, hps)
-                b.core_groups_key = hps
-            b.group_values, b.volatile = values, any(map(_volatile, (x for v in values for x in v)))
-        b.core.step(b.flat_np, b.gflat_np)
+        if runs:
+            values = [tuple(map(pg[gi].__getitem__, self._hp_names)) for gi, *_ in runs]
+            if b.volatile or b.core_groups_key is None or values != b.group_values:
+                hps = [tuple(map(_number, v)) for v in values]
+                if hps != b.core_groups_key:
+                    self._configure_core(b, runs, hps)
+                    b.core_groups_key = hps
+                b.group_values, b.volatile = values, any(map(_volatile, (x for v in values for x in v)))
+            b.core.step(b.flat_np, b.gflat_np)
         newly = False
-        sgd = isinstance(self, SGD)
-        for gi, _, _, i0, i1 in runs:
+        sgd = not self._step_in_state
+        for gi, i0, i1 in b.spans:
             if b.steps[i0] == 0:
                 newly = True
             b.steps[i0:i1] += 1
@@ -362,6 +706,8 @@ class _FlatOptimizer(torch.optim.Optimizer):
         """``True`` (torch's default): every ``.grad`` becomes None (the flat gradient buffer
         is kept).  ``False``: one ``zero_()`` over each flat gradient buffer; other gradient
         tensors are zeroed as torch does; ``None`` gradients stay ``None``."""
+        if self._groups_edited():  # torch zeroes the grads of the params the groups list now
+            self._rebuild()
         if set_to_none:
             for b in self._buckets.values():
                 for p in b.params:
@@ -378,70 +724,137 @@ class _FlatOptimizer(torch.optim.Optimizer):
                         g.requires_grad_(False)
                     g.zero_()
 
-    # --- checkpoints ---------------------------------------------------------------------
+    # --- checkpoints, pickling ---------------------------------------------------------------
     def state_dict(self):
-        """torch's layout; every state value a compact copy (views would pickle whole buffers)."""
+        """torch's layout; every state tensor a compact copy (views would pickle whole buffers)."""
+        self._take_edits()
         sd = super().state_dict()
-        sd["state"] = {k: {n: v.clone() for n, v in st.items()} for k, st in sd["state"].items()}
+        state = sd.get("state") if isinstance(sd, dict) else None
+        if isinstance(state, dict):  # a post hook may have added entries of its own: copy tensors only
+            sd["state"] = {k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in st.items()}
+                           if isinstance(st, dict) else st for k, st in state.items()}
         return sd
 
     def load_state_dict(self, state_dict):
-        super().load_state_dict(state_dict)  # torch's checks; replaces param_groups and state
-        for group in self.param_groups:
-            core = self._core_cls(**self._core_kwargs)
-            core._check(core._resolve({k: group[k] for k in self._hp_names}, 0))
-        loaded = self.state
-        self.state = defaultdict(dict)
+        self._take_edits()  # torch checks the state_dict against the groups as they are now
+        super().load_state_dict(state_dict)  # torch's checks; __setstate__ checks the groups, then replaces them
+        loaded = self.state  # keys that are not parameters stay, as in torch
+        self.state = self._state_seen = _State(self._state_edits, {k: v for k, v in loaded.items()
+                                                                   if not isinstance(k, torch.Tensor)})
+        self._state_edits.edited = False
         index = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
         for b in self._buckets.values():
             b.groups = [index[id(p)] for p in b.params]
-            names = set()
-            for p in b.params:
-                names.update(k for k in loaded.get(p, {}) if k in b.core.state_names)
-            total = b.flat.numel()
-            new_state = {name: np.zeros(total, _NP_DTYPES[b.dtype]) for name in b.core.state_names if name in names}
             b.steps[:] = 0
             b.started[:] = False
-            for i, p in enumerate(b.params):
-                st = loaded.get(p)
-                if not st:
-                    continue
-                off, n = b.offsets[i], b.sizes[i]
-                step = st.get("step")
-                b.steps[i] = float(step) if step is not None else 0.0
-                b.started[i] = st.get("momentum_buffer") is not None
-                for name, v in st.items():
-                    if name in new_state and v is not None:
-                        new_state[name][off:off + n] = v.detach().reshape(-1).cpu().numpy()
-            if b.device.type != "cpu":
-                new_state = {k: torch.as_tensor(v, device=b.device) for k, v in new_state.items()}
-            self._install_state(b, new_state)
+            b.installed = [None] * len(b.params)
+            b.entries = [None] * len(b.params)
+            self._install_state(b, {})
+            edits = [(i, dict.get(loaded, p), None) for i, p in enumerate(b.params) if dict.get(loaded, p)]
+            if edits:
+                self._adopt(b, edits)
+        self._note_groups()
         self._refresh_state(force=True)
+
+    def __getstate__(self):
+        """pickle and ``copy.deepcopy``: torch's (defaults, state, param_groups) as plain dicts and
+        lists, and the core's settings; the copy lays its own parameters out anew."""
+        state = super().__getstate__()
+        state["state"] = defaultdict(dict, {k: dict(v) if isinstance(v, dict) else v for k, v in self.state.items()})
+        state["param_groups"] = [dict(g, params=list(g["params"])) for g in self.param_groups]
+        state["_flatopt"] = dict(core_kwargs=self._core_kwargs, core_only=self._core_only, hp_names=self._hp_names)
+        return state
+
+    def __setstate__(self, state):
+        """Unpickling, and torch's ``load_state_dict`` (which passes the new groups and state):
+        as torch, fills the group keys an older checkpoint lacks with the defaults; checks the
+        groups before anything changes."""
+        state = dict(state)
+        config = state.pop("_flatopt", None)
+        if config is not None:  # unpickled or copied
+            self._core_kwargs, self._core_only, self._hp_names = (
+                config["core_kwargs"], config["core_only"], config["hp_names"])
+        for group in state["param_groups"]:
+            self._complete_group(group)
+            self._check_group(group)
+        super().__setstate__(state)
+        if config is not None:  # lay the copy's own parameters out, with their state
+            self._init_runtime()
+            self._rebuild()
+
+    def _complete_group(self, group):
+        """What torch's ``__setstate__`` does to a group of an older checkpoint: each missing key
+        gets its default."""
+        for name, value in _torch_defaults(type(self)).items():
+            if name != "lr" and name not in self._core_only:
+                group.setdefault(name, value)
 
 
 class SGD(_FlatOptimizer):
     """``torch.optim.SGD``'s rule (see :class:`flatopt.SGD`), one kernel per (device, dtype)."""
     _core_cls = flatopt.SGD
+    _step_in_state = False
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, maximize=maximize, foreach=foreach,
+                                      differentiable=differentiable, fused=fused))
 
 
 class RMSprop(_FlatOptimizer):
     """``torch.optim.RMSprop``'s rule (see :class:`flatopt.RMSprop`), one kernel per (device, dtype)."""
     _core_cls = flatopt.RMSprop
 
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
+                 capturable=False, foreach=None, maximize=False, differentiable=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
+                                      weight_decay=weight_decay, capturable=capturable, foreach=foreach,
+                                      maximize=maximize, differentiable=differentiable))
+
 
 class Adam(_FlatOptimizer):
     """``torch.optim.Adam``'s rule (see :class:`flatopt.Adam`), one kernel per (device, dtype)."""
     _core_cls = flatopt.Adam
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                                      maximize=maximize, foreach=foreach, capturable=capturable,
+                                      differentiable=differentiable, fused=fused,
+                                      decoupled_weight_decay=decoupled_weight_decay))
 
 
 class AdamW(_FlatOptimizer):
     """``torch.optim.AdamW``'s rule (see :class:`flatopt.AdamW`), one kernel per (device, dtype)."""
     _core_cls = flatopt.AdamW
 
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                                      maximize=maximize, foreach=foreach, capturable=capturable,
+                                      differentiable=differentiable, fused=fused, decoupled_weight_decay=True))
+
+    def _complete_group(self, group):
+        super()._complete_group(group)
+        group["decoupled_weight_decay"] = True  # as torch's AdamW.__setstate__
+
+
+_ADOPT_CLIP = inspect.signature(flatopt.ADOPT).parameters["clip_lambda"].default
+
 
 class ADOPT(_FlatOptimizer):
-    """ADOPT (see :class:`flatopt.ADOPT`), one kernel per (device, dtype)."""
+    """ADOPT (see :class:`flatopt.ADOPT`), one kernel per (device, dtype); torch has no ADOPT:
+    :class:`flatopt.ADOPT`'s arguments, and torch's implementation flags as for ``Adam``."""
     _core_cls = flatopt.ADOPT
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, decouple=False, *,
+                 clip_lambda=_ADOPT_CLIP, maximize=False, foreach=None, capturable=False, differentiable=False,
+                 fused=None):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple,
+                                      clip_lambda=clip_lambda, maximize=maximize, foreach=foreach,
+                                      capturable=capturable, differentiable=differentiable, fused=fused))
 
 
 class Lookahead(torch.optim.Optimizer):
@@ -516,7 +929,17 @@ class Lookahead(torch.optim.Optimizer):
             return None
         return pairs
 
-    def step(self, closure=None):
+    def step(self, *args, **kwargs):
+        """``step(closure=None)``; runs torch's step hooks and profiler label when a hook is
+        registered or a profiler records (torch.optim.Optimizer.__init__, which would wrap
+        ``step`` in them, is not called)."""
+        if self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_hooks_or_profiler():
+            return self._step_with_hooks(*args, **kwargs)
+        return self._step(*args, **kwargs)
+
+    step.hooked = True
+
+    def _step(self, closure=None):
         params = self._params()
         if self.slow is None:
             self._make_slow(params)
@@ -534,6 +957,8 @@ class Lookahead(torch.optim.Optimizer):
                         p.mul_(self.alpha).add_(q, alpha=1 - self.alpha)
                         q.copy_(p)
         return loss
+
+    _step_with_hooks = torch.optim.Optimizer.profile_hook_step(_step)
 
     def zero_grad(self, set_to_none=True):
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -74,6 +74,10 @@ def pair(ours, theirs, dtype=torch.float32, sizes=(16, 32, 16), **kw):
     return m1, m2, o1, o2
 
 
+def state_keys(opt):
+    return {k: sorted(st) for k, st in opt.state_dict()["state"].items()}
+
+
 # --- parity ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -154,7 +158,9 @@ def test_groups_scheduler_frozen_unused(name):
     assert opts[0].param_groups[0]["lr"] == opts[1].param_groups[0]["lr"] == 1e-2 * 0.5 ** 5
     assert models[0].l1.bias.grad is None
     assert models[0].l1.bias not in opts[0].state
-    assert opts[0].state[models[0].extra.weight]["step"].item() == STEPS // 2
+    assert state_keys(opts[0]) == state_keys(opts[1])  # SGD: momentum_buffer only, no step
+    if name == "Adam":
+        assert opts[0].state[models[0].extra.weight]["step"].item() == STEPS // 2
 
 
 # --- zero copy, zero_grad, replaced tensors --------------------------------------------
@@ -597,3 +603,377 @@ def test_invalid_change_fails_before_any_update_on_the_whole_model_path():
     opt.param_groups[0]["eps"] = 1e-8
     opt.step()
     assert opt.state[m.l1.weight]["step"].item() == 4
+
+
+# --- torch.optim behaviours: state edits, group edits, copies, signatures, state format -------------
+
+def _ref(name, params, **kw):
+    """torch's reference: fused Adam/AdamW (bitwise), single-tensor SGD/RMSprop."""
+    extra = dict(fused=True) if name in ("Adam", "AdamW") else dict(foreach=False)
+    return getattr(torch.optim, name)(params, **extra, **kw)
+
+
+def _tensors(shapes, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(*s, dtype=dtype)) for s in shapes]
+
+
+def _grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+
+
+def _both(name, shapes, edit=None, edit_at=3, steps=6, listed=None, **kw):
+    """The same params stepped by flatopt.torch and torch's reference (the first ``listed`` in
+    the optimizer), ``edit(opt, params)`` applied to both before step ``edit_at``; returns
+    ``[(params, opt)]`` (flatopt first).  Sizes that are multiples of 4: torch's fused Adam rounds
+    the tail of a tensor differently, so odd sizes are not bitwise even without an edit."""
+    out = []
+    for make in (getattr(ft, name), lambda ps, **k: _ref(name, ps, **k)):
+        ps = _tensors(shapes)
+        opt = make(ps[:listed], **kw)
+        for t in range(steps):
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            if t == edit_at and edit is not None:
+                edit(opt, ps)
+            opt.step()
+        out.append((ps, opt))
+    return out
+
+
+def _assert_same_tensors(a, b):
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y), (x - y).abs().max().item()
+
+
+def _assert_same_state(o1, o2):
+    s1, s2 = o1.state_dict()["state"], o2.state_dict()["state"]
+    assert {k: sorted(v) for k, v in s1.items()} == {k: sorted(v) for k, v in s2.items()}
+    for k, st in s2.items():
+        for name, v in st.items():  # fused Adam's state rounds differently from its parameters' bits
+            torch.testing.assert_close(s1[k][name], v, check_dtype=False, msg=f"{k} {name}")
+
+
+_STATE_RESETS = {
+    "state = defaultdict(dict)": lambda o, ps: setattr(o, "state", __import__("collections").defaultdict(dict)),
+    "state.clear()": lambda o, ps: o.state.clear(),
+    "del state[p]": lambda o, ps: o.state.__delitem__(ps[0]),
+    "state[p].clear()": lambda o, ps: o.state[ps[0]].clear(),
+    "state[p] = {}": lambda o, ps: o.state.__setitem__(ps[0], {}),
+    "state[p]['exp_avg'] = t": lambda o, ps: o.state[ps[0]].__setitem__("exp_avg", torch.full_like(ps[0], 0.25)),
+    "state[p]['step'] = t": lambda o, ps: o.state[ps[0]].__setitem__("step", torch.tensor(1.0)),
+    "state[p] = other's dict": lambda o, ps: o.state.__setitem__(ps[0], {k: v.clone()
+                                                                           for k, v in o.state[ps[1]].items()}),
+}
+
+
+@pytest.mark.parametrize("reset", list(_STATE_RESETS))
+def test_state_edits_are_seen_at_the_next_step_as_in_torch(reset):
+    """torch reads opt.state at every step: a cleared, deleted or reassigned state restarts from
+    step 0 and zero buffers, an assigned tensor is used from then on."""
+    (ps1, o1), (ps2, o2) = _both("Adam", [(4, 3), (4, 3), (8,)], _STATE_RESETS[reset], lr=1e-2, amsgrad=True)
+    _assert_same_tensors(ps1, ps2)
+    _assert_same_state(o1, o2)
+    assert o1.state[ps1[0]]["step"].item() == o2.state[ps2[0]]["step"].item()
+
+
+@pytest.mark.parametrize("reset", ["state.clear()", "del state[p]", "state[p] = {}"])
+def test_sgd_state_reset_restarts_momentum_as_in_torch(reset):
+    (ps1, o1), (ps2, o2) = _both("SGD", [(4, 3), (5,)], _STATE_RESETS[reset], lr=0.1, momentum=0.9)
+    _assert_same_tensors(ps1, ps2)
+    _assert_same_state(o1, o2)
+
+
+def test_reset_state_after_add_param_group_and_before_state_dict():
+    """A reset is taken in before a re-layout (add_param_group) and shows in state_dict() at once."""
+    outs = []
+    for make in (ft.Adam, lambda ps, **k: _ref("Adam", ps, **k)):
+        ps = _tensors([(3,), (4,), (5,)])
+        opt = make(ps[:2], lr=1e-2)
+        for t in range(4):
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            if t == 2:
+                del opt.state[ps[0]]
+                assert sorted(opt.state_dict()["state"]) == [1]
+                opt.add_param_group({"params": [ps[2]]})
+            opt.step()
+        outs.append((ps, opt))
+    _assert_same_tensors(outs[0][0], outs[1][0])
+    _assert_same_state(outs[0][1], outs[1][1])
+
+
+def test_dtype_or_device_change_raises_before_any_update():
+    m32, m64 = Net(), Net(dtype=torch.float64)
+    opt = ft.Adam([*m32.parameters(), *m64.parameters()], lr=1e-2)
+    x, y = data(n=1)[0]
+    for _ in range(2):
+        opt.zero_grad()
+        (torch.nn.functional.mse_loss(m32(x), y) + torch.nn.functional.mse_loss(m64(x.double()), y.double())).backward()
+        opt.step()
+    m64.float()  # the float64 bucket's parameters become float32 tensors: torch would step them as such
+    before = params_of(m32) + params_of(m64)
+    with pytest.raises(RuntimeError, match="changed from torch.float64 on cpu to torch.float32"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, [*m32.parameters(), *m64.parameters()]))
+    assert m64.l1.weight.dtype == torch.float32  # not cast back behind the user's back
+    assert opt.state[m32.l1.weight]["step"].item() == 2
+
+
+_GROUP_EDITS = {
+    "append": lambda o, ps: o.param_groups[0]["params"].append(ps[2]),
+    "pop": lambda o, ps: o.param_groups[0]["params"].pop(0),
+    "pop then append": lambda o, ps: (o.param_groups[0]["params"].pop(1), o.param_groups[0]["params"].append(ps[2])),
+    "replace an element": lambda o, ps: o.param_groups[0]["params"].__setitem__(1, ps[2]),
+    "assign a new list": lambda o, ps: o.param_groups[0].__setitem__("params", [ps[2], ps[0]]),
+    "append a group": lambda o, ps: o.param_groups.append(dict(o.param_groups[0], params=[ps[2]], lr=0.05)),
+}
+
+
+@pytest.mark.parametrize("edit", list(_GROUP_EDITS))
+def test_group_params_edits_are_seen_at_the_next_step_as_in_torch(edit):
+    """torch reads param_groups[i]['params'] at every step; the params that stay keep their state."""
+    (ps1, o1), (ps2, o2) = _both("SGD", [(16,), (32,), (8,)], _GROUP_EDITS[edit], listed=2, lr=0.1, momentum=0.9)
+    for p, q in zip(ps1, ps2):  # only the layout's params: torch keeps a removed param's state, unused
+        assert torch.equal(p, q)
+    listed = [i for i, p in enumerate(ps1) if any(p is q for g in o1.param_groups for q in g["params"])]
+    for i in listed:
+        assert torch.equal(o1.state[ps1[i]]["momentum_buffer"], o2.state[ps2[i]]["momentum_buffer"])
+
+
+def test_group_params_edit_to_a_duplicate_raises():
+    ps = _tensors([(3,), (4,)])
+    opt = ft.SGD(ps, lr=0.1)
+    opt.param_groups[0]["params"].append(ps[0])
+    for p, g in zip(ps, _grads(ps, 0)):
+        p.grad = g
+    with pytest.raises(ValueError, match="listed twice"):
+        opt.step()
+
+
+def test_grad_replaced_by_a_view_of_the_flat_gradient_buffer():
+    """p.grad = p.grad.t() after a step: the source overlaps the flat view it is copied into."""
+    outs = []
+    for make in (ft.SGD, lambda ps, **k: _ref("SGD", ps, **k)):
+        p = torch.nn.Parameter(torch.zeros(2, 2))
+        q = torch.nn.Parameter(torch.zeros(2, 2))
+        opt = make([p, q], lr=1.0)
+        p.grad, q.grad = torch.tensor([[1., 2.], [3., 4.]]), torch.ones(2, 2)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        p.grad.add_(torch.tensor([[1., 2.], [3., 4.]]))
+        q.grad.add_(1.0)
+        p.grad, q.grad = p.grad.t(), p.grad  # a transposed view of itself; another param's slice
+        opt.step()
+        outs.append([p.detach().clone(), q.detach().clone()])
+    _assert_same_tensors(*outs)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_copied_optimizer_steps_its_own_params_as_torch(how):
+    import copy
+    outs = []
+    for make in (ft.Adam, lambda ps, **k: _ref("Adam", ps, **k)):
+        ps = _tensors([(4, 3), (5,), (0, 2)])
+        opt = make(ps, lr=1e-2, amsgrad=True)
+        for t in range(3):
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            opt.step()
+        if how == "deepcopy":
+            ps2, opt2 = copy.deepcopy((ps, opt))
+        else:
+            buf = io.BytesIO()
+            torch.save((ps, opt), buf)
+            buf.seek(0)
+            ps2, opt2 = torch.load(buf, weights_only=False)
+        before = [p.detach().clone() for p in ps]
+        for t in range(3, 6):
+            for p, g in zip(ps2, _grads(ps2, t)):
+                p.grad = g
+            opt2.step()
+        _assert_same_tensors(before, ps)  # the original is untouched
+        outs.append((ps2, opt2))
+    _assert_same_tensors(outs[0][0], outs[1][0])
+    _assert_same_state(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("name, missing", [
+    ("Adam", ["decoupled_weight_decay"]), ("AdamW", ["decoupled_weight_decay"]),
+    ("Adam", ["maximize", "foreach", "capturable", "differentiable", "fused", "amsgrad"]),
+    ("SGD", ["maximize", "foreach", "differentiable", "fused", "nesterov"]),
+    ("RMSprop", ["maximize", "foreach", "capturable", "differentiable", "centered", "momentum"]),
+])
+def test_old_checkpoint_without_newer_group_keys_loads_as_in_torch(name, missing):
+    kw = dict(lr=1e-2, momentum=0.9) if name == "SGD" else dict(lr=1e-2)
+    ps = _tensors([(4,), (3, 2)])
+    src = _ref(name, ps, **kw)
+    for p, g in zip(ps, _grads(ps, 0)):
+        p.grad = g
+    src.step()
+    sd = src.state_dict()
+    for group in sd["param_groups"]:
+        for key in missing:
+            del group[key]
+    outs = []
+    for make in (getattr(ft, name), getattr(torch.optim, name)):
+        qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+        opt = make(qs, **kw)
+        opt.load_state_dict(sd)
+        for group in opt.param_groups:
+            if group.get("fused") is None and name in ("Adam", "AdamW") and make is not getattr(ft, name):
+                group["fused"] = True  # the bitwise reference
+        for t in (1, 2):
+            for p, g in zip(qs, _grads(qs, t)):
+                p.grad = g
+            opt.step()
+        outs.append((qs, opt))
+    _assert_same_tensors(outs[0][0], outs[1][0])
+    torch_keys = set(outs[1][1].param_groups[0])
+    assert set(outs[0][1].param_groups[0]) == torch_keys
+    if name == "AdamW":
+        assert outs[0][1].param_groups[0]["decoupled_weight_decay"] is True
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop", "Adam", "AdamW"])
+def test_signature_defaults_and_group_keys_match_torch(name):
+    import inspect
+
+    def described(cls):
+        params = list(inspect.signature(cls.__init__).parameters.values())
+        return [(p.name, p.kind, p.default) for p in params]
+
+    assert described(getattr(ft, name)) == described(getattr(torch.optim, name))
+    ps = _tensors([(3,)])
+    ours, theirs = getattr(ft, name)(ps), getattr(torch.optim, name)(_tensors([(3,)]))
+    assert ours.defaults == theirs.defaults
+    assert list(ours.param_groups[0]) == list(theirs.param_groups[0])
+
+
+def test_positional_hyperparameters_and_torch_flags():
+    outs = []
+    for make in (lambda ps: ft.SGD(ps, 0.1, 0.9, 0.1, 0.01, foreach=True, fused=False),
+                 lambda ps: torch.optim.SGD(ps, 0.1, 0.9, 0.1, 0.01, foreach=False)):
+        ps = _tensors([(4,), (3,)])
+        opt = make(ps)
+        for t in range(4):
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            opt.step()
+        outs.append(ps)
+    _assert_same_tensors(*outs)
+    opt = ft.Adam(_tensors([(3,)]), 1e-2, (0.8, 0.99), 1e-6, 0.1, True, foreach=False, fused=True,
+                  capturable=False, differentiable=False)
+    assert opt.param_groups[0]["betas"] == (0.8, 0.99) and opt.param_groups[0]["amsgrad"] is True
+    assert opt.param_groups[0]["foreach"] is False and opt.param_groups[0]["fused"] is True
+    ft.RMSprop(_tensors([(3,)]), 1e-2, 0.9, 1e-8, 0, 0.5, True, False, None, True, False)
+    ft.AdamW(_tensors([(3,)]), foreach=False, fused=None, capturable=False)
+
+
+@pytest.mark.parametrize("flag", ["differentiable", "capturable"])
+def test_flags_flatopt_cannot_honour_raise(flag):
+    with pytest.raises(ValueError, match=f"{flag}=True"):
+        ft.Adam(_tensors([(3,)]), **{flag: True})
+    opt = ft.Adam(_tensors([(3,)]))
+    with pytest.raises(ValueError, match=f"{flag}=True"):
+        opt.add_param_group({"params": _tensors([(2,)]), flag: True})
+    assert len(opt.param_groups) == 1
+    sd = opt.state_dict()
+    sd["param_groups"][0][flag] = True
+    with pytest.raises(ValueError, match=f"{flag}=True"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0][flag] is False  # checked before anything changed
+
+
+@pytest.mark.parametrize("name, kw, extra", [
+    ("Adam", dict(lr=1e-2), dict(amsgrad=True)),
+    ("RMSprop", dict(lr=1e-2), dict(momentum=0.9)),
+    ("RMSprop", dict(lr=1e-2), dict(centered=True)),
+    ("SGD", dict(lr=0.1), dict(momentum=0.9)),
+    ("SGD", dict(lr=0.1, momentum=0.9), dict(momentum=0)),
+])
+def test_state_entries_per_group_match_torch(name, kw, extra):
+    """Only the params whose group uses a buffer get it; SGD keeps no step, and nothing at momentum 0."""
+    outs = []
+    for make in (getattr(ft, name), lambda gs, **k: _ref(name, gs, **k)):
+        ps = _tensors([(4,), (4,)])
+        opt = make([{"params": [ps[0]]}, {"params": [ps[1]], **extra}], **kw)
+        for t in range(3):
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            opt.step()
+        outs.append((ps, opt))
+    if name == "RMSprop":  # not bitwise (see test_rmsprop_close)
+        for p, q in zip(outs[0][0], outs[1][0]):
+            torch.testing.assert_close(p, q)
+    else:
+        _assert_same_tensors(outs[0][0], outs[1][0])
+    assert state_keys(outs[0][1]) == state_keys(outs[1][1])
+    _assert_same_state(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("name, kw", [("Adam", dict(lr=1e-2)), ("SGD", dict(lr=0.1, momentum=0.9)),
+                                      ("RMSprop", dict(lr=1e-2, momentum=0.5))])
+def test_zero_size_params_get_state_and_steps_as_in_torch(name, kw):
+    outs = []
+    for make in (getattr(ft, name), lambda ps, **k: _ref(name, ps, **k)):
+        ps = _tensors([(0, 3), (4,), (0,)])
+        opt = make(ps, **kw)
+        for t in range(3):
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            opt.step()
+        outs.append((ps, opt))
+    _assert_same_tensors(outs[0][0], outs[1][0])
+    (ps1, o1), (ps2, o2) = outs
+    for p, q in zip(ps1, ps2):
+        assert {k: v.shape for k, v in o1.state[p].items()} == {k: v.shape for k, v in o2.state[q].items()}
+    _assert_same_state(o1, o2)
+    b = next(iter(ft.Adam(_tensors([(0,), (0, 2)]), lr=1e-2)._buckets.values()))  # a bucket of zero-size params only
+    assert b.flat.numel() == 0
+
+
+def test_a_param_listed_twice_raises_without_torchs_warning():
+    import warnings
+    ps = _tensors([(3,), (4,)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match="listed twice"):
+            ft.SGD([ps[0], ps[1], ps[0]], lr=0.1)
+        opt = ft.SGD([ps[0]], lr=0.1)
+        with pytest.raises(ValueError, match="listed twice"):
+            opt.add_param_group({"params": [ps[1], ps[1]]})
+    assert len(opt.param_groups) == 1
+
+
+def test_lookahead_runs_its_step_hooks():
+    p = torch.nn.Parameter(torch.zeros(2))
+    la = ft.Lookahead(ft.SGD([p], lr=0.1), k=2)
+    seen = []
+    la.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", o)))
+    la.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", o)))
+    p.grad = torch.ones(2)
+    la.step()
+    assert seen == [("pre", la), ("post", la)]
+    with torch.profiler.profile() as prof:
+        la.step()
+    assert "Optimizer.step#Lookahead.step" in {e.name for e in prof.events()}
+
+
+def test_state_dict_post_hook_may_add_non_tensor_values():
+    outs = []
+    for make in (ft.Adam, lambda ps, **k: _ref("Adam", ps, **k)):
+        ps = _tensors([(3,)])
+        opt = make(ps, lr=1e-2)
+        ps[0].grad = torch.ones(3)
+        opt.step()
+
+        def post(o, sd):
+            sd["state"][0]["note"] = "hello"
+            sd["extra"] = 1
+            return sd
+        opt.register_state_dict_post_hook(post)
+        sd = opt.state_dict()
+        outs.append((sd["state"][0]["note"], sd["extra"], sorted(sd["state"][0])))
+    assert outs[0] == outs[1]
