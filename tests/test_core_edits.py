@@ -146,9 +146,17 @@ def test_replaced_state_of_the_wrong_length_or_dtype_is_refused():
     opt = flatopt.Adam(lr=0.01)
     p, g = rand(40, np.float64), rand(40, np.float64, seed=1)
     opt.step(p, g)
-    opt.state["exp_avg"] = np.zeros(39)
-    with pytest.raises(ValueError, match="made for 39"):
-        opt.step(p, g)
+    before, p_before = snapshot(opt), p.copy()
+    for name, bad, words in (("exp_avg", np.zeros(39), "made for 39"), ("exp_avg_sq", np.zeros(39), "made for 39"),
+                             ("exp_avg_sq", np.zeros((40, 1)), "'exp_avg_sq' must be a 1-D array"),
+                             ("exp_avg_sq", [0.0] * 40, "'exp_avg_sq' must be a 1-D array")):
+        good = opt.state[name]
+        opt.state[name] = bad  # the second buffer too: the kernel would read 40 elements of it
+        with pytest.raises(ValueError, match=words):
+            opt.step(p, g)
+        opt.state[name] = good
+        np.testing.assert_array_equal(p, p_before)
+    assert_same(snapshot(opt), before)
     opt.state = {"exp_avg": np.zeros(40, np.float32), "exp_avg_sq": np.zeros(40, np.float32)}
     with pytest.raises(TypeError, match="does not match the optimizer state's dtype"):
         opt.step(p, g)

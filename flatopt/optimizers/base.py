@@ -201,16 +201,23 @@ class Optimizer:
         group_state["step"] += 1
 
     def _check_state_fits(self, backend, n, dtype):
-        buf = self._state_args[0] if self._state_args else next(iter(self.state.values()))
-        if len(buf) != n:
-            raise ValueError(f"params has {n} elements but the optimizer state was made for {len(buf)}")
         if self._backend is not None and self._backend is not backend:
             raise TypeError(f"the optimizer state lives on {self._backend.name} but params are on "
                             f"{backend.name}; move it with state_dict() / load_state_dict()")
-        if buf.dtype != dtype:  # a torch tensor's dtype is a torch.dtype: ask its backend
-            state_dtype = buf.dtype if self._backend is None else self._backend.dtype(buf)
-            if state_dtype != dtype:
-                raise TypeError(f"params dtype {dtype} does not match the optimizer state's dtype {state_dtype}")
+        # Placed buffers were checked together; assigned or loaded ones are checked one by one
+        # (the kernel reads n elements of each).
+        buffers = {"state": self._state_args[0]} if self._state_args else self.state
+        for name, buf in buffers.items():
+            shape = getattr(buf, "shape", None)
+            if shape is None or len(shape) != 1:
+                raise ValueError(f"optimizer state '{name}' must be a 1-D array, got {type(buf).__name__} "
+                                 f"of shape {shape}")
+            if shape[0] != n:
+                raise ValueError(f"params has {n} elements but the optimizer state was made for {shape[0]}")
+            if buf.dtype != dtype:  # a torch tensor's dtype is a torch.dtype: ask its backend
+                state_dtype = buf.dtype if self._backend is None else self._backend.dtype(buf)
+                if state_dtype != dtype:
+                    raise TypeError(f"params dtype {dtype} does not match the optimizer state's dtype {state_dtype}")
 
     def _states(self, backend, n, dtype, active):
         """The kernel's state arguments, allocating (zeros) the buffers first needed now."""

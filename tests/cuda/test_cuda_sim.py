@@ -699,3 +699,25 @@ def test_pickled_optimizer_continues_on_the_device():
         clone.step(cloned, cuda.to_device(g))
     assert_same(cloned.copy_to_host(), params.copy_to_host())
     assert all(CUDA.owns(v) for v in clone.state.values())
+
+
+def test_state_assigned_between_steps_is_checked_and_copied_to_the_device():
+    """A host buffer put into ``opt.state`` mid-run is copied next to the parameters at the next
+    step, as on the CPU; one of the wrong length is refused before anything changes."""
+    p0, grads = data(steps=4)
+    cpu, dev = flatopt.RMSprop(lr=1e-2, momentum=0.9), flatopt.RMSprop(lr=1e-2, momentum=0.9)
+    pc, pd = p0.copy(), cuda.to_device(p0)
+    for g in grads[:2]:
+        cpu.step(pc, g)
+        dev.step(pd, cuda.to_device(g))
+    dev.state["momentum_buffer"] = np.zeros(len(p0) - 1, np.float32)
+    with pytest.raises(ValueError, match=f"made for {len(p0) - 1}"):
+        dev.step(pd, cuda.to_device(grads[2]))
+    assert_same(pd.copy_to_host(), pc)
+    cpu.state["momentum_buffer"] = np.full(len(p0), 0.25, np.float32)
+    dev.state["momentum_buffer"] = np.full(len(p0), 0.25, np.float32)
+    for g in grads[2:]:
+        cpu.step(pc, g)
+        dev.step(pd, cuda.to_device(g))
+    assert_same(pd.copy_to_host(), pc)
+    assert all(CUDA.owns(v) for v in dev.state.values())
