@@ -80,22 +80,27 @@ class Optimizer:
 
     @param_groups.setter
     def param_groups(self, groups):
+        old, old_groups = getattr(self, "group_state", None), getattr(self, "_groups", None)
         if groups is None:
-            self._groups, self.group_state = None, [self._new_group_state()]
+            # One group over the whole buffer: it keeps the groups' count if they all had one.
+            same = old is not None and all(s == old[0] for s in old)
+            self._groups, self.group_state = None, [dict(old[0]) if same else self._new_group_state()]
             self._plan_key = None
             return
         groups = [self._checked_group(i, g) for i, g in enumerate(groups)]
         _check_ranges(groups)
-        old = getattr(self, "group_state", None)
         self._groups = groups
         if old is None or len(old) != len(groups):
-            self.group_state = [self._new_group_state() for _ in groups]
+            # Groups added or removed: a group whose range was a group's before keeps its step
+            # count (its buffers are kept too); the others start at step 0.
+            before = {} if old_groups is None else {(g["start"], g["stop"]): s for g, s in zip(old_groups, old)}
+            self.group_state = [dict(before.get((g["start"], g["stop"])) or self._new_group_state()) for g in groups]
         self._plan_key = None
 
     def _checked_group(self, i, group):
         if not isinstance(group, dict):
             raise TypeError(f"param group {i} must be a dict, got {type(group).__name__}")
-        unknown = set(group) - set(GROUP_KEYS) - set(self.defaults)
+        unknown = set(group) - self._group_keys()
         if unknown:
             raise ValueError(f"param group {i} has unknown keys {sorted(unknown)}; allowed: "
                              f"{sorted(set(GROUP_KEYS) | set(self.defaults))}")
@@ -105,8 +110,17 @@ class Optimizer:
         self._check(self._resolve(group, 0))
         return group
 
+    def _group_keys(self):
+        return frozenset(GROUP_KEYS) | self.defaults.keys()
+
     def _new_group_state(self):
         return {"step": 0}
+
+    def _check_group_state(self, group_state):
+        """A step count (and flags) the step can advance: checked before the kernel runs."""
+        step = group_state.get("step") if isinstance(group_state, dict) else None
+        if not isinstance(step, numbers.Integral) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"group_state entries need an int step >= 0, got {group_state!r}")
 
     def _groups_for(self, n):
         if self._groups is None:
@@ -115,11 +129,12 @@ class Optimizer:
         if len(self._groups) != len(self.group_state):
             raise ValueError(f"param_groups has {len(self._groups)} groups but the optimizer keeps step counts "
                              f"for {len(self.group_state)}; assign opt.param_groups = [...] to change the groups")
-        stop = 0
+        stop, allowed = 0, self._group_keys()
         for i, group in enumerate(self._groups):
             start = group.get("start")
-            if not (type(start) is int and type(group.get("stop")) is int and stop <= start < group["stop"]):
-                _check_range(i, group)  # says what is wrong
+            if not (type(start) is int and type(group.get("stop")) is int and stop <= start < group["stop"]
+                    and group.keys() <= allowed):
+                self._checked_group(i, group)  # says what is wrong
                 _check_ranges(self._groups)
             stop = group["stop"]
         last = self._groups[-1]["stop"] if self._groups else 0
@@ -142,12 +157,20 @@ class Optimizer:
             # checked them all: only the row entries that depend on the step are new.
             launch, states, table, row = ready[3:]
             group_state = self.group_state[0]
+            if type(group_state.get("step")) is not int:  # edited in place since
+                self._check_group_state(group_state)
             self._set_step_entries(row, self.__dict__, group_state)  # rounded as a full table build rounds
             launch(params, grads, states, table)
             self._advance(self.__dict__, group_state)
             return
         if self.state:
+            unknown = self.state.keys() - set(self.state_names)
+            if unknown:
+                raise ValueError(f"optimizer state has unknown buffers {sorted(unknown)}; "
+                                 f"{type(self).__name__} keeps {list(self.state_names)}")
             self._check_state_fits(backend, n, dtype)
+        for group_state in self.group_state:
+            self._check_group_state(group_state)
         if self._groups is None:  # the common case: one group over the whole buffer
             hp = self._resolve_default()
             self._check(hp)
@@ -206,7 +229,7 @@ class Optimizer:
                             f"{backend.name}; move it with state_dict() / load_state_dict()")
         # Placed buffers were checked together; assigned or loaded ones are checked one by one
         # (the kernel reads n elements of each).
-        buffers = {"state": self._state_args[0]} if self._state_args else self.state
+        buffers = self.state if self._state_args is None else dict([next(iter(self.state.items()))])
         for name, buf in buffers.items():
             shape = getattr(buf, "shape", None)
             if shape is None or len(shape) != 1:
@@ -309,6 +332,8 @@ class Optimizer:
         ``load_state_dict``); what the steps cached is left behind."""
         kept = dict(self.__dict__, **_unplaced())
         kept["state"] = {k: backend_for(v, v).to_host(v) for k, v in self.state.items()}
+        kept["group_state"] = [dict(s) for s in self.group_state]  # copy.copy too: nothing shared
+        kept["_groups"] = None if self._groups is None else [dict(g) for g in self._groups]
         return kept
 
     def __setstate__(self, state):

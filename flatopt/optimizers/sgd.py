@@ -49,9 +49,14 @@ class SGD(Optimizer):
     def _set_step_entries(self, row, hp, group_state):
         row[6] = hp["momentum"] != 0 and not group_state["momentum_started"]  # the buffer starts as g
 
+    def _check_group_state(self, group_state):
+        super()._check_group_state(group_state)
+        if "momentum_started" not in group_state:
+            raise ValueError(f"group_state entries need 'momentum_started', got {group_state!r}")
+
     def _advance(self, hp, group_state):
         group_state["step"] += 1
-        group_state["momentum_started"] |= hp["momentum"] != 0
+        group_state["momentum_started"] = bool(group_state["momentum_started"]) or hp["momentum"] != 0
 
 
 class Momentum(SGD):
