@@ -220,3 +220,90 @@ def test_lookahead_leaves_frozen_groups_and_ungrouped_elements_alone():
     for _ in range(2):
         q = q - 0.1 * g[:10]
     np.testing.assert_allclose(p[:10], 0.5 * q + 0.5 * slow, rtol=1e-15)
+
+
+# --- step counts ------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [lambda: flatopt.SGD(lr=0.1, momentum=0.9), lambda: flatopt.RMSprop(lr=0.01),
+                                  lambda: flatopt.Adam(lr=0.01), lambda: flatopt.Momentum(lr=0.1)])
+@pytest.mark.parametrize("edit", [
+    lambda gs: gs[0].update(step=None), lambda gs: gs[0].update(step="3"), lambda gs: gs[0].update(step=-1),
+    lambda gs: gs[0].update(step=2.0), lambda gs: gs[0].pop("step"),
+])
+def test_bad_step_counts_edited_in_place_are_refused_before_the_kernel_runs(make, edit):
+    """The fast path (nothing assigned since the last step) checks the count too."""
+    opt = make()
+    p, g = rand(40, np.float64), rand(40, np.float64, seed=1)
+    opt.step(p, g)
+    opt.step(p, g)
+    p_before, state_before = p.copy(), {k: v.copy() for k, v in opt.state.items()}
+    edit(opt.group_state)
+    with pytest.raises(ValueError, match="int step >= 0"):
+        opt.step(p, g)
+    np.testing.assert_array_equal(p, p_before)
+    for k, v in opt.state.items():
+        np.testing.assert_array_equal(v, state_before[k])
+
+
+def test_bad_group_states_assigned_are_refused_before_the_kernel_runs():
+    for make, bad in ((lambda: flatopt.SGD(lr=0.1, momentum=0.9), [{"step": 0}]),
+                      (lambda: flatopt.Adam(lr=0.1), [{}]),
+                      (lambda: flatopt.Adam(lr=0.1, param_groups=[dict(start=0, stop=4), dict(start=4, stop=8)]),
+                       [{"step": 1}, {"step": None}])):
+        opt, p = make(), rand(8, np.float64)
+        opt.group_state = bad
+        with pytest.raises(ValueError, match="group_state entries need"):
+            opt.step(p, rand(8, np.float64, seed=1))
+        np.testing.assert_array_equal(p, rand(8, np.float64))
+        assert opt.state == {}
+
+
+def test_adding_a_group_keeps_the_counts_of_unchanged_ranges():
+    """Like torch's add_param_group: the groups already there go on with their step counts
+    (and buffers); the new one starts at step 0."""
+    g = grads_for(30, count=6)
+    two = [dict(start=0, stop=10), dict(start=10, stop=20, lr=0.05)]
+    unchanged = flatopt.Adam(lr=0.01, param_groups=two)
+    grown = flatopt.Adam(lr=0.01, param_groups=two)
+    p1, p2 = steps(unchanged, rand(30, np.float64), g[:3]), steps(grown, rand(30, np.float64), g[:3])
+    grown.param_groups = two + [dict(start=20, stop=30)]
+    assert [s["step"] for s in grown.group_state] == [3, 3, 0]
+    steps(unchanged, p1, g[3:])
+    steps(grown, p2, g[3:])
+    np.testing.assert_array_equal(p2[:20], p1[:20])
+    fresh_tail = steps(flatopt.Adam(lr=0.01), rand(30, np.float64)[20:], [x[20:] for x in g[3:]])
+    np.testing.assert_array_equal(p2[20:], fresh_tail)
+
+
+def test_dropping_groups_for_the_whole_buffer_keeps_a_shared_count():
+    opt = flatopt.SGD(lr=0.1, momentum=0.9, param_groups=[dict(start=0, stop=4), dict(start=4, stop=8)])
+    steps(opt, rand(8, np.float64), grads_for(8, count=2))
+    opt.param_groups = None
+    assert opt.group_state == [{"step": 2, "momentum_started": True}]
+    other = flatopt.Adam(lr=0.1, param_groups=[dict(start=0, stop=4), dict(start=4, stop=8, frozen=True)])
+    steps(other, rand(8, np.float64), grads_for(8, count=2))
+    other.param_groups = None  # the counts differ (2 and 0): no count fits the whole buffer
+    assert other.group_state == [{"step": 0}]
+
+
+# --- unknown names edited in ------------------------------------------------------------------
+def test_unknown_state_buffers_and_group_keys_edited_in_are_refused():
+    opt = flatopt.SGD(lr=0.1, param_groups=[dict(start=0, stop=8)])
+    p, g = rand(8, np.float64), rand(8, np.float64, seed=1)
+    opt.step(p, g)
+    opt.state["note"] = np.zeros(8)
+    with pytest.raises(ValueError, match=r"unknown buffers \['note'\]"):
+        opt.step(p, g)
+    del opt.state["note"]
+    opt.param_groups[0]["learning_rate"] = 0.5  # a typo must not be ignored silently
+    with pytest.raises(ValueError, match=r"unknown keys \['learning_rate'\]"):
+        opt.step(p, g)
+    np.testing.assert_array_equal(p, steps(flatopt.SGD(lr=0.1), rand(8, np.float64), [g]))
+
+
+def test_shallow_copy_shares_nothing():
+    opt = flatopt.Adam(lr=0.01, param_groups=[dict(start=0, stop=10)])
+    p = steps(opt, rand(10, np.float64), grads_for(10, count=2))
+    clone = copy.copy(opt)
+    steps(clone, p.copy(), grads_for(10, count=2))
+    clone.param_groups[0]["lr"] = 0.5
+    assert opt.group_state == [{"step": 2}] and opt.param_groups[0].get("lr") is None

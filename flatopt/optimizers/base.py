@@ -157,7 +157,8 @@ class Optimizer:
             # checked them all: only the row entries that depend on the step are new.
             launch, states, table, row = ready[3:]
             group_state = self.group_state[0]
-            if type(group_state.get("step")) is not int:  # edited in place since
+            step = group_state.get("step")
+            if type(step) is not int or step < 0:  # edited in place since
                 self._check_group_state(group_state)
             self._set_step_entries(row, self.__dict__, group_state)  # rounded as a full table build rounds
             launch(params, grads, states, table)
