@@ -119,6 +119,8 @@ def _check_param(p):
         raise TypeError(f"flatopt.torch supports float32 and float64 parameters, got {p.dtype}")
     if p.is_sparse:
         raise TypeError("flatopt.torch does not support sparse parameters")
+    if p.device.type == "meta":
+        raise TypeError("flatopt.torch cannot optimize meta tensors: they have no memory to lay out")
     if not (p.is_leaf or p.retains_grad):
         raise ValueError("can't optimize a non-leaf Tensor")
 
@@ -128,6 +130,23 @@ def _check_unique(params):
         raise ValueError("a parameter is listed twice in param_groups; flatopt.torch lays each parameter out "
                          "once: list it once (torch warns, updates it twice per step, and plans to make this "
                          "an error)")
+
+
+def _check_disjoint(params):
+    """Parameters that share memory (views of one tensor) would be untied by the layout, which
+    gives each its own place: refuse them."""
+    spans = []
+    for i, p in enumerate(params):
+        if p.numel():
+            start = p.storage_offset()
+            extent = 1 + sum((n - 1) * abs(st) for n, st in zip(p.shape, p.stride()))
+            spans.append((p.device, p.untyped_storage().data_ptr(), start * p.element_size(),
+                          (start + extent) * p.element_size(), i))
+    spans.sort(key=lambda s: (str(s[0]), s[1], s[2]))
+    for a, b in zip(spans, spans[1:]):
+        if a[:2] == b[:2] and b[2] < a[3]:
+            raise ValueError(f"parameters {a[4]} and {b[4]} share memory (views of one tensor); flatopt.torch "
+                             "gives each parameter its own place in a flat buffer, which would untie them")
 
 
 def _moved_error(p, device, dtype):
@@ -226,9 +245,10 @@ del _cls, _base, _names, _name
 _MISSING = object()
 
 
-def _unchanged(entries, installed):
-    """Whether a state dict still holds exactly what the optimizer installed."""
-    return len(entries) == len(installed) and all(dict.get(entries, k, _MISSING) is v for k, v in installed.items())
+def _unchanged(entries, installed, names):
+    """Whether a state dict still holds exactly what the optimizer installed under ``names``
+    (its own keys; others a user put there are left alone, as torch leaves them)."""
+    return all(dict.get(entries, k, _MISSING) is installed.get(k, _MISSING) for k in names)
 
 
 class _Bucket:
@@ -303,11 +323,11 @@ class _FlatOptimizer(torch.optim.Optimizer):
                 _check_param(p)
             _check_unique(group["params"])
             self._check_group(group)
+            if not self._building:
+                self._rebuild()  # checks the new layout before it changes anything
         except Exception:
             del self.param_groups[n_before:]
             raise
-        if not self._building:
-            self._rebuild()
 
     def _check_group(self, group):
         core = self._core_cls(**self._core_kwargs)
@@ -337,21 +357,25 @@ class _FlatOptimizer(torch.optim.Optimizer):
         """(Re)lay every parameter out in flat buffers, keeping values, grads and state; the
         state of parameters new to the layout comes from ``opt.state`` if it has any (after
         ``copy.deepcopy``, or when a user put it there)."""
+        old = self._buckets
+        old_keys = {id(p): (key, n) for key, b in old.items() for p, n in zip(b.params, b.sizes)}
+        order = defaultdict(list)
+        for gi, group in enumerate(self.param_groups):  # every check before the first change
+            for p in group["params"]:
+                _check_param(p)
+                key, n = old_keys.get(id(p), (None, None))
+                if key is not None and key != (p.device, p.dtype):
+                    raise _moved_error(p, *key)
+                if n is not None and p.numel() != n:  # its state could not follow it
+                    raise RuntimeError(f"a parameter changed shape to {tuple(p.shape)}; build a new optimizer")
+                order[(p.device, p.dtype)].append((p, gi))
+        params = [p for entries in order.values() for p, _ in entries]
+        _check_unique(params)
+        _check_disjoint(params)
         self._take_state_edits()  # into the old layout, before it goes
         for group in self.param_groups:  # lists that note edits (a replaced one may be any iterable)
             if type(group["params"]) is not _ParamList or group["params"]._edits is not self._group_edits:
                 group["params"] = _ParamList(self._group_edits, group["params"])
-        old = self._buckets
-        old_keys = {id(p): key for key, b in old.items() for p in b.params}
-        order = defaultdict(list)
-        for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                _check_param(p)
-                key = old_keys.get(id(p))
-                if key is not None and key != (p.device, p.dtype):
-                    raise _moved_error(p, *key)
-                order[(p.device, p.dtype)].append((p, gi))
-        _check_unique([p for entries in order.values() for p, _ in entries])
         buckets = {}
         for key, entries in order.items():
             buckets[key] = self._lay_out(key, entries, old.get(key))
@@ -435,6 +459,9 @@ class _FlatOptimizer(torch.optim.Optimizer):
         b.layout_key = b.core_groups_key = None
 
     # --- opt.state ------------------------------------------------------------------------
+    def _own_names(self, b):
+        return b.core.state_names + (("step",) if self._step_in_state else ())
+
     def _has_state(self, b, i):
         return b.steps[i] > 0 if self._step_in_state else b.started[i]
 
@@ -465,8 +492,11 @@ class _FlatOptimizer(torch.optim.Optimizer):
                         elif n == 0:  # a bucket of zero-size params: no step allocated the buffer
                             entries[name] = p.detach().new_zeros(p.shape)
                 if mine:  # the same dict, as torch keeps it: a reference to it stays current
+                    own = self._own_names(b)
+                    extra = {k: v for k, v in inst.items() if k not in own}  # a user's entries stay
                     dict.clear(inst)
                     dict.update(inst, entries)
+                    dict.update(inst, extra)
                 else:
                     inst = _ParamState(self._state_edits, entries)
                     dict.__setitem__(self.state, p, inst)
@@ -480,10 +510,12 @@ class _FlatOptimizer(torch.optim.Optimizer):
         state = self.state
         if state is self._state_seen and not self._state_edits.edited:
             return
-        if not isinstance(state, _State):  # reassigned: watch the new one (and its plain dicts)
-            edits = self._state_edits
-            self.state = state = _State(edits, {k: _ParamState(edits, v) if type(v) is dict else v
-                                                for k, v in state.items()})
+        edits = self._state_edits
+        if not isinstance(state, _State) or state.default_factory is not edits:
+            # reassigned (maybe another optimizer's, or a copy): watch the new one and its dicts
+            self.state = state = _State(edits, {
+                k: v if type(v) is _ParamState and v._edits is edits else
+                _ParamState(edits, v) if isinstance(v, dict) else v for k, v in state.items()})
         self._state_seen = state
         found = False
         for b in self._buckets.values():
@@ -492,7 +524,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
                 entries, inst = dict.get(state, p), b.installed[i]
                 if inst is None and not entries:
                     continue  # still no state
-                if entries is inst and _unchanged(inst, b.entries[i]):
+                if entries is inst and _unchanged(inst, b.entries[i], self._own_names(b)):
                     continue
                 edits.append((i, entries, b.entries[i] if entries is inst else None))
             if edits:
@@ -523,7 +555,10 @@ class _FlatOptimizer(torch.optim.Optimizer):
                 state[name] = zeros if b.device.type == "cpu" else torch.as_tensor(zeros, device=b.device)
             self._install_state(b, state)
         tstate = {k: _as_tensor(v, b.device) for k, v in core.state.items()}
+        writes, counts = [], []
         with torch.no_grad():
+            # Every source read first, cloned if it is a view of the flat state (state swapped
+            # between parameters): a write must not change what a later one reads.
             for i, entries, installed in edits:
                 entries, installed = entries or {}, installed or {}
                 off, n = b.offsets[i], b.sizes[i]
@@ -531,16 +566,24 @@ class _FlatOptimizer(torch.optim.Optimizer):
                     value = entries.get(name)
                     if value is not None and value is installed.get(name):
                         continue  # this optimizer's own view, untouched
-                    dst = buf[off:off + n]
-                    if value is None:
-                        dst.zero_()
-                        continue
-                    dst.copy_(_unaliased(torch.as_tensor(value).detach().reshape(-1), tstate.values()))
+                    src = None if value is None else _unaliased(torch.as_tensor(value).detach().reshape(-1),
+                                                                tstate.values())
+                    writes.append((buf[off:off + n], src))
                 if self._step_in_state:
                     step = entries.get("step")
-                    b.steps[i] = float(step) if step is not None else 0.0
+                    counts.append((i, float(step) if step is not None else 0.0))
                 else:  # SGD: torch starts a momentum buffer where there is none
-                    b.started[i] = entries.get("momentum_buffer") is not None
+                    counts.append((i, entries.get("momentum_buffer") is not None))
+            for dst, src in writes:
+                if src is None:
+                    dst.zero_()
+                else:
+                    dst.copy_(src)
+        for i, count in counts:
+            if self._step_in_state:
+                b.steps[i] = count
+            else:
+                b.started[i] = count
         b.layout_key = b.core_groups_key = None  # runs may split or merge; the core takes the new counts
 
     # --- the step --------------------------------------------------------------------------
@@ -737,6 +780,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         self._take_edits()  # torch checks the state_dict against the groups as they are now
+        self._check_loaded_sizes(state_dict)
         super().load_state_dict(state_dict)  # torch's checks; __setstate__ checks the groups, then replaces them
         loaded = self.state  # keys that are not parameters stay, as in torch
         self.state = self._state_seen = _State(self._state_edits, {k: v for k, v in loaded.items()
@@ -755,6 +799,30 @@ class _FlatOptimizer(torch.optim.Optimizer):
                 self._adopt(b, edits)
         self._note_groups()
         self._refresh_state(force=True)
+
+    def _check_loaded_sizes(self, state_dict):
+        """Each saved state tensor fits its parameter (torch would load any): checked before
+        torch's load replaces the groups, so that a refused checkpoint changes nothing."""
+        saved = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(self.param_groups):
+            return  # torch's own checks refuse it, before any change
+        index = {}
+        for saved_group, group in zip(saved, self.param_groups):
+            ids = saved_group.get("params", ()) if isinstance(saved_group, dict) else ()
+            if len(ids) != len(group["params"]):
+                return
+            index.update(zip(ids, group["params"]))
+        names = set(self._core_cls.state_names)
+        for k, entries in dict(state_dict.get("state", {})).items():
+            p = index.get(k)
+            for name, value in (entries.items() if p is not None and isinstance(entries, dict) else ()):
+                if not isinstance(value, torch.Tensor):
+                    continue
+                if name in names and value.numel() != p.numel():
+                    raise ValueError(f"loaded state '{name}' of parameter {k} has {value.numel()} elements, "
+                                     f"the parameter {p.numel()}")
+                if name == "step" and value.numel() != 1:
+                    raise ValueError(f"loaded state 'step' of parameter {k} has {value.numel()} elements, not 1")
 
     def __getstate__(self):
         """pickle and ``copy.deepcopy``: torch's (defaults, state, param_groups) as plain dicts and
@@ -877,6 +945,7 @@ class Lookahead(torch.optim.Optimizer):
         self.optimizer, self.k, self.alpha = optimizer, k, alpha
         self.step_count = 0
         self.slow = None  # tensors in the inner optimizer's parameter order
+        self._slow_params = ()
         self._flat_pairs = None
         for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
                      "load_state_dict_post"):
@@ -904,6 +973,7 @@ class Lookahead(torch.optim.Optimizer):
         so that the pull is two tensor ops per buffer; otherwise one tensor per parameter."""
         values = [p.detach() for p in params] if values is None else values
         self._flat_pairs = None
+        self._slow_params = list(params)  # whose slow weight each of self.slow is
         inner = self.optimizer
         if isinstance(inner, _FlatOptimizer):
             where = {}
@@ -940,9 +1010,17 @@ class Lookahead(torch.optim.Optimizer):
     step.hooked = True
 
     def _step(self, closure=None):
+        if isinstance(self.optimizer, _FlatOptimizer):
+            self.optimizer._take_edits()  # a group edit lays the inner buffers out again: first
         params = self._params()
         if self.slow is None:
             self._make_slow(params)
+        elif (len(params) != len(self._slow_params) or not all(map(is_, params, self._slow_params))
+              or (self._flat_pairs is not None and self._flat_current() is None)):
+            # the groups' lists were edited: each parameter keeps its slow weight, a new one starts
+            # from its value now (as the slow weights of the first step)
+            kept = {id(p): q for p, q in zip(self._slow_params, self.slow)}
+            self._make_slow(params, [kept.get(id(p), p.detach()) for p in params])
         loss = self.optimizer.step(closure)
         self.step_count += 1
         if self.step_count % self.k == 0:

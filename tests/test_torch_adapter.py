@@ -1,4 +1,5 @@
 """flatopt.torch: torch.optim.Optimizer subclasses on flat buffers, against torch.optim."""
+import copy
 import io
 
 import pytest
@@ -655,7 +656,26 @@ def _assert_same_state(o1, o2):
             torch.testing.assert_close(s1[k][name], v, check_dtype=False, msg=f"{k} {name}")
 
 
+def _swap_dicts(o, ps):
+    o.state[ps[0]], o.state[ps[1]] = o.state[ps[1]], o.state[ps[0]]
+
+
+def _swap_exp_avg(o, ps):
+    s0, s1 = o.state[ps[0]], o.state[ps[1]]
+    s0["exp_avg"], s1["exp_avg"] = s1["exp_avg"], s0["exp_avg"]
+
+
+def _reset_then_borrow(o, ps):
+    old = o.state[ps[0]]["exp_avg"]
+    del o.state[ps[0]]
+    o.state[ps[1]]["exp_avg"] = old
+
+
 _STATE_RESETS = {
+    "swap two params' dicts": _swap_dicts,
+    "swap two params' exp_avg": _swap_exp_avg,
+    "del state[p0], p1 takes p0's old exp_avg": _reset_then_borrow,
+    "state[p]['note'] = 1 (kept, as torch keeps it)": lambda o, ps: o.state[ps[0]].__setitem__("note", 1),
     "state = defaultdict(dict)": lambda o, ps: setattr(o, "state", __import__("collections").defaultdict(dict)),
     "state.clear()": lambda o, ps: o.state.clear(),
     "del state[p]": lambda o, ps: o.state.__delitem__(ps[0]),
@@ -977,3 +997,115 @@ def test_state_dict_post_hook_may_add_non_tensor_values():
         sd = opt.state_dict()
         outs.append((sd["state"][0]["note"], sd["extra"], sorted(sd["state"][0])))
     assert outs[0] == outs[1]
+
+
+def test_a_refused_checkpoint_changes_nothing():
+    """torch loads a state tensor of the wrong size without a word; flatopt refuses it, before
+    torch's load has replaced anything: training goes on as if nothing happened."""
+    runs = []
+    for fail in (False, True):
+        ps = _tensors([(4, 3), (8,)])
+        opt = ft.Adam(ps, lr=1e-2)
+        for t in range(6):
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            if t == 3 and fail:
+                bad = opt.state_dict()
+                bad["param_groups"][0]["lr"] = 0.5
+                bad["state"][1]["exp_avg_sq"] = torch.zeros(7)
+                with pytest.raises(ValueError, match="'exp_avg_sq' of parameter 1 has 7 elements"):
+                    opt.load_state_dict(bad)
+            opt.step()
+        runs.append((ps, opt))
+    _assert_same_tensors(runs[0][0], runs[1][0])
+    assert runs[1][1].param_groups[0]["lr"] == 1e-2
+
+
+def test_failed_add_param_group_leaves_the_groups_as_they_were():
+    ps = _tensors([(8,), (8,)])
+    opt = ft.Adam(ps[:1], lr=1e-2)
+    ps[0].grad = torch.ones(8)
+    opt.step()
+    ps[0].data = torch.zeros(24)  # resized: its state could not follow it into a new layout
+    with pytest.raises(RuntimeError, match="changed shape"):
+        opt.add_param_group({"params": [ps[1]]})
+    assert len(opt.param_groups) == 1
+
+
+def test_parameters_sharing_memory_are_refused():
+    base = torch.zeros(24)
+    views = [torch.nn.Parameter(base[:16]), torch.nn.Parameter(base[8:24])]
+    with pytest.raises(ValueError, match="share memory"):
+        ft.SGD(views, lr=0.1)
+    apart = [torch.nn.Parameter(base[:8]), torch.nn.Parameter(base[8:16])]  # disjoint views are fine
+    ft.SGD(apart, lr=0.1)
+    with pytest.raises(TypeError, match="meta tensors"):
+        ft.SGD([torch.nn.Parameter(torch.empty(4, device="meta"))], lr=0.1)
+
+
+class _KeyedLookahead:
+    """The reference rule with slow weights kept per parameter (a new one starts from its value
+    before its first step), around torch's fused Adam."""
+
+    def __init__(self, opt, k, alpha):
+        self.opt, self.k, self.alpha, self.count, self.slow = opt, k, alpha, 0, {}
+
+    @torch.no_grad()
+    def step(self):
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        for p in params:
+            self.slow.setdefault(p, p.detach().clone())
+        self.opt.step()
+        self.count += 1
+        if self.count % self.k == 0:
+            for p in params:
+                q = self.slow[p]
+                p.mul_(self.alpha).add_(q, alpha=1 - self.alpha)
+                q.copy_(p)
+
+
+@pytest.mark.parametrize("edit", ["remove", "reverse", "move to a new group"])
+def test_lookahead_follows_group_list_edits_of_a_flatopt_optimizer(edit):
+    """After an edit the inner buffers are laid out again; each parameter keeps its slow weight."""
+    results = []
+    for make in (lambda ps: ft.Lookahead(ft.Adam(ps, lr=0.1), k=2, alpha=0.5),
+                 lambda ps: _KeyedLookahead(torch.optim.Adam(ps, lr=0.1, fused=True), 2, 0.5)):
+        ps = _tensors([(8,), (8,), (16,)])
+        la = make(ps)
+        inner = la.optimizer if isinstance(la, ft.Lookahead) else la.opt
+        for t in range(8):
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            if t == 3:
+                group = inner.param_groups[0]["params"]
+                if edit == "remove":
+                    del group[1]
+                elif edit == "reverse":
+                    group.reverse()
+                else:
+                    del group[2]
+                    inner.add_param_group({"params": [ps[2]]})
+            la.step()
+        results.append(ps)
+    _assert_same_tensors(*results)
+
+
+def test_state_replaced_by_a_copy_then_cleared_as_in_torch():
+    """``opt.state = copy.deepcopy(opt.state)`` brings dicts watched for another optimizer in
+    (keyed by copies of the parameters, so every parameter restarts, as in torch); a clear()
+    at a later step must still be seen."""
+    runs = []
+    for make in (lambda ps: ft.Adam(ps, lr=1e-2), lambda ps: _ref("Adam", ps, lr=1e-2)):
+        ps = _tensors([(4, 3), (8,)])
+        opt = make(ps)
+        for t in range(7):
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            if t == 2:
+                opt.state = copy.deepcopy(opt.state)
+            if t == 4:
+                opt.state.clear()
+            opt.step()
+        runs.append((ps, opt))
+    _assert_same_tensors(runs[0][0], runs[1][0])
+    _assert_same_state(runs[0][1], runs[1][1])
