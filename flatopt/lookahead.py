@@ -64,13 +64,19 @@ class Lookahead:
                                backend.table([(float(self.alpha), 1 - float(self.alpha))], backend.dtype(params)))
 
     def _check_slow_fits(self, backend, params):
-        if len(self.slow) != len(params):
-            raise ValueError(f"params has {len(params)} elements but the slow weights have {len(self.slow)}")
+        """Before the inner step: slow weights the sync kernel can read and write."""
+        shape = getattr(self.slow, "shape", None)
+        if shape is None or len(shape) != 1:
+            raise ValueError(f"slow weights must be a 1-D array, got {type(self.slow).__name__} of shape {shape}")
+        if shape[0] != len(params):
+            raise ValueError(f"params has {len(params)} elements but the slow weights have {shape[0]}")
         dtype = backend.dtype(params)
         if self.slow.dtype != dtype:
             raise TypeError(f"params dtype {dtype} does not match the slow weights' dtype {self.slow.dtype}")
-        if not backend.owns(self.slow):
-            self.slow = backend.from_host(self.slow, params)  # freshly loaded from a checkpoint
+        usable = backend.owns(self.slow) and (
+            not isinstance(self.slow, np.ndarray) or (self.slow.flags.c_contiguous and self.slow.flags.writeable))
+        if not usable:  # loaded from a checkpoint, or assigned: a copy of our own
+            self.slow = backend.from_host(self.slow, params)
 
     @contextmanager
     def slow_weights(self, params):

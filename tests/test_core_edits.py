@@ -307,3 +307,29 @@ def test_shallow_copy_shares_nothing():
     steps(clone, p.copy(), grads_for(10, count=2))
     clone.param_groups[0]["lr"] = 0.5
     assert opt.group_state == [{"step": 2}] and opt.param_groups[0].get("lr") is None
+
+
+def test_lookahead_slow_weights_assigned_are_checked_before_the_inner_step(tmp_path):
+    la = flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2, alpha=0.5)
+    p, g = rand(16, np.float64), rand(16, np.float64, seed=1)
+    la.step(p, g)
+    before, p_before = snapshot(la), p.copy()
+    good = la.slow
+    la.slow = good.reshape(16, 1)
+    with pytest.raises(ValueError, match="slow weights must be a 1-D array"):
+        la.step(p, g)
+    after = snapshot(la)
+    np.testing.assert_array_equal(after.pop("slow").ravel(), before.pop("slow"))
+    assert_same(after, before)
+    np.testing.assert_array_equal(p, p_before)
+    # a read-only or memory-mapped copy is taken in (copied), and the run goes on unchanged
+    reference = copy.deepcopy(la)
+    reference.slow = good.copy()
+    np.save(tmp_path / "slow.npy", good)
+    la.slow = np.load(tmp_path / "slow.npy", mmap_mode="r")
+    p_ref = p.copy()
+    for _ in range(3):
+        la.step(p, g)
+        reference.step(p_ref, g)
+    np.testing.assert_array_equal(p, p_ref)
+    assert la.slow.flags.writeable
