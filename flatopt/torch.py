@@ -69,6 +69,7 @@ import torch.optim.optimizer as _torch_optimizer
 
 import flatopt
 from flatopt.backend import backend_for
+from flatopt.optimizers.base import DICT_EDITS, LIST_EDITS, note_edits
 
 __all__ = ["SGD", "RMSprop", "Adam", "AdamW", "ADOPT", "Lookahead"]
 
@@ -190,13 +191,6 @@ class _Edits:
         return _Edits, ()
 
 
-def _noting_edits(method):
-    def edit(self, *args, **kwargs):
-        self._edits.edited = True
-        return method(self, *args, **kwargs)
-    return functools.wraps(method)(edit)
-
-
 class _ParamState(dict):
     """``opt.state[p]``: a dict that notes edits."""
 
@@ -233,14 +227,13 @@ class _ParamList(list):
         return type(self), (self._edits, list(self))
 
 
-_DICT_EDITS = ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem", "setdefault", "update")
-_LIST_EDITS = ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "pop", "remove",
-               "clear", "sort", "reverse")
-for _cls, _base, _names in ((_ParamState, dict, _DICT_EDITS), (_State, dict, _DICT_EDITS),
-                            (_ParamList, list, _LIST_EDITS)):
-    for _name in _names:
-        setattr(_cls, _name, _noting_edits(getattr(_base, _name)))
-del _cls, _base, _names, _name
+def _flag_edit(container):
+    container._edits.edited = True
+
+
+note_edits(_ParamState, dict, DICT_EDITS, _flag_edit)
+note_edits(_State, dict, DICT_EDITS, _flag_edit)
+note_edits(_ParamList, list, LIST_EDITS, _flag_edit)
 
 _MISSING = object()
 
@@ -350,8 +343,8 @@ class _FlatOptimizer(torch.optim.Optimizer):
         """Take in edits of ``param_groups``' lists and of ``opt.state`` made since the last step."""
         if self._groups_edited():
             self._rebuild()  # takes the state edits first
-        elif self.state is not self._state_seen or self._state_edits.edited:
-            self._take_state_edits()
+        else:
+            self._take_state_edits()  # returns at once when there are none
 
     def _rebuild(self):
         """(Re)lay every parameter out in flat buffers, keeping values, grads and state; the
@@ -679,9 +672,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # edits of opt.state or of a group's params list: O(groups) to notice
-        if self.state is not self._state_seen or self._state_edits.edited or self._groups_edited():
-            self._take_edits()
+        self._take_edits()  # edits of opt.state or of a group's params list: O(groups) to notice
         buckets = self._buckets.values()
         if len(buckets) > 1:  # every bucket's checks (shape, dtype) before the first update
             actives = [self._sync(b) for b in buckets]

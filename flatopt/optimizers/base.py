@@ -388,6 +388,26 @@ def _plain(value):
     return value
 
 
+DICT_EDITS = ("__setitem__", "__delitem__", "__ior__", "clear", "pop", "popitem", "setdefault", "update")
+LIST_EDITS = ("__setitem__", "__delitem__", "__iadd__", "__imul__", "append", "extend", "insert", "pop", "remove",
+              "clear", "sort", "reverse")
+
+
+def note_edits(cls, base, names, note):
+    """Make the methods ``names`` of ``cls`` (a subclass of ``base``, ``dict`` or ``list``) call
+    ``note(self)`` after each edit: a container that tells its owner it changed."""
+    def noting(method):
+        def edit(self, *args, **kwargs):
+            result = method(self, *args, **kwargs)
+            note(self)
+            return result
+        return functools.wraps(method)(edit)
+
+    for name in names:
+        setattr(cls, name, noting(getattr(base, name)))
+    return cls
+
+
 class _StateBuffers(dict):
     """``opt.state``: a dict of flat buffers that tells its optimizer when a buffer is assigned,
     replaced or removed (the steps keep what they checked and placed until then)."""
@@ -396,20 +416,11 @@ class _StateBuffers(dict):
         super().__init__(buffers)
         self._owner = owner
 
-    def _changed(method):
-        def changed(self, *args, **kwargs):
-            result = method(self, *args, **kwargs)
-            self._owner._state_replaced()
-            return result
-        return functools.wraps(method)(changed)
-
-    __setitem__, __delitem__, __ior__ = _changed(dict.__setitem__), _changed(dict.__delitem__), _changed(dict.__ior__)
-    clear, pop, popitem = _changed(dict.clear), _changed(dict.pop), _changed(dict.popitem)
-    setdefault, update = _changed(dict.setdefault), _changed(dict.update)
-    del _changed
-
     def __reduce__(self):
         return dict, (dict(self),)  # a copy or an unpickled one is a plain dict (its owner wraps it again)
+
+
+note_edits(_StateBuffers, dict, DICT_EDITS, lambda buffers: buffers._owner._state_replaced())
 
 
 def _check_range(i, group):
