@@ -28,6 +28,15 @@ def _is_numba_device_array(obj):
     return type(obj).__name__ in ("DeviceNDArray", "FakeCUDAArray") and hasattr(obj, "copy_to_host")
 
 
+def layout(buffer):
+    """``(shape, NumPy dtype)`` of a host or CUDA buffer, from any CUDA exporter (torch
+    reports a torch.dtype of its own); ``(None, None)`` for what has no shape."""
+    if is_cuda_array(buffer):
+        backend = backend_for(buffer, buffer)
+        return backend.shape(buffer), backend.dtype(buffer)
+    return getattr(buffer, "shape", None), getattr(buffer, "dtype", None)
+
+
 def backend_for(params, grads):
     """The backend that owns both buffers; TypeError if they live in different places."""
     if isinstance(params, np.ndarray) and isinstance(grads, np.ndarray):
@@ -126,7 +135,10 @@ class CpuBackend:
     def to_host(self, buffer):
         return np.array(buffer, copy=True)
 
-    def from_host(self, array, like):
+    def place(self, array, like):
+        """A copy of ``array`` (host data, or a CUDA array brought back) in ``like``'s dtype."""
+        if is_cuda_array(array):
+            array = backend_for(array, array).to_host(array)
         return np.array(array, dtype=like.dtype, copy=True)
 
     def copy(self, src, dst):

@@ -117,15 +117,17 @@ class Toolchain:
         key = (name, dtype, cc, fma)
         if key not in self._ptx:
             kernels, sig = self.kernels, self.kernels.signature(name, dtype)
+            bounds = kernels.launch_bounds(name, dtype)
             if fma is None:
-                self._ptx[key] = self.cuda.compile_ptx(kernels.get_kernel(name, dtype).py_func, sig, cc=cc)[0]
+                self._ptx[key] = self.cuda.compile_ptx(kernels.get_kernel(name, dtype).py_func, sig, cc=cc,
+                                                       launch_bounds=bounds)[0]
             else:  # the kernels read the global ``cu`` when they are compiled
                 shim = types.ModuleType("fma_shim")
                 shim.fma = getattr(self.cuda.libdevice, fma)
                 saved, kernels.cu = kernels.cu, shim
                 try:
                     fn = kernels._build(np.dtype(dtype))[name].py_func
-                    self._ptx[key] = self.cuda.compile_ptx(fn, sig, cc=cc)[0]
+                    self._ptx[key] = self.cuda.compile_ptx(fn, sig, cc=cc, launch_bounds=bounds)[0]
                 finally:
                     kernels.cu = saved
         return self._ptx[key]
@@ -179,6 +181,9 @@ def test_assembles_without_local_memory(tools, name, dtype, cc, record_property)
     # with two elements' loads in flight) resident per SM; the grid-stride loop over chunks
     # lets the rest of the grid wait its turn.
     assert regs <= 96, f"{name} {dtype} needs {regs} registers per thread"
+    blocks = tools.kernels.MIN_BLOCKS_PER_SM.get((name, np.dtype(dtype)), 1)
+    per_block = -(-regs // 8) * 8 * tools.kernels.MAX_BLOCK  # registers are allocated 8 per thread at a time
+    assert blocks * per_block <= 65536, f"{name} {dtype}: {regs} registers leave no room for {blocks} blocks per SM"
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")

@@ -212,6 +212,9 @@ class CudaBackend:
         # it drops them, so no reference to the user's buffers outlives the step
         self._checked = (params, grads, pi, gi)
 
+    def shape(self, buffer):
+        return self._info(buffer).shape
+
     def dtype(self, buffer):
         """The buffer's NumPy dtype (torch tensors report a torch.dtype of their own)."""
         return self._info(buffer).dtype
@@ -250,8 +253,17 @@ class CudaBackend:
             cuda.synchronize()  # finish the steps queued on any stream before reading
             return info.view.copy_to_host()
 
-    def from_host(self, array, like):
-        host = np.ascontiguousarray(array, dtype=_dtype_of(like))
+    def place(self, array, like):
+        """A copy of ``array`` (host data or a CUDA array) in device memory, in ``like``'s dtype."""
+        dtype = _dtype_of(like)
+        if is_cuda_array(array):  # never through the host: CuPy refuses that, and it is slow
+            info = self._info(array)
+            if info.dtype == dtype and len(info.shape) == 1:
+                copy = self.zeros(info.shape[0], dtype)
+                self.copy(array, copy)
+                return copy
+            array = self.to_host(array)
+        host = np.ascontiguousarray(array, dtype=dtype)
         cp = self._array_module()
         if cp is not None:
             with cp.cuda.Device(self._device or 0):
@@ -279,6 +291,9 @@ class CudaBackend:
         return CPU.table(rows, dtype, reuse)
 
     def plan(self, segments):
+        if not (isinstance(self.block, int) and 0 < self.block <= kernels.MAX_BLOCK):
+            raise ValueError(f"block must be 1 to {kernels.MAX_BLOCK} threads (the kernels' launch bounds), "
+                             f"got {self.block!r}")
         segments = [(int(a), int(b), int(r)) for a, b, r in segments]
         total = sum(stop - start for start, stop, _ in segments)
         grid = self._grid(total)

@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from flatopt.backend import CPU, SUPPORTED_DTYPES, backend_for
+from flatopt.backend import CPU, SUPPORTED_DTYPES, backend_for, layout
 
 GROUP_KEYS = ("start", "stop", "frozen")
 
@@ -232,16 +232,14 @@ class Optimizer:
         # (the kernel reads n elements of each).
         buffers = self.state if self._state_args is None else dict([next(iter(self.state.items()))])
         for name, buf in buffers.items():
-            shape = getattr(buf, "shape", None)
+            shape, state_dtype = layout(buf)
             if shape is None or len(shape) != 1:
                 raise ValueError(f"optimizer state '{name}' must be a 1-D array, got {type(buf).__name__} "
                                  f"of shape {shape}")
             if shape[0] != n:
                 raise ValueError(f"params has {n} elements but the optimizer state was made for {shape[0]}")
-            if buf.dtype != dtype:  # a torch tensor's dtype is a torch.dtype: ask its backend
-                state_dtype = buf.dtype if self._backend is None else self._backend.dtype(buf)
-                if state_dtype != dtype:
-                    raise TypeError(f"params dtype {dtype} does not match the optimizer state's dtype {state_dtype}")
+            if state_dtype != dtype:
+                raise TypeError(f"params dtype {dtype} does not match the optimizer state's dtype {state_dtype}")
 
     def _states(self, backend, n, dtype, active):
         """The kernel's state arguments, allocating (zeros) the buffers first needed now."""
@@ -251,7 +249,7 @@ class Optimizer:
         if self._backend is not None and needed == self._state_key:
             return self._state_args
         if self._backend is None:  # fresh, loaded or assigned host arrays: place the state
-            self.state = {k: backend.from_host(v, np.empty(0, dtype)) for k, v in self.state.items()}
+            self.state = {k: backend.place(v, np.empty(0, dtype)) for k, v in self.state.items()}
             self._backend = backend
         for name in needed:
             if name not in self.state:

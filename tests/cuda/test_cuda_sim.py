@@ -540,7 +540,7 @@ def test_backend_interface():
     assert type(host) is np.ndarray and host.dtype == np.float64 and not host.any()
     e = CUDA.empty_state(np.float32)
     assert len(e) == 0 and e.dtype == np.float32
-    x = CUDA.from_host(np.arange(37), np.empty(0, np.float32))
+    x = CUDA.place(np.arange(37), np.empty(0, np.float32))
     assert x.dtype == np.float32 and CUDA.owns(x)
     np.testing.assert_array_equal(CUDA.to_host(x), np.arange(37, dtype=np.float32))
     y = CUDA.zeros(37, np.float32)
@@ -596,6 +596,12 @@ def test_grid_aims_at_chunk_elements_per_block_between_the_bounds(monkeypatch):
     assert fixed.plan([(0, 100_000_000, 0)]).grid == 16 * 132
 
 
+def test_block_is_bounded_by_the_kernels_launch_bounds():
+    with pytest.raises(ValueError, match="block must be 1 to 256 threads"):
+        CudaBackend(block=512).plan([(0, 1000, 0)])
+    assert CudaBackend(block=128).plan([(0, 1000, 0)]).block == 128
+
+
 @sim_only
 def test_cupy_requests_fail_clearly():
     backend = CudaBackend(array_library="cupy")
@@ -618,6 +624,26 @@ def test_lookahead_slow_weights_on_device():
     np.testing.assert_array_equal(p.copy_to_host(), fast)
     assert_same(slow, la.state_dict()["slow"])
     assert not np.array_equal(slow, fast)
+
+
+@sim_only
+def test_lookahead_slow_weights_assigned_as_a_cuda_array():
+    """Slow weights assigned from any CUDA exporter are checked through its interface and used."""
+    p0, grads = data(dtype=np.float32, steps=4)
+    cpu, dev = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2), flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2)
+    pc, pd = p0.copy(), cuda.to_device(p0)
+    cpu.step(pc, grads[0])
+    dev.step(pd, cuda.to_device(grads[0]))
+    mine = np.full(len(p0), 0.5, np.float32)
+    cpu.slow, dev.slow = mine.copy(), FakeCAI(mine.copy())
+    for g in grads[1:]:
+        cpu.step(pc, g)
+        dev.step(pd, cuda.to_device(g))
+    assert_same(pd.copy_to_host(), pc)
+    dev.slow = FakeCAI(np.zeros(len(p0) + 1, np.float32))
+    with pytest.raises(ValueError, match=f"slow weights have {len(p0) + 1}"):
+        dev.step(pd, cuda.to_device(grads[0]))
+    assert_same(pd.copy_to_host(), pc)
 
 
 def test_empty_buffers_and_all_frozen():
@@ -721,3 +747,29 @@ def test_state_assigned_between_steps_is_checked_and_copied_to_the_device():
         dev.step(pd, cuda.to_device(g))
     assert_same(pd.copy_to_host(), pc)
     assert all(CUDA.owns(v) for v in dev.state.values())
+
+
+@sim_only
+def test_state_assigned_as_cuda_arrays_is_copied_on_the_device():
+    """Assigned CUDA arrays (here through ``__cuda_array_interface__`` only, which has no host
+    conversion, like CuPy's) are copied device to device at the next step, and so are the
+    buffers left in place; the assigned arrays themselves are not written."""
+    p0, grads = data(steps=4)
+    cpu, dev = flatopt.Adam(lr=1e-2), flatopt.Adam(lr=1e-2)
+    pc, pd = p0.copy(), cuda.to_device(p0)
+    for g in grads[:2]:
+        cpu.step(pc, g)
+        dev.step(pd, cuda.to_device(g))
+    mine = np.full(len(p0), 0.125, np.float32)
+    cpu.state["exp_avg"] = mine.copy()
+    dev.state["exp_avg"] = FakeCAI(mine)
+    for g in grads[2:]:
+        cpu.step(pc, g)
+        dev.step(pd, cuda.to_device(g))
+    assert_same(pd.copy_to_host(), pc)
+    np.testing.assert_array_equal(mine, 0.125)
+    assert all(type(v).__name__ == "FakeCUDAArray" for v in dev.state.values())
+    assert_same(CUDA.to_host(dev.state["exp_avg_sq"]), cpu.state["exp_avg_sq"])
+    with pytest.raises(TypeError, match="does not match the optimizer state's dtype float64"):
+        dev.state["exp_avg"] = FakeCAI(np.zeros(len(p0)))
+        dev.step(pd, cuda.to_device(grads[0]))

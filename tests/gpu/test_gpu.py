@@ -135,6 +135,39 @@ def test_hyperparameter_changes_do_not_recompile(cupy):
     assert len(kernels.get_kernel("adam", np.float32).overloads) == compiled
 
 
+def test_launch_bounds_hold_on_the_device(cupy):
+    """The kernels given more resident blocks per SM are compiled within the registers that
+    allows (``MIN_BLOCKS_PER_SM``; test_ptx checks the same offline, without spills)."""
+    from flatopt.kernels import cuda as kernels
+    for (name, dtype), blocks in kernels.MIN_BLOCKS_PER_SM.items():
+        opt = {"rmsprop": flatopt.RMSprop, "adam": flatopt.Adam, "sgd": flatopt.SGD, "adopt": flatopt.ADOPT}[name]()
+        opt.step(cupy.ones(N, dtype), cupy.ones(N, dtype))
+        regs = max(kernels.get_kernel(name, dtype).get_regs_per_thread().values())
+        assert -(-regs // 8) * 8 * kernels.MAX_BLOCK * blocks <= 65536, (name, dtype, regs)
+
+
+def test_cupy_state_assigned_between_steps(cupy):
+    """CuPy arrays put into ``opt.state`` are copied on the device (CuPy refuses a silent trip
+    through the host); the other buffers are kept, and the assigned array is not written."""
+    p0, grads = data(dtype=np.float32)
+    cpu, dev = flatopt.Adam(lr=1e-2), flatopt.Adam(lr=1e-2)
+    pc, pd = p0.copy(), cupy.asarray(p0)
+    for g in grads[:2]:
+        cpu.step(pc, g)
+        dev.step(pd, cupy.asarray(g))
+    mine = np.full(len(p0), 0.125, np.float32)
+    cpu.state["exp_avg"], dev.state["exp_avg"] = mine.copy(), cupy.asarray(mine)
+    assigned = dev.state["exp_avg"]
+    for g in grads[2:]:
+        cpu.step(pc, g)
+        dev.step(pd, cupy.asarray(g))
+    assert_same(cupy.asnumpy(pd), pc)
+    assert dev.state["exp_avg"] is not assigned and bool((assigned == 0.125).all())
+    dev.state["exp_avg_sq"] = cupy.zeros(len(p0), cupy.float64)
+    with pytest.raises(TypeError, match="optimizer state's dtype float64"):
+        dev.step(pd, cupy.asarray(grads[0]))
+
+
 def test_cupy_non_default_stream(cupy):
     p0, grads = data(dtype=np.float32)
     _, expected = cpu_run(OPTIMIZERS["adamw"], p0, grads)
