@@ -148,6 +148,31 @@ def check_close(got, ref, dtype, k, scale, what):
         assert_ulp_close(got, ref, k, scale, what=f"{what} [float32, ulp]")
 
 
+def assert_as_accurate_as_torch(run, exact, what):
+    """float32 where the rule amplifies rounding: against torch's float64 trajectory on the
+    same inputs (``exact``), flatopt's float32 error is at most twice torch's own float32
+    error plus 8 ulps (of the trajectory's largest |param|)."""
+    exact32 = exact.ref.astype(np.float32)
+    err_flat, err_torch = max_ulp_diff(run.got, exact32, run.scale), max_ulp_diff(run.ref, exact32, run.scale)
+    record(f"{what} float32 err_flat/err_torch", err_flat / max(err_torch, 1.0))
+    record(f"{what} float32 err_torch [ulp]", err_torch)
+    assert err_flat <= 2 * err_torch + 8, f"{what}: float32 error {err_flat:.4g} ulps > 2 * torch's {err_torch:.4g} + 8"
+
+
+def sweep_lockstep(flat_cls, torch_cls, kw, p0, grads, k, what, **lockstep_kw):
+    """A sweep example against torch ``foreach=False``: float64 to 1e-12; float32 within
+    ``k`` ulps of torch's float32 result or, in the corners a random sweep finds where the
+    problem amplifies rounding past that (betas ~ 0 with L2 decay, a centered variance that
+    cancels), no less accurate than torch (:func:`assert_as_accurate_as_torch`)."""
+    run = lockstep(flat_cls, torch_cls, kw, p0, grads, torch_kw=dict(foreach=False), **lockstep_kw)
+    if run.dtype == np.float32 and max_ulp_diff(run.got, run.ref, run.scale) > k:
+        exact = lockstep(flat_cls, torch_cls, kw, p0.astype(np.float64), [g.astype(np.float64) for g in grads],
+                         torch_kw=dict(foreach=False), **lockstep_kw)
+        assert_as_accurate_as_torch(run, exact, what)
+        return run, False
+    return run, True
+
+
 # Hypothesis strategies shared by the sweeps.
 SIZES = st.sampled_from(SMALL_SIZES)
 DTYPE = st.sampled_from(DTYPES)
@@ -209,7 +234,17 @@ ADAM_GRID = [dict(amsgrad=a, weight_decay=wd, maximize=mx) for a in (False, True
              for mx in (False, True)]
 
 
-def check_adam_fused(run, what):
+def chaotic(cls, options):
+    """Adam's L2 decay with beta2 < 0.5: v ~ (g + wd*p)**2 barely averages, so each step moves
+    p by about lr * m / |g + wd*p|, and p feeds back into that ratio.  Two roundings of the same
+    step drift apart without bound (the random sweeps found float32 trajectories 1e5 ulps apart,
+    float64 ones 3e-10, and flatopt's float32 error from 0.3 to 3 times torch's own).  Whole
+    trajectories decide nothing there; the bitwise comparisons (the fused kernel's SIMD body,
+    every state) still hold."""
+    return cls == "Adam" and options.get("weight_decay", 0) != 0 and options.get("betas", (0.9, 0.999))[1] < 0.5
+
+
+def check_adam_fused(run, what, trajectory=True):
     """Bitwise on the fused kernel's SIMD body, a few ulps on its scalar tail."""
     n = len(run.ref)
     k = simd_prefix(n, run.dtype)
@@ -217,13 +252,14 @@ def check_adam_fused(run, what):
     check_state_names(run)
     for name, ref in torch_state_tensors(run.tstate).items():
         np.testing.assert_array_equal(run.flat.state[name][:k], ref[:k], err_msg=f"{what}: {name} (SIMD body)")
-    if k < n:
+    if k < n and trajectory:
         check_close(run.got[k:], run.ref[k:], run.dtype, ADAM_FUSED_TAIL_ULP_K, run.scale, f"{what} fused tail")
     assert run.flat.group_state[0]["step"] == int(run.tstate["step"].item()) == STEPS
 
 
-def check_adam_single_tensor(run, what, options):
-    check_close(run.got, run.ref, run.dtype, ADAM_ULP_K, run.scale, f"{what} vs foreach=False")
+def check_adam_single_tensor(run, what, options, params=True):
+    if params:
+        check_close(run.got, run.ref, run.dtype, ADAM_ULP_K, run.scale, f"{what} vs foreach=False")
     check_state_names(run)
     if options.get("weight_decay", 0) == 0 or what == "AdamW":
         # The states never see torch's sqrt (and without L2 decay not the parameters either).
@@ -270,7 +306,7 @@ def test_adam_sweep_bitwise_vs_fused(cls, n, options, lr_mode, dtype, seed):
     p0, grads = make_problem(n, STEPS, dtype, seed)
     run = lockstep(getattr(flatopt, cls), getattr(torch.optim, cls), options, p0, grads, lr_mode=lr_mode,
                    torch_kw=dict(fused=True))
-    check_adam_fused(run, cls)
+    check_adam_fused(run, cls, trajectory=not chaotic(cls, options))
 
 
 @SWEEP
@@ -279,11 +315,12 @@ def test_adam_sweep_bitwise_vs_fused(cls, n, options, lr_mode, dtype, seed):
 def test_adam_sweep_vs_single_tensor(cls, n, options, lr_mode, dtype, seed):
     # L2 decay on gradients spread over five decades cancels (g + wd*p ~ 0) and Adam's
     # m / sqrt(v) then amplifies torch's sqrt rounding: see test_ill_conditioned_* below.
+    assume(not chaotic(cls, options))  # only trajectories are compared here
     l2 = cls == "Adam" and options["weight_decay"] != 0
     p0, grads = make_problem(n, STEPS, dtype, seed, spread=not l2)
-    run = lockstep(getattr(flatopt, cls), getattr(torch.optim, cls), options, p0, grads, lr_mode=lr_mode,
-                   torch_kw=dict(foreach=False))
-    check_adam_single_tensor(run, cls, options)
+    run, close = sweep_lockstep(getattr(flatopt, cls), getattr(torch.optim, cls), options, p0, grads, ADAM_ULP_K,
+                                f"{cls} vs foreach=False", lr_mode=lr_mode)
+    check_adam_single_tensor(run, cls, options, params=close)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
@@ -302,8 +339,9 @@ RMSPROP_GRID = [dict(centered=c, momentum=m, weight_decay=wd, maximize=mx)
                 for c in (False, True) for m in (0.0, 0.9) for wd in (0.0, 0.1) for mx in (False, True)]
 
 
-def check_rmsprop(run, options):
-    check_close(run.got, run.ref, run.dtype, RMSPROP_ULP_K, run.scale, "RMSprop vs foreach=False")
+def check_rmsprop(run, options, params=True):
+    if params:
+        check_close(run.got, run.ref, run.dtype, RMSPROP_ULP_K, run.scale, "RMSprop vs foreach=False")
     check_state_names(run)
     if options.get("weight_decay", 0) == 0:
         refs = torch_state_tensors(run.tstate)
@@ -334,9 +372,9 @@ def test_rmsprop_sweep(n, centered, momentum, weight_decay, maximize, alpha, eps
     options = dict(centered=centered, momentum=momentum, weight_decay=weight_decay, maximize=maximize, alpha=alpha,
                    eps=eps)
     p0, grads = make_problem(n, STEPS, dtype, seed, spread=False)
-    run = lockstep(flatopt.RMSprop, torch.optim.RMSprop, dict(lr=lr, **options), p0, grads, lr_mode=lr_mode,
-                   torch_kw=dict(foreach=False))
-    check_rmsprop(run, options)
+    run, close = sweep_lockstep(flatopt.RMSprop, torch.optim.RMSprop, dict(lr=lr, **options), p0, grads,
+                                RMSPROP_ULP_K, "RMSprop vs foreach=False", lr_mode=lr_mode)
+    check_rmsprop(run, options, params=close)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
@@ -379,11 +417,7 @@ def test_ill_conditioned_within_torchs_own_rounding_error(cls, options, spread):
     exact = lockstep(flat_cls, torch_cls, options, p0, grads, torch_kw=dict(foreach=False))
     run = lockstep(flat_cls, torch_cls, options, p0.astype(np.float32), [g.astype(np.float32) for g in grads],
                    torch_kw=dict(foreach=False))
-    exact32 = exact.ref.astype(np.float32)
-    err_flat, err_torch = max_ulp_diff(run.got, exact32, run.scale), max_ulp_diff(run.ref, exact32, run.scale)
-    record(f"{cls} ill-conditioned float32 err_flat/err_torch", err_flat / max(err_torch, 1.0))
-    record(f"{cls} ill-conditioned float32 err_torch [ulp]", err_torch)
-    assert err_flat <= 2 * err_torch + 8, (err_flat, err_torch)
+    assert_as_accurate_as_torch(run, exact, f"{cls} ill-conditioned")
 
 
 # ===================================================================== NaN / Inf
