@@ -182,8 +182,8 @@ def test_assembles_without_local_memory(tools, name, dtype, cc, record_property)
     # lets the rest of the grid wait its turn.
     assert regs <= 96, f"{name} {dtype} needs {regs} registers per thread"
     blocks = tools.kernels.MIN_BLOCKS_PER_SM.get((name, np.dtype(dtype)), 1)
-    per_block = -(-regs // 8) * 8 * tools.kernels.MAX_BLOCK  # registers are allocated 8 per thread at a time
-    assert blocks * per_block <= 65536, f"{name} {dtype}: {regs} registers leave no room for {blocks} blocks per SM"
+    assert tools.kernels.blocks_resident(regs) >= blocks, (
+        f"{name} {dtype}: {regs} registers leave no room for {blocks} blocks per SM")
 
 
 @pytest.mark.parametrize("cc", CCS, ids=lambda cc: f"sm_{cc[0]}{cc[1]}")

@@ -124,6 +124,12 @@ MAX_BLOCK = 256
 MIN_BLOCKS_PER_SM = {("rmsprop", np.dtype(np.float32)): 6}
 
 
+def blocks_resident(registers):
+    """Blocks of ``MAX_BLOCK`` threads that fit an SM's 64K registers at ``registers`` per
+    thread (allocated 8 per thread at a time)."""
+    return 65536 // (-(-registers // 8) * 8 * MAX_BLOCK)
+
+
 def launch_bounds(name, dtype):
     """``(MAX_BLOCK, blocks per SM)`` for the kernels in ``MIN_BLOCKS_PER_SM``, else None:
     bounds given alone (``.maxntid``) changed ptxas' schedule and cost SGD 8% at 10^8."""

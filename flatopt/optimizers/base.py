@@ -248,7 +248,7 @@ class Optimizer:
             needed = tuple(name for name in self.state_names if name in needed or name in self._needs(hp))
         if self._backend is not None and needed == self._state_key:
             return self._state_args
-        if self._backend is None:  # fresh, loaded or assigned host arrays: place the state
+        if self._backend is None:  # fresh, loaded or assigned buffers: place copies next to the params
             self.state = {k: backend.place(v, np.empty(0, dtype)) for k, v in self.state.items()}
             self._backend = backend
         for name in needed:
