@@ -1,82 +1,33 @@
-"""PyTorch adapter: ``torch.optim.Optimizer`` subclasses that run one flatopt kernel per
-(device, dtype) of parameters, on flat buffers the parameters live in (zero copy).
-
-* ``SGD``, ``RMSprop``, ``Adam`` and ``AdamW`` take torch 2.13's arguments (same names, order and
-  defaults, positional too); ``ADOPT`` takes :class:`flatopt.ADOPT`'s.  torch's implementation
-  flags (``foreach``, ``fused``, ``capturable``, ``differentiable``) are accepted and recorded in
-  the param groups, as torch records them; ``foreach`` and ``fused`` change nothing (a step is
-  always one fused kernel per bucket), ``capturable=True`` and ``differentiable=True`` raise a
-  ``ValueError`` (the step runs host code: no CUDA graph capture, no autograd through it).
-  Param groups, ``add_param_group``, ``state_dict`` / ``load_state_dict`` (checkpoints of older
-  torch releases too: missing group keys get torch's defaults), lr schedulers, ``GradScaler``,
-  ``clip_grad_norm_``, ``copy.deepcopy`` and pickling work as with ``torch.optim``.
-* At construction every parameter's storage moves into one contiguous flat buffer per
-  (device, dtype): ``p.data`` becomes a view of it.  From the first step on, ``p.grad`` is
-  a view of a flat gradient buffer, so with ``zero_grad(set_to_none=False)`` backward
-  accumulates straight into it.  With ``zero_grad()`` (``set_to_none=True``, torch's
-  default) the fresh gradient autograd makes is copied into the flat buffer at the next
-  step.  (Gradients are not pre-assigned at construction: a parameter that never got a
-  gradient must stay ``None`` so that it is skipped, as torch skips it.)
-* Parameters whose ``.grad`` is ``None`` are skipped: no update, no decay, no state or
-  step change.  Replaced ``.grad`` / ``.data`` tensors (new memory) are copied in and
-  re-pointed at the flat views before the step.
-* ``state[p]`` holds torch's names (``step``, ``exp_avg``, ``exp_avg_sq``,
-  ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ``grad_avg``) as views of the
-  flat state buffers, only the buffers ``p``'s group uses (SGD: ``momentum_buffer`` alone, and
-  no entry at ``momentum=0``, as torch); ``step`` is a float32 scalar view of one per-bucket
-  step array.  Zero-size parameters get state and step counts as in torch.
-* Editing the state as torch allows is seen at the next step: ``opt.state = ...``,
-  ``opt.state.clear()``, ``del opt.state[p]`` or ``opt.state[p].clear()`` restart those
-  parameters' state (step 0, zero buffers); ``opt.state[p]['exp_avg'] = t`` or
-  ``opt.state[p]['step'] = t`` copies ``t`` into the flat state.  (``opt.state`` and its
-  dicts note such edits, so that a step checks them at O(1) cost.)  In-place changes of a
-  state buffer (``exp_avg.zero_()``, ``copy_``) act directly: the buffers are views.
-* Editing ``param_groups[i]['params']`` (append, remove, replace an element, assign a new
-  list) or appending to ``param_groups`` is seen at the next step or ``zero_grad``, as
-  torch reads the lists then (the lists note edits too): the parameters are laid out
-  again; those that stay keep their state, those removed lose it.
-* A parameter whose dtype or device changed (``model.double()``, ``p.data =
-  p.data.cuda()``) raises a ``RuntimeError`` at the next step, before any update: build a
-  new optimizer.  A parameter listed twice (torch warns, updates it twice per step, and
-  plans to make it an error) raises a ``ValueError``: list it once.
-* ``Lookahead(optimizer, k=5, alpha=0.5)`` wraps any torch optimizer (per tensor); around a
-  flatopt.torch optimizer its slow weights mirror the flat buffers, so the every-``k``
-  pull is two tensor ops per buffer.
-
-Not seen (checking would cost a pass over every parameter at every step, as much as the
-rest of the step's Python on a model of a few hundred tensors):
-
-* ``p.data = p.data.t()`` (or any view with the same first element but other strides): the
-  flat view stays in place and updates land in the old layout.  Replace ``.data`` by a
-  tensor with its own memory (``p.data = p.data.t().contiguous()``).
-* An in-place change of a ``step`` tensor (``state[p]['step'].zero_()``): the kernel keeps
-  its own counts.  Assign a new tensor instead (``state[p]['step'] = torch.tensor(0.)``).
-
-CUDA parameters go to the core as tensors (its backend reads ``__cuda_array_interface__``); they
-are tested on a real GPU (``tests/gpu/test_gpu_torch.py``).  Not supported: sparse gradients,
-complex and half dtypes.
-"""
+"""The flat layout under every flatopt.torch optimizer: parameters, gradients and state as
+views of one flat buffer per (device, dtype), ``opt.state`` kept in step with them, and the
+step that checks what changed since the last one and runs one core kernel per buffer."""
 import functools
 import inspect
 import warnings
-from collections import OrderedDict, defaultdict
-from contextlib import contextmanager
+from collections import defaultdict
 from operator import attrgetter, is_
 
 import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-import flatopt
 from flatopt.backend import backend_for
-from flatopt.optimizers.base import DICT_EDITS, LIST_EDITS, note_edits
+from flatopt.torch._checks import (NP_DTYPES, check_disjoint, check_flags, check_param, check_unique,
+                                   moved_error)
+from flatopt.torch._edits import Edits, ParamList, ParamState, State, unchanged
 
-__all__ = ["SGD", "RMSprop", "Adam", "AdamW", "ADOPT", "Lookahead"]
-
-_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 _data_ptr = torch.Tensor.data_ptr
 _grad_of = attrgetter("grad")
 _DUPLICATE_WARNING = "optimizer contains a parameter group with duplicate parameters"
+PUBLIC = set()  # the classes flatopt.torch exports
+
+
+def public(cls):
+    """Marks a class flatopt.torch exports: reprs and pickles name it ``flatopt.torch.X``
+    wherever it is defined, and its ``__init__`` holds the defaults of ``_complete_group``."""
+    cls.__module__ = "flatopt.torch"
+    PUBLIC.add(cls)
+    return cls
 
 
 def _number(value):
@@ -95,65 +46,12 @@ def _volatile(value):
     return isinstance(value, (torch.Tensor, list)) or (type(value) is tuple and any(map(_volatile, value)))
 
 
-def _global_hooks_or_profiler():
+def global_hooks_or_profiler():
     """Whether torch.optim's global step hooks or a profiler want to see every step (if a
     torch release moves the hook registries, every step takes torch's own path)."""
     return bool(getattr(_torch_optimizer, "_global_optimizer_pre_hooks", True)
                 or getattr(_torch_optimizer, "_global_optimizer_post_hooks", True)
                 or torch.autograd.profiler._is_profiler_enabled or torch.autograd._profiler_enabled())
-
-
-def _check_flags(group):
-    """torch's implementation flags: ``foreach`` and ``fused`` are recorded only (a flatopt step
-    is one fused kernel anyway); the two that promise what a flatopt step cannot do raise."""
-    if group.get("differentiable"):
-        raise ValueError("flatopt.torch does not support differentiable=True: its step runs outside autograd")
-    if group.get("capturable"):
-        raise ValueError("flatopt.torch does not support capturable=True: its step runs host code, "
-                         "which a CUDA graph cannot capture")
-
-
-def _check_param(p):
-    if not isinstance(p, torch.Tensor):
-        raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {torch.typename(p)}")
-    if p.dtype not in _NP_DTYPES:
-        raise TypeError(f"flatopt.torch supports float32 and float64 parameters, got {p.dtype}")
-    if p.is_sparse:
-        raise TypeError("flatopt.torch does not support sparse parameters")
-    if p.device.type == "meta":
-        raise TypeError("flatopt.torch cannot optimize meta tensors: they have no memory to lay out")
-    if not (p.is_leaf or p.retains_grad):
-        raise ValueError("can't optimize a non-leaf Tensor")
-
-
-def _check_unique(params):
-    if len({id(p) for p in params}) != len(params):
-        raise ValueError("a parameter is listed twice in param_groups; flatopt.torch lays each parameter out "
-                         "once: list it once (torch warns, updates it twice per step, and plans to make this "
-                         "an error)")
-
-
-def _check_disjoint(params):
-    """Parameters that share memory (views of one tensor) would be untied by the layout, which
-    gives each its own place: refuse them."""
-    spans = []
-    for i, p in enumerate(params):
-        if p.numel():
-            start = p.storage_offset()
-            extent = 1 + sum((n - 1) * abs(st) for n, st in zip(p.shape, p.stride()))
-            spans.append((p.device, p.untyped_storage().data_ptr(), start * p.element_size(),
-                          (start + extent) * p.element_size(), i))
-    spans.sort(key=lambda s: (str(s[0]), s[1], s[2]))
-    for a, b in zip(spans, spans[1:]):
-        if a[:2] == b[:2] and b[2] < a[3]:
-            raise ValueError(f"parameters {a[4]} and {b[4]} share memory (views of one tensor); flatopt.torch "
-                             "gives each parameter its own place in a flat buffer, which would untie them")
-
-
-def _moved_error(p, device, dtype):
-    return RuntimeError(f"a parameter changed from {dtype} on {device} to {p.dtype} on {p.device} after the "
-                        "optimizer was built (e.g. model.double() or .to()); flatopt.torch keeps one flat buffer "
-                        "per (device, dtype): build a new optimizer")
 
 
 def _unaliased(src, bufs):
@@ -167,81 +65,9 @@ def _unaliased(src, bufs):
 def _torch_defaults(cls):
     """The defaults of the flatopt.torch class's ``__init__`` that ``cls`` is or derives from:
     what torch's ``__setstate__`` fills into the groups of an older checkpoint that lacks a key."""
-    public = next(c for c in cls.__mro__ if c.__module__ == __name__ and c.__name__ in __all__)
-    return {name: p.default for name, p in inspect.signature(public.__init__).parameters.items()
+    exported = next(c for c in cls.__mro__ if c in PUBLIC)
+    return {name: p.default for name, p in inspect.signature(exported.__init__).parameters.items()
             if p.default is not inspect.Parameter.empty}
-
-
-# --- opt.state and the groups' params lists, noting edits ---------------------------------------
-
-class _Edits:
-    """A flag, set when ``opt.state``, one of its dicts or a group's ``params`` list is edited
-    from outside, so that the next step sees the edit at O(1) cost and takes it in (the
-    optimizer itself writes through ``dict``'s own methods, which leave it alone).  Also the
-    ``default_factory`` of ``opt.state``: a parameter's new dict notes edits too."""
-    __slots__ = ("edited",)
-
-    def __init__(self):
-        self.edited = False
-
-    def __call__(self):
-        return _ParamState(self)
-
-    def __reduce__(self):
-        return _Edits, ()
-
-
-class _ParamState(dict):
-    """``opt.state[p]``: a dict that notes edits."""
-
-    def __init__(self, edits, entries=()):
-        dict.__init__(self, entries)
-        self._edits = edits
-
-    def __reduce__(self):  # pickle restores a dict's items before its attributes: pass both at once
-        return type(self), (self._edits, dict(self))
-
-
-class _State(defaultdict):
-    """``opt.state``: torch's ``defaultdict(dict)``, noting edits."""
-
-    def __init__(self, edits, entries=()):
-        defaultdict.__init__(self, edits, entries)
-
-    @property
-    def _edits(self):
-        return self.default_factory
-
-    def __reduce__(self):
-        return type(self), (self.default_factory, dict(self))
-
-
-class _ParamList(list):
-    """A group's ``params``: a list that notes edits (torch reads the list at every step)."""
-
-    def __init__(self, edits, params=()):
-        list.__init__(self, params)
-        self._edits = edits
-
-    def __reduce__(self):
-        return type(self), (self._edits, list(self))
-
-
-def _flag_edit(container):
-    container._edits.edited = True
-
-
-note_edits(_ParamState, dict, DICT_EDITS, _flag_edit)
-note_edits(_State, dict, DICT_EDITS, _flag_edit)
-note_edits(_ParamList, list, LIST_EDITS, _flag_edit)
-
-_MISSING = object()
-
-
-def _unchanged(entries, installed, names):
-    """Whether a state dict still holds exactly what the optimizer installed under ``names``
-    (its own keys; others a user put there are left alone, as torch leaves them)."""
-    return all(dict.get(entries, k, _MISSING) is installed.get(k, _MISSING) for k in names)
 
 
 class _Bucket:
@@ -269,7 +95,7 @@ def _as_tensor(buf, device):
     return torch.from_numpy(buf) if isinstance(buf, np.ndarray) else torch.as_tensor(buf, device=device)
 
 
-class _FlatOptimizer(torch.optim.Optimizer):
+class FlatOptimizer(torch.optim.Optimizer):
     _core_cls = None
     _step_in_state = True  # torch keeps state["step"] (not SGD)
 
@@ -288,7 +114,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
         defaults = {k: v for k, v in defaults.items() if k not in self._core_only}
         for k in self._hp_names:
             defaults.setdefault(k, hp[k])
-        _check_flags(defaults)
+        check_flags(defaults)
         self._init_runtime()
         self._building = True
         super().__init__(params, defaults)
@@ -299,9 +125,9 @@ class _FlatOptimizer(torch.optim.Optimizer):
         """What a pickled or copied optimizer makes anew (see ``__setstate__``)."""
         self._buckets = {}
         self._building = False
-        self._state_edits = _Edits()
+        self._state_edits = Edits()
         self._state_seen = None  # the opt.state the last check saw
-        self._group_edits = _Edits()  # noted by the groups' params lists
+        self._group_edits = Edits()  # noted by the groups' params lists
         self._groups_seen = ()  # per group: its params list, as laid out
 
     # --- groups and layout ---------------------------------------------------------------
@@ -313,8 +139,8 @@ class _FlatOptimizer(torch.optim.Optimizer):
         try:
             group = self.param_groups[-1]
             for p in group["params"]:
-                _check_param(p)
-            _check_unique(group["params"])
+                check_param(p)
+            check_unique(group["params"])
             self._check_group(group)
             if not self._building:
                 self._rebuild()  # checks the new layout before it changes anything
@@ -325,7 +151,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
     def _check_group(self, group):
         core = self._core_cls(**self._core_kwargs)
         core._check(core._resolve({k: _number(group[k]) for k in self._hp_names}, 0))
-        _check_flags(group)
+        check_flags(group)
 
     def _groups_edited(self):
         """Whether a group's ``params`` list was edited or replaced, or a group was added or
@@ -355,20 +181,20 @@ class _FlatOptimizer(torch.optim.Optimizer):
         order = defaultdict(list)
         for gi, group in enumerate(self.param_groups):  # every check before the first change
             for p in group["params"]:
-                _check_param(p)
+                check_param(p)
                 key, n = old_keys.get(id(p), (None, None))
                 if key is not None and key != (p.device, p.dtype):
-                    raise _moved_error(p, *key)
+                    raise moved_error(p, *key)
                 if n is not None and p.numel() != n:  # its state could not follow it
                     raise RuntimeError(f"a parameter changed shape to {tuple(p.shape)}; build a new optimizer")
                 order[(p.device, p.dtype)].append((p, gi))
         params = [p for entries in order.values() for p, _ in entries]
-        _check_unique(params)
-        _check_disjoint(params)
+        check_unique(params)
+        check_disjoint(params)
         self._take_state_edits()  # into the old layout, before it goes
         for group in self.param_groups:  # lists that note edits (a replaced one may be any iterable)
-            if type(group["params"]) is not _ParamList or group["params"]._edits is not self._group_edits:
-                group["params"] = _ParamList(self._group_edits, group["params"])
+            if type(group["params"]) is not ParamList or group["params"]._edits is not self._group_edits:
+                group["params"] = ParamList(self._group_edits, group["params"])
         buckets = {}
         for key, entries in order.items():
             buckets[key] = self._lay_out(key, entries, old.get(key))
@@ -410,7 +236,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
         old_index = {id(p): i for i, p in enumerate(prev.params)} if prev is not None else {}
         # host copies of the previous state (CUDA state too: the core's checkpoint format)
         old_state = prev.core.state_dict()["state"] if prev is not None else {}
-        new_state = {name: np.zeros(total, _NP_DTYPES[dtype]) for name in old_state}
+        new_state = {name: np.zeros(total, NP_DTYPES[dtype]) for name in old_state}
         with torch.no_grad():
             for i, (p, off, n) in enumerate(zip(b.params, b.offsets, b.sizes)):
                 b.flat[off:off + n].copy_(p.data.reshape(-1))
@@ -491,7 +317,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
                     dict.update(inst, entries)
                     dict.update(inst, extra)
                 else:
-                    inst = _ParamState(self._state_edits, entries)
+                    inst = ParamState(self._state_edits, entries)
                     dict.__setitem__(self.state, p, inst)
                 b.installed[i], b.entries[i] = inst, entries
 
@@ -504,11 +330,11 @@ class _FlatOptimizer(torch.optim.Optimizer):
         if state is self._state_seen and not self._state_edits.edited:
             return
         edits = self._state_edits
-        if not isinstance(state, _State) or state.default_factory is not edits:
+        if not isinstance(state, State) or state.default_factory is not edits:
             # reassigned (maybe another optimizer's, or a copy): watch the new one and its dicts
-            self.state = state = _State(edits, {
-                k: v if type(v) is _ParamState and v._edits is edits else
-                _ParamState(edits, v) if isinstance(v, dict) else v for k, v in state.items()})
+            self.state = state = State(edits, {
+                k: v if type(v) is ParamState and v._edits is edits else
+                ParamState(edits, v) if isinstance(v, dict) else v for k, v in state.items()})
         self._state_seen = state
         found = False
         for b in self._buckets.values():
@@ -517,7 +343,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
                 entries, inst = dict.get(state, p), b.installed[i]
                 if inst is None and not entries:
                     continue  # still no state
-                if entries is inst and _unchanged(inst, b.entries[i], self._own_names(b)):
+                if entries is inst and unchanged(inst, b.entries[i], self._own_names(b)):
                     continue
                 edits.append((i, entries, b.entries[i] if entries is inst else None))
             if edits:
@@ -544,7 +370,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
         if missing:  # buffers no step has needed yet: zeros, next to the others
             state = dict(core.state)
             for name in missing:
-                zeros = np.zeros(len(b.flat), _NP_DTYPES[b.dtype])
+                zeros = np.zeros(len(b.flat), NP_DTYPES[b.dtype])
                 state[name] = zeros if b.device.type == "cpu" else torch.as_tensor(zeros, device=b.device)
             self._install_state(b, state)
         tstate = {k: _as_tensor(v, b.device) for k, v in core.state.items()}
@@ -599,7 +425,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
             if p.data_ptr() != b.ptrs[i]:
                 view = b.views[i]
                 if p.dtype != b.dtype or p.device != b.device:
-                    raise _moved_error(p, b.device, b.dtype)
+                    raise moved_error(p, b.device, b.dtype)
                 if p.data.shape != view.shape:
                     raise RuntimeError(f"a parameter changed shape to {tuple(p.data.shape)}; "
                                        "build a new optimizer")
@@ -660,8 +486,8 @@ class _FlatOptimizer(torch.optim.Optimizer):
         a step hook is registered or a profiler is recording (and not when a subclass overrides
         ``step``: torch wraps that override, which calls this one).
         """
-        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_hooks_or_profiler()) \
-                and type(self).step is _FlatOptimizer.step:
+        if (self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or global_hooks_or_profiler()) \
+                and type(self).step is FlatOptimizer.step:
             return self._step_with_hooks(*args, **kwargs)
         return self._step(*args, **kwargs)
 
@@ -774,7 +600,7 @@ class _FlatOptimizer(torch.optim.Optimizer):
         self._check_loaded_sizes(state_dict)
         super().load_state_dict(state_dict)  # torch's checks; __setstate__ checks the groups, then replaces them
         loaded = self.state  # keys that are not parameters stay, as in torch
-        self.state = self._state_seen = _State(self._state_edits, {k: v for k, v in loaded.items()
+        self.state = self._state_seen = State(self._state_edits, {k: v for k, v in loaded.items()
                                                                    if not isinstance(k, torch.Tensor)})
         self._state_edits.edited = False
         index = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
@@ -847,251 +673,3 @@ class _FlatOptimizer(torch.optim.Optimizer):
         for name, value in _torch_defaults(type(self)).items():
             if name != "lr" and name not in self._core_only:
                 group.setdefault(name, value)
-
-
-class SGD(_FlatOptimizer):
-    """``torch.optim.SGD``'s rule (see :class:`flatopt.SGD`), one kernel per (device, dtype)."""
-    _core_cls = flatopt.SGD
-    _step_in_state = False
-
-    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
-                 maximize=False, foreach=None, differentiable=False, fused=None):
-        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize, foreach=foreach,
-                                      differentiable=differentiable, fused=fused))
-
-
-class RMSprop(_FlatOptimizer):
-    """``torch.optim.RMSprop``'s rule (see :class:`flatopt.RMSprop`), one kernel per (device, dtype)."""
-    _core_cls = flatopt.RMSprop
-
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
-                 capturable=False, foreach=None, maximize=False, differentiable=False):
-        super().__init__(params, dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
-                                      weight_decay=weight_decay, capturable=capturable, foreach=foreach,
-                                      maximize=maximize, differentiable=differentiable))
-
-
-class Adam(_FlatOptimizer):
-    """``torch.optim.Adam``'s rule (see :class:`flatopt.Adam`), one kernel per (device, dtype)."""
-    _core_cls = flatopt.Adam
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
-                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                                      maximize=maximize, foreach=foreach, capturable=capturable,
-                                      differentiable=differentiable, fused=fused,
-                                      decoupled_weight_decay=decoupled_weight_decay))
-
-
-class AdamW(_FlatOptimizer):
-    """``torch.optim.AdamW``'s rule (see :class:`flatopt.AdamW`), one kernel per (device, dtype)."""
-    _core_cls = flatopt.AdamW
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                                      maximize=maximize, foreach=foreach, capturable=capturable,
-                                      differentiable=differentiable, fused=fused, decoupled_weight_decay=True))
-
-    def _complete_group(self, group):
-        super()._complete_group(group)
-        group["decoupled_weight_decay"] = True  # as torch's AdamW.__setstate__
-
-
-_ADOPT_CLIP = inspect.signature(flatopt.ADOPT).parameters["clip_lambda"].default
-
-
-class ADOPT(_FlatOptimizer):
-    """ADOPT (see :class:`flatopt.ADOPT`), one kernel per (device, dtype); torch has no ADOPT:
-    :class:`flatopt.ADOPT`'s arguments, and torch's implementation flags as for ``Adam``."""
-    _core_cls = flatopt.ADOPT
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, decouple=False, *,
-                 clip_lambda=_ADOPT_CLIP, maximize=False, foreach=None, capturable=False, differentiable=False,
-                 fused=None):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple,
-                                      clip_lambda=clip_lambda, maximize=maximize, foreach=foreach,
-                                      capturable=capturable, differentiable=differentiable, fused=fused))
-
-
-class Lookahead(torch.optim.Optimizer):
-    """Lookahead (Zhang et al., 2019) around any torch optimizer.
-
-    Slow weights start as a copy of the parameters (taken before the first inner step);
-    every ``k`` inner steps ``p = alpha * p + (1 - alpha) * slow`` and ``slow = p``
-    (the seed's rounding: ``p.mul_(alpha).add_(q, alpha=1 - alpha)``).
-    ``param_groups`` is the inner optimizer's, so lr schedulers drive the inner optimizer.
-    ``state_dict()`` holds the inner state, the slow weights and the step counter.
-    """
-
-    def __init__(self, optimizer, k=5, alpha=0.5):  # torch.optim.Optimizer.__init__ is not called
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"Lookahead wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"Invalid k: {k!r}; Lookahead needs an integer k >= 1")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"Invalid alpha: {alpha!r}; Lookahead needs 0 <= alpha <= 1")
-        self.optimizer, self.k, self.alpha = optimizer, k, alpha
-        self.step_count = 0
-        self.slow = None  # tensors in the inner optimizer's parameter order
-        self._slow_params = ()
-        self._flat_pairs = None
-        for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
-                     "load_state_dict_post"):
-            setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
-
-    @property
-    def param_groups(self):
-        return self.optimizer.param_groups
-
-    @property
-    def defaults(self):
-        return self.optimizer.defaults
-
-    @property
-    def state(self):
-        return self.optimizer.state
-
-    def _params(self):
-        return [p for g in self.optimizer.param_groups for p in g["params"]]
-
-    @torch.no_grad()
-    def _make_slow(self, params, values=None):
-        """Slow weights as copies of ``values`` (default: the parameters).  Around a flatopt.torch
-        optimizer they are views of one flat buffer per (device, dtype), mirroring its layout,
-        so that the pull is two tensor ops per buffer; otherwise one tensor per parameter."""
-        values = [p.detach() for p in params] if values is None else values
-        self._flat_pairs = None
-        self._slow_params = list(params)  # whose slow weight each of self.slow is
-        inner = self.optimizer
-        if isinstance(inner, _FlatOptimizer):
-            where = {}
-            pairs = []
-            for b in inner._buckets.values():
-                buf = torch.empty_like(b.flat)
-                pairs.append((b.flat, buf))
-                for p, off, n in zip(b.params, b.offsets, b.sizes):
-                    where[id(p)] = buf[off:off + n].view_as(p)
-            self.slow = [where[id(p)] for p in params]
-            torch._foreach_copy_(self.slow, values)
-            self._flat_pairs = pairs
-        else:
-            self.slow = [v.clone() for v in values]
-
-    def _flat_current(self):
-        """The flat pairs, if the inner optimizer's buffers are still the ones mirrored."""
-        pairs = self._flat_pairs
-        if pairs is None:
-            return None
-        flats = [b.flat for b in self.optimizer._buckets.values()]
-        if len(flats) != len(pairs) or any(f is not a for f, (a, _) in zip(flats, pairs)):
-            return None
-        return pairs
-
-    def step(self, *args, **kwargs):
-        """``step(closure=None)``; runs torch's step hooks and profiler label when a hook is
-        registered or a profiler records (torch.optim.Optimizer.__init__, which would wrap
-        ``step`` in them, is not called)."""
-        if self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _global_hooks_or_profiler():
-            return self._step_with_hooks(*args, **kwargs)
-        return self._step(*args, **kwargs)
-
-    step.hooked = True
-
-    def _step(self, closure=None):
-        if isinstance(self.optimizer, _FlatOptimizer):
-            self.optimizer._take_edits()  # a group edit lays the inner buffers out again: first
-        params = self._params()
-        if self.slow is None:
-            self._make_slow(params)
-        elif (len(params) != len(self._slow_params) or not all(map(is_, params, self._slow_params))
-              or (self._flat_pairs is not None and self._flat_current() is None)):
-            # the groups' lists were edited: each parameter keeps its slow weight, a new one starts
-            # from its value now (as the slow weights of the first step)
-            kept = {id(p): q for p, q in zip(self._slow_params, self.slow)}
-            self._make_slow(params, [kept.get(id(p), p.detach()) for p in params])
-        loss = self.optimizer.step(closure)
-        self.step_count += 1
-        if self.step_count % self.k == 0:
-            with torch.no_grad():
-                pairs = self._flat_current()
-                if pairs is not None:  # the inner step synced every .data into the flat buffers
-                    for fast, slow in pairs:
-                        fast.mul_(self.alpha).add_(slow, alpha=1 - self.alpha)
-                        slow.copy_(fast)
-                else:
-                    for p, q in zip(params, self.slow):
-                        p.mul_(self.alpha).add_(q, alpha=1 - self.alpha)
-                        q.copy_(p)
-        return loss
-
-    _step_with_hooks = torch.optim.Optimizer.profile_hook_step(_step)
-
-    def zero_grad(self, set_to_none=True):
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-
-    def add_param_group(self, param_group):
-        self.optimizer.add_param_group(param_group)
-        if self.slow is not None:
-            self._make_slow(self._params(), list(self.slow) + [
-                p.detach() for p in self.optimizer.param_groups[-1]["params"]])
-
-    @contextmanager
-    def slow_weights(self):
-        """Inside the block the parameters hold the slow weights; the fast ones come back after."""
-        if self.slow is None:
-            yield
-            return
-        params = self._params()
-        with torch.no_grad():
-            fast = [p.detach().clone() for p in params]
-            for p, q in zip(params, self.slow):
-                p.copy_(q)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for p, f in zip(params, fast):
-                    p.copy_(f)
-
-    def state_dict(self):
-        return {
-            "inner": self.optimizer.state_dict(),
-            "k": self.k,
-            "alpha": self.alpha,
-            "step_count": self.step_count,
-            "slow": None if self.slow is None else {i: q.clone() for i, q in enumerate(self.slow)},
-        }
-
-    def load_state_dict(self, state_dict):
-        expected = {"inner", "k", "alpha", "step_count", "slow"}
-        if set(state_dict) != expected:
-            raise ValueError(f"state_dict keys {sorted(state_dict)} do not match the expected {sorted(expected)}")
-        params = self._params()
-        slow = state_dict["slow"]
-        if slow is not None:
-            if len(slow) != len(params):
-                raise ValueError(f"state_dict has {len(slow)} slow weights for {len(params)} parameters")
-            for i, p in enumerate(params):
-                if slow[i].shape != p.shape:
-                    raise ValueError(f"slow weight {i} has shape {tuple(slow[i].shape)}, its parameter "
-                                     f"{tuple(p.shape)}")
-        k, alpha, count = int(state_dict["k"]), float(state_dict["alpha"]), int(state_dict["step_count"])
-        Lookahead(self.optimizer, k, alpha)  # checks k and alpha
-        self.optimizer.load_state_dict(state_dict["inner"])
-        self.k, self.alpha, self.step_count = k, alpha, count
-        self.slow = self._flat_pairs = None
-        if slow is not None:
-            self._make_slow(params, [slow[i].detach().to(device=p.device, dtype=p.dtype)
-                                     for i, p in enumerate(params)])
-
-    def __repr__(self):
-        return f"Lookahead({self.optimizer!r}, k={self.k}, alpha={self.alpha})"
-
-    def __getstate__(self):
-        return self.__dict__
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)

@@ -1,0 +1,67 @@
+"""PyTorch adapter: ``torch.optim.Optimizer`` subclasses that run one flatopt kernel per
+(device, dtype) of parameters, on flat buffers the parameters live in (zero copy).
+
+* ``SGD``, ``RMSprop``, ``Adam`` and ``AdamW`` take torch 2.13's arguments (same names, order and
+  defaults, positional too); ``ADOPT`` takes :class:`flatopt.ADOPT`'s.  torch's implementation
+  flags (``foreach``, ``fused``, ``capturable``, ``differentiable``) are accepted and recorded in
+  the param groups, as torch records them; ``foreach`` and ``fused`` change nothing (a step is
+  always one fused kernel per bucket), ``capturable=True`` and ``differentiable=True`` raise a
+  ``ValueError`` (the step runs host code: no CUDA graph capture, no autograd through it).
+  Param groups, ``add_param_group``, ``state_dict`` / ``load_state_dict`` (checkpoints of older
+  torch releases too: missing group keys get torch's defaults), lr schedulers, ``GradScaler``,
+  ``clip_grad_norm_``, ``copy.deepcopy`` and pickling work as with ``torch.optim``.
+* At construction every parameter's storage moves into one contiguous flat buffer per
+  (device, dtype): ``p.data`` becomes a view of it.  From the first step on, ``p.grad`` is
+  a view of a flat gradient buffer, so with ``zero_grad(set_to_none=False)`` backward
+  accumulates straight into it.  With ``zero_grad()`` (``set_to_none=True``, torch's
+  default) the fresh gradient autograd makes is copied into the flat buffer at the next
+  step.  (Gradients are not pre-assigned at construction: a parameter that never got a
+  gradient must stay ``None`` so that it is skipped, as torch skips it.)
+* Parameters whose ``.grad`` is ``None`` are skipped: no update, no decay, no state or
+  step change.  Replaced ``.grad`` / ``.data`` tensors (new memory) are copied in and
+  re-pointed at the flat views before the step.
+* ``state[p]`` holds torch's names (``step``, ``exp_avg``, ``exp_avg_sq``,
+  ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ``grad_avg``) as views of the
+  flat state buffers, only the buffers ``p``'s group uses (SGD: ``momentum_buffer`` alone, and
+  no entry at ``momentum=0``, as torch); ``step`` is a float32 scalar view of one per-bucket
+  step array.  Zero-size parameters get state and step counts as in torch.
+* Editing the state as torch allows is seen at the next step: ``opt.state = ...``,
+  ``opt.state.clear()``, ``del opt.state[p]`` or ``opt.state[p].clear()`` restart those
+  parameters' state (step 0, zero buffers); ``opt.state[p]['exp_avg'] = t`` or
+  ``opt.state[p]['step'] = t`` copies ``t`` into the flat state.  (``opt.state`` and its
+  dicts note such edits, so that a step checks them at O(1) cost.)  In-place changes of a
+  state buffer (``exp_avg.zero_()``, ``copy_``) act directly: the buffers are views.
+* Editing ``param_groups[i]['params']`` (append, remove, replace an element, assign a new
+  list) or appending to ``param_groups`` is seen at the next step or ``zero_grad``, as
+  torch reads the lists then (the lists note edits too): the parameters are laid out
+  again; those that stay keep their state, those removed lose it.
+* A parameter whose dtype or device changed (``model.double()``, ``p.data =
+  p.data.cuda()``) raises a ``RuntimeError`` at the next step, before any update: build a
+  new optimizer.  A parameter listed twice (torch warns, updates it twice per step, and
+  plans to make it an error) raises a ``ValueError``: list it once.
+* ``Lookahead(optimizer, k=5, alpha=0.5)`` wraps any torch optimizer (per tensor); around a
+  flatopt.torch optimizer its slow weights mirror the flat buffers, so the every-``k``
+  pull is two tensor ops per buffer.
+
+Not seen (checking would cost a pass over every parameter at every step, as much as the
+rest of the step's Python on a model of a few hundred tensors):
+
+* ``p.data = p.data.t()`` (or any view with the same first element but other strides): the
+  flat view stays in place and updates land in the old layout.  Replace ``.data`` by a
+  tensor with its own memory (``p.data = p.data.t().contiguous()``).
+* An in-place change of a ``step`` tensor (``state[p]['step'].zero_()``): the kernel keeps
+  its own counts.  Assign a new tensor instead (``state[p]['step'] = torch.tensor(0.)``).
+
+CUDA parameters go to the core as tensors (its backend reads ``__cuda_array_interface__``); they
+are tested on a real GPU (``tests/gpu/test_gpu_torch.py``).  Not supported: sparse gradients,
+complex and half dtypes.
+
+The package's modules, in the order a step meets them: ``_flat`` (the flat layout, the state
+views and the step, shared by every optimizer), ``_edits`` (``opt.state`` and the groups'
+``params`` lists, which note edits), ``_checks`` (what a parameter or group must be),
+``_optimizers`` (the classes with torch's signatures) and ``_lookahead``.
+"""
+from flatopt.torch._lookahead import Lookahead
+from flatopt.torch._optimizers import ADOPT, SGD, Adam, AdamW, RMSprop
+
+__all__ = ["SGD", "RMSprop", "Adam", "AdamW", "ADOPT", "Lookahead"]
