@@ -117,6 +117,26 @@ def test_synchronisation_schedule(dtype):
         assert changed == ((i + 1) % k == 0), i
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+def test_k_and_alpha_changed_between_steps(dtype):
+    """``k`` and ``alpha`` are read at every step, as by the reference wrapper: a pull comes
+    when the total step count is a multiple of the current ``k``."""
+    changes = {6: dict(k=3), 13: dict(alpha=0.2), 20: dict(k=4), 27: dict(k=1, alpha=0.7)}
+    pulls = []
+
+    def on_step(i, la, params, tp, ref):
+        pulls.append(np.array_equal(params, la.slow))
+        np.testing.assert_array_equal(params, tp.detach().numpy(), err_msg=f"fast weights, step {i + 1}")
+        np.testing.assert_array_equal(la.slow, ref.slow_weights[0][0].numpy(), err_msg=f"slow weights, step {i + 1}")
+        for name, value in changes.get(i + 1, {}).items():
+            setattr(la, name, value)
+            setattr(ref, name, value)
+
+    run_pair("sgd", 5, 0.5, dtype, steps=32, on_step=on_step)
+    synced = [i + 1 for i, s in enumerate(pulls) if s]
+    assert synced == [5, 9, 12, 15, 18, 24, 28, 29, 30, 31, 32]  # k = 5 to step 6, 3 to 20, 4 to 27, then 1
+
+
 # ============================================================= edge cases: k = 1, alpha 0/1
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("inner", list(INNERS))

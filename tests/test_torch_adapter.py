@@ -369,6 +369,48 @@ def test_lookahead(inner):
     assert sched.optimizer is la
 
 
+def test_lookahead_k_and_alpha_changed_between_steps():
+    """Both are read at every step, as by the reference wrapper (a pull when the total step
+    count is a multiple of the current k)."""
+    changes = {4: dict(k=2), 9: dict(alpha=0.25), 14: dict(k=5)}
+    models = [Net(), Net()]
+    las = [ft.Lookahead(ft.SGD(models[0].parameters(), lr=0.05, momentum=0.9), k=3, alpha=0.6),
+           RefLookahead(torch.optim.SGD(models[1].parameters(), lr=0.05, momentum=0.9, foreach=False), k=3, alpha=0.6)]
+    for i, batch in enumerate(data(n=25)):
+        for m, la in zip(models, las):
+            train(m, la, [batch])
+            for name, value in changes.get(i + 1, {}).items():
+                setattr(la, name, value)
+        assert_same(*models)
+    for q, p in zip(las[0].slow, models[1].parameters()):  # step 25 pulled (k = 5)
+        assert torch.equal(q, p)
+
+
+@pytest.mark.parametrize("k, alpha", [(0, 0.5), (2.0, 0.5), (True, 0.5), (2, 1.5), (2, -0.1)])
+def test_lookahead_bad_k_or_alpha_set_between_steps_changes_nothing(k, alpha):
+    m = Net()
+    la = ft.Lookahead(ft.Adam(m.parameters(), lr=0.1), k=2, alpha=0.5)
+    train(m, la, data(n=3))
+    before, state = params_of(m), copy.deepcopy(la.state_dict())
+    la.k, la.alpha = k, alpha
+    with pytest.raises(ValueError, match="Invalid k" if alpha == 0.5 else "Invalid alpha"):
+        train(m, la, data(n=1))
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    la.k, la.alpha = 2, 0.5
+    assert _same(la.state_dict(), state)
+
+
+def _same(a, b):
+    """Equal nested checkpoints: tensors equal element for element."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
 def test_checkpoint_interchange_with_torch_adam():
     """A flatopt.torch state_dict loads into torch.optim.Adam and vice versa."""
     batches = data()

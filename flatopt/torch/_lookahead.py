@@ -1,4 +1,5 @@
 """Lookahead around any torch optimizer; around a flatopt.torch one, on its flat buffers."""
+import numbers
 from collections import OrderedDict
 from contextlib import contextmanager
 from operator import is_
@@ -22,11 +23,8 @@ class Lookahead(torch.optim.Optimizer):
     def __init__(self, optimizer, k=5, alpha=0.5):  # torch.optim.Optimizer.__init__ is not called
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Lookahead wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-            raise ValueError(f"Invalid k: {k!r}; Lookahead needs an integer k >= 1")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"Invalid alpha: {alpha!r}; Lookahead needs 0 <= alpha <= 1")
         self.optimizer, self.k, self.alpha = optimizer, k, alpha
+        self._check()
         self.step_count = 0
         self.slow = None  # tensors in the inner optimizer's parameter order
         self._slow_params = ()
@@ -34,6 +32,14 @@ class Lookahead(torch.optim.Optimizer):
         for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
                      "load_state_dict_post"):
             setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
+
+    def _check(self):
+        """``k`` and ``alpha``, at construction and before every step (both may be changed between
+        steps, as with the reference wrapper, which reads them at every step)."""
+        if not isinstance(self.k, numbers.Integral) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"Invalid k: {self.k!r}; Lookahead needs an integer k >= 1")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"Invalid alpha: {self.alpha!r}; Lookahead needs 0 <= alpha <= 1")
 
     @property
     def param_groups(self):
@@ -94,6 +100,7 @@ class Lookahead(torch.optim.Optimizer):
     step.hooked = True
 
     def _step(self, closure=None):
+        self._check()
         if isinstance(self.optimizer, FlatOptimizer):
             self.optimizer._take_edits()  # a group edit lays the inner buffers out again: first
         params = self._params()
