@@ -832,6 +832,21 @@ def test_grad_replaced_by_a_view_of_the_flat_gradient_buffer():
     _assert_same_tensors(*outs)
 
 
+def test_public_classes_pickle_by_their_public_name():
+    """Pickles name ``flatopt.torch.Adam`` (not the private module that defines it), so that
+    they survive a reorganisation of the package."""
+    import pickle
+    import pickletools
+    p = torch.nn.Parameter(torch.ones(3))
+    for name in ft.__all__:
+        cls = getattr(ft, name)
+        assert cls.__module__ == "flatopt.torch", name
+        opt = cls(ft.SGD([p], lr=0.1)) if name == "Lookahead" else cls([p], lr=0.1)
+        ops = [(op.name, arg) for op, arg, _ in pickletools.genops(pickle.dumps(opt, protocol=4))]
+        assert ("SHORT_BINUNICODE", "flatopt.torch") in ops and ("SHORT_BINUNICODE", name) in ops, name
+        assert type(pickle.loads(pickle.dumps(opt))) is cls
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
 def test_copied_optimizer_steps_its_own_params_as_torch(how):
     import copy

@@ -96,6 +96,9 @@ def _as_tensor(buf, device):
 
 
 class FlatOptimizer(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` over flat buffers: one :class:`_Bucket` (and one core
+    optimizer, ``_core_cls``) per (device, dtype).  A subclass gives torch's signature and
+    the core class; everything else (layout, ``opt.state``, checkpoints, the step) is here."""
     _core_cls = None
     _step_in_state = True  # torch keeps state["step"] (not SGD)
 
