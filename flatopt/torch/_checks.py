@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}  # the dtypes flatopt.torch lays out
 
 
 def check_flags(group):
