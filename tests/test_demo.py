@@ -39,3 +39,29 @@ def test_cli_rejects_unknown_optimizer():
     result = subprocess.run([sys.executable, "-m", "flatopt", "demo", "--optimizers", "Nope"],
                             capture_output=True, text=True)
     assert result.returncode != 0 and "unknown optimizers" in result.stderr
+
+
+def test_timed_steps_follow_a_warm_up_that_reaches_every_kernel(monkeypatch):
+    """The µs-per-step column is the steady state: before the first timed step a throwaway
+    optimizer has taken more steps than Lookahead's k (so its sync kernel is compiled or
+    loaded too), on scratch copies of the buffers."""
+    calls = []
+    make = demo.OPTIMIZERS["Lookahead(Adam)"]
+
+    def recorded():
+        opt = make()
+        step = opt.step
+
+        def recording(params, grads):
+            calls.append((opt, params))
+            step(params, grads)
+
+        opt.step = recording
+        return opt
+
+    monkeypatch.setitem(demo.OPTIMIZERS, "Lookahead(Adam)", recorded)
+    demo.train("Lookahead(Adam)", demo.load_digits(0), epochs=1)
+    trained, model_params = calls[-1]
+    warm = calls[:next(i for i, (opt, _) in enumerate(calls) if opt is trained)]
+    assert len(warm) > trained.k
+    assert all(opt is not trained and params is not model_params for opt, params in warm)
