@@ -164,6 +164,29 @@ def test_groups_scheduler_frozen_unused(name):
         assert opts[0].state[models[0].extra.weight]["step"].item() == STEPS // 2
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "RMSprop"])
+def test_one_cycle_schedule_rewrites_lr_and_momentum_every_step(name):
+    """OneCycleLR writes lr and betas (or momentum) into the groups before every step; each
+    step takes them as torch's does: bitwise on these tensor sizes (all multiples of 16), and
+    RMSprop (float64, whose sqrt rounding differs from torch's by an ulp at times, amplified by
+    the run) to 1e-11."""
+    rmsprop = name == "RMSprop"
+    kw = dict(lr=1e-2, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=1e-2)
+    ref_kw = dict(fused=True) if name.startswith("Adam") else dict(foreach=False)
+    dtype = torch.float64 if rmsprop else torch.float32
+    models, opts = [], []
+    for cls, extra in ((getattr(ft, name), {}), (getattr(torch.optim, name), ref_kw)):
+        m = Net(dtype=dtype)
+        o = cls(m.parameters(), **kw, **extra)
+        sched = torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.003 if rmsprop else 0.05, total_steps=STEPS)
+        train(m, o, data(dtype), sched=sched)
+        models.append(m)
+        opts.append(o)
+    assert_same(*models, exact=not rmsprop, rtol=1e-11, atol=1e-13)
+    key = "betas" if name.startswith("Adam") else "momentum"
+    assert opts[0].param_groups[0][key] == opts[1].param_groups[0][key] != kw.get(key, (0.9, 0.999))
+
+
 # --- zero copy, zero_grad, replaced tensors --------------------------------------------
 
 def _inside(ptr, buf):
