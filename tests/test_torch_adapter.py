@@ -1016,9 +1016,11 @@ def test_state_entries_per_group_match_torch(name, kw, extra):
 @pytest.mark.parametrize("name, kw", [("Adam", dict(lr=1e-2)), ("SGD", dict(lr=0.1, momentum=0.9)),
                                       ("RMSprop", dict(lr=1e-2, momentum=0.5))])
 def test_zero_size_params_get_state_and_steps_as_in_torch(name, kw):
+    """Zero-size params first, between two others (inside what would be one run of the core)
+    and last."""
     outs = []
     for make in (getattr(ft, name), lambda ps, **k: _ref(name, ps, **k)):
-        ps = _tensors([(0, 3), (4,), (0,)])
+        ps = _tensors([(0, 3), (4,), (0,), (2,), (0,)])
         opt = make(ps, **kw)
         for t in range(3):
             for p, g in zip(ps, _grads(ps, t)):

@@ -470,6 +470,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 continue
             if b.sizes[i] == 0:
                 spans.append((b.groups[i], i, i + 1))
+                cur = None  # a run continued past it would count its step a second time
                 continue
             key = (b.groups[i], float(b.steps[i]) if self._step_in_state else 0.0, bool(b.started[i]))
             if cur is not None and cur[0] == key:
