@@ -6,7 +6,8 @@ its gradient before the step: none (``None``), a fresh tensor assigned, an in-pl
 the one it has, or the gradient left from the step before; ``zero_grad`` comes with either
 ``set_to_none``.  Between steps the history may also edit what torch lets a user edit: save a
 checkpoint and load it into a new optimizer, drop a tensor's state (``del opt.state[p]``),
-change a group's ``lr``, or give a tensor new memory (``p.data = p.data.clone()``).  The same
+change a group's ``lr``, give a tensor new memory (``p.data = p.data.clone()``), or add the
+model's last tensor, held back until then, in a group of its own (``add_param_group``).  The same
 history drives flatopt.torch and torch's reference on twin models.  What the bookkeeping decides must agree exactly: which tensors moved, the state
 entries each tensor has and its step count.  The values agree bitwise for SGD (torch's
 ``foreach=False``) and to a few ulps for the others (their references round some elements in
@@ -35,7 +36,7 @@ OPTIMIZERS = {
                 False),
 }
 GRAD_EVENTS = ["none", "assign", "add", "keep"]
-EDITS = ["nothing", "nothing", "checkpoint", "drop state", "lr", "new memory"]
+EDITS = ["nothing", "nothing", "checkpoint", "drop state", "lr", "new memory", "new group"]
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 dims = st.sampled_from([0, 1, 2, 3, 5])  # zero-size tensors often: between others they once broke the step counts
@@ -48,6 +49,7 @@ shapes = st.lists(st.lists(dims, min_size=0, max_size=3).map(tuple), min_size=1,
 def test_random_model_and_history_match_torch(name, shapes, dtype, data):
     cls, ref_kw, kw, group1, bitwise = OPTIMIZERS[name]
     groups = data.draw(st.lists(st.integers(0, 1), min_size=len(shapes), max_size=len(shapes)), label="groups")
+    held = len(shapes) > 1 and data.draw(st.booleans(), label="last tensor held back")
     steps = data.draw(st.integers(1, 5), label="steps")
     history = [(data.draw(st.sampled_from(EDITS), label="edit"),
                 data.draw(st.integers(0, len(shapes) - 1), label="edited tensor"),
@@ -60,14 +62,21 @@ def test_random_model_and_history_match_torch(name, shapes, dtype, data):
     grads = [[torch.from_numpy(rng.standard_normal(s)).to(dtype) for s in shapes] for _ in range(steps)]
 
     def optimizer(params, make):
-        return make([{"params": [p for p, g in zip(params, groups) if g == gi], **(group1 if gi else {})}
-                     for gi in (0, 1) if gi in groups])
+        listed = params[:-1] if held else params
+        param_groups = [{"params": [p for p, g in zip(listed, groups) if g == gi], **(group1 if gi else {})}
+                        for gi in (0, 1) if gi in groups[:len(listed)]]
+        return make(param_groups + ([{"params": [params[-1]], "lr": 0.02}] if added else []))
 
     makers = (lambda pg: cls(pg, **kw), lambda pg: getattr(torch.optim, cls.__name__)(pg, **kw, **ref_kw))
     ours, theirs = ([torch.nn.Parameter(x.clone()) for x in init] for _ in range(2))
+    added = False
     opt, ref = optimizer(ours, makers[0]), optimizer(theirs, makers[1])
     for t, (edit, k, set_to_none, events) in enumerate(history):
-        if edit == "checkpoint":
+        if edit == "new group" and held and not added:
+            added = True
+            for params, o in ((ours, opt), (theirs, ref)):
+                o.add_param_group({"params": [params[-1]], "lr": 0.02})
+        elif edit == "checkpoint":
             opt, ref = [_reloaded(o, optimizer(ps, make)) for o, ps, make in ((opt, ours, makers[0]),
                                                                                (ref, theirs, makers[1]))]
         for params, o in ((ours, opt), (theirs, ref)):
