@@ -5,8 +5,9 @@ param groups with different hyperparameters, and for every step and tensor what 
 its gradient before the step: none (``None``), a fresh tensor assigned, an in-place addition to
 the one it has, or the gradient left from the step before; ``zero_grad`` comes with either
 ``set_to_none``.  Between steps the history may also edit what torch lets a user edit: save a
-checkpoint and load it into a new optimizer, drop a tensor's state (``del opt.state[p]``),
-change a group's ``lr``, give a tensor new memory (``p.data = p.data.clone()``), or add the
+checkpoint and load it into a new optimizer, drop a tensor's state (``del opt.state[p]``) or
+all of it (``opt.state.clear()``), assign one of its state entries a new tensor (a buffer
+halved, or ``step`` set back to 1), change a group's ``lr``, give a tensor new memory (``p.data = p.data.clone()``), or add the
 model's last tensor, held back until then, in a group of its own (``add_param_group``).  The same
 history drives flatopt.torch and torch's reference on twin models.  What the bookkeeping decides must agree exactly: which tensors moved, the state
 entries each tensor has and its step count.  The values agree bitwise for SGD (torch's
@@ -36,7 +37,8 @@ OPTIMIZERS = {
                 False),
 }
 GRAD_EVENTS = ["none", "assign", "add", "keep"]
-EDITS = ["nothing", "nothing", "checkpoint", "drop state", "lr", "new memory", "new group"]
+EDITS = ["nothing", "nothing", "checkpoint", "drop state", "clear state", "assign state", "lr", "new memory",
+         "new group"]
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 dims = st.sampled_from([0, 1, 2, 3, 5])  # zero-size tensors often: between others they once broke the step counts
@@ -82,6 +84,12 @@ def test_random_model_and_history_match_torch(name, shapes, dtype, data):
         for params, o in ((ours, opt), (theirs, ref)):
             if edit == "drop state" and params[k] in o.state:
                 del o.state[params[k]]
+            elif edit == "clear state":
+                o.state.clear()
+            elif edit == "assign state" and params[k] in o.state:
+                entries = o.state[params[k]]
+                for key in sorted(entries):
+                    entries[key] = torch.tensor(1.0) if key == "step" else entries[key] / 2
             elif edit == "lr":
                 o.param_groups[-1]["lr"] = 0.5 ** (t + 3)
             elif edit == "new memory":
