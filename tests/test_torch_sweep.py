@@ -2,18 +2,20 @@
 
 Each example draws tensor shapes (zero-size and scalar tensors included) and dtypes (float32 and
 float64 in one model: two flat buffers), a split into two param groups with different
-hyperparameters, and for every step and tensor what happens to its gradient before the step: none (``None``), a fresh tensor assigned, an in-place addition to
-the one it has, or the gradient left from the step before; ``zero_grad`` comes with either
-``set_to_none``.  Between steps the history may also edit what torch lets a user edit: save a
-checkpoint and load it into a new optimizer, drop a tensor's state (``del opt.state[p]``) or
-all of it (``opt.state.clear()``), assign one of its state entries a new tensor (a buffer
-halved, or ``step`` set back to 1), change a group's ``lr``, give a tensor new memory (``p.data = p.data.clone()``), or add the
-model's last tensor, held back until then, in a group of its own (``add_param_group``).  The same
-history drives flatopt.torch and torch's reference on twin models.  What the bookkeeping decides must agree exactly: which tensors moved, the state
-entries each tensor has and its step count.  The values agree bitwise for SGD (torch's
-``foreach=False``) and to a few ulps for the others (their references round some elements in
-another order: torch's fused scalar tail, its sqrt), far below the size of any bookkeeping
-error (a skipped or doubled update, a tensor given another's state).
+hyperparameters, and for every step and tensor what happens to its gradient before the step:
+none (``None``), a fresh tensor assigned, an in-place addition to the one it has, or the
+gradient left from the step before; ``zero_grad`` comes with either ``set_to_none``. Between
+steps the history may also edit what torch lets a user edit: save a checkpoint and load it into
+a new optimizer, drop a tensor's state (``del opt.state[p]``) or all of it
+(``opt.state.clear()``), assign one of its state entries a new tensor (a buffer halved, or
+``step`` set back to 1), change a group's ``lr``, give a tensor new memory (``p.data =
+p.data.clone()``), or add the model's last tensor, held back until then, in a group of its own
+(``add_param_group``). The same history drives flatopt.torch and torch's reference on twin
+models. What the bookkeeping decides must agree exactly: which tensors moved, the state entries
+each tensor has and its step count. The values agree bitwise for SGD (torch's ``foreach=False``)
+and to a few ulps for the others (their references round some elements in another order: torch's
+fused scalar tail, its sqrt), far below the size of any bookkeeping error (a skipped or doubled
+update, a tensor given another's state).
 """
 import numpy as np
 import pytest
