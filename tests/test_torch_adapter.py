@@ -502,23 +502,31 @@ def test_ddp_gloo(tmp_path):
 
 
 def test_lookahead_add_param_group_and_frozen():
-    """After add_param_group the flat buffers are re-laid out: Lookahead follows the new layout."""
+    """After add_param_group the flat buffers are re-laid out: Lookahead follows the new layout,
+    and the new parameters' slow weights start from their values then.  Around a flatopt and a
+    torch inner optimizer, against the keyed reference (a slow weight starts before its
+    parameter's first step)."""
     batches = data(n=20)
     results = []
-    for flat in (True, False):
+    for kind in ("flatopt inner", "torch inner", "reference"):
         m = Net()
         m.l2.bias.requires_grad_(False)
         first = [m.l1.weight, m.l1.bias, m.l2.weight, m.l2.bias]
-        inner = ft.Adam(first, lr=1e-2) if flat else torch.optim.Adam(first, lr=1e-2, fused=True)
-        la = ft.Lookahead(inner, k=2, alpha=0.5)
+        if kind == "reference":
+            la = _KeyedLookahead(torch.optim.Adam(first, lr=1e-2, fused=True), 2, 0.5)
+            inner = la.opt
+        else:
+            inner = la = ft.Lookahead(ft.Adam(first, lr=1e-2) if kind == "flatopt inner"
+                                      else torch.optim.Adam(first, lr=1e-2, fused=True), k=2, alpha=0.5)
         for i, (x, y) in enumerate(batches):
-            if i == 7:
-                la.add_param_group({"params": list(m.extra.parameters())})
-            la.zero_grad()
+            if i == 7:  # step 8 pulls: the new slow weights take part
+                inner.add_param_group({"params": list(m.extra.parameters())})
+            inner.zero_grad()
             torch.nn.functional.mse_loss(m(x, True), y).backward()
             la.step()
         results.append(m)
-    assert_same(*results)
+    assert_same(results[0], results[2])
+    assert_same(results[1], results[2])
 
 
 def test_invalid_group_change_fails_before_any_update():

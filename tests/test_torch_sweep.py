@@ -26,6 +26,7 @@ from conftest import sweep
 
 torch = pytest.importorskip("torch")
 import flatopt.torch as ft  # noqa: E402
+from seed_lookahead import SeedLookahead  # noqa: E402 - the seed's reference wrapper, needs torch
 
 OPTIMIZERS = {
     # name: (flatopt.torch class, torch reference kwargs, group 1's overrides, bitwise?)
@@ -37,6 +38,9 @@ OPTIMIZERS = {
     "AdamW": (ft.AdamW, dict(fused=True), dict(lr=0.01), dict(weight_decay=0.0, betas=(0.8, 0.99)), False),
     "RMSprop": (ft.RMSprop, dict(foreach=False), dict(lr=0.01, momentum=0.5), dict(centered=True, momentum=0.0),
                 False),
+    # Lookahead (k drawn from 1 to 3) around SGD, against the seed's reference wrapper; no checkpoints
+    "Lookahead(SGD)": (ft.SGD, dict(foreach=False), dict(lr=0.05, momentum=0.9), dict(lr=0.02, weight_decay=0.01),
+                       True),
 }
 GRAD_EVENTS = ["none", "assign", "add", "keep"]
 EDITS = ["nothing", "nothing", "checkpoint", "drop state", "clear state", "assign state", "lr", "new memory",
@@ -73,6 +77,10 @@ def test_random_model_and_history_match_torch(name, shapes, data):
         return make(param_groups + ([{"params": [params[-1]], "lr": 0.02}] if added else []))
 
     makers = (lambda pg: cls(pg, **kw), lambda pg: getattr(torch.optim, cls.__name__)(pg, **kw, **ref_kw))
+    if name.startswith("Lookahead"):
+        k, alpha = data.draw(st.integers(1, 3), label="k"), 0.5
+        inner = makers
+        makers = (lambda pg: ft.Lookahead(inner[0](pg), k, alpha), lambda pg: _SeedReference(inner[1](pg), k, alpha))
     ours, theirs = ([torch.nn.Parameter(x.clone()) for x in init] for _ in range(2))
     added = False
     opt, ref = optimizer(ours, makers[0]), optimizer(theirs, makers[1])
@@ -81,7 +89,7 @@ def test_random_model_and_history_match_torch(name, shapes, data):
             added = True
             for params, o in ((ours, opt), (theirs, ref)):
                 o.add_param_group({"params": [params[-1]], "lr": 0.02})
-        elif edit == "checkpoint":
+        elif edit == "checkpoint" and not name.startswith("Lookahead"):
             opt, ref = [_reloaded(o, optimizer(ps, make)) for o, ps, make in ((opt, ours, makers[0]),
                                                                                (ref, theirs, makers[1]))]
         for params, o in ((ours, opt), (theirs, ref)):
@@ -128,3 +136,15 @@ def _reloaded(old, new):
     buf.seek(0)
     new.load_state_dict(torch.load(buf, weights_only=True))
     return new
+
+
+class _SeedReference(SeedLookahead):
+    """The seed's reference wrapper with what the sweep touches: ``state`` and ``param_groups``
+    (the inner optimizer's), and ``add_param_group``, whose new slow weights start from the
+    parameters' values then, as flatopt.torch.Lookahead's do."""
+    state = property(lambda self: self.optimizer.state)
+    param_groups = property(lambda self: self.optimizer.param_groups)
+
+    def add_param_group(self, group):
+        self.optimizer.add_param_group(group)
+        self.slow_weights.append([p.detach().clone() for p in self.optimizer.param_groups[-1]["params"]])
