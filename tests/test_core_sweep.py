@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import flatopt
 from conftest import sweep
+from group_histories import draw_history
 
 torch = pytest.importorskip("torch")
 
@@ -38,18 +39,7 @@ RTOL = {np.float32: 1e-5, np.float64: 1e-12}
        data=st.data())
 def test_random_groups_and_history_match_torch(name, n, dtype, data):
     cls, ref_kw, kw, overrides, bitwise = OPTIMIZERS[name]
-    cuts = sorted(set(data.draw(st.lists(st.integers(1, n - 1), max_size=6), label="cuts"))) if n > 1 else []
-    bounds = [0, *cuts, n]
-    kinds = data.draw(st.lists(st.sampled_from(["gap", 0, 1]), min_size=len(bounds) - 1, max_size=len(bounds) - 1)
-                      .filter(lambda k: k != ["gap"] * len(k)), label="segments")
-    segments = [(a, b, kind) for a, b, kind in zip(bounds, bounds[1:], kinds) if kind != "gap"]
-    steps = data.draw(st.integers(1, 5), label="steps")
-    history = [(data.draw(st.sampled_from(EDITS), label="edit"),
-                data.draw(st.lists(st.booleans(), min_size=len(segments), max_size=len(segments)), label="frozen"))
-               for _ in range(steps)]
-    rng = np.random.default_rng(n + steps)
-    p0 = rng.standard_normal(n).astype(dtype)
-    grads = [rng.standard_normal(n).astype(dtype) for _ in range(steps)]
+    segments, history, p0, grads = draw_history(data, n, dtype, EDITS, max_steps=5)
 
     def core_groups():
         return [{"start": a, "stop": b, **overrides[kind]} for a, b, kind in segments]

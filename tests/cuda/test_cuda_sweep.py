@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from numba import cuda
 
 import flatopt
+from group_histories import draw_history
+
 from .test_cuda_sim import assert_same
 
 pytestmark = [pytest.mark.cudasim, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
@@ -39,18 +41,7 @@ SWEEP = settings(max_examples=int(os.environ.get("FLATOPT_SWEEP_EXAMPLES", 60)),
        dtype=st.sampled_from([np.float32, np.float64]), data=st.data())
 def test_random_groups_and_history_match_the_cpu_kernels(name, n, dtype, data):
     cls, kw, overrides = OPTIMIZERS[name]
-    cuts = sorted(set(data.draw(st.lists(st.integers(1, n - 1), max_size=5), label="cuts"))) if n > 1 else []
-    bounds = [0, *cuts, n]
-    kinds = data.draw(st.lists(st.sampled_from(["gap", 0, 1]), min_size=len(bounds) - 1, max_size=len(bounds) - 1)
-                      .filter(lambda k: k != ["gap"] * len(k)), label="segments")
-    segments = [(a, b, kind) for a, b, kind in zip(bounds, bounds[1:], kinds) if kind != "gap"]
-    steps = data.draw(st.integers(1, 4), label="steps")
-    history = [(data.draw(st.sampled_from(EDITS), label="edit"),
-                data.draw(st.lists(st.booleans(), min_size=len(segments), max_size=len(segments)), label="frozen"))
-               for _ in range(steps)]
-    rng = np.random.default_rng(n + steps)
-    p0 = rng.standard_normal(n).astype(dtype)
-    grads = [rng.standard_normal(n).astype(dtype) for _ in range(steps)]
+    segments, history, p0, grads = draw_history(data, n, dtype, EDITS, max_steps=4)
 
     def make():
         return cls(**kw, param_groups=[{"start": a, "stop": b, **overrides[kind]} for a, b, kind in segments])
