@@ -1,6 +1,7 @@
-"""The core optimizers' param groups against torch.optim, on random layouts and histories.
+"""The core optimizers against torch.optim on random histories: param groups on random layouts,
+and the whole buffer with hyperparameters assigned as attributes (the second test).
 
-Each example cuts a flat buffer into segments, each either a param group (with its own
+Each example of the first test cuts a flat buffer into segments, each either a param group (with its own
 hyperparameters) or a gap no group covers, and draws a history: at every step the groups that
 are frozen; between steps an edit of what the core lets a user edit: a group's ``lr`` changed in
 place, a checkpoint saved and loaded into a new optimizer, or a state buffer assigned a new
