@@ -8,6 +8,15 @@ from flatopt.backend import backend_for, layout
 from flatopt.optimizers.base import Optimizer, _unwrap
 
 
+def check_k_alpha(k, alpha):
+    """Lookahead's ``k`` and ``alpha`` (the torch wrapper's too), at construction and before
+    every step: both may be changed between steps."""
+    if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"Invalid k: {k!r}; Lookahead needs an integer k >= 1")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"Invalid alpha: {alpha!r}; Lookahead needs 0 <= alpha <= 1")
+
+
 class Lookahead:
     r"""Keeps slow weights beside the parameters the inner optimizer updates (the fast
     weights).  Slow weights start as a copy of the parameters, taken before the first inner
@@ -25,20 +34,14 @@ class Lookahead:
         if not isinstance(inner, Optimizer):
             raise TypeError(f"Lookahead wraps a flatopt optimizer, got {type(inner).__name__}")
         self.inner, self.k, self.alpha = inner, k, alpha
-        self._check()
+        check_k_alpha(self.k, self.alpha)
         self.slow = None
         self.step_count = 0
         self._plan_key = self._plan = None
 
-    def _check(self):
-        if not isinstance(self.k, numbers.Integral) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"Invalid k: {self.k!r}; Lookahead needs an integer k >= 1")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"Invalid alpha: {self.alpha!r}; Lookahead needs 0 <= alpha <= 1")
-
     def step(self, params, grads):
         """One inner step; every ``k``-th also pulls slow and fast weights together."""
-        self._check()
+        check_k_alpha(self.k, self.alpha)
         backend = backend_for(params, grads)
         backend.check(params, grads)
         if self.slow is not None:
@@ -111,7 +114,7 @@ class Lookahead:
             raise ValueError(f"state_dict keys {sorted(sd)} do not match the expected {sorted(expected)}")
         if sd["optimizer"] != "Lookahead":
             raise ValueError(f"state_dict is for {sd['optimizer']}, not Lookahead")
-        trial = Lookahead(self.inner, sd["k"], sd["alpha"])
+        check_k_alpha(sd["k"], sd["alpha"])
         if not isinstance(sd["step_count"], numbers.Integral) or sd["step_count"] < 0:
             raise ValueError(f"invalid step_count {sd['step_count']!r}")
         slow = sd["slow"]
@@ -124,7 +127,7 @@ class Lookahead:
             if sizes and sizes != {len(slow)}:
                 raise ValueError(f"slow weights have {len(slow)} elements but the inner state has {sizes.pop()}")
         self.inner.load_state_dict(sd["inner"])  # checks everything before changing anything
-        self.k, self.alpha, self.step_count = trial.k, trial.alpha, int(sd["step_count"])
+        self.k, self.alpha, self.step_count = sd["k"], sd["alpha"], int(sd["step_count"])
         self.slow = None if slow is None else np.array(slow, copy=True)
         self._plan_key = None
 

@@ -1,11 +1,11 @@
 """Lookahead around any torch optimizer; around a flatopt.torch one, on its flat buffers."""
-import numbers
 from collections import OrderedDict
 from contextlib import contextmanager
 from operator import is_
 
 import torch
 
+from flatopt.lookahead import check_k_alpha
 from flatopt.torch._flat import FlatOptimizer, global_hooks_or_profiler, public
 
 
@@ -24,7 +24,7 @@ class Lookahead(torch.optim.Optimizer):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Lookahead wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer, self.k, self.alpha = optimizer, k, alpha
-        self._check()
+        check_k_alpha(self.k, self.alpha)
         self.step_count = 0
         self.slow = None  # tensors in the inner optimizer's parameter order
         self._slow_params = ()
@@ -32,14 +32,6 @@ class Lookahead(torch.optim.Optimizer):
         for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
                      "load_state_dict_post"):
             setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
-
-    def _check(self):
-        """``k`` and ``alpha``, at construction and before every step (both may be changed between
-        steps, as with the reference wrapper, which reads them at every step)."""
-        if not isinstance(self.k, numbers.Integral) or isinstance(self.k, bool) or self.k < 1:
-            raise ValueError(f"Invalid k: {self.k!r}; Lookahead needs an integer k >= 1")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"Invalid alpha: {self.alpha!r}; Lookahead needs 0 <= alpha <= 1")
 
     @property
     def param_groups(self):
@@ -100,7 +92,7 @@ class Lookahead(torch.optim.Optimizer):
     step.hooked = True
 
     def _step(self, closure=None):
-        self._check()
+        check_k_alpha(self.k, self.alpha)
         if isinstance(self.optimizer, FlatOptimizer):
             self.optimizer._take_edits()  # a group edit lays the inner buffers out again: first
         params = self._params()
@@ -179,7 +171,7 @@ class Lookahead(torch.optim.Optimizer):
                     raise ValueError(f"slow weight {i} has shape {tuple(slow[i].shape)}, its parameter "
                                      f"{tuple(p.shape)}")
         k, alpha, count = int(state_dict["k"]), float(state_dict["alpha"]), int(state_dict["step_count"])
-        Lookahead(self.optimizer, k, alpha)  # checks k and alpha
+        check_k_alpha(k, alpha)
         self.optimizer.load_state_dict(state_dict["inner"])
         self.k, self.alpha, self.step_count = k, alpha, count
         self.slow = self._flat_pairs = None
