@@ -37,6 +37,20 @@ def layout(buffer):
     return getattr(buffer, "shape", None), getattr(buffer, "dtype", None)
 
 
+def check_fits(buffer, n, dtype, name, size_says, dtype_of):
+    """That ``buffer`` (host or CUDA, of any exporter) is 1-D, of ``n`` elements and of
+    ``dtype``, as a kernel that reads ``n`` elements of it needs.  The errors name it as the
+    caller says: ``name`` ("slow weights"), ``size_says`` ("the slow weights have") before its
+    length, ``dtype_of`` ("the slow weights'") before its dtype."""
+    shape, buffer_dtype = layout(buffer)
+    if shape is None or len(shape) != 1:
+        raise ValueError(f"{name} must be a 1-D array, got {type(buffer).__name__} of shape {shape}")
+    if shape[0] != n:
+        raise ValueError(f"params has {n} elements but {size_says} {shape[0]}")
+    if buffer_dtype != dtype:
+        raise TypeError(f"params dtype {dtype} does not match {dtype_of} dtype {buffer_dtype}")
+
+
 def backend_for(params, grads):
     """The backend that owns both buffers; TypeError if they live in different places."""
     if isinstance(params, np.ndarray) and isinstance(grads, np.ndarray):

@@ -4,7 +4,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from flatopt.backend import backend_for, layout
+from flatopt.backend import backend_for, check_fits
 from flatopt.optimizers.base import Optimizer, _unwrap
 
 
@@ -68,14 +68,8 @@ class Lookahead:
 
     def _check_slow_fits(self, backend, params):
         """Before the inner step: slow weights the sync kernel can read and write."""
-        shape, slow_dtype = layout(self.slow)
-        if shape is None or len(shape) != 1:
-            raise ValueError(f"slow weights must be a 1-D array, got {type(self.slow).__name__} of shape {shape}")
-        if shape[0] != len(params):
-            raise ValueError(f"params has {len(params)} elements but the slow weights have {shape[0]}")
-        dtype = backend.dtype(params)
-        if slow_dtype != dtype:
-            raise TypeError(f"params dtype {dtype} does not match the slow weights' dtype {slow_dtype}")
+        check_fits(self.slow, len(params), backend.dtype(params), "slow weights", "the slow weights have",
+                   "the slow weights'")
         usable = backend.owns(self.slow) and (
             not isinstance(self.slow, np.ndarray) or (self.slow.flags.c_contiguous and self.slow.flags.writeable))
         if not usable:  # loaded from a checkpoint, or assigned: a copy of our own

@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from flatopt.backend import CPU, SUPPORTED_DTYPES, backend_for, layout
+from flatopt.backend import CPU, SUPPORTED_DTYPES, backend_for, check_fits
 
 GROUP_KEYS = ("start", "stop", "frozen")
 
@@ -232,14 +232,8 @@ class Optimizer:
         # (the kernel reads n elements of each).
         buffers = self.state if self._state_args is None else dict([next(iter(self.state.items()))])
         for name, buf in buffers.items():
-            shape, state_dtype = layout(buf)
-            if shape is None or len(shape) != 1:
-                raise ValueError(f"optimizer state '{name}' must be a 1-D array, got {type(buf).__name__} "
-                                 f"of shape {shape}")
-            if shape[0] != n:
-                raise ValueError(f"params has {n} elements but the optimizer state was made for {shape[0]}")
-            if state_dtype != dtype:
-                raise TypeError(f"params dtype {dtype} does not match the optimizer state's dtype {state_dtype}")
+            check_fits(buf, n, dtype, f"optimizer state '{name}'", "the optimizer state was made for",
+                       "the optimizer state's")
 
     def _states(self, backend, n, dtype, active):
         """The kernel's state arguments, allocating (zeros) the buffers first needed now."""
