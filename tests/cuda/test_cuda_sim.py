@@ -53,13 +53,18 @@ def assert_same(actual, expected):
                            f"{actual[~nan][bad[0]]!r} vs {expected[~nan][bad[0]]!r}")
 
 
-def run_cpu_and_cuda(make, p0, grads):
+def step_both(cpu, dev, on_cpu, on_dev, grads):
     """The same steps on NumPy buffers (CPU kernels) and device buffers (CUDA kernels)."""
+    for g in grads:
+        cpu.step(on_cpu, g)
+        dev.step(on_dev, cuda.to_device(g))
+
+
+def run_cpu_and_cuda(make, p0, grads):
+    """Two optimizers from ``make`` taking the same steps, one on the CPU, one on the device."""
     cpu, dev = make(), make()
     pc, pd = p0.copy(), cuda.to_device(p0)
-    for g in grads:
-        cpu.step(pc, g)
-        dev.step(pd, cuda.to_device(g))
+    step_both(cpu, dev, pc, pd, grads)
     return cpu, dev, pc, pd.copy_to_host()
 
 
@@ -185,8 +190,7 @@ def test_hyperparameters_change_between_steps(dtype):
     for k, g in enumerate(grads):
         for opt in (cpu, dev):
             opt.lr, opt.weight_decay, opt.betas = 0.01 * (k + 1), 0.1 * k, (0.9 - 0.1 * k, 0.999)
-        cpu.step(pc, g)
-        dev.step(pd, cuda.to_device(g))
+        step_both(cpu, dev, pc, pd, [g])
     assert_same(pd.copy_to_host(), pc)
 
 
@@ -632,13 +636,10 @@ def test_lookahead_slow_weights_assigned_as_a_cuda_array():
     p0, grads = data(dtype=np.float32, steps=4)
     cpu, dev = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2), flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2)
     pc, pd = p0.copy(), cuda.to_device(p0)
-    cpu.step(pc, grads[0])
-    dev.step(pd, cuda.to_device(grads[0]))
+    step_both(cpu, dev, pc, pd, grads[:1])
     mine = np.full(len(p0), 0.5, np.float32)
     cpu.slow, dev.slow = mine.copy(), FakeCAI(mine.copy())
-    for g in grads[1:]:
-        cpu.step(pc, g)
-        dev.step(pd, cuda.to_device(g))
+    step_both(cpu, dev, pc, pd, grads[1:])
     assert_same(pd.copy_to_host(), pc)
     dev.slow = FakeCAI(np.zeros(len(p0) + 1, np.float32))
     with pytest.raises(ValueError, match=f"slow weights have {len(p0) + 1}"):
@@ -733,18 +734,14 @@ def test_state_assigned_between_steps_is_checked_and_copied_to_the_device():
     p0, grads = data(steps=4)
     cpu, dev = flatopt.RMSprop(lr=1e-2, momentum=0.9), flatopt.RMSprop(lr=1e-2, momentum=0.9)
     pc, pd = p0.copy(), cuda.to_device(p0)
-    for g in grads[:2]:
-        cpu.step(pc, g)
-        dev.step(pd, cuda.to_device(g))
+    step_both(cpu, dev, pc, pd, grads[:2])
     dev.state["momentum_buffer"] = np.zeros(len(p0) - 1, np.float32)
     with pytest.raises(ValueError, match=f"made for {len(p0) - 1}"):
         dev.step(pd, cuda.to_device(grads[2]))
     assert_same(pd.copy_to_host(), pc)
     cpu.state["momentum_buffer"] = np.full(len(p0), 0.25, np.float32)
     dev.state["momentum_buffer"] = np.full(len(p0), 0.25, np.float32)
-    for g in grads[2:]:
-        cpu.step(pc, g)
-        dev.step(pd, cuda.to_device(g))
+    step_both(cpu, dev, pc, pd, grads[2:])
     assert_same(pd.copy_to_host(), pc)
     assert all(CUDA.owns(v) for v in dev.state.values())
 
@@ -757,15 +754,11 @@ def test_state_assigned_as_cuda_arrays_is_copied_on_the_device():
     p0, grads = data(steps=4)
     cpu, dev = flatopt.Adam(lr=1e-2), flatopt.Adam(lr=1e-2)
     pc, pd = p0.copy(), cuda.to_device(p0)
-    for g in grads[:2]:
-        cpu.step(pc, g)
-        dev.step(pd, cuda.to_device(g))
+    step_both(cpu, dev, pc, pd, grads[:2])
     mine = np.full(len(p0), 0.125, np.float32)
     cpu.state["exp_avg"] = mine.copy()
     dev.state["exp_avg"] = FakeCAI(mine)
-    for g in grads[2:]:
-        cpu.step(pc, g)
-        dev.step(pd, cuda.to_device(g))
+    step_both(cpu, dev, pc, pd, grads[2:])
     assert_same(pd.copy_to_host(), pc)
     np.testing.assert_array_equal(mine, 0.125)
     assert all(type(v).__name__ == "FakeCUDAArray" for v in dev.state.values())

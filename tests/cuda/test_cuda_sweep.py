@@ -18,7 +18,7 @@ from numba import cuda
 import flatopt
 from group_histories import draw_history
 
-from .test_cuda_sim import assert_same
+from .test_cuda_sim import assert_same, step_both
 
 pytestmark = [pytest.mark.cudasim, pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
@@ -61,8 +61,7 @@ def test_random_groups_and_history_match_the_cpu_kernels(name, n, dtype, data):
         for opt in (cpu, dev):
             for group, still in zip(opt.param_groups, frozen):
                 group["frozen"] = still
-        cpu.step(on_cpu, grads[t])
-        dev.step(on_dev, cuda.to_device(grads[t]))
+        step_both(cpu, dev, on_cpu, on_dev, grads[t:t + 1])
         assert_same(on_dev.copy_to_host(), on_cpu)
         sc, sd = cpu.state_dict(), dev.state_dict()
         assert sorted(sc["state"]) == sorted(sd["state"]) and sc["group_state"] == sd["group_state"]
