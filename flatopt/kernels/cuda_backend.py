@@ -463,10 +463,14 @@ def _weakrefable(obj):
 
 
 def _stream_key(stream):
-    try:
-        return int(stream)
-    except (TypeError, ValueError):
-        return id(stream)
+    # The handle's address, not int(stream): Numba's Stream.__int__ answers an enum member for the
+    # default stream, an __int__ result Python deprecates.
+    for value in (getattr(stream, "handle", None), stream):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            pass
+    return id(stream)
 
 
 def _torch_stream(tensor):

@@ -70,6 +70,8 @@ def test_random_groups_and_history_match_the_cpu_kernels(name, n, dtype, data):
 
 
 def _host(buffer):
-    """A state buffer's values: a device array, or a host one a checkpoint left there (placed on
-    the device at the next step that updates something)."""
-    return buffer if isinstance(buffer, np.ndarray) else buffer.copy_to_host()
+    """A state buffer's values: a device array (Numba's, or CuPy's where CuPy is installed), or a host
+    one a checkpoint left there (placed on the device at the next step that updates something)."""
+    if isinstance(buffer, np.ndarray):
+        return buffer
+    return buffer.copy_to_host() if hasattr(buffer, "copy_to_host") else buffer.get()
