@@ -766,3 +766,36 @@ def test_state_assigned_as_cuda_arrays_is_copied_on_the_device():
     with pytest.raises(TypeError, match="does not match the optimizer state's dtype float64"):
         dev.state["exp_avg"] = FakeCAI(np.zeros(len(p0)))
         dev.step(pd, cuda.to_device(grads[0]))
+
+
+def test_stream_key_is_the_handle_address_without_int_of_the_stream():
+    """Numba's default Stream answers ``int(stream)`` with an IntEnum member, which Python deprecates
+    as an ``__int__`` result (a warning on every GPU step, found on the H200): the key is the handle's."""
+    import enum
+    import warnings
+
+    from flatopt.kernels.cuda_backend import _stream_key
+
+    class Flags(enum.IntEnum):
+        DEFAULT = 0
+
+    class Handle:
+        def __init__(self, address):
+            self.address = address
+
+        def __int__(self):
+            return self.address
+
+    class Stream:  # the shape of numba.cuda.cudadrv.driver.Stream
+        def __init__(self, address):
+            self.handle = Handle(address)
+
+        def __int__(self):
+            return int(self.handle) or Flags.DEFAULT
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        keys = [_stream_key(Stream(a)) for a in (0, 1, 2, 0x7F00)]
+    assert keys == [0, 1, 2, 0x7F00] and all(type(k) is int for k in keys)
+    opaque = object()
+    assert _stream_key(opaque) == id(opaque)
