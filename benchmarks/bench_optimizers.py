@@ -88,6 +88,41 @@ class TorchAdapter:
         self.opt.step()
 
 
+class JaxAdapter:
+    """flatopt.jax on a 200-leaf pytree (TreeOptimizer, and as_optax in a jitted step with
+    params and state donated) against optax's own Adam in the same jitted step."""
+
+    params = ([10**5, 10**6, 10**7], ["TreeOptimizer", "as_optax", "optax adam"])
+    param_names = ["n", "implementation"]
+    warmup_time = 0.05
+    repeat = (5, 20, 10.0)
+    timeout = 300
+
+    def setup(self, n, implementation):
+        try:
+            import jax
+            import optax
+            import flatopt.jax as flat_jax
+        except ImportError:
+            raise NotImplementedError("jax, optax or flatopt.jax not available")
+        from flatopt.bench import optax_loop, split_sizes
+        rng = np.random.default_rng(0)
+        tree = lambda scale: {f"w{i:03d}": (scale * rng.standard_normal(s)).astype(np.float32)
+                              for i, s in enumerate(split_sizes(n, 200))}
+        params, grads = tree(1.0), tree(1e-3)
+        if implementation == "TreeOptimizer":
+            tree_opt, grads = flat_jax.TreeOptimizer(flatopt.Adam(lr=1e-3), params), jax.device_put(grads)
+            self.step = lambda: jax.block_until_ready(tree_opt.step(grads))
+        else:
+            tx = flat_jax.as_optax(flatopt.Adam(lr=1e-3)) if implementation == "as_optax" else optax.adam(1e-3)
+            self.step = optax_loop(tx, params, grads)
+        for _ in range(3):
+            self.step()
+
+    def time_step(self, n, implementation):
+        self.step()
+
+
 FIRST_STEP = """
 import time; t0 = time.perf_counter()
 import numpy as np, flatopt

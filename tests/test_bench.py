@@ -53,6 +53,19 @@ def test_bench_peers_present_when_installed():
         fn()
 
 
+def test_bench_jax_rows_present_when_installed():
+    pytest.importorskip("optax")
+    from flatopt.bench import FLATOPT, implementations
+    impls, notes = implementations(1000, np.random.default_rng(0))
+    jax_rows = ["optax adam (jit, donated)", "optax adam (jit, donated), 200 leaves",
+                "flatopt.jax as_optax Adam (jit, donated), 200 leaves", "flatopt.jax TreeOptimizer Adam, 200 leaves"]
+    for name in jax_rows:
+        assert name in impls
+        impls[name]()
+        impls[name]()
+    assert set(jax_rows[2:]) <= set(FLATOPT)  # ours: not counted among the peers
+
+
 def test_bench_markdown_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from flatopt.bench import main

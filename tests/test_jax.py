@@ -198,6 +198,71 @@ def test_update_is_pure(name, jit):
     assert not np.array_equal(flat(first[1]), flat(state))  # while the returned state moved on
 
 
+# The host keeps its buffers from one update to the next and returns them (JAX copies a
+# callback's results): nothing returned earlier may change, whatever runs after it.
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", ["adam-amsgrad", "param-groups", "lookahead"])
+def test_earlier_results_stay_as_returned(name, jit):
+    tx = as_optax(CORE[name]())
+    update = jax.jit(tx.update) if jit else tx.update
+    params, state = tree(0), tx.init(tree(0))
+    returned = []
+    for s in range(1, 8):
+        grads = tree(s, 0.1)
+        updates, new_state = update(grads, state, params)
+        returned.append(((updates, new_state), host((updates, new_state)), (grads, host(state), host(params))))
+        params, state = optax.apply_updates(params, updates), new_state
+    fresh = as_optax(CORE[name]())
+    for result, saved, (grads, state, params) in returned:
+        assert_trees_equal(result, saved)  # unchanged by the updates after it
+        assert_trees_equal(result, fresh.update(grads, state, params))  # and what a fresh transformation gives
+    for _, saved, inputs in reversed(returned):  # earlier states again (a restart): the same results
+        assert_trees_equal(update(*inputs), saved)
+
+
+def test_one_transformation_on_two_models():
+    tx, tx_small, tx_large = (as_optax(flatopt.Lookahead(flatopt.Adam(lr=1e-2), k=2)) for _ in range(3))
+    small, large = tree(0), {"w": jnp.asarray(np.random.default_rng(1).standard_normal(300), jnp.float32)}
+    models = {"small": [small, tx.init(small), tx_small.init(small)],
+              "large": [large, tx.init(large), tx_large.init(large)]}
+    for s in range(6):  # alternating: the host's kept buffers switch sizes every update
+        for key, alone in (("small", tx_small), ("large", tx_large)):
+            params, state, own = models[key]
+            grads = jax.tree_util.tree_map(lambda x: 0.1 * x + s, params)
+            updates, state = tx.update(grads, state, params)
+            expected, own = alone.update(grads, own, params)
+            assert_trees_equal((updates, state), (expected, own))
+            models[key] = [optax.apply_updates(params, updates), state, own]
+
+
+def test_updates_from_several_threads():
+    import threading
+
+    tx = as_optax(CORE["sgd-nesterov-l2"]())
+
+    def run(seed):
+        params, state = tree(seed), tx.init(tree(seed))
+        for s in range(5):
+            updates, state = tx.update(tree(seed + s + 1, 0.1), state, params)
+            params = optax.apply_updates(params, updates)
+        return host((params, state))
+
+    expected = [run(seed) for seed in range(4)]
+    got = [None] * 4
+
+    def worker(i):
+        got[i] = run(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(got, expected):
+        assert_trees_equal(a, b)
+
+
 def test_numpy_leaves_are_not_modified():
     rng = np.random.default_rng(0)
     params = {"w": rng.standard_normal((4, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
@@ -327,3 +392,46 @@ def test_tree_optimizer_checkpoint_round_trip():
         got = second.step(g)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.fixture(params=["flat", "by leaf"])
+def tree_path(request, monkeypatch):
+    """TreeOptimizer's two paths: jitted ravel_pytree (small trees) and leaf by leaf (large)."""
+    if request.param == "by leaf":
+        monkeypatch.setattr(flatopt.jax, "FRESH_PAGES", 0)
+    return request.param
+
+
+def test_tree_optimizer_paths_equal_the_core_step(tree_path):
+    with jax.enable_x64(True):
+        params = {"a": tree(0, dtype=jnp.float64), "b": jnp.ones((2, 3), jnp.float64)}
+        tree_opt = TreeOptimizer(flatopt.Adam(lr=1e-2, amsgrad=True), params)
+        assert (tree_opt._grads is None) == (tree_path == "flat")
+        core, master = flatopt.Adam(lr=1e-2, amsgrad=True), flat(params).copy()
+        for s in range(1, 5):
+            grads = {"a": tree(s, 0.1, jnp.float64), "b": jnp.full((2, 3), 0.1 * s, jnp.float64)}
+            got = tree_opt.step(grads)
+            core.step(master, flat(grads))
+            assert_trees_equal(got, ravel_pytree(params)[1](jnp.asarray(master)))
+
+
+def test_tree_optimizer_refuses_grads_of_another_structure(tree_path):
+    tree_opt = TreeOptimizer(flatopt.Adam(lr=1e-2), tree(0))
+    before = tree_opt.master.copy()
+    wrong = [jax.tree_util.tree_map(lambda x: x.reshape(-1), tree(1)),  # same sizes, other shapes
+             {"dense": tree(1)["dense"], "other": tree(1)["layers"]}]
+    for grads in wrong:
+        with pytest.raises(ValueError, match="tree structure and leaf shapes"):
+            tree_opt.step(grads)
+    np.testing.assert_array_equal(tree_opt.master, before)
+    assert tree_opt.opt.state == {}
+
+
+def test_tree_optimizer_returns_params_later_steps_leave_alone(tree_path):
+    tree_opt = TreeOptimizer(flatopt.SGD(lr=0.1, momentum=0.9), tree(0))
+    first = tree_opt.step(tree(1, 0.1))
+    saved = host(first)
+    for s in range(2, 5):
+        tree_opt.step(tree(s, 0.1))
+    assert_trees_equal(first, saved)
+    assert not np.array_equal(flat(first), flat(tree_opt.params))
