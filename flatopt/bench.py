@@ -250,16 +250,18 @@ def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # a colour per implementation
     names = list(dict.fromkeys(r["name"] for rows in results.values() for r in rows))
     for name in names:
         xs = [n for n, rows in results.items() if any(r["name"] == name for r in rows)]
         ys = [next(r["median"] for r in results[n] if r["name"] == name) for n in xs]
-        style = dict(lw=2.5) if name in FLATOPT else dict(ls="--", color="black") if name == FLOOR else dict(alpha=0.7)
+        style = (dict(ls="--", color="black") if name == FLOOR else dict(lw=2.5, ls="-.") if "leaves" in name
+                 else dict(lw=2.5) if name in FLATOPT else dict(alpha=0.7))
         ax.plot(xs, ys, marker="o", label=name, **style)
     ax.set(xscale="log", yscale="log", xlabel="parameters (float32)", ylabel="µs per step (median)",
            title="Adam step: flatopt vs peers vs the bandwidth floor")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
