@@ -31,14 +31,19 @@ OPTIMIZERS = {
 }
 
 
-class Step:
+class Timed:
+    """asv's settings for the timed benchmarks below: a short warm-up right before timing,
+    5 to 20 samples in at most 10 s."""
+    warmup_time = 0.05
+    repeat = (5, 20, 10.0)
+    timeout = 300
+
+
+class Step(Timed):
     """Time and peak memory of one ``opt.step(params, grads)``."""
 
     params = (list(OPTIMIZERS), DTYPES, SIZES)
     param_names = ["optimizer", "dtype", "n"]
-    warmup_time = 0.05
-    repeat = (5, 20, 10.0)
-    timeout = 300
 
     def setup(self, name, dtype, n):
         rng = np.random.default_rng(0)
@@ -55,14 +60,11 @@ class Step:
         self.opt.step(self.params_, self.grads)
 
 
-class TorchAdapter:
+class TorchAdapter(Timed):
     """flatopt.torch.Adam on a 200-tensor model, against torch's fused Adam on the same model."""
 
     params = ([10**5, 10**6, 10**7], ["flatopt.torch", "torch fused"])
     param_names = ["n", "implementation"]
-    warmup_time = 0.05
-    repeat = (5, 20, 10.0)
-    timeout = 300
 
     def setup(self, n, implementation):
         try:
@@ -88,15 +90,12 @@ class TorchAdapter:
         self.opt.step()
 
 
-class JaxAdapter:
+class JaxAdapter(Timed):
     """flatopt.jax on a 200-leaf pytree (TreeOptimizer, and as_optax in a jitted step with
     params and state donated) against optax's own Adam in the same jitted step."""
 
     params = ([10**5, 10**6, 10**7], ["TreeOptimizer", "as_optax", "optax adam"])
     param_names = ["n", "implementation"]
-    warmup_time = 0.05
-    repeat = (5, 20, 10.0)
-    timeout = 300
 
     def setup(self, n, implementation):
         try:

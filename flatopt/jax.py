@@ -281,9 +281,9 @@ class TreeOptimizer:
     def params(self):
         if self._grads is None:
             return self._unravel(self.master)
-        parts = np.split(self.master, self._splits)
         # copies: device_put may alias NumPy memory (on the CPU it does), and the next step rewrites master's
-        return self._treedef.unflatten(jax.device_put([x.reshape(shape).copy() for x, shape in zip(parts, self._shapes)]))
+        parts = [x.reshape(shape).copy() for x, shape in zip(np.split(self.master, self._splits), self._shapes)]
+        return self._treedef.unflatten(jax.device_put(parts))
 
     def state_dict(self):
         return {"params": self.master.copy(), "optimizer": self.opt.state_dict()}
