@@ -1,0 +1,48 @@
+"""as_optax on random histories against the core optimizer, bitwise.
+
+Each example draws an optimizer (the configurations of test_jax.CORE: groups, a frozen group,
+amsgrad, an lr schedule, Lookahead), a dtype and a history of updates.  Each update starts
+from the newest state or from an earlier one (what ``apply_if_finite``, ``MultiSteps`` or a
+restart do), with fresh gradients.  The reference for an update from state i is a copy of the
+core optimizer as it was when that state was made, stepped on the same flat buffer.  This
+exercises the host's kept buffers: every update refills them from whatever state it is given.
+"""
+import copy
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import sweep
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+
+from test_jax import CORE, assert_state_is_core, flat, tree  # noqa: E402
+
+from flatopt.jax import as_optax  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(CORE))
+@sweep(8)
+@given(dtype=st.sampled_from([np.float32, np.float64]), jit=st.booleans(), data=st.data())
+def test_random_histories_with_replays_match_the_core(name, dtype, jit, data):
+    with jax.enable_x64(dtype == np.float64):
+        tx = as_optax(CORE[name]())
+        update = jax.jit(tx.update) if jit else tx.update
+        params = tree(0, dtype=dtype)
+        # history[i]: (params, state, core optimizer) as they were after i updates along that branch
+        history = [(params, tx.init(params), CORE[name]())]
+        for t in range(data.draw(st.integers(3, 10), label="updates")):
+            i = data.draw(st.integers(0, len(history) - 1), label="from state") if t else 0
+            params, state, core = history[i]
+            grads = tree(100 + t, 0.1, dtype)
+            updates, new_state = update(grads, state, params)
+            core = copy.deepcopy(core)
+            expected = flat(params).copy()
+            before = expected.copy()
+            core.step(expected, flat(grads))
+            np.testing.assert_array_equal(flat(updates), expected - before)
+            assert_state_is_core(new_state, core)
+            history.append((optax.apply_updates(params, updates), new_state, core))
