@@ -13,6 +13,7 @@ import numpy as np
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _DTYPES = frozenset(SUPPORTED_DTYPES)
+STATE_SLOTS = 3  # state buffers every CPU rule takes (flatopt.kernels.cpu); unused ones empty
 
 
 def describe(obj):
@@ -183,20 +184,25 @@ class CpuBackend:
 
     def launch(self, kernel, params, grads, states, plan, table):
         chunks, parallel = plan
-        self._kernel(kernel, parallel)(params, grads, *states, chunks, table)
+        driver, rule, unused = self._kernel(kernel, parallel, params.dtype)
+        driver(rule, params, grads, *states, *unused[len(states):], chunks, table)
 
-    def launcher(self, kernel, plan):
-        """``launch`` with the kernel and plan bound: ``f(params, grads, states, table)``."""
+    def launcher(self, kernel, plan, dtype, states):
+        """``launch`` with all but the buffers and the table bound: ``f(params, grads, table)``."""
         chunks, parallel = plan
-        fn = self._kernel(kernel, parallel)
-        return lambda params, grads, states, table: fn(params, grads, *states, chunks, table)
+        driver, rule, unused = self._kernel(kernel, parallel, dtype)
+        s0, s1, s2 = (*states, *unused)[:STATE_SLOTS]
+        return lambda params, grads, table: driver(rule, params, grads, s0, s1, s2, chunks, table)
 
-    def _kernel(self, kernel, parallel):
-        fn = self._kernels.get((kernel, parallel))
-        if fn is None:
+    def _kernel(self, kernel, parallel, dtype):
+        """The driver, the rule's address and empty buffers for the state slots it leaves unused."""
+        key = (kernel, parallel, dtype.char)
+        found = self._kernels.get(key)
+        if found is None:
             from flatopt.kernels import cpu
-            fn = self._kernels[kernel, parallel] = getattr(cpu, kernel + ("_parallel" if parallel else "_serial"))
-        return fn
+            found = self._kernels[key] = (cpu.run_parallel if parallel else cpu.run_serial,
+                                          cpu.rule_address(kernel, dtype), (np.empty(0, dtype),) * STATE_SLOTS)
+        return found
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,6 +4,7 @@ import io
 import pickle
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -419,11 +420,11 @@ def test_parallel_path_equals_serial_path(name, monkeypatch):
 def test_changing_hyperparameters_never_recompiles():
     opt, params = flatopt.Adam(), rand(100)
     opt.step(params, rand(100, seed=1))
-    compiled = len(kernels.adam_serial.overloads)
+    compiled = len(kernels.run_serial.overloads), len(kernels._compiled)
     for i in range(20):
         opt.lr, opt.betas, opt.weight_decay, opt.amsgrad = 10.0 ** -(i % 5), (0.5 + i / 50, 0.99), i / 100, i % 2 == 0
         opt.step(params, rand(100, seed=i))
-    assert len(kernels.adam_serial.overloads) == compiled
+    assert (len(kernels.run_serial.overloads), len(kernels._compiled)) == compiled
 
 
 def test_callable_lr_receives_the_step_count():
@@ -481,13 +482,39 @@ def test_import_flatopt_imports_no_framework():
 
 
 def test_kernels_are_cached_on_disk(tmp_path):
-    code = ("import flatopt, numpy as np; from flatopt.kernels import cpu;"
-            "flatopt.Adam().step(np.ones(8, np.float32), np.ones(8, np.float32));"
-            "print(sum(cpu.adam_serial.stats.cache_hits.values()))")
+    """The rules of both dtypes (two C callbacks of one function) and both drivers."""
+    code = ("import flatopt, numpy as np; from flatopt.kernels import cpu; from flatopt.backend import CPU;"
+            "[flatopt.Adam().step(np.ones(8, t), np.ones(8, t)) for t in (np.float32, np.float64)];"
+            "CPU.parallel_min = 1; flatopt.Adam().step(np.ones(8), np.ones(8));"
+            "print(sum(cpu.compiled_rule('adam', t).cache_hits for t in (np.float32, np.float64)),"
+            "     sum(cpu.run_serial.stats.cache_hits.values()), sum(cpu.run_parallel.stats.cache_hits.values()))")
     env = dict(__import__("os").environ, NUMBA_CACHE_DIR=str(tmp_path))
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
             for _ in range(2)]
-    assert runs[0].strip() == "0" and runs[1].strip() == "1"
+    assert runs[0].split() == ["0", "0", "0"] and runs[1].split() == ["2", "2", "1"]
+
+
+def test_threads_first_steps_share_one_compiled_rule(tmp_path):
+    """Eight threads take their first steps at once in a fresh process: one C callback per
+    rule and dtype (a second one would be dropped while a driver still calls its address)."""
+    code = textwrap.dedent("""
+        import threading, numpy as np, flatopt
+        from flatopt.kernels import cpu
+        barrier, rules, sums = threading.Barrier(8), [], []
+        def first_step():
+            barrier.wait()
+            rules.append(cpu.compiled_rule("sgd", np.float64))
+            p = np.ones(64)
+            flatopt.SGD(lr=0.5).step(p, np.ones(64))
+            sums.append(float(p.sum()))
+        threads = [threading.Thread(target=first_step) for _ in range(8)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print(len({id(r) for r in rules}), len(cpu._compiled), sorted(set(sums)))
+    """)
+    env = dict(__import__("os").environ, NUMBA_CACHE_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.split() == ["1", "1", "[32.0]"]
 
 
 def test_repr_names_the_hyperparameters():

@@ -1,25 +1,32 @@
 """Numba CPU kernels: one fused pass over the flat buffers per optimizer step.
 
-Every optimizer has one ``*_chunk`` function holding its update rule for a contiguous
-run of elements, and two drivers that run it over a table of chunks: ``*_serial`` for
-small buffers and ``*_parallel`` (``prange`` over chunks) for large ones.  A chunk row is
-``(start, stop, segment)``; ``table[segment]`` holds that segment's scalars, already
-rounded to the buffers' dtype by the optimizer class (see ``flatopt/optimizers``).
+Every optimizer has one ``*_chunk`` function holding its update rule for a contiguous run
+of ``n`` elements.  Each rule is compiled once per dtype into a C callback
+(:func:`rule_address`), and two drivers shared by every rule call it chunk by chunk through
+that address: :func:`run_serial` for small buffers and :func:`run_parallel` (``prange``
+over chunks) for large ones.  Compiling the rule once, rather than inlined into a serial and
+a threaded driver of its own, takes a third off a fresh process's compile time, and the
+drivers, compiled once per dtype, serve every optimizer.  A chunk row is
+``(start, stop, segment)``; ``table[segment]`` holds that segment's scalars, already rounded
+to the buffers' dtype by the optimizer class (see ``flatopt/optimizers``).
+
+Every rule takes the same C arguments: pointers to the chunk's parameters, gradients and
+three state buffers, a pointer to its row of scalars, and ``n``.  State buffers a rule does
+not need (no momentum, no amsgrad, fewer than three) are passed empty and never read: the
+row's flags say which buffers a segment uses.  Going through a pointer costs one indirect
+call per chunk, and the drivers pass raw pointers, so the threads touch no reference counts.
 
 Rounding follows torch.optim's single-tensor CPU path operation by operation:
 ``add(alpha=)``, ``lerp`` and ``addcmul`` are one fused multiply-add in torch (AVX2
-``fmadd``), ``addcdiv`` and scalar division are not, so the kernels call :func:`fma`
+``fmadd``), ``addcdiv`` and scalar division are not, so the rules call :func:`fma`
 exactly where torch fuses and nowhere else.  ``fastmath`` stays off: it would let LLVM
 fuse other products and would drop the NaN/Inf semantics users rely on.
-
-Each chunk is processed through sub-views indexed from zero: LLVM can then prove the
-index non-negative and vectorizes the loop (with ``range(start, stop)`` it does not).
-State buffers an optimizer does not need (no momentum, no amsgrad) are passed empty and
-never indexed: the row's flags say which buffers a segment uses.
 """
+import threading
+
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange
+from numba import carray, cfunc, from_dtype, njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
@@ -68,11 +75,11 @@ def clamp(x, low, high):
 #   g <- -g if maximize;  g <- g + wd*p
 #   buf <- g (first step) | momentum*buf + (1 - dampening)*g
 #   g <- g + momentum*buf (nesterov) | buf;   p <- p - lr*g
-@njit(**_INLINE)
-def sgd_chunk(p, g, buf, row):
+def sgd_chunk(p, g, buf, _unused1, _unused2, row, n):
+    p, g, buf, row = carray(p, n), carray(g, n), carray(buf, n), carray(row, 8)
     lr, momentum, keep, weight_decay = row[0], row[1], row[2], row[3]
     nesterov, maximize, first, use_buf = row[4] != 0, row[5] != 0, row[6] != 0, row[7] != 0
-    for i in range(p.shape[0]):
+    for i in range(n):
         gi = -g[i] if maximize else g[i]
         if weight_decay != 0:
             gi = fma(weight_decay, p[i], gi)
@@ -83,30 +90,17 @@ def sgd_chunk(p, g, buf, row):
         p[i] = fma(-lr, gi, p[i])
 
 
-@njit(parallel=True, **_JIT)
-def sgd_parallel(p, g, buf, chunks, table):
-    for c in prange(chunks.shape[0]):
-        lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        sgd_chunk(p[lo:hi], g[lo:hi], buf[lo:hi], table[s])
-
-
-@njit(**_JIT)
-def sgd_serial(p, g, buf, chunks, table):
-    for c in range(chunks.shape[0]):
-        lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        sgd_chunk(p[lo:hi], g[lo:hi], buf[lo:hi], table[s])
-
-
 # --- RMSprop --------------------------------------------------------------------------
 # row: lr, alpha, 1 - alpha, (1 - alpha) - 1, eps, weight_decay, momentum, centered, maximize
 #   v <- alpha*v + (1 - alpha)*g^2;   avg <- sqrt(v - ga^2) + eps, ga <- lerp(ga, g, 1 - alpha) (centered)
 #   buf <- momentum*buf + g/avg, p <- p - lr*buf (momentum) | p <- p - lr*g/avg
-@njit(**_INLINE)
-def rmsprop_chunk(p, g, square_avg, buf, grad_avg, row):
+def rmsprop_chunk(p, g, square_avg, buf, grad_avg, row, n):
+    p, g, square_avg, buf = carray(p, n), carray(g, n), carray(square_avg, n), carray(buf, n)
+    grad_avg, row = carray(grad_avg, n), carray(row, 9)
     lr, alpha, w, w_m1, eps, weight_decay, momentum = row[0], row[1], row[2], row[3], row[4], row[5], row[6]
     centered, maximize = row[7] != 0, row[8] != 0
     neg_lr = -lr
-    for i in range(p.shape[0]):
+    for i in range(n):
         gi = -g[i] if maximize else g[i]
         if weight_decay != 0:
             gi = fma(weight_decay, p[i], gi)
@@ -126,33 +120,20 @@ def rmsprop_chunk(p, g, square_avg, buf, grad_avg, row):
             p[i] = p[i] + (neg_lr * gi) / avg
 
 
-@njit(parallel=True, **_JIT)
-def rmsprop_parallel(p, g, square_avg, buf, grad_avg, chunks, table):
-    for c in prange(chunks.shape[0]):
-        lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        rmsprop_chunk(p[lo:hi], g[lo:hi], square_avg[lo:hi], buf[lo:hi], grad_avg[lo:hi], table[s])
-
-
-@njit(**_JIT)
-def rmsprop_serial(p, g, square_avg, buf, grad_avg, chunks, table):
-    for c in range(chunks.shape[0]):
-        lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        rmsprop_chunk(p[lo:hi], g[lo:hi], square_avg[lo:hi], buf[lo:hi], grad_avg[lo:hi], table[s])
-
-
 # --- Adam / AdamW ---------------------------------------------------------------------
 # row: lr/bc1, 1 - b1, (1 - b1) - 1, b2, 1 - b2, sqrt(bc2), eps, weight_decay, 1 - lr*wd,
 #      decoupled, amsgrad, maximize          (bc_i = 1 - b_i^t)
 #   p <- p*(1 - lr*wd) (AdamW) | g <- g + wd*p (Adam)
 #   m <- lerp(m, g, 1 - b1);  v <- b2*v + (1 - b2)*g^2;  vmax <- max(vmax, v) (amsgrad)
 #   p <- p - (lr/bc1) * m / (sqrt(v or vmax)/sqrt(bc2) + eps)
-@njit(**_INLINE)
-def adam_chunk(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, row):
+def adam_chunk(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, row, n):
+    p, g, exp_avg, exp_avg_sq = carray(p, n), carray(g, n), carray(exp_avg, n), carray(exp_avg_sq, n)
+    max_exp_avg_sq, row = carray(max_exp_avg_sq, n), carray(row, 12)
     step_size, w1, w1_m1, beta2, w2, bc2_sqrt, eps = row[0], row[1], row[2], row[3], row[4], row[5], row[6]
     weight_decay, decay_factor = row[7], row[8]
     decoupled, amsgrad, maximize = row[9] != 0, row[10] != 0, row[11] != 0
     neg_step_size = -step_size
-    for i in range(p.shape[0]):
+    for i in range(n):
         gi = -g[i] if maximize else g[i]
         pi = p[i]
         if weight_decay != 0:
@@ -170,33 +151,20 @@ def adam_chunk(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, row):
         p[i] = pi + (neg_step_size * m) / (np.sqrt(v) / bc2_sqrt + eps)
 
 
-@njit(parallel=True, **_JIT)
-def adam_parallel(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, chunks, table):
-    for c in prange(chunks.shape[0]):
-        lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        adam_chunk(p[lo:hi], g[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], max_exp_avg_sq[lo:hi], table[s])
-
-
-@njit(**_JIT)
-def adam_serial(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, chunks, table):
-    for c in range(chunks.shape[0]):
-        lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        adam_chunk(p[lo:hi], g[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], max_exp_avg_sq[lo:hi], table[s])
-
-
 # --- ADOPT (Taniguchi et al., 2024; the authors' implementation) ----------------------
 # row: lr, 1 - b1, (1 - b1) - 1, b2, 1 - b2, eps, weight_decay, 1 - lr*wd, clip, decouple,
 #      maximize, first_step
 #   first step: v <- g^2 only.  Later, with t earlier steps:
 #   p <- p*(1 - lr*wd) (decouple) | g <- g + wd*p;   n <- clip(g / max(sqrt(v), eps), t^0.25)
 #   m <- lerp(m, n, 1 - b1);  p <- p - lr*m;  v <- b2*v + (1 - b2)*g^2
-@njit(**_INLINE)
-def adopt_chunk(p, g, exp_avg, exp_avg_sq, row):
+def adopt_chunk(p, g, exp_avg, exp_avg_sq, _unused, row, n):
+    p, g, exp_avg, exp_avg_sq = carray(p, n), carray(g, n), carray(exp_avg, n), carray(exp_avg_sq, n)
+    row = carray(row, 12)
     lr, w1, w1_m1, beta2, w2, eps = row[0], row[1], row[2], row[3], row[4], row[5]
     weight_decay, decay_factor, clip = row[6], row[7], row[8]
     decouple, maximize, first = row[9] != 0, row[10] != 0, row[11] != 0
     neg_lr = -lr
-    for i in range(p.shape[0]):
+    for i in range(n):
         gi = -g[i] if maximize else g[i]
         pi = p[i]
         if weight_decay != 0 and not decouple:
@@ -215,42 +183,79 @@ def adopt_chunk(p, g, exp_avg, exp_avg_sq, row):
         exp_avg_sq[i] = fma(w2 * gi, gi, v * beta2)
 
 
-@njit(parallel=True, **_JIT)
-def adopt_parallel(p, g, exp_avg, exp_avg_sq, chunks, table):
-    for c in prange(chunks.shape[0]):
-        lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        adopt_chunk(p[lo:hi], g[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], table[s])
-
-
-@njit(**_JIT)
-def adopt_serial(p, g, exp_avg, exp_avg_sq, chunks, table):
-    for c in range(chunks.shape[0]):
-        lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        adopt_chunk(p[lo:hi], g[lo:hi], exp_avg[lo:hi], exp_avg_sq[lo:hi], table[s])
-
-
 # --- Lookahead synchronisation --------------------------------------------------------
 # row: alpha, 1 - alpha
 #   slow <- alpha*fast + (1 - alpha)*slow  (= slow + alpha*(fast - slow));  fast <- slow
 # Rounded as the reference wrapper does it: p.mul_(alpha).add_(q, alpha=1 - alpha).
-@njit(**_INLINE)
-def lookahead_chunk(fast, slow, row):
+def lookahead_chunk(fast, slow, _unused0, _unused1, _unused2, row, n):
+    fast, slow, row = carray(fast, n), carray(slow, n), carray(row, 2)
     alpha, keep = row[0], row[1]
-    for i in range(fast.shape[0]):
+    for i in range(n):
         merged = fma(keep, slow[i], fast[i] * alpha)
         slow[i] = merged
         fast[i] = merged
 
 
+# --- the drivers ----------------------------------------------------------------------
+RULES = {"sgd": sgd_chunk, "rmsprop": rmsprop_chunk, "adam": adam_chunk, "adopt": adopt_chunk,
+         "lookahead": lookahead_chunk}  # keyed by the optimizer classes' ``kernel``
+
+
+_compiled = {}  # (kernel, dtype) -> CFunc; its address is valid only while the CFunc lives
+_compiling = threading.Lock()
+
+
+def compiled_rule(kernel, dtype):
+    """``kernel``'s rule for ``dtype`` (float32 or float64) as a C callback, compiled, or
+    loaded from Numba's disk cache, on first use."""
+    key = (kernel, np.dtype(dtype))
+    with _compiling:  # two threads' first steps must not make two of it
+        rule = _compiled.get(key)
+        if rule is None:
+            ptr = types.CPointer(from_dtype(key[1]))
+            signature = types.void(ptr, ptr, ptr, ptr, ptr, ptr, types.intp)
+            rule = _compiled[key] = cfunc(signature, cache=True, error_model="numpy")(RULES[kernel])
+    return rule
+
+
+def rule_address(kernel, dtype):
+    return compiled_rule(kernel, dtype).address
+
+
+@intrinsic
+def _call_rule(typingctx, address, p, g, s0, s1, s2, table, segment, lo, hi):
+    """``rule(&p[lo], &g[lo], &s0[lo], &s1[lo], &s2[lo], &table[segment, 0], hi - lo)``
+    through the rule's address; an empty state buffer's pointer is formed and never read.
+    Only 1-D C-contiguous buffers and a 2-D C-contiguous table of one dtype are taken: the
+    pointer arithmetic assumes them."""
+    buffers = (p, g, s0, s1, s2)
+    if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == p.dtype
+               for a in buffers) or not (isinstance(table, types.Array) and table.ndim == 2
+                                         and table.layout == "C" and table.dtype == p.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        address, arrays, (table, segment, lo, hi) = args[0], args[1:6], args[6:]
+        pointers = [builder.gep(context.make_array(ty)(context, builder, value).data, [lo])
+                    for ty, value in zip(signature.args[1:6], arrays)]
+        rows = context.make_array(signature.args[6])(context, builder, table)
+        row_length = cgutils.unpack_tuple(builder, rows.shape)[1]
+        pointers.append(builder.gep(rows.data, [builder.mul(segment, row_length)]))
+        n = builder.sub(hi, lo)
+        rule = ir.FunctionType(ir.VoidType(), [ptr.type for ptr in pointers] + [n.type])
+        builder.call(builder.inttoptr(address, rule.as_pointer()), pointers + [n])
+        return context.get_dummy_value()
+
+    return types.void(address, p, g, s0, s1, s2, table, segment, lo, hi), codegen
+
+
 @njit(parallel=True, **_JIT)
-def lookahead_parallel(fast, slow, chunks, table):
+def run_parallel(rule, p, g, s0, s1, s2, chunks, table):
     for c in prange(chunks.shape[0]):
-        lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        lookahead_chunk(fast[lo:hi], slow[lo:hi], table[s])
+        _call_rule(rule, p, g, s0, s1, s2, table, chunks[c, 2], chunks[c, 0], chunks[c, 1])
 
 
 @njit(**_JIT)
-def lookahead_serial(fast, slow, chunks, table):
+def run_serial(rule, p, g, s0, s1, s2, chunks, table):
     for c in range(chunks.shape[0]):
-        lo, hi, s = chunks[c, 0], chunks[c, 1], chunks[c, 2]
-        lookahead_chunk(fast[lo:hi], slow[lo:hi], table[s])
+        _call_rule(rule, p, g, s0, s1, s2, table, chunks[c, 2], chunks[c, 0], chunks[c, 1])

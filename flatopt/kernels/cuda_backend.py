@@ -311,9 +311,10 @@ class CudaBackend:
         most = self.blocks_per_sm * sms
         return min(most, max(min(self.min_blocks_per_sm * sms, most), total // self.chunk))
 
-    def launcher(self, kernel, plan):
-        """``launch`` with the kernel and plan bound: ``f(params, grads, states, table)``."""
-        return lambda params, grads, states, table: self.launch(kernel, params, grads, states, plan, table)
+    def launcher(self, kernel, plan, dtype, states):
+        """``launch`` with all but the buffers and the table bound: ``f(params, grads, table)``
+        (the CUDA kernels specialise on the dtype when launched)."""
+        return lambda params, grads, table: self.launch(kernel, params, grads, states, plan, table)
 
     def launch(self, kernel, params, grads, states, plan, table):
         checked, self._checked = self._checked, None

@@ -155,13 +155,13 @@ class Optimizer:
         if ready is not None and ready[0] is backend and ready[1] == n and ready[2] == dtype:
             # Same buffer length, dtype, hyperparameters and state as the last step, which
             # checked them all: only the row entries that depend on the step are new.
-            launch, states, table, row = ready[3:]
+            launch, table, row = ready[3:]
             group_state = self.group_state[0]
             step = group_state.get("step")
             if type(step) is not int or step < 0:  # edited in place since
                 self._check_group_state(group_state)
             self._set_step_entries(row, self.__dict__, group_state)  # rounded as a full table build rounds
-            launch(params, grads, states, table)
+            launch(params, grads, table)
             self._advance(self.__dict__, group_state)
             return
         if self.state:
@@ -200,8 +200,8 @@ class Optimizer:
         if self._groups is None and not callable(self.lr):
             # The next steps reuse all of this until an attribute is assigned (__setattr__).
             table = backend.table(rows, dtype)  # the ready path's own: it writes into it
-            self.__dict__["_ready"] = (backend, n, dtype, backend.launcher(self.kernel, self._plan), states, table,
-                                       table[0])
+            launch = backend.launcher(self.kernel, self._plan, dtype, states)
+            self.__dict__["_ready"] = (backend, n, dtype, launch, table, table[0])
 
     def _set_step_entries(self, row, hp, group_state):
         pass
