@@ -227,11 +227,12 @@ def _call_rule(typingctx, address, p, g, s0, s1, s2, table, segment, lo, hi):
     """``rule(&p[lo], &g[lo], &s0[lo], &s1[lo], &s2[lo], &table[segment, 0], hi - lo)``
     through the rule's address; an empty state buffer's pointer is formed and never read.
     Only 1-D C-contiguous buffers and a 2-D C-contiguous table of one dtype are taken: the
-    pointer arithmetic assumes them."""
+    pointer arithmetic assumes them, and indices of the rule's ``n`` type."""
     buffers = (p, g, s0, s1, s2)
-    if not all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == p.dtype
-               for a in buffers) or not (isinstance(table, types.Array) and table.ndim == 2
-                                         and table.layout == "C" and table.dtype == p.dtype):
+    if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == p.dtype
+                for a in buffers)
+            and isinstance(table, types.Array) and table.ndim == 2 and table.layout == "C" and table.dtype == p.dtype
+            and address == segment == lo == hi == types.intp):
         return None
 
     def codegen(context, builder, signature, args):
