@@ -104,11 +104,9 @@ class JaxAdapter(Timed):
             import flatopt.jax as flat_jax
         except ImportError:
             raise NotImplementedError("jax, optax or flatopt.jax not available")
-        from flatopt.bench import optax_loop, split_sizes
+        from flatopt.bench import leaf_tree, optax_loop
         rng = np.random.default_rng(0)
-        tree = lambda scale: {f"w{i:03d}": (scale * rng.standard_normal(s)).astype(np.float32)
-                              for i, s in enumerate(split_sizes(n, 200))}
-        params, grads = tree(1.0), tree(1e-3)
+        params, grads = (leaf_tree((scale * rng.standard_normal(n)).astype(np.float32), 200) for scale in (1.0, 1e-3))
         if implementation == "TreeOptimizer":
             tree_opt, grads = flat_jax.TreeOptimizer(flatopt.Adam(lr=1e-3), params), jax.device_put(grads)
             self.step = lambda: jax.block_until_ready(tree_opt.step(grads))

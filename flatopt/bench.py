@@ -66,8 +66,7 @@ def jax_adapter_implementations(n, rng):
 
     import flatopt.jax as flat_jax
     params, grads = rng.standard_normal(n, dtype=np.float32), 1e-3 * rng.standard_normal(n, dtype=np.float32)
-    offsets = np.cumsum([0] + split_sizes(n, MODEL_TENSORS))
-    leaves = lambda x: {f"w{i:03d}": x[a:b].copy() for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))}
+    leaves = lambda x: leaf_tree(x, MODEL_TENSORS)
     tree_opt = flat_jax.TreeOptimizer(flatopt.Adam(lr=1e-3), leaves(params))
     tree_grads = jax.device_put(leaves(grads))
     return {
@@ -113,6 +112,12 @@ def numpy_adam(p, g, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
         np.multiply(tmp, np.float32(-lr / (1 - b1**t)), out=tmp)
         np.add(p, tmp, out=p)
     return step
+
+
+def leaf_tree(flat, parts):
+    """``flat`` cut into a pytree of ``parts`` leaves (copies) of near-equal sizes."""
+    offsets = np.cumsum([0] + split_sizes(len(flat), parts))
+    return {f"w{i:03d}": flat[a:b].copy() for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))}
 
 
 def split_sizes(n, parts):
