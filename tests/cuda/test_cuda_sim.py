@@ -708,7 +708,7 @@ def test_device_table_resends_a_table_rewritten_in_place(monkeypatch):
     for value, uploads in ((None, 1), (None, 1), (7.5, 2), (7.5, 2), (-1.0, 3)):
         if value is not None:
             table[0, 5] = value
-        buf = backend._device_table(table, info, 0)
+        buf = backend._upload(backend._table_entry(table, info.device, 0), table, 0)
         assert_same(buf.copy_to_host(), table)
         assert len(sent) == uploads
 

@@ -168,6 +168,43 @@ def test_cupy_state_assigned_between_steps(cupy):
         dev.step(pd, cupy.asarray(grads[0]))
 
 
+def test_ready_steps_replay_the_dispatchers_launch(cupy, monkeypatch):
+    """Steps with the buffers, stream and table of the last launch replay it without Numba's
+    dispatcher (flatopt.kernels.cuda_backend._Replay); any of those changed goes through the
+    dispatcher once more, and every step stays bitwise equal to the CPU kernels."""
+    from numba.cuda import dispatcher as numba_dispatcher
+
+    from flatopt.kernels import cuda as kernels
+    if not hasattr(numba_dispatcher, "launch"):
+        pytest.skip("this numba-cuda does not launch through cuda.core: every step uses the dispatcher")
+    dispatched = []
+    real = kernels.get_kernel
+    monkeypatch.setattr(kernels, "get_kernel", lambda *a: (dispatched.append(a), real(*a))[1])
+    p0, grads = data(steps=12)
+    cpu, dev = flatopt.Adam(lr=1e-2, weight_decay=0.1), flatopt.Adam(lr=1e-2, weight_decay=0.1)
+    pc, pd, gd = p0.copy(), cupy.asarray(p0), cupy.empty(len(p0), cupy.float32)
+
+    def step(g, params):
+        cpu.step(pc, g)
+        gd.set(g)
+        dev.step(params, gd)
+        return len(dispatched)
+
+    # 1: the full path; 2: the ready path's first call, recorded; 3, 4: replayed (new bias corrections)
+    assert [step(g, pd) for g in grads[:4]] == [1, 2, 2, 2]
+    moved = pd.copy()  # pd stays alive: the new buffer has another address
+    assert [step(g, moved) for g in grads[4:6]] == [3, 3]
+    with cupy.cuda.Stream(non_blocking=True) as stream:
+        assert [step(g, moved) for g in grads[6:8]] == [4, 4]
+        stream.synchronize()
+    gd = cupy.empty(len(p0), cupy.float32)  # new grads buffer
+    assert [step(g, moved) for g in grads[8:10]] == [5, 5]
+    cpu.lr = dev.lr = 3e-3  # a new ready path: its first call goes through the dispatcher
+    assert [step(g, moved) for g in grads[10:]] == [6, 7]
+    assert_same(cupy.asnumpy(moved), pc)
+    assert_same(cupy.asnumpy(dev.state["exp_avg_sq"]), cpu.state["exp_avg_sq"])
+
+
 def test_cupy_non_default_stream(cupy):
     p0, grads = data(dtype=np.float32)
     _, expected = cpu_run(OPTIMIZERS["adamw"], p0, grads)
