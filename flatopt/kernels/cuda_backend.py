@@ -22,12 +22,14 @@ Numba device arrays otherwise (``CudaBackend.array_library`` = ``"auto"``, ``"cu
 import ctypes
 import functools
 import math
+import sys
 import weakref
 
 import numpy as np
 from numba import cuda
 
-from flatopt.backend import CPU, SUPPORTED_DTYPES, check_pair, describe, is_cuda_array, split_chunks
+from flatopt.backend import (CPU, SUPPORTED_DTYPES, check_pair, describe, is_cuda_array, is_torch_cuda_tensor,
+                             split_chunks)
 from flatopt.kernels import cuda as kernels
 
 SIMULATOR = kernels.SIMULATOR
@@ -99,6 +101,8 @@ class CudaBackend:
                          ary.nbytes, ary.flags.writeable, 0, None, obj)
         if not SIMULATOR and isinstance(obj, _device_ndarray_type()):
             return self._numba_info(obj)
+        if is_torch_cuda_tensor(obj):
+            return self._torch_info(obj)
         try:
             desc = obj.__cuda_array_interface__
         except AttributeError:
@@ -144,6 +148,22 @@ class CudaBackend:
         if stream is None and type(obj).__module__.startswith("torch"):
             stream = _torch_stream(obj)
         return _Info(shape, dtype, contiguous, ptr, nbytes, not readonly, device, stream, view)
+
+    def _torch_info(self, t):
+        """A torch CUDA tensor seen before, described from its attributes: torch's
+        ``__cuda_array_interface__`` builds the interface in Python (4 µs a read on an H200's
+        host, and a step reads two).  The first sight of a tensor, and anything its attributes
+        do not settle (a tensor that requires grad, a dtype without kernels, a buffer that
+        moved), go through the interface, torch's own errors included."""
+        dtype = _torch_dtypes().get(t.dtype)
+        entry = self._views.get(id(t))
+        if dtype is None or entry is None or entry[0]() is not t or entry[2] is None or t.requires_grad:
+            return self._cai_info(t, t.__cuda_array_interface__)
+        shape, ptr = tuple(t.shape), t.data_ptr()
+        if entry[1] != (ptr, shape, dtype.str):
+            return self._cai_info(t, t.__cuda_array_interface__)
+        return _Info(shape, dtype, t.is_contiguous(), ptr, t.numel() * dtype.itemsize, True, entry[3],
+                     _torch_stream(t), entry[2])
 
     def _view_from_cai(self, obj, desc, shape, dtype, ptr, nbytes):
         cacheable = _weakrefable(obj)
@@ -567,10 +587,20 @@ def _stream_key(stream):
 
 
 def _torch_stream(tensor):
-    import sys
+    """torch's current stream on the tensor's device, as a pointer (None: the default stream).
+    The raw read is what ``torch.cuda.current_stream(device).cuda_stream`` returns, without
+    building a Stream object (0.3 against 6.4 µs on an H200's host)."""
     torch = sys.modules["torch"]
-    ptr = torch.cuda.current_stream(tensor.device).cuda_stream
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    device = tensor.get_device()
+    ptr = raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
     return ptr or None
+
+
+@functools.cache
+def _torch_dtypes():
+    torch = sys.modules["torch"]
+    return {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
 
 
 def _dtype_of(like):

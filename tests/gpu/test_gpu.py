@@ -279,6 +279,46 @@ def test_torch_cuda_tensors_straight_into_step(torch):
     assert_same(p.cpu().numpy(), expected)
 
 
+def test_torch_tensors_seen_again_are_read_from_their_attributes(torch):
+    """After a tensor's first step the backend describes it from its attributes, not torch's
+    ``__cuda_array_interface__`` (CudaBackend._torch_info): what torch would refuse or what
+    changed since (grad required, storage replaced, another dtype, another stream) is still
+    seen, and every step stays bitwise equal to the CPU kernels."""
+    from flatopt.backend import is_cuda_array
+    from flatopt.kernels.cuda_backend import CUDA
+    assert not is_cuda_array(torch.zeros(3)) and is_cuda_array(torch.zeros(3, device="cuda"))
+    p0, grads = data(dtype=np.float32, steps=8)
+    cpu, dev = flatopt.AdamW(lr=1e-2), flatopt.AdamW(lr=1e-2)
+    pc, p, g = p0.copy(), torch.from_numpy(p0).cuda(), torch.empty(len(p0), device="cuda")
+
+    def step(grad):
+        cpu.step(pc, grad)
+        g.copy_(torch.from_numpy(grad))
+        dev.step(p, g)
+
+    for grad in grads[:3]:
+        step(grad)
+    p.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="requires grad"):
+        dev.step(p, g)
+    p.requires_grad_(False)
+    p.data = p.data.clone()  # same tensor object, new storage
+    step(grads[3])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        assert CUDA._info(p).stream == stream.cuda_stream
+        for grad in grads[4:6]:
+            step(grad)
+    torch.cuda.current_stream().wait_stream(stream)
+    for grad in grads[6:]:
+        step(grad)
+    torch.cuda.synchronize()
+    assert_same(p.cpu().numpy(), pc)
+    with pytest.raises(TypeError, match="float16"):
+        flatopt.AdamW().step(p.half(), g.half())
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name, kwargs, flat", [
     ("Adam", dict(lr=0.01, fused=True), lambda: flatopt.Adam(lr=0.01)),
