@@ -86,6 +86,18 @@ def bad_inputs(n):
     ]
 
 
+def test_torch_cpu_tensors_are_not_cuda_arrays():
+    """The CUDA backend's quick test for torch tensors (no __cuda_array_interface__ read) says
+    no for CPU tensors, and the core names what it got, as for any other type."""
+    torch = pytest.importorskip("torch")
+    from flatopt.backend import is_cuda_array, is_torch_cuda_tensor
+    tensor = torch.zeros(8)
+    assert not is_torch_cuda_tensor(tensor) and not is_cuda_array(tensor)
+    assert not is_torch_cuda_tensor(np.zeros(8)) and not is_torch_cuda_tensor(torch.zeros(8).to_sparse())
+    with pytest.raises(TypeError, match=r"params must be a NumPy array or a CUDA array .*got torch\.Tensor"):
+        flatopt.Adam().step(tensor, torch.zeros(8))
+
+
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_bad_buffers_raise_and_modify_nothing(name):
     n = 40
