@@ -15,6 +15,10 @@ from pageable host memory with ``cuMemcpyHtoDAsync`` on that stream, which stage
 bytes before returning and orders the copy before the kernel.  ``to_host`` (checkpoints)
 is the one operation that waits for the device.
 
+Launch.  The first launch with given buffers goes through Numba's dispatcher (typing,
+compiling, marshalling the arguments); the optimizer's ready path then replays it while the
+buffers, device, stream and table stay the same (``CudaBackend.launcher``, ``_Replay``).
+
 Allocation.  State buffers are CuPy arrays when CuPy is installed and can see a GPU,
 Numba device arrays otherwise (``CudaBackend.array_library`` = ``"auto"``, ``"cupy"`` or
 ``"numba"``), on the device of the parameters last checked.
