@@ -695,6 +695,51 @@ def test_simulator_fma_is_correctly_rounded():
         assert not np.array_equal(naive, expected)  # the test can tell an FMA from mul + add
 
 
+def test_launcher_replays_only_while_buffers_device_stream_and_table_stay(monkeypatch):
+    """On a GPU the ready path's launcher replays its last launch (``_Replay``) while the params'
+    and grads' addresses, shapes, dtypes, device, stream and the table object stay the same, and
+    makes the full launch again when any of them changes.  The simulator has no launch to
+    replay, so the full launch here is a stand-in that counts, and returns a counting replay."""
+    from flatopt.kernels import cuda_backend
+    from flatopt.kernels.cuda_backend import _Info
+    monkeypatch.setattr(cuda_backend, "SIMULATOR", False)  # read when the launcher is made
+    backend = CudaBackend()
+    full, replayed, can_replay = [], [], [True]
+
+    def full_launch(kernel, params, grads, states, plan, table, replayable=False):
+        backend._checked = None
+        full.append(table)
+        return (lambda t: replayed.append(t)) if replayable and can_replay[0] else None
+
+    monkeypatch.setattr(backend, "launch", full_launch)
+    launch = backend.launcher("adam", None, np.dtype(np.float32), [])
+    table, other_table = np.zeros((1, 4), np.float32), np.zeros((1, 4), np.float32)
+
+    def step(ptrs=(4096, 8192), n=8, dtype=np.float32, device=0, stream=None, table=table, checked=True):
+        params, grads = object(), object()  # what check() saw: only their descriptions count
+        infos = [_Info((n,), np.dtype(dtype), True, ptr, 4 * n, True, device, stream, object()) for ptr in ptrs]
+        backend._checked = (params, grads, *infos) if checked else None
+        launch(params, grads, table)
+        return len(full), len(replayed)
+
+    assert step() == (1, 0)  # recorded
+    assert step() == (1, 1)  # other objects over the same memory: the same launch
+    assert replayed[-1] is table
+    assert step(ptrs=(4096 + 64, 8192)) == (2, 1)  # params moved
+    assert step(ptrs=(4096 + 64, 8192)) == (2, 2)
+    changes = [dict(ptrs=(4096, 8192 + 64)), dict(n=9), dict(dtype=np.float64), dict(device=1),
+               dict(stream=0x7F00), dict(table=other_table)]
+    for change in changes:
+        step()  # the recorded launch is the default one again; the change differs from it in one thing
+        f, r = len(full), len(replayed)
+        assert step(**change) == (f + 1, r), change  # the full launch, recorded
+        assert step(**change) == (f + 1, r + 1), change  # then replayed
+    f, r = len(full), len(replayed)
+    assert step(checked=False) == (f + 1, r)  # buffers check() did not describe: the full launch
+    can_replay[0] = False  # a numba-cuda the replay does not support: every step is a full launch
+    assert [step(ptrs=(1 << 20, 1 << 21)) for _ in range(3)] == [(f + 2, r), (f + 3, r), (f + 4, r)]
+
+
 def test_device_table_resends_a_table_rewritten_in_place(monkeypatch):
     """The core rewrites a step's table in place (only the step-dependent entries change), so
     the device copy must follow the table's contents, not its identity, and skip unchanged ones."""
