@@ -116,9 +116,9 @@ class CudaBackend:
 
     def _numba_info(self, arr):
         ptr = arr.device_ctypes_pointer.value or 0
-        entry = self._views.get(id(arr))
-        if entry is not None and entry[0]() is arr and entry[1] == ptr:
-            device = entry[3]
+        known = self._remembered(arr, ptr)
+        if known is not None:
+            device = known[1]
         else:
             device = self._pointer_device(arr, ptr)
             self._remember(arr, ptr, None, device)
@@ -140,9 +140,9 @@ class CudaBackend:
         contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize) or (
             len(shape) == 1 and shape[0] <= 1)
         nbytes = math.prod(shape) * dtype.itemsize
-        entry = self._views.get(id(obj))
-        if entry is not None and entry[0]() is obj and entry[1] == (ptr, shape, typestr):
-            view, device = entry[2], entry[3]
+        known = self._remembered(obj, (ptr, shape, typestr))
+        if known is not None:
+            view, device = known
         else:
             view, device = None, self._pointer_device(obj, ptr)
             if contiguous:
@@ -160,14 +160,15 @@ class CudaBackend:
         do not settle (a tensor that requires grad, a dtype without kernels, a buffer that
         moved), go through the interface, torch's own errors included."""
         dtype = _torch_dtypes().get(t.dtype)
-        entry = self._views.get(id(t))
-        if dtype is None or entry is None or entry[0]() is not t or entry[2] is None or t.requires_grad:
+        if dtype is None or t.requires_grad:
             return self._cai_info(t, t.__cuda_array_interface__)
         shape, ptr = tuple(t.shape), t.data_ptr()
-        if entry[1] != (ptr, shape, dtype.str):
+        known = self._remembered(t, (ptr, shape, dtype.str))  # the key _cai_info remembers it under
+        if known is None or known[0] is None:
             return self._cai_info(t, t.__cuda_array_interface__)
-        return _Info(shape, dtype, t.is_contiguous(), ptr, t.numel() * dtype.itemsize, True, entry[3],
-                     _torch_stream(t), entry[2])
+        view, device = known
+        return _Info(shape, dtype, t.is_contiguous(), ptr, t.numel() * dtype.itemsize, True, device,
+                     _torch_stream(t), view)
 
     def _view_from_cai(self, obj, desc, shape, dtype, ptr, nbytes):
         cacheable = _weakrefable(obj)
@@ -192,6 +193,15 @@ class CudaBackend:
         if len(views) > 256:
             views.clear()
         views[oid] = (weakref.ref(obj, lambda _, oid=oid: views.pop(oid, None)), key, view, device)
+
+    def _remembered(self, obj, key):
+        """``(view, device)`` as ``_remember`` kept them for ``obj`` under ``key``; None where it
+        kept nothing for this object (or for another one since gone, at the same id) or under
+        another key (the buffer moved)."""
+        entry = self._views.get(id(obj))
+        if entry is not None and entry[0]() is obj and entry[1] == key:
+            return entry[2], entry[3]
+        return None
 
     def _pointer_device(self, obj, ptr):
         """The ordinal of the GPU holding ``ptr`` (None for an empty buffer)."""
