@@ -183,12 +183,14 @@ class CpuBackend:
     def plan(self, segments):
         """Chunks for ``(start, stop, row)`` segments and whether to use threads."""
         import numba
-        total = sum(stop - start for start, stop, _ in segments)
-        threads = numba.get_num_threads()
-        parallel = threads > 1 and total >= self.parallel_min
-        if not parallel:
+        if not self.threaded(sum(stop - start for start, stop, _ in segments)):
             return (np.array(segments, dtype=np.int64).reshape(-1, 3), False)
-        return (split_chunks(segments, threads * self.chunks_per_thread), True)
+        return (split_chunks(segments, numba.get_num_threads() * self.chunks_per_thread), True)
+
+    def threaded(self, elements):
+        """Whether a step updating this many elements runs on Numba's threads."""
+        import numba
+        return elements >= self.parallel_min and numba.get_num_threads() > 1
 
     def launch(self, kernel, params, grads, states, plan, table):
         chunks, parallel = plan

@@ -1,6 +1,11 @@
 """JAX adapter: as_optax against optax's own optimizers and against the core optimizer on the
 same flat buffer; as_optax as a pure optax transformation (fresh inits, pure updates, jit,
-chain, apply_if_finite, MultiSteps); TreeOptimizer."""
+chain, apply_if_finite, MultiSteps); TreeOptimizer.  The tests marked with ``path`` run
+as_optax both ways: the XLA FFI kernel (the CPU default) and the host callback (other
+platforms, Lookahead, and a JAX that refuses the FFI handler)."""
+import contextlib
+from unittest import mock
+
 import numpy as np
 import pytest
 
@@ -11,6 +16,25 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import flatopt  # noqa: E402
 from flatopt.jax import FlatoptState, LookaheadState, TreeOptimizer, as_optax  # noqa: E402
+from flatopt.kernels import xla as xla_kernels  # noqa: E402
+
+PATHS = ["xla", "host"]
+
+
+@contextlib.contextmanager
+def on_path(path):
+    """as_optax transformations traced inside run on ``path``."""
+    if path == "xla":
+        yield
+    else:  # as where the FFI handler cannot be registered
+        with mock.patch.object(xla_kernels, "target", lambda dtype: None):
+            yield
+
+
+@pytest.fixture(params=PATHS)
+def path(request):
+    with on_path(request.param):
+        yield request.param
 
 
 def tree(seed, scale=1.0, dtype=jnp.float32):
@@ -137,7 +161,7 @@ def assert_state_is_core(state, core):
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", sorted(CORE))
-def test_as_optax_equals_core_step_bitwise(name, dtype, jit):
+def test_as_optax_equals_core_step_bitwise(name, dtype, jit, path):
     with jax.enable_x64(dtype == np.float64):
         params, grads_list = tree(0, dtype=dtype), [tree(s, 0.1, dtype) for s in range(1, 12)]
         tx = as_optax(CORE[name]())
@@ -183,7 +207,7 @@ def test_inits_are_fresh_and_independent_and_opt_is_untouched():
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("name", ["sgd-nesterov-l2", "adamw-lr-schedule", "lookahead"])
-def test_update_is_pure(name, jit):
+def test_update_is_pure(name, jit, path):
     tx = as_optax(CORE[name]())
     update = jax.jit(tx.update) if jit else tx.update
     params, grads = tree(0), tree(1, 0.1)
@@ -203,7 +227,7 @@ def test_update_is_pure(name, jit):
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("name", ["adam-amsgrad", "param-groups", "lookahead"])
-def test_earlier_results_stay_as_returned(name, jit):
+def test_earlier_results_stay_as_returned(name, jit, path):
     tx = as_optax(CORE[name]())
     update = jax.jit(tx.update) if jit else tx.update
     params, state = tree(0), tx.init(tree(0))
@@ -236,7 +260,7 @@ def test_one_transformation_on_two_models():
             models[key] = [optax.apply_updates(params, updates), state, own]
 
 
-def test_updates_from_several_threads():
+def test_updates_from_several_threads(path):
     import threading
 
     tx = as_optax(CORE["sgd-nesterov-l2"]())
@@ -263,7 +287,7 @@ def test_updates_from_several_threads():
         assert_trees_equal(a, b)
 
 
-def test_numpy_leaves_are_not_modified():
+def test_numpy_leaves_are_not_modified(path):
     rng = np.random.default_rng(0)
     params = {"w": rng.standard_normal((4, 3)).astype(np.float32), "b": np.zeros(3, np.float32)}
     grads = {"w": np.ones((4, 3), np.float32), "b": np.ones(3, np.float32)}
@@ -274,7 +298,7 @@ def test_numpy_leaves_are_not_modified():
     assert np.all(np.asarray(updates["b"]) < 0)
 
 
-def test_vmap_over_a_batch_of_parameter_sets():
+def test_vmap_over_a_batch_of_parameter_sets(path):
     tx = as_optax(flatopt.Adam(lr=0.1))
     params, grads = [tree(0), tree(1)], [tree(2, 0.1), tree(3, 0.1)]
     stack = lambda trees: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
@@ -295,7 +319,7 @@ def test_chain_with_clip_by_global_norm_matches_optax():
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_apply_if_finite_skips_a_nan_step(jit):
+def test_apply_if_finite_skips_a_nan_step(jit, path):
     inner = as_optax(flatopt.Adam(lr=0.1))
     tx = optax.apply_if_finite(inner, 3)
     update = jax.jit(tx.update) if jit else tx.update
@@ -316,7 +340,7 @@ def test_apply_if_finite_skips_a_nan_step(jit):
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_multisteps_accumulates(jit):
+def test_multisteps_accumulates(jit, path):
     with jax.enable_x64(True):
         inner = as_optax(flatopt.Adam(lr=0.1))
         tx = optax.MultiSteps(inner, 2, accumulator_dtype=jnp.float64)  # its default accumulates in float32
@@ -336,7 +360,7 @@ def test_multisteps_accumulates(jit):
         assert worst_relative(params, optax_loop(reference, start, grads_list)) < 1e-12
 
 
-def test_float64_state_and_mixed_leaf_dtypes():
+def test_float64_state_and_mixed_leaf_dtypes(path):
     with jax.enable_x64(True):
         params = {"a": jnp.ones(3, jnp.float32), "b": jnp.ones(2, jnp.float64)}
         tx = as_optax(flatopt.Adam(lr=0.1))

@@ -4,8 +4,9 @@ Each example draws an optimizer (the configurations of test_jax.CORE: groups, a 
 amsgrad, an lr schedule, Lookahead), a dtype and a history of updates.  Each update starts
 from the newest state or from an earlier one (what ``apply_if_finite``, ``MultiSteps`` or a
 restart do), with fresh gradients.  The reference for an update from state i is a copy of the
-core optimizer as it was when that state was made, stepped on the same flat buffer.  This
-exercises the host's kept buffers: every update refills them from whatever state it is given.
+core optimizer as it was when that state was made, stepped on the same flat buffer.  On the
+host path this exercises the kept buffers: every update refills them from whatever state it
+is given; on the XLA path, the step counters the host turns into each update's scalars.
 """
 import copy
 
@@ -19,16 +20,17 @@ from conftest import sweep
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
 
-from test_jax import CORE, assert_state_is_core, flat, tree  # noqa: E402
+from test_jax import CORE, PATHS, assert_state_is_core, flat, on_path, tree  # noqa: E402
 
 from flatopt.jax import as_optax  # noqa: E402
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", sorted(CORE))
 @sweep(8)
 @given(dtype=st.sampled_from([np.float32, np.float64]), jit=st.booleans(), data=st.data())
-def test_random_histories_with_replays_match_the_core(name, dtype, jit, data):
-    with jax.enable_x64(dtype == np.float64):
+def test_random_histories_with_replays_match_the_core(name, path, dtype, jit, data):
+    with jax.enable_x64(dtype == np.float64), on_path(path):
         tx = as_optax(CORE[name]())
         update = jax.jit(tx.update) if jit else tx.update
         params = tree(0, dtype=dtype)

@@ -170,24 +170,9 @@ class Optimizer:
                 raise ValueError(f"optimizer state has unknown buffers {sorted(unknown)}; "
                                  f"{type(self).__name__} keeps {list(self.state_names)}")
             self._check_state_fits(backend, n, dtype)
-        for group_state in self.group_state:
-            self._check_group_state(group_state)
-        if self._groups is None:  # the common case: one group over the whole buffer
-            hp = self._resolve_default()
-            self._check(hp)
-            active = ((self.group_state[0], hp),)
-            segments = ((0, n, 0),)
-        else:
-            active, segments = [], []
-            for group, group_state in zip(self._groups_for(n), self.group_state):
-                if not group.get("frozen", False):
-                    hp = self._resolve(group, group_state["step"])
-                    self._check(hp)
-                    segments.append((group["start"], group["stop"], len(active)))
-                    active.append((group_state, hp))
-            if not active:
-                return
-            segments = tuple(segments)
+        active, segments = self._active(n)
+        if not active:
+            return
         rows = [self._row(hp, group_state, dtype.type) for group_state, hp in active]
         table = self._table(backend, dtype, rows)  # converting the scalars is the last thing that can fail
         # Nothing above modified anything; from here on the step happens.
@@ -202,6 +187,25 @@ class Optimizer:
             table = backend.table(rows, dtype)  # the ready path's own: it writes into it
             launch = backend.launcher(self.kernel, self._plan, dtype, states)
             self.__dict__["_ready"] = (backend, n, dtype, launch, table, table[0])
+
+    def _active(self, n):
+        """The groups this step updates, checked: ``[(group_state, hp)]``, and their segments of
+        the buffer, ``((start, stop, row), ...)`` (``row`` indexes the first list); both empty
+        when every group is frozen."""
+        for group_state in self.group_state:
+            self._check_group_state(group_state)
+        if self._groups is None:  # the common case: one group over the whole buffer
+            hp = self._resolve_default()
+            self._check(hp)
+            return ((self.group_state[0], hp),), ((0, n, 0),)
+        active, segments = [], []
+        for group, group_state in zip(self._groups_for(n), self.group_state):
+            if not group.get("frozen", False):
+                hp = self._resolve(group, group_state["step"])
+                self._check(hp)
+                segments.append((group["start"], group["stop"], len(active)))
+                active.append((group_state, hp))
+        return active, tuple(segments)
 
     def _set_step_entries(self, row, hp, group_state):
         pass

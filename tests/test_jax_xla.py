@@ -1,0 +1,180 @@
+"""as_optax's XLA FFI step (flatopt.kernels.xla): used on the CPU, bitwise equal to the core step
+on trees whose leaves, param groups, threads' chunks and FFI calls cut the flat buffer in
+every way, in place on a donated state, from several threads; and the chunk and call plans."""
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from conftest import sweep
+
+jax = pytest.importorskip("jax")
+optax = pytest.importorskip("optax")
+import jax.numpy as jnp  # noqa: E402
+
+import flatopt  # noqa: E402
+from flatopt.jax import as_optax  # noqa: E402
+from flatopt.kernels import xla  # noqa: E402
+
+
+def leaves_tree(sizes, seed, scale=1.0, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    return {f"leaf{i:03d}": jnp.asarray(scale * rng.standard_normal(size), dtype) for i, size in enumerate(sizes)}
+
+
+def flat(t):
+    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(t)])
+
+
+def check_against_core(make_opt, sizes, steps=4, dtype=np.float32, donate=False):
+    tx, core = as_optax(make_opt()), make_opt()
+    params = leaves_tree(sizes, 0, dtype=dtype)
+    state = tx.init(params)
+    update = jax.jit(tx.update, donate_argnums=(1,) if donate else ())
+    for t in range(steps):
+        grads = leaves_tree(sizes, 1 + t, 0.1, dtype)
+        before = flat(params)
+        expected = before.copy()
+        core.step(expected, flat(grads))
+        updates, state = update(grads, state, params)
+        np.testing.assert_array_equal(flat(updates), expected - before)
+        assert set(state.buffers) == set(core.state)
+        for name, buf in state.buffers.items():
+            np.testing.assert_array_equal(np.asarray(buf), core.state[name])
+        assert [int(c) for c in state.counters["step"]] == [s["step"] for s in core.group_state]
+        params = optax.apply_updates(params, updates)
+
+
+def test_the_cpu_runs_the_ffi_step():
+    tx = as_optax(flatopt.Adam(lr=1e-2))
+    params = leaves_tree([3, 4], 0)
+    hlo = jax.jit(tx.update).lower(params, tx.init(params), params).as_text()
+    assert xla.target(np.float32) in hlo
+    assert xla.target(np.float32) == "flatopt_cpu_step_float32"
+
+
+GROUPS = [  # flat elements 0..99 of leaves [7, 30, 1, 0, 22, 40]
+    None,
+    [{"start": 0, "stop": 30}, {"start": 30, "stop": 60, "lr": 1e-3, "weight_decay": 0.0},
+     {"start": 60, "stop": 100, "amsgrad": True}],
+    [{"start": 5, "stop": 38, "frozen": True}, {"start": 40, "stop": 45}, {"start": 50, "stop": 90, "lr": 0.3}],
+]
+
+
+@pytest.mark.parametrize("groups", range(len(GROUPS)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_leaves_and_groups_cut_anywhere(groups, dtype):
+    with jax.enable_x64(dtype == np.float64):
+        check_against_core(lambda: flatopt.AdamW(lr=1e-2, param_groups=GROUPS[groups]), [7, 30, 1, 0, 22, 40],
+                           dtype=dtype)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda: flatopt.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
+    lambda: flatopt.RMSprop(lr=1e-2, momentum=0.5, centered=True),
+    lambda: flatopt.Adam(lr=1e-2, amsgrad=True, maximize=True),
+    lambda: flatopt.ADOPT(lr=1e-2, decouple=True, weight_decay=0.1),
+], ids=["sgd", "rmsprop", "adam", "adopt"])
+def test_threaded_chunks_across_several_ffi_calls(make_opt, monkeypatch):
+    """Large enough for Numba's threads; small chunks and calls, so that every leaf spans
+    several chunks and the state goes through several FFI calls in one update."""
+    monkeypatch.setattr(xla, "CHUNK", 1000)
+    monkeypatch.setattr(xla, "CALL_BYTES", 150_000)
+    sizes = [40_011, 1, 35_000, 15_500, 0, 4_097]
+    assert xla.leaf_groups(sizes, 4) == [(0, 1), (1, 3), (3, 6)]  # threaded, threaded, serial
+    check_against_core(make_opt, sizes, steps=3)
+
+
+def test_a_donated_state_is_updated_in_place():
+    tx = as_optax(flatopt.Adam(lr=1e-2))
+    params = leaves_tree([50_000, 30], 0)
+    state = tx.init(params)
+    update = jax.jit(tx.update, donate_argnums=(1,))
+    _, state = update(params, state, params)
+    where = {name: buf.unsafe_buffer_pointer() for name, buf in state.buffers.items()}
+    _, state = update(params, state, params)
+    assert {name: buf.unsafe_buffer_pointer() for name, buf in state.buffers.items()} == where
+    check_against_core(lambda: flatopt.Adam(lr=1e-2), [50_000, 30], donate=True)
+
+
+def test_threaded_updates_from_several_python_threads():
+    tx = as_optax(flatopt.AdamW(lr=1e-2))
+    update = jax.jit(tx.update)
+    sizes = [40_000, 17]
+
+    def run(seed):
+        params = leaves_tree(sizes, seed)
+        state = tx.init(params)
+        for t in range(4):
+            updates, state = update(leaves_tree(sizes, seed + 10 + t, 0.1), state, params)
+            params = optax.apply_updates(params, updates)
+        return flat(params), flat(state.buffers)
+
+    expected = [run(seed) for seed in range(4)]
+    got = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, run(i))) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for (p, s), (p_ref, s_ref) in zip(got, expected):
+        np.testing.assert_array_equal(p, p_ref)
+        np.testing.assert_array_equal(s, s_ref)
+
+
+def test_every_group_frozen_changes_nothing():
+    tx = as_optax(flatopt.Adam(lr=1e-2, param_groups=[{"start": 0, "stop": 5, "frozen": True}]))
+    params = leaves_tree([5, 3], 0)
+    state = tx.init(params)
+    updates, new_state = jax.jit(tx.update)(params, state, params)
+    assert not np.any(flat(updates))
+    assert [int(c) for c in new_state.counters["step"]] == [0]
+
+
+def test_a_refused_handler_leaves_the_host_path(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("handler's API version is incompatible")
+
+    monkeypatch.setattr(jax.ffi, "register_ffi_target", refuse)
+    assert xla._register("flatopt_test_refused", np.dtype(np.float32)) is None
+
+
+# --- the plans ------------------------------------------------------------------------------
+
+@sweep(40)
+@given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=8), data=st.data(), threaded=st.booleans())
+def test_chunks_cover_every_element_once_with_its_row(sizes, data, threaded):
+    """For the leaves ``first:stop`` of one call: every element in exactly one chunk, at its
+    place in the flat buffers, with its segment's row (or -1)."""
+    n, offsets = sum(sizes), np.cumsum([0] + sizes)
+    cuts = sorted(set(data.draw(st.lists(st.integers(0, n), max_size=8), label="cuts")) | {0, n})
+    spans = [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
+    segments = [(a, b, row) for row, (a, b) in enumerate(s for s in spans if data.draw(st.booleans(), label="on"))]
+    row_of = np.full(n, -1)
+    for a, b, row in segments:
+        row_of[a:b] = row
+    first = data.draw(st.integers(0, len(sizes) - 1), label="first")
+    stop = data.draw(st.integers(first + 1, len(sizes)), label="stop")
+    covered = np.zeros(n, np.int64)
+    for leaf, lo, hi, flat_start, row in xla.leaf_chunks(sizes[first:stop], segments, threaded, int(offsets[first])):
+        assert 0 <= lo < hi <= sizes[first + leaf]
+        assert flat_start == offsets[first + leaf] + lo
+        assert hi - lo <= xla.CHUNK or not threaded
+        assert np.all(row_of[flat_start:flat_start + hi - lo] == row)
+        covered[flat_start:flat_start + hi - lo] += 1
+    assert np.all(covered[offsets[first]:offsets[stop]] == 1) and not covered[:offsets[first]].any()
+    assert not covered[offsets[stop]:].any()
+
+
+@sweep(40)
+@given(sizes=st.lists(st.integers(0, 3_000_000), min_size=1, max_size=12), itemsize=st.sampled_from([4, 8]))
+def test_calls_take_whole_leaves_up_to_their_byte_budget(sizes, itemsize):
+    groups = xla.leaf_groups(sizes, itemsize)
+    assert groups[0][0] == 0 and groups[-1][1] == len(sizes)
+    for (_, stop), (first, _) in zip(groups, groups[1:]):
+        assert stop == first
+    for first, stop in groups:
+        assert stop > first
+        assert stop - first == 1 or sum(sizes[first:stop]) * itemsize <= xla.CALL_BYTES
