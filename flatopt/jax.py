@@ -122,7 +122,7 @@ def as_optax(opt):
                                                         state, ravel_pytree(params)[0], vmap_method="sequential")
             return unravel(flat_updates), new_state
 
-        in_kernel = None if isinstance(template, Lookahead) else _kernel_update(template, params, dtype)
+        in_kernel = _kernel_update(template, params, dtype)
         if in_kernel is None:
             return on_host(grads, state, params)
         # XLA's CPU runs the kernel on its own buffers; other platforms hand them to the host
@@ -144,25 +144,29 @@ def as_optax(opt):
 def _kernel_update(template, params, dtype):
     """``template``'s update as XLA FFI calls of its CPU rule (:mod:`flatopt.kernels.xla`) on
     the leaves themselves, one call per ``CALL_BYTES`` of leaves, the flat state aliased in
-    place through them; ``None`` where this JAX cannot register the handler.
+    place through them; ``None`` where this JAX cannot register the handler (or, for
+    Lookahead, where every group is frozen: the host path keeps that rare case).
 
     Only the step's scalars come from the host: a callback takes the step counters and
-    returns the rule's table and the new counters, computed by ``template``'s own code
-    (``_active``, ``_row``, ``_advance``: the numbers of ``opt.step``).  The chunks are fixed
-    here, when the update is traced.
+    returns the rule's table, the control words and the new counters, computed by the
+    optimizer's own code (:class:`_HostPlans`).  The chunks are fixed here, when the update
+    is traced.
     """
-    from flatopt.backend import CPU, STATE_SLOTS
+    from flatopt.backend import CPU
     from flatopt.kernels import xla
 
     target = xla.target(dtype)
+    lookahead = isinstance(template, Lookahead)
+    inner = template.inner if lookahead else template
     if target is None:
         return None
     leaves, treedef = jax.tree_util.tree_flatten(params)
     sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves]
-    probe = copy.deepcopy(template)
+    probe = copy.deepcopy(inner)
     active, segments = probe._active(sum(sizes))
     if not active:  # every group frozen: a step changes nothing and counts nothing
-        return lambda grads, state, params: (jax.tree_util.tree_map(jnp.zeros_like, params), state)
+        return None if lookahead else lambda grads, state, params: (
+            jax.tree_util.tree_map(jnp.zeros_like, params), state)
     row_length = len(probe._row(active[0][1], active[0][0], dtype.type))
     calls = []  # per FFI call: (first leaf, stop leaf, chunks, threaded)
     for first, stop in xla.leaf_groups(sizes, np.dtype(dtype).itemsize):
@@ -170,16 +174,18 @@ def _kernel_update(template, params, dtype):
         threaded = CPU.threaded(sum(max(0, min(b, hi) - max(a, lo)) for a, b, _ in segments))
         calls.append((first, stop, xla.leaf_chunks(sizes[first:stop], segments, threaded, lo), threaded))
     plans = _HostPlans(template, sum(sizes), dtype, [threaded for *_, threaded in calls])
-    table_like = jax.ShapeDtypeStruct((len(active), row_length), dtype)
-    control_like = jax.ShapeDtypeStruct((len(calls), 4), jnp.uint32)  # per call two int64s
+    table_like = jax.ShapeDtypeStruct((len(active) + lookahead, row_length), dtype)
+    control_like = jax.ShapeDtypeStruct((len(calls), 8), jnp.uint32)  # per call four int64s
 
     def update(grads, state, params):
-        counters_like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.counters)
-        table, control, counters = jax.pure_callback(plans, (table_like, control_like, counters_like),
-                                                     state.counters, vmap_method="sequential")
+        inner_state = state.inner if lookahead else state
+        counts = (inner_state.counters, state.step_count if lookahead else None)
+        counts_like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), counts)
+        table, control, (counters, step_count) = jax.pure_callback(
+            plans, (table_like, control_like, counts_like), counts, vmap_method="sequential")
         empty = jnp.zeros((0,), dtype)
-        slots = [state.buffers.get(name, empty) for name in template.state_names]
-        slots += [empty] * (STATE_SLOTS - len(slots))
+        slots = [inner_state.buffers.get(name, empty) for name in inner.state_names]
+        slots += [empty] * (xla.STATE_ARGS - 1 - len(slots)) + [state.slow if lookahead else empty]
         p_leaves = [jnp.asarray(x, dtype) for x in jax.tree_util.tree_leaves(params)]
         g_leaves = [jnp.asarray(x, dtype) for x in jax.tree_util.tree_leaves(grads)]
         updates = []
@@ -187,44 +193,62 @@ def _kernel_update(template, params, dtype):
             count = stop - first
             results = jax.ffi.ffi_call(
                 target, [jax.ShapeDtypeStruct(jnp.shape(x), dtype) for x in p_leaves[first:stop] + slots],
-                input_output_aliases={2 * count + k: count + k for k in range(STATE_SLOTS)},
+                input_output_aliases={2 * count + k: count + k for k in range(xla.STATE_ARGS)},
                 vmap_method="sequential",
             )(*p_leaves[first:stop], *g_leaves[first:stop], *slots, jnp.asarray(chunks.view(np.uint32)), table,
               control[i])
             updates += results[:count]
             slots = list(results[count:])
-        updates = [u.astype(jnp.result_type(x)) for u, x in zip(updates, leaves)]
-        buffers = {name: slots[i] for i, name in enumerate(template.state_names) if name in state.buffers}
-        return treedef.unflatten(updates), FlatoptState(counters, buffers)
+        updates = treedef.unflatten([u.astype(jnp.result_type(x)) for u, x in zip(updates, leaves)])
+        new_state = FlatoptState(counters, {name: slots[i] for i, name in enumerate(inner.state_names)
+                                            if name in inner_state.buffers})
+        return updates, LookaheadState(new_state, slots[-1], step_count) if lookahead else new_state
 
     return update
 
 
 class _HostPlans:
-    """The host side of :func:`_kernel_update`: from the step counters, the kernel's table and
-    control words (rule address, threaded) and the counters after the step.  Each thread
-    keeps its own copy of the optimizer; only its ``group_state`` changes."""
+    """The host side of :func:`_kernel_update`: from the step counters (and Lookahead's step
+    count), the rule's table (for Lookahead with its row last), the control words per call
+    (rule address, threaded, Lookahead's rule address, flags) and the counts after the step,
+    from the optimizer's own ``_active``, ``_row`` and ``_advance``: the numbers of
+    ``opt.step``.  Each thread keeps its own copy of the optimizer; only its ``group_state``
+    changes."""
 
     def __init__(self, template, n, dtype, threaded):
         from flatopt.kernels.cpu import rule_address
 
-        self.template, self.n, self.dtype = template, n, dtype
-        self.base = template.state_dict()
-        address = rule_address(template.kernel, dtype)
-        self.control = np.array([(address, flag) for flag in threaded], np.int64).view(np.uint32)
+        self.lookahead = template if isinstance(template, Lookahead) else None
+        self.inner = template.inner if self.lookahead else template
+        self.n, self.dtype = n, dtype
+        self.base = self.inner.state_dict()
+        sync = rule_address("lookahead", dtype) if self.lookahead else 0
+        self.control = np.array([(rule_address(self.inner.kernel, dtype), flag, sync, 0) for flag in threaded],
+                                np.int64)
         self.kept = threading.local()
 
-    def __call__(self, counters):
+    def __call__(self, counts):
+        from flatopt.kernels.xla import SLOW_FROM_PARAMS, SYNC
+
+        counters, step_count = counts
         worker = getattr(self.kept, "worker", None)
         if worker is None:
-            worker = self.kept.worker = copy.deepcopy(self.template)
+            worker = self.kept.worker = copy.deepcopy(self.inner)
         worker.group_state = _group_state(self.base, counters)
         active, _ = worker._active(self.n)
-        table = np.array([worker._row(hp, group_state, self.dtype.type) for group_state, hp in active], self.dtype)
+        rows = [worker._row(hp, group_state, self.dtype.type) for group_state, hp in active]
         for group_state, hp in active:
             worker._advance(hp, group_state)
-        return table, self.control, {key: np.array([s[key] for s in worker.group_state], np.int32)
-                                     for key in counters}
+        control = self.control.copy()
+        if self.lookahead:
+            step_count = int(step_count)
+            alpha = float(self.lookahead.alpha)
+            rows.append([alpha, 1 - alpha] + [0.0] * (len(rows[0]) - 2))
+            control[:, 3] = (SLOW_FROM_PARAMS if step_count == 0 else 0) | (
+                SYNC if (step_count + 1) % self.lookahead.k == 0 else 0)
+            step_count = np.asarray(step_count + 1, np.int32)
+        counters = {key: np.array([s[key] for s in worker.group_state], np.int32) for key in counters}
+        return np.array(rows, self.dtype), control.view(np.uint32), (counters, step_count)
 
 
 def _fresh_checkpoint(opt):

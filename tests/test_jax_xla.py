@@ -29,6 +29,8 @@ def flat(t):
 
 
 def check_against_core(make_opt, sizes, steps=4, dtype=np.float32, donate=False):
+    """``steps`` jitted updates against the core optimizer on the flat buffer, bit for bit:
+    updates, state buffers (and Lookahead's slow weights), counters."""
     tx, core = as_optax(make_opt()), make_opt()
     params = leaves_tree(sizes, 0, dtype=dtype)
     state = tx.init(params)
@@ -40,19 +42,26 @@ def check_against_core(make_opt, sizes, steps=4, dtype=np.float32, donate=False)
         core.step(expected, flat(grads))
         updates, state = update(grads, state, params)
         np.testing.assert_array_equal(flat(updates), expected - before)
-        assert set(state.buffers) == set(core.state)
-        for name, buf in state.buffers.items():
-            np.testing.assert_array_equal(np.asarray(buf), core.state[name])
-        assert [int(c) for c in state.counters["step"]] == [s["step"] for s in core.group_state]
+        inner_state, inner_core = state, core
+        if isinstance(core, flatopt.Lookahead):
+            assert int(state.step_count) == core.step_count
+            np.testing.assert_array_equal(np.asarray(state.slow), core.slow)
+            inner_state, inner_core = state.inner, core.inner
+        assert set(inner_state.buffers) == set(inner_core.state)
+        for name, buf in inner_state.buffers.items():
+            np.testing.assert_array_equal(np.asarray(buf), inner_core.state[name])
+        assert [int(c) for c in inner_state.counters["step"]] == [s["step"] for s in inner_core.group_state]
         params = optax.apply_updates(params, updates)
 
 
-def test_the_cpu_runs_the_ffi_step():
-    tx = as_optax(flatopt.Adam(lr=1e-2))
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_the_cpu_runs_the_ffi_step(lookahead):
+    opt = flatopt.Adam(lr=1e-2)
+    tx = as_optax(flatopt.Lookahead(opt) if lookahead else opt)
     params = leaves_tree([3, 4], 0)
     hlo = jax.jit(tx.update).lower(params, tx.init(params), params).as_text()
-    assert xla.target(np.float32) in hlo
     assert xla.target(np.float32) == "flatopt_cpu_step_float32"
+    assert "flatopt_cpu_step_float32" in hlo
 
 
 GROUPS = [  # flat elements 0..99 of leaves [7, 30, 1, 0, 22, 40]
@@ -63,12 +72,18 @@ GROUPS = [  # flat elements 0..99 of leaves [7, 30, 1, 0, 22, 40]
 ]
 
 
+@pytest.mark.parametrize("lookahead", [False, True])
 @pytest.mark.parametrize("groups", range(len(GROUPS)))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_leaves_and_groups_cut_anywhere(groups, dtype):
+def test_leaves_and_groups_cut_anywhere(groups, dtype, lookahead):
+    """Lookahead (k=2, synced twice) takes the slow weights from every element and pulls
+    together only those its inner optimizer updates."""
+    def make():
+        inner = flatopt.AdamW(lr=1e-2, param_groups=GROUPS[groups])
+        return flatopt.Lookahead(inner, k=2, alpha=0.3) if lookahead else inner
+
     with jax.enable_x64(dtype == np.float64):
-        check_against_core(lambda: flatopt.AdamW(lr=1e-2, param_groups=GROUPS[groups]), [7, 30, 1, 0, 22, 40],
-                           dtype=dtype)
+        check_against_core(make, [7, 30, 1, 0, 22, 40], steps=5, dtype=dtype)
 
 
 @pytest.mark.parametrize("make_opt", [
@@ -76,7 +91,8 @@ def test_leaves_and_groups_cut_anywhere(groups, dtype):
     lambda: flatopt.RMSprop(lr=1e-2, momentum=0.5, centered=True),
     lambda: flatopt.Adam(lr=1e-2, amsgrad=True, maximize=True),
     lambda: flatopt.ADOPT(lr=1e-2, decouple=True, weight_decay=0.1),
-], ids=["sgd", "rmsprop", "adam", "adopt"])
+    lambda: flatopt.Lookahead(flatopt.Adam(lr=1e-2), k=2),
+], ids=["sgd", "rmsprop", "adam", "adopt", "lookahead"])
 def test_threaded_chunks_across_several_ffi_calls(make_opt, monkeypatch):
     """Large enough for Numba's threads; small chunks and calls, so that every leaf spans
     several chunks and the state goes through several FFI calls in one update."""

@@ -6,20 +6,22 @@ a Numba C callback: it reads XLA's call frame (``xla/ffi/api/c_api.h``, shipped 
 jaxlib) and calls each optimizer's rule of :mod:`flatopt.kernels.cpu` through its address,
 as the CPU drivers do.  Its arguments, all buffers, for a tree of ``L`` leaves:
 
-    params_0 .. params_L-1, grads_0 .. grads_L-1, state0, state1, state2, chunks, table, control
+    params_0 .. params_L-1, grads_0 .. grads_L-1, state0, state1, state2, slow, chunks, table, control
 
-and its results ``updates_0 .. updates_L-1, state0, state1, state2``, the state results
-aliased to the state arguments (a donated state is updated in place, as optax's own).  The
-state buffers are flat, as the optimizer keeps them; the leaves are not.  A ``chunks`` row is
-``(leaf, start, stop, flat_start, row)``: elements ``start:stop`` of a leaf are elements
-``flat_start:`` of the flat buffers, and ``table[row]`` holds their scalars; ``row = -1``
-marks elements no group updates (their updates are zero).  For each chunk the handler copies
-the parameters into the updates buffer, steps that copy in place with the rule, and
-subtracts the parameters, while the chunk is in cache: the updates are ``new - params``
-rounded as NumPy rounds it, and ``params`` is never written.
+and its results ``updates_0 .. updates_L-1, state0, state1, state2, slow``, the state and
+slow-weight results aliased to those arguments (a donated state is updated in place, as
+optax's own).  The state buffers and Lookahead's slow weights are flat, as the optimizers keep
+them (empty where unused); the leaves are not.  A ``chunks`` row is ``(leaf, start, stop,
+flat_start, row)``: elements ``start:stop`` of a leaf are elements ``flat_start:`` of the flat
+buffers, and ``table[row]`` holds their scalars; ``row = -1`` marks elements no group updates
+(their updates are zero).  For each chunk the handler copies the parameters into the updates
+buffer, steps that copy in place with the rule (and, on a Lookahead sync step, with the
+Lookahead rule and the table's last row), and subtracts the parameters, while the chunk is
+in cache: the updates are ``new - params`` rounded as NumPy rounds it, and ``params`` is
+never written.
 
-``chunks`` (int64) and ``control`` (int64: rule address, threaded) travel as uint32 words
-(JAX without x64 has no int64).  ``control`` comes from the host at run time, never from a
+``chunks`` (int64) and ``control`` (int64: rule address, threaded, Lookahead rule address,
+flags) travel as uint32 words (JAX without x64 has no int64).  ``control`` comes from the host at run time, never from a
 traced constant: a rule's address is only valid in the process that compiled it, and a
 compiled computation can outlive it (JAX's persistent compilation cache).
 
@@ -39,7 +41,8 @@ from flatopt.kernels.cpu import _call_rule
 FFI_API_VERSION = (0, 1)  # the call frame fields read here are those of the FFI's first version
 _METADATA = 1  # XLA_FFI_Extension_Metadata: XLA asks which API version the handler was built for
 _EXECUTE = 3  # XLA_FFI_ExecutionStage_EXECUTE; the other stages have nothing to do
-STATE_ARGS = 3  # state slots after the leaves, as the CPU rules take them
+STATE_ARGS = 4  # flat buffers after the leaves: the CPU rules' three state slots, then the slow weights
+SLOW_FROM_PARAMS, SYNC = 1, 2  # control flags: Lookahead's first step, and every k-th
 CHUNK = 4096  # elements per chunk: a chunk's copy, step and subtraction stay in L1/L2
 CALL_BYTES = 8 << 20  # updates per FFI call: see leaf_groups
 
@@ -97,31 +100,36 @@ def _at(address, start, length, like):
 
 
 @njit(inline="always")
-def _step_chunk(rule, args, rets, leaves, chunk, table, states):
+def _step_chunk(control, args, rets, leaves, chunk, table, states):
     leaf, start, stop, flat_start, row = chunk[0], chunk[1], chunk[2], chunk[3], chunk[4]
     n = stop - start
     params, updates = _at(_data(args[leaf]), start, n, table), _at(_data(rets[leaf]), start, n, table)
+    slow = _at(states[3], flat_start, n, table)
+    if control[3] & SLOW_FROM_PARAMS:
+        slow[:] = params
     if row < 0:
         updates[:] = 0
         return
     updates[:] = params
-    _call_rule(rule, updates, _at(_data(args[leaves + leaf]), start, n, table),
+    _call_rule(control[0], updates, _at(_data(args[leaves + leaf]), start, n, table),
                _at(states[0], flat_start, n, table), _at(states[1], flat_start, n, table),
                _at(states[2], flat_start, n, table), table, row, 0, n)
+    if control[3] & SYNC:
+        _call_rule(control[2], updates, slow, slow, slow, slow, table, table.shape[0] - 1, 0, n)
     for i in range(n):
         updates[i] -= params[i]
 
 
 @njit(parallel=True, cache=True, error_model="numpy", nogil=True)
-def run_leaves_parallel(rule, args, rets, leaves, chunks, table, states):
+def run_leaves_parallel(control, args, rets, leaves, chunks, table, states):
     for c in prange(chunks.shape[0]):
-        _step_chunk(rule, args, rets, leaves, chunks[c], table, states)
+        _step_chunk(control, args, rets, leaves, chunks[c], table, states)
 
 
 @njit(cache=True, error_model="numpy", nogil=True)
-def run_leaves_serial(rule, args, rets, leaves, chunks, table, states):
+def run_leaves_serial(control, args, rets, leaves, chunks, table, states):
     for c in range(chunks.shape[0]):
-        _step_chunk(rule, args, rets, leaves, chunks[c], table, states)
+        _step_chunk(control, args, rets, leaves, chunks[c], table, states)
 
 
 def _handler(dtype):
@@ -152,11 +160,11 @@ def _handler(dtype):
                 _at(_data(out), 0, length, table)[:] = _at(_data(source), 0, length, table)
             states[k] = _data(out)
         chunks = carray(_pointer(_data(args[size - 3])), (_dims(args[size - 3], 2)[0], 5), np.int64)
-        control = carray(_pointer(_data(args[size - 1])), (2,), np.int64)
+        control = carray(_pointer(_data(args[size - 1])), (4,), np.int64)
         if control[1]:
-            run_leaves_parallel(control[0], args, rets, leaves, chunks, table, states)
+            run_leaves_parallel(control, args, rets, leaves, chunks, table, states)
         else:
-            run_leaves_serial(control[0], args, rets, leaves, chunks, table, states)
+            run_leaves_serial(control, args, rets, leaves, chunks, table, states)
         return _pointer(0)
 
     return handler
