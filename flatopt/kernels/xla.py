@@ -223,8 +223,9 @@ def target(dtype):
 def _register(name, dtype):
     import jax
     import numba
-
-    if not hasattr(jax, "ffi"):
+    try:
+        import jax.ffi  # noqa: F401 - JAX before 0.4.38 has none
+    except ImportError:
         return None
     jax.devices("cpu")  # an XLA that refuses the handler then says so here, not when JAX starts its CPU backend
     numba.get_num_threads()  # starts the threading layer, whose symbols a cached handler links to
