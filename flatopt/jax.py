@@ -21,11 +21,13 @@ its own) that hands the step to one of two paths, chosen by the platform it is l
   and on the flat state buffers, aliased in place.  Nothing is flattened or copied; only the
   step's scalars come from the host, through a small ``jax.pure_callback`` that turns the
   step counters into the rule's table with the optimizer's own code.  At 10^7 elements in
-  200 leaves this is 0.8x optax's time, where the callback path below took 20x.
-* Elsewhere (JAX on a GPU), for :class:`flatopt.Lookahead`, and where XLA refuses the
-  handler: ``jax.pure_callback`` hands the flattened buffers and the state to a host
-  function that steps a private copy of the optimizer on NumPy copies (:class:`_HostSteps`).
-  JAX copies each input and each result of a callback, into fresh pages at large sizes.
+  200 leaves an update takes 10 ms on this project's VM (optax's Adam: 8 ms), where the
+  callback path below took 169 ms.
+* Elsewhere (JAX on a GPU), where XLA refuses the handler, and for a Lookahead whose
+  groups are all frozen: ``jax.pure_callback`` hands the flattened buffers and the state to
+  a host function that steps a private copy of the optimizer on NumPy copies
+  (:class:`_HostSteps`).  JAX copies each input and each result of a callback, into fresh
+  pages at large sizes.
 
 Both give the numbers of ``opt.step`` on the same flat buffer, bit for bit, under
 ``jax.jit`` or not.

@@ -21,9 +21,10 @@ in cache: the updates are ``new - params`` rounded as NumPy rounds it, and ``par
 never written.
 
 ``chunks`` (int64) and ``control`` (int64: rule address, threaded, Lookahead rule address,
-flags) travel as uint32 words (JAX without x64 has no int64).  ``control`` comes from the host at run time, never from a
-traced constant: a rule's address is only valid in the process that compiled it, and a
-compiled computation can outlive it (JAX's persistent compilation cache).
+flags) travel as uint32 words (JAX without x64 has no int64).  ``control`` comes from the
+host at run time, never from a traced constant: a rule's address is only valid in the
+process that compiled it, and a compiled computation can outlive it (JAX's persistent
+compilation cache).
 
 Everything is checked before the call is traced; the handler cannot fail, so it always
 returns the null error.
