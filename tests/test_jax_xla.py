@@ -194,3 +194,27 @@ def test_calls_take_whole_leaves_up_to_their_byte_budget(sizes, itemsize):
     for first, stop in groups:
         assert stop > first
         assert stop - first == 1 or sum(sizes[first:stop]) * itemsize <= xla.CALL_BYTES
+
+
+def test_scalar_empty_and_python_float_leaves_match_the_host_path():
+    params = {"s": jnp.float32(0.5), "e": jnp.zeros((0, 3), jnp.float32), "m": jnp.ones((2, 3), jnp.float32),
+              "py": 1.5}
+    grads = {"s": jnp.float32(0.1), "e": jnp.zeros((0, 3), jnp.float32), "m": jnp.full((2, 3), 0.2, jnp.float32),
+             "py": 0.3}
+
+    def run():
+        tx = as_optax(flatopt.Adam(lr=0.1))
+        state, results = tx.init(params), []
+        for _ in range(3):
+            updates, state = jax.jit(tx.update)(grads, state, params)
+            results.append(updates)
+        return results, state
+
+    ffi = run()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(xla, "target", lambda dtype: None)
+        host = run()
+    assert jax.tree_util.tree_structure(ffi) == jax.tree_util.tree_structure(host)
+    for a, b in zip(jax.tree_util.tree_leaves(ffi), jax.tree_util.tree_leaves(host)):
+        assert jnp.shape(a) == jnp.shape(b) and jnp.result_type(a) == jnp.result_type(b)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
