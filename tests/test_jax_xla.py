@@ -1,6 +1,7 @@
 """as_optax's XLA FFI step (flatopt.kernels.xla): used on the CPU, bitwise equal to the core step
 on trees whose leaves, param groups, threads' chunks and FFI calls cut the flat buffer in
 every way, in place on a donated state, from several threads; and the chunk and call plans."""
+import ctypes
 import threading
 
 import numpy as np
@@ -218,3 +219,106 @@ def test_scalar_empty_and_python_float_leaves_match_the_host_path():
     for a, b in zip(jax.tree_util.tree_leaves(ffi), jax.tree_util.tree_leaves(host)):
         assert jnp.shape(a) == jnp.shape(b) and jnp.result_type(a) == jnp.result_type(b)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# --- the handler called directly, with call frames built as c_api.h lays them out -------------
+
+class _Buffer(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p), ("dtype", ctypes.c_int),
+                ("data", ctypes.c_void_p), ("rank", ctypes.c_int64), ("dims", ctypes.POINTER(ctypes.c_int64))]
+
+
+class _List(ctypes.Structure):  # XLA_FFI_Args, XLA_FFI_Rets (and the attributes' first fields)
+    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p), ("size", ctypes.c_int64),
+                ("types", ctypes.c_void_p), ("items", ctypes.POINTER(ctypes.c_void_p))]
+
+
+class _Attrs(ctypes.Structure):
+    _fields_ = _List._fields_ + [("attrs", ctypes.c_void_p)]
+
+
+class _CallFrame(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p), ("api", ctypes.c_void_p),
+                ("ctx", ctypes.c_void_p), ("stage", ctypes.c_int), ("args", _List), ("rets", _List),
+                ("attrs", _Attrs), ("future", ctypes.c_void_p)]
+
+
+class _ApiVersion(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("extension_start", ctypes.c_void_p),
+                ("major_version", ctypes.c_int), ("minor_version", ctypes.c_int)]
+
+
+class _Metadata(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("api_version", _ApiVersion), ("traits", ctypes.c_uint32),
+                ("state_type_id", ctypes.c_int64)]
+
+
+class _MetadataExtension(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("type", ctypes.c_int), ("next", ctypes.c_void_p),
+                ("metadata", ctypes.POINTER(_Metadata))]
+
+
+def _call(frame):
+    handler = xla._registered[xla.target(np.float32)][1]  # registered: the compiled callback
+    return handler(ctypes.addressof(frame))
+
+
+def _frame(args, rets, stage=3):
+    """A call frame over NumPy arrays; ``keep`` holds everything it points to."""
+    keep = []
+
+    def buffers(arrays):
+        structs = []
+        for a in arrays:
+            dims = (ctypes.c_int64 * max(1, a.ndim))(*a.shape)
+            structs.append(_Buffer(ctypes.sizeof(_Buffer), None, 11, a.ctypes.data, a.ndim, dims))
+            keep.extend([a, dims])
+        pointers = (ctypes.c_void_p * len(structs))(*[ctypes.addressof(s) for s in structs])
+        keep.extend([structs, pointers])
+        return _List(ctypes.sizeof(_List), None, len(structs), None, pointers)
+
+    frame = _CallFrame(ctypes.sizeof(_CallFrame), None, None, None, stage, buffers(args), buffers(rets))
+    return frame, keep
+
+
+def test_handler_answers_xlas_version_query():
+    metadata = _Metadata(ctypes.sizeof(_Metadata), _ApiVersion(ctypes.sizeof(_ApiVersion), None, -1, -1), 7, 0)
+    extension = _MetadataExtension(ctypes.sizeof(_MetadataExtension), 1, None, ctypes.pointer(metadata))
+    frame = _CallFrame(ctypes.sizeof(_CallFrame), ctypes.addressof(extension))
+    assert _call(frame) is None  # the null error
+    assert (metadata.api_version.major_version, metadata.api_version.minor_version) == xla.FFI_API_VERSION
+    assert metadata.traits == 0
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_handler_steps_on_execute_only_and_copies_unaliased_state_in(stage):
+    """A frame whose state results are not the state arguments' memory (XLA aliases them;
+    the handler copies them in where it did not): the results are the core step's."""
+    from flatopt.kernels.cpu import rule_address
+
+    n, rng = 10, np.random.default_rng(0)
+    params, grads = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    m_in, v_in = 0.1 * rng.random(n).astype(np.float32), rng.random(n).astype(np.float32)
+    arguments = [params.copy(), grads.copy(), m_in.copy(), v_in.copy()]
+    core = flatopt.Adam(lr=1e-2)
+    core.state = {"exp_avg": m_in.copy(), "exp_avg_sq": v_in.copy()}
+    core.group_state = [{"step": 3}]
+    table = np.array([core._row(core.__dict__, {"step": 3}, np.float32)], np.float32)
+    expected = params.copy()
+    core.step(expected, grads)
+    empty = np.zeros(0, np.float32)
+    chunks = xla.leaf_chunks([6, 4], [(0, n, 0)], False).view(np.uint32)
+    control = np.array([rule_address("adam", np.float32), 0, 0, 0], np.int64).view(np.uint32)
+    updates = [np.full(6, np.nan, np.float32), np.full(4, np.nan, np.float32)]
+    m_out, v_out = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+    frame, _keep = _frame([params[:6], params[6:], grads[:6], grads[6:], m_in, v_in, empty, empty, chunks, table,
+                          control], updates + [m_out, v_out, empty, empty], stage)
+    assert _call(frame) is None
+    if stage != 3:
+        assert np.isnan(m_out).all() and all(np.isnan(u).all() for u in updates)
+        return
+    np.testing.assert_array_equal(np.concatenate(updates), expected - params)
+    np.testing.assert_array_equal(m_out, core.state["exp_avg"])
+    np.testing.assert_array_equal(v_out, core.state["exp_avg_sq"])
+    for now, before in zip([params, grads, m_in, v_in], arguments):  # the arguments are left as they were
+        np.testing.assert_array_equal(now, before)
