@@ -151,8 +151,8 @@ def _handler(dtype):
         size = frame[_FRAME_ARGS_SIZE]
         leaves = (size - STATE_ARGS - 3) // 2
         args, rets = _words(frame[_FRAME_ARGS], size), _words(frame[_FRAME_RETS], leaves + STATE_ARGS)
-        table = carray(_typed_pointer(_data(args[size - 2]), np.empty(0, scalar)),
-                       (_dims(args[size - 2], 2)[0], _dims(args[size - 2], 2)[1]))
+        table = carray(_pointer(_data(args[size - 2])), (_dims(args[size - 2], 2)[0], _dims(args[size - 2], 2)[1]),
+                       scalar)
         states = np.empty(STATE_ARGS, np.int64)
         for k in range(STATE_ARGS):  # aliased: the same memory, unless XLA chose otherwise
             out, source = rets[leaves + k], args[2 * leaves + k]
