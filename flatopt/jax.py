@@ -119,9 +119,9 @@ def as_optax(opt):
         _check_state(template, state, n, dtype)
         like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (flat_params, state))
 
-        def on_host(grads, state, params):
-            flat_updates, new_state = jax.pure_callback(host_update, like, ravel_pytree(grads)[0].astype(dtype),
-                                                        state, ravel_pytree(params)[0], vmap_method="sequential")
+        def on_host(grads, state, params):  # the flat buffers above; on the CPU path XLA drops them unused
+            flat_updates, new_state = jax.pure_callback(host_update, like, flat_grads.astype(dtype), state,
+                                                        flat_params, vmap_method="sequential")
             return unravel(flat_updates), new_state
 
         in_kernel = _kernel_update(template, params, dtype)
@@ -158,10 +158,10 @@ def _kernel_update(template, params, dtype):
     from flatopt.kernels import xla
 
     target = xla.target(dtype)
-    lookahead = isinstance(template, Lookahead)
-    inner = template.inner if lookahead else template
     if target is None:
         return None
+    lookahead = isinstance(template, Lookahead)
+    inner = template.inner if lookahead else template
     leaves, treedef = jax.tree_util.tree_flatten(params)
     sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves]
     probe = copy.deepcopy(inner)
@@ -244,10 +244,9 @@ class _HostPlans:
         control = self.control.copy()
         if self.lookahead:
             step_count = int(step_count)
-            alpha = float(self.lookahead.alpha)
-            rows.append([alpha, 1 - alpha] + [0.0] * (len(rows[0]) - 2))
+            rows.append([*self.lookahead.sync_row()] + [0.0] * (len(rows[0]) - 2))
             control[:, 3] = (SLOW_FROM_PARAMS if step_count == 0 else 0) | (
-                SYNC if (step_count + 1) % self.lookahead.k == 0 else 0)
+                SYNC if self.lookahead.syncs(step_count + 1) else 0)
             step_count = np.asarray(step_count + 1, np.int32)
         counters = {key: np.array([s[key] for s in worker.group_state], np.int32) for key in counters}
         return np.array(rows, self.dtype), control.view(np.uint32), (counters, step_count)

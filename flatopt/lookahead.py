@@ -53,7 +53,7 @@ class Lookahead:
         self.inner.step(params, grads)  # validates everything of its own before touching anything
         self.slow = slow
         self.step_count += 1
-        if self.step_count % self.k == 0:
+        if self.syncs(self.step_count):
             # Only what the inner optimizer updates: frozen groups and elements outside every
             # group are left alone, as by the inner step.
             groups = self.inner.param_groups
@@ -64,7 +64,15 @@ class Lookahead:
                 self._plan, self._plan_key = (backend.plan(segments) if segments else None), key
             if self._plan is not None:
                 backend.launch("lookahead", params, slow, (), self._plan,
-                               backend.table([(float(self.alpha), 1 - float(self.alpha))], backend.dtype(params)))
+                               backend.table([self.sync_row()], backend.dtype(params)))
+
+    def syncs(self, step_count):
+        """Whether the inner step that brings the count to ``step_count`` is followed by a sync."""
+        return step_count % self.k == 0
+
+    def sync_row(self):
+        """The sync rule's scalars (``flatopt.kernels.cpu.lookahead_chunk``): alpha, 1 - alpha."""
+        return float(self.alpha), 1 - float(self.alpha)
 
     def _check_slow_fits(self, backend, params):
         """Before the inner step: slow weights the sync kernel can read and write."""
