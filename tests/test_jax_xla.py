@@ -18,15 +18,12 @@ import jax.numpy as jnp  # noqa: E402
 import flatopt  # noqa: E402
 from flatopt.jax import as_optax  # noqa: E402
 from flatopt.kernels import xla  # noqa: E402
+from test_jax import assert_state_is_core, flat  # noqa: E402
 
 
 def leaves_tree(sizes, seed, scale=1.0, dtype=np.float32):
     rng = np.random.default_rng(seed)
     return {f"leaf{i:03d}": jnp.asarray(scale * rng.standard_normal(size), dtype) for i, size in enumerate(sizes)}
-
-
-def flat(t):
-    return np.concatenate([np.ravel(np.asarray(x)) for x in jax.tree_util.tree_leaves(t)])
 
 
 def check_against_core(make_opt, sizes, steps=4, dtype=np.float32, donate=False):
@@ -43,15 +40,7 @@ def check_against_core(make_opt, sizes, steps=4, dtype=np.float32, donate=False)
         core.step(expected, flat(grads))
         updates, state = update(grads, state, params)
         np.testing.assert_array_equal(flat(updates), expected - before)
-        inner_state, inner_core = state, core
-        if isinstance(core, flatopt.Lookahead):
-            assert int(state.step_count) == core.step_count
-            np.testing.assert_array_equal(np.asarray(state.slow), core.slow)
-            inner_state, inner_core = state.inner, core.inner
-        assert set(inner_state.buffers) == set(inner_core.state)
-        for name, buf in inner_state.buffers.items():
-            np.testing.assert_array_equal(np.asarray(buf), inner_core.state[name])
-        assert [int(c) for c in inner_state.counters["step"]] == [s["step"] for s in inner_core.group_state]
+        assert_state_is_core(state, core)
         params = optax.apply_updates(params, updates)
 
 
