@@ -505,7 +505,7 @@ class _Replay:
     elsewhere ``of`` returns None and every step goes through the dispatcher.
     """
 
-    __slots__ = ("run", "config", "kernel", "kernelargs", "stream", "entry", "table", "on", "keep")
+    __slots__ = ("run", "config", "kernel", "kernelargs", "stream", "core_stream", "entry", "table", "on", "keep")
 
     @classmethod
     def of(cls, dispatcher, args, plan, stream, entry, table, on):
@@ -526,11 +526,15 @@ class _Replay:
             flag = "is_cooperative" if numba_dispatcher.CUDA_CORE_GE_1_0 else "cooperative_launch"
             config = config_type(grid=plan.grid, block=plan.block, shmem_size=0, **{flag: False})
             cufunc = kernel._codelibrary.get_cufunc().kernel
+            # cuda.core's launch takes its own stream type (given a Numba stream through the
+            # stream protocol it warns of deprecation); convert as the dispatcher's launch does
+            from numba.cuda.cudadrv import driver
+            core_stream = getattr(driver, "_to_core_stream", lambda s: s)(stream)
         except Exception:  # noqa: BLE001 - another numba-cuda: the dispatcher stays the way
             return None
         self = cls()
         self.run, self.config, self.kernel, self.kernelargs = run, config, cufunc, kernelargs
-        self.stream, self.entry, self.on = stream, entry, on
+        self.stream, self.core_stream, self.entry, self.on = stream, core_stream, entry, on
         self.table = table  # held: the launcher's key has its id
         self.keep = args  # the marshalled addresses stay valid while these live
         return self
@@ -538,7 +542,7 @@ class _Replay:
     def __call__(self, table):
         with self.on():
             CudaBackend._upload(self.entry, table, self.stream)
-            self.run(self.stream, self.config, self.kernel, *self.kernelargs)
+            self.run(self.core_stream, self.config, self.kernel, *self.kernelargs)
 
 
 class _Null:

@@ -168,10 +168,12 @@ def test_cupy_state_assigned_between_steps(cupy):
         dev.step(pd, cupy.asarray(grads[0]))
 
 
+@pytest.mark.filterwarnings("error::DeprecationWarning")
 def test_ready_steps_replay_the_dispatchers_launch(cupy, monkeypatch):
     """Steps with the buffers, stream and table of the last launch replay it without Numba's
     dispatcher (flatopt.kernels.cuda_backend._Replay); any of those changed goes through the
-    dispatcher once more, and every step stays bitwise equal to the CPU kernels."""
+    dispatcher once more, and every step stays bitwise equal to the CPU kernels.  The replay
+    hands cuda.core a stream of its own type (a Numba stream is deprecated there)."""
     from numba.cuda import dispatcher as numba_dispatcher
 
     from flatopt.kernels import cuda as kernels
