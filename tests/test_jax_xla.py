@@ -2,7 +2,10 @@
 on trees whose leaves, param groups, threads' chunks and FFI calls cut the flat buffer in
 every way, in place on a donated state, from several threads; and the chunk and call plans."""
 import ctypes
+import mmap
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -311,3 +314,60 @@ def test_handler_steps_on_execute_only_and_copies_unaliased_state_in(stage):
     np.testing.assert_array_equal(v_out, core.state["exp_avg_sq"])
     for now, before in zip([params, grads, m_in, v_in], arguments):  # the arguments are left as they were
         np.testing.assert_array_equal(now, before)
+
+
+def _huge_page_advice(address):
+    """Whether the mapping holding ``address`` asked for transparent huge pages (VmFlags hg)."""
+    mapping = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(" ", 1)[0]
+        if "-" in head and ":" not in head:
+            start, stop = (int(x, 16) for x in head.split("-"))
+            mapping = start <= address < stop
+        elif mapping and line.startswith("VmFlags:"):
+            return "hg" in line.split()[1:]
+    raise LookupError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and Path("/sys/kernel/mm/transparent_hugepage").is_dir()),
+                    reason="needs Linux with transparent huge pages")
+def test_large_updates_ask_for_huge_pages_on_their_whole_2mib_pages():
+    """Updates of ADVISE_BYTES or more: huge pages asked for from their first 2 MiB boundary to
+    their last (not on the pages before or after, which other allocations may share); smaller
+    updates: nothing asked.  The buffers are plain anonymous mappings (NumPy asks for huge pages
+    on its own large arrays) at an offset that is no 2 MiB boundary."""
+    from flatopt.kernels.cpu import rule_address
+
+    huge, sizes = xla.HUGE_PAGE, [xla.ADVISE_BYTES // 4 + 1000, xla.ADVISE_BYTES // 4 - 1]
+    mappings, updates = [], []
+    for n in sizes:
+        mappings.append(mmap.mmap(-1, 4 * n + 2 * huge))
+        base = np.frombuffer(mappings[-1], np.uint8).ctypes.data
+        offset = 4096 if (base + 4096) % huge else 8192
+        updates.append(np.frombuffer(mappings[-1], np.float32, n, offset))
+    for u in updates:
+        u[:] = np.nan
+        assert not _huge_page_advice(u.ctypes.data)
+    total, rng = sum(sizes), np.random.default_rng(0)
+    params, grads = rng.standard_normal(total).astype(np.float32), rng.standard_normal(total).astype(np.float32)
+    core = flatopt.Adam(lr=1e-2)
+    expected = params.copy()
+    core.step(expected, grads)
+    m, v, empty = np.zeros(total, np.float32), np.zeros(total, np.float32), np.zeros(0, np.float32)
+    table = np.array([core._row(core.__dict__, {"step": 0}, np.float32)], np.float32)
+    chunks = xla.leaf_chunks(sizes, [(0, total, 0)], False).view(np.uint32)
+    control = np.array([rule_address("adam", np.float32), 0, 0, 0], np.int64).view(np.uint32)
+    cut = sizes[0]
+    frame, _keep = _frame([params[:cut], params[cut:], grads[:cut], grads[cut:], m, v, empty, empty, chunks, table,
+                          control], updates + [m, v, empty, empty])
+    assert _call(frame) is None
+    np.testing.assert_array_equal(np.concatenate(updates), expected - params)
+    big, small = updates[0].ctypes.data, updates[1].ctypes.data
+    first, last = -(-big // huge) * huge, (big + updates[0].nbytes) // huge * huge - 1
+    assert _huge_page_advice(first) and _huge_page_advice(last)
+    assert not _huge_page_advice(big) and not _huge_page_advice(last + 1)
+    assert not _huge_page_advice(small) and not _huge_page_advice(small + updates[1].nbytes - 1)
+
+
+def test_an_update_larger_than_the_huge_page_threshold_equals_the_core_step():
+    check_against_core(lambda: flatopt.AdamW(lr=1e-2), [xla.ADVISE_BYTES // 4 + 1000, 3], steps=2)

@@ -18,7 +18,8 @@ buffers, and ``table[row]`` holds their scalars; ``row = -1`` marks elements no 
 buffer, steps that copy in place with the rule (and, on a Lookahead sync step, with the
 Lookahead rule and the table's last row), and subtracts the parameters, while the chunk is
 in cache: the updates are ``new - params`` rounded as NumPy rounds it, and ``params`` is
-never written.
+never written.  Updates of 4 MiB or more ask for transparent huge pages first (see
+``_advise_huge_pages``).
 
 ``chunks`` (int64) and ``control`` (int64: rule address, threaded, Lookahead rule address,
 flags) travel as uint32 words (JAX without x64 has no int64).  ``control`` comes from the
@@ -30,6 +31,7 @@ Everything is checked before the call is traced; the handler cannot fail, so it 
 returns the null error.
 """
 import ctypes
+import sys
 import threading
 
 import numpy as np
@@ -50,7 +52,7 @@ CALL_BYTES = 8 << 20  # updates per FFI call: see leaf_groups
 # Offsets, in 8-byte words, of the fields read (the LP64 layouts of c_api.h)
 _FRAME_EXTENSION, _FRAME_STAGE = 1, 4  # XLA_FFI_CallFrame: extension_start, stage
 _FRAME_ARGS_SIZE, _FRAME_ARGS, _FRAME_RETS = 7, 9, 14  # its args.size, args.args, rets.rets
-_BUFFER_DATA, _BUFFER_DIMS = 3, 5  # XLA_FFI_Buffer: data, dims
+_BUFFER_DATA, _BUFFER_RANK, _BUFFER_DIMS = 3, 4, 5  # XLA_FFI_Buffer: data, rank, dims
 _EXTENSION_TYPE, _EXTENSION_METADATA = 1, 3  # XLA_FFI_Metadata_Extension: base.type, metadata
 
 
@@ -92,6 +94,37 @@ def _data(buffer):
 @njit(inline="always")
 def _dims(buffer, rank):
     return _words(_words(buffer, 6)[_BUFFER_DIMS], rank)
+
+
+@njit(inline="always")
+def _nbytes(buffer, itemsize):
+    nbytes = itemsize
+    for extent in _dims(buffer, _words(buffer, 6)[_BUFFER_RANK]):
+        nbytes *= extent
+    return nbytes
+
+
+HUGE_PAGE = 2 << 20  # x86-64's transparent huge page (and AArch64's with 4 KiB base pages)
+ADVISE_BYTES = 4 << 20  # NumPy's rule: arrays of 4 MiB or more ask for huge pages
+if sys.platform.startswith("linux"):
+    _madvise = types.ExternalFunction("madvise", types.intc(types.voidptr, types.uintp, types.intc))
+    MADV_HUGEPAGE = 14
+
+    @njit(inline="always")
+    def _advise_huge_pages(address, nbytes):
+        """Ask for transparent huge pages under the whole 2 MiB pages of a result of at least
+        ``ADVISE_BYTES``, as NumPy does for its arrays (the kernel's usual policy, 'madvise',
+        gives them only where asked).  A result above glibc's mmap ceiling (32 MiB) is mapped
+        afresh at every call and first touched here: one fault per 2 MiB instead of one per
+        4 KiB (10^7 float32 parameters in one leaf: 17.9 ms an update before, 10.3 after)."""
+        if nbytes >= ADVISE_BYTES:
+            start = (address + HUGE_PAGE - 1) & -HUGE_PAGE
+            stop = (address + nbytes) & -HUGE_PAGE
+            _madvise(_pointer(start), stop - start, MADV_HUGEPAGE)
+else:
+    @njit(inline="always")
+    def _advise_huge_pages(address, nbytes):
+        pass
 
 
 @njit(inline="always")
@@ -162,6 +195,8 @@ def _handler(dtype):
             states[k] = _data(out)
         chunks = carray(_pointer(_data(args[size - 3])), (_dims(args[size - 3], 2)[0], 5), np.int64)
         control = carray(_pointer(_data(args[size - 1])), (4,), np.int64)
+        for leaf in range(leaves):
+            _advise_huge_pages(_data(rets[leaf]), _nbytes(rets[leaf], table.itemsize))
         if control[1]:
             run_leaves_parallel(control, args, rets, leaves, chunks, table, states)
         else:
@@ -175,7 +210,8 @@ def leaf_groups(sizes, itemsize):
     """Leaves ``[first, stop)`` per FFI call, each call's leaves of at most ``CALL_BYTES``
     (or one larger leaf).  XLA gives a computation's temporaries (the updates, until added to
     the parameters) one allocation; kept under glibc's 32 MiB mmap ceiling, it is reused from
-    one step to the next instead of mapped afresh and first-touched page by page."""
+    one step to the next instead of mapped afresh and first-touched page by page (a single
+    leaf above it is, on huge pages: ``_advise_huge_pages``)."""
     groups, first, total = [], 0, 0
     for leaf, size in enumerate(sizes):
         if leaf > first and total + size * itemsize > CALL_BYTES:
