@@ -20,7 +20,8 @@ SIZES = [10**3, 10**5, 10**6, 10**7, 3 * 10**7]
 QUICK_SIZES = [10**3, 10**5, 10**6]
 MODEL_TENSORS = 200
 FLATOPT = ("flatopt Adam", "flatopt AdamW", "flatopt.torch Adam, 200 tensors",
-           "flatopt.jax TreeOptimizer Adam, 200 leaves", "flatopt.jax as_optax Adam (jit, donated), 200 leaves")
+           "flatopt.jax TreeOptimizer Adam, 200 leaves", "flatopt.jax as_optax Adam (jit, donated), 200 leaves",
+           "flatopt.jax update_and_apply Adam (jit, donated), 200 leaves")
 FLOOR = "floor (Adam traffic)"
 
 
@@ -75,6 +76,8 @@ def jax_adapter_implementations(n, rng):
                                                                           leaves(grads)),
         f"flatopt.jax as_optax Adam (jit, donated), {MODEL_TENSORS} leaves": optax_loop(
             flat_jax.as_optax(flatopt.Adam(lr=1e-3)), leaves(params), leaves(grads)),
+        f"flatopt.jax update_and_apply Adam (jit, donated), {MODEL_TENSORS} leaves": optax_loop(
+            flat_jax.as_optax(flatopt.Adam(lr=1e-3)), leaves(params), leaves(grads), fused=True),
         f"flatopt.jax TreeOptimizer Adam, {MODEL_TENSORS} leaves":
             lambda: jax.block_until_ready(tree_opt.step(tree_grads)),
     }
@@ -165,15 +168,19 @@ def optax_adam():
     return optax.adam(1e-3)
 
 
-def optax_loop(tx, params, grads):
+def optax_loop(tx, params, grads, fused=False):
     """One jitted optax step, ``params`` and state donated.  ``params`` and ``grads`` (arrays or
-    trees of them) must be the step's own: on the CPU device_put may alias NumPy memory."""
+    trees of them) must be the step's own: on the CPU device_put may alias NumPy memory.
+    ``fused``: ``flatopt.jax.update_and_apply`` instead of ``tx.update`` and ``apply_updates``."""
     import jax
     import optax
     state = {"p": jax.device_put(params), "g": jax.device_put(grads)}
     state["s"] = tx.init(state["p"])
 
     def update(p, s, g):
+        if fused:
+            import flatopt.jax
+            return flatopt.jax.update_and_apply(tx, g, s, p)
         u, s = tx.update(g, s, p)
         return optax.apply_updates(p, u), s
 

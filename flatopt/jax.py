@@ -9,6 +9,9 @@ each step is one flatopt kernel call however many leaves the tree has.
   and never stepped.  So the transformation composes with ``jax.jit``, ``optax.chain``,
   ``optax.apply_if_finite``, ``optax.MultiSteps`` and anything else that treats the state
   as a value.
+* :func:`update_and_apply` is ``tx.update`` followed by ``optax.apply_updates`` in one pass,
+  for such a transformation: it returns the new parameters (exactly ``opt.step``'s) and the
+  new state, and on the CPU steps donated parameters in place.
 * :class:`TreeOptimizer` is the direct path: pytree of gradients in, updated pytree of
   parameters out, with the flat master copy and the optimizer's state kept between steps.
 
@@ -38,6 +41,7 @@ time on first touches of new pages, not on the step (at 10^7 elements on this pr
 345 ms an update against 175 ms with them kept).
 """
 import copy
+import functools
 import threading
 from typing import NamedTuple
 
@@ -95,10 +99,11 @@ def as_optax(opt):
     template.load_state_dict(_fresh_checkpoint(template))
     host_steps = _HostSteps(template)
 
-    def host_update(grads, state, params):
-        """One step on NumPy copies: returns (flat updates, new state); changes none of its inputs."""
+    def host_update(grads, state, params, new_params):
+        """One step on NumPy copies: returns (flat updates or new params, new state); changes
+        none of its inputs."""
         grads, state, params = jax.tree_util.tree_map(np.asarray, (grads, state, params))  # zero-copy views
-        return host_steps(grads, state, params)
+        return host_steps(grads, state, params, new_params)
 
     def init(params):
         flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
@@ -106,8 +111,8 @@ def as_optax(opt):
             raise TypeError(f"params have dtype {flat.dtype}; flatopt supports float32 and float64")
         return _fresh_state(template, flat.size, flat.dtype)
 
-    @jax.jit
-    def traced_update(grads, state, params):  # the checks run when it is traced (once per shapes)
+    @functools.partial(jax.jit, static_argnames="new_params")
+    def traced_update(grads, state, params, new_params):  # the checks run when it is traced (once per shapes)
         flat_params, unravel = ravel_pytree(params)
         flat_grads, _ = ravel_pytree(grads)
         n, dtype = flat_params.size, flat_params.dtype
@@ -120,11 +125,12 @@ def as_optax(opt):
         like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (flat_params, state))
 
         def on_host(grads, state, params):  # the flat buffers above; on the CPU path XLA drops them unused
-            flat_updates, new_state = jax.pure_callback(host_update, like, flat_grads.astype(dtype), state,
-                                                        flat_params, vmap_method="sequential")
-            return unravel(flat_updates), new_state
+            flat_result, new_state = jax.pure_callback(functools.partial(host_update, new_params=new_params), like,
+                                                       flat_grads.astype(dtype), state, flat_params,
+                                                       vmap_method="sequential")
+            return unravel(flat_result), new_state
 
-        in_kernel = _kernel_update(template, params, dtype)
+        in_kernel = _kernel_update(template, params, dtype, new_params)
         if in_kernel is None:
             return on_host(grads, state, params)
         # XLA's CPU runs the kernel on its own buffers; other platforms hand them to the host
@@ -133,8 +139,9 @@ def as_optax(opt):
     def update(grads, state, params=None):
         if params is None:
             raise ValueError("flatopt's optax transformation needs params: tx.update(grads, state, params)")
-        return traced_update(grads, state, params)
+        return traced_update(grads, state, params, new_params=False)
 
+    update.flatopt_update_and_apply = functools.partial(traced_update, new_params=True)
     try:
         import optax
     except ImportError:
@@ -143,11 +150,29 @@ def as_optax(opt):
     return optax.GradientTransformation(init, update)
 
 
-def _kernel_update(template, params, dtype):
+def update_and_apply(tx, grads, state, params):
+    """``tx.update`` and ``optax.apply_updates`` in one pass, for ``tx = as_optax(opt)``:
+    returns ``(new_params, new_state)``, the new parameters exactly those ``opt.step``
+    computes (``params + updates`` rounds once more).
+
+    On the CPU, XLA runs the step on the parameters' own buffers, in place where they are
+    donated (``jax.jit(..., donate_argnums=...)``), so an update moves the bytes of
+    ``opt.step`` and nothing more: no updates buffer, and no pass of ``apply_updates`` over
+    it.  Elsewhere (JAX on a GPU) it takes :func:`as_optax`'s host path.  Use it where the
+    optimizer is the last transformation; ``tx.update`` composes with optax's."""
+    apply = getattr(getattr(tx, "update", None), "flatopt_update_and_apply", None)
+    if apply is None:
+        raise TypeError(f"update_and_apply takes a transformation made by flatopt.jax.as_optax, got {tx!r}")
+    return apply(grads, state, params)
+
+
+def _kernel_update(template, params, dtype, new_params=False):
     """``template``'s update as XLA FFI calls of its CPU rule (:mod:`flatopt.kernels.xla`) on
     the leaves themselves, one call per ``CALL_BYTES`` of leaves, the flat state aliased in
     place through them; ``None`` where this JAX cannot register the handler (or, for
-    Lookahead, where every group is frozen: the host path keeps that rare case).
+    Lookahead, where every group is frozen: the host path keeps that rare case).  With
+    ``new_params`` it returns the new parameters instead of the updates, each leaf's result
+    aliased to it (in place where the parameters are donated).
 
     Only the step's scalars come from the host: a callback takes the step counters and
     returns the rule's table, the control words and the new counters, computed by the
@@ -168,14 +193,14 @@ def _kernel_update(template, params, dtype):
     active, segments = probe._active(sum(sizes))
     if not active:  # every group frozen: a step changes nothing and counts nothing
         return None if lookahead else lambda grads, state, params: (
-            jax.tree_util.tree_map(jnp.zeros_like, params), state)
+            params if new_params else jax.tree_util.tree_map(jnp.zeros_like, params), state)
     row_length = len(probe._row(active[0][1], active[0][0], dtype.type))
     calls = []  # per FFI call: (first leaf, stop leaf, chunks, threaded)
     for first, stop in xla.leaf_groups(sizes, np.dtype(dtype).itemsize):
         lo, hi = sum(sizes[:first]), sum(sizes[:stop])
         threaded = CPU.threaded(sum(max(0, min(b, hi) - max(a, lo)) for a, b, _ in segments))
         calls.append((first, stop, xla.leaf_chunks(sizes[first:stop], segments, threaded, lo), threaded))
-    plans = _HostPlans(template, sum(sizes), dtype, [threaded for *_, threaded in calls])
+    plans = _HostPlans(template, sum(sizes), dtype, [threaded for *_, threaded in calls], new_params)
     table_like = jax.ShapeDtypeStruct((len(active) + lookahead, row_length), dtype)
     control_like = jax.ShapeDtypeStruct((len(calls), 8), jnp.uint32)  # per call four int64s
 
@@ -190,21 +215,23 @@ def _kernel_update(template, params, dtype):
         slots += [empty] * (xla.STATE_ARGS - 1 - len(slots)) + [state.slow if lookahead else empty]
         p_leaves = [jnp.asarray(x, dtype) for x in jax.tree_util.tree_leaves(params)]
         g_leaves = [jnp.asarray(x, dtype) for x in jax.tree_util.tree_leaves(grads)]
-        updates = []
+        results_by_leaf = []  # the updates, or the new params
         for i, (first, stop, chunks, _) in enumerate(calls):
             count = stop - first
+            aliases = {2 * count + k: count + k for k in range(xla.STATE_ARGS)}
+            if new_params:
+                aliases.update((k, k) for k in range(count))
             results = jax.ffi.ffi_call(
                 target, [jax.ShapeDtypeStruct(jnp.shape(x), dtype) for x in p_leaves[first:stop] + slots],
-                input_output_aliases={2 * count + k: count + k for k in range(xla.STATE_ARGS)},
-                vmap_method="sequential",
+                input_output_aliases=aliases, vmap_method="sequential",
             )(*p_leaves[first:stop], *g_leaves[first:stop], *slots, jnp.asarray(chunks.view(np.uint32)), table,
               control[i])
-            updates += results[:count]
+            results_by_leaf += results[:count]
             slots = list(results[count:])
-        updates = treedef.unflatten([u.astype(jnp.result_type(x)) for u, x in zip(updates, leaves)])
+        results = treedef.unflatten([r.astype(jnp.result_type(x)) for r, x in zip(results_by_leaf, leaves)])
         new_state = FlatoptState(counters, {name: slots[i] for i, name in enumerate(inner.state_names)
                                             if name in inner_state.buffers})
-        return updates, LookaheadState(new_state, slots[-1], step_count) if lookahead else new_state
+        return results, LookaheadState(new_state, slots[-1], step_count) if lookahead else new_state
 
     return update
 
@@ -217,15 +244,17 @@ class _HostPlans:
     ``opt.step``.  Each thread keeps its own copy of the optimizer; only its ``group_state``
     changes."""
 
-    def __init__(self, template, n, dtype, threaded):
+    def __init__(self, template, n, dtype, threaded, new_params=False):
         from flatopt.kernels.cpu import rule_address
+        from flatopt.kernels.xla import NEW_PARAMS
 
         self.lookahead = template if isinstance(template, Lookahead) else None
         self.inner = template.inner if self.lookahead else template
         self.n, self.dtype = n, dtype
         self.base = self.inner.state_dict()
         sync = rule_address("lookahead", dtype) if self.lookahead else 0
-        self.control = np.array([(rule_address(self.inner.kernel, dtype), flag, sync, 0) for flag in threaded],
+        flags = NEW_PARAMS if new_params else 0
+        self.control = np.array([(rule_address(self.inner.kernel, dtype), flag, sync, flags) for flag in threaded],
                                 np.int64)
         self.kept = threading.local()
 
@@ -245,7 +274,7 @@ class _HostPlans:
         if self.lookahead:
             step_count = int(step_count)
             rows.append([*self.lookahead.sync_row()] + [0.0] * (len(rows[0]) - 2))
-            control[:, 3] = (SLOW_FROM_PARAMS if step_count == 0 else 0) | (
+            control[:, 3] |= (SLOW_FROM_PARAMS if step_count == 0 else 0) | (
                 SYNC if self.lookahead.syncs(step_count + 1) else 0)
             step_count = np.asarray(step_count + 1, np.int32)
         counters = {key: np.array([s[key] for s in worker.group_state], np.int32) for key in counters}
@@ -304,17 +333,17 @@ class _HostSteps:
         self.base = template.state_dict()  # hyperparameters and groups; the state comes with each update
         self.kept = threading.local()
 
-    def __call__(self, grads, state, params):
+    def __call__(self, grads, state, params, new_params=False):
         key = (params.size, params.dtype)
         kept = getattr(self.kept, "value", None)
         if kept is None or kept[0] != key or not _refill(kept[1], self.base, state):
             worker = copy.deepcopy(self.template)
             worker.load_state_dict(_checkpoint(self.base, state))  # checks, then copies the buffers
             kept = self.kept.value = (key, worker, np.empty_like(params))
-        _, worker, new_params = kept
-        np.copyto(new_params, params)
-        worker.step(new_params, grads)
-        return np.subtract(new_params, params, out=new_params), _read_state(worker, state)
+        _, worker, stepped = kept
+        np.copyto(stepped, params)
+        worker.step(stepped, grads)
+        return stepped if new_params else np.subtract(stepped, params, out=stepped), _read_state(worker, state)
 
 
 def _refill(opt, base, state):

@@ -61,7 +61,8 @@ def test_bench_jax_rows_present_when_installed():
     impls, notes = implementations(1000, np.random.default_rng(0))
     assert "optax adam (jit, donated)" in impls
     impls = jax_adapter_implementations(1000, np.random.default_rng(0))
-    ours = ["flatopt.jax as_optax Adam (jit, donated), 200 leaves", "flatopt.jax TreeOptimizer Adam, 200 leaves"]
+    ours = ["flatopt.jax as_optax Adam (jit, donated), 200 leaves", "flatopt.jax TreeOptimizer Adam, 200 leaves",
+            "flatopt.jax update_and_apply Adam (jit, donated), 200 leaves"]
     assert set(impls) == {FLOOR, "optax adam (jit, donated), 200 leaves", *ours}
     for fn in impls.values():
         fn()

@@ -4,6 +4,7 @@ chain, apply_if_finite, MultiSteps); TreeOptimizer.  The tests marked with ``pat
 as_optax both ways: the XLA FFI kernel (the CPU default) and the host callback (other
 platforms, Lookahead, and a JAX that refuses the FFI handler)."""
 import contextlib
+import functools
 from unittest import mock
 
 import numpy as np
@@ -15,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import flatopt  # noqa: E402
-from flatopt.jax import FlatoptState, LookaheadState, TreeOptimizer, as_optax  # noqa: E402
+from flatopt.jax import FlatoptState, LookaheadState, TreeOptimizer, as_optax, update_and_apply  # noqa: E402
 from flatopt.kernels import xla as xla_kernels  # noqa: E402
 
 PATHS = ["xla", "host"]
@@ -180,6 +181,42 @@ def test_as_optax_equals_core_step_bitwise(name, dtype, jit, path):
             np.testing.assert_array_equal(ours, core_params - before)
             assert_state_is_core(state, core)
             params = optax.apply_updates(params, updates)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(CORE))
+def test_update_and_apply_equals_core_step_bitwise(name, dtype, jit, path):
+    """The new params are exactly the core step's (no p + (new - p) rounding): one trajectory."""
+    with jax.enable_x64(dtype == np.float64):
+        params, grads_list = tree(0, dtype=dtype), [tree(s, 0.1, dtype) for s in range(1, 12)]
+        tx = as_optax(CORE[name]())
+        step = functools.partial(update_and_apply, tx)
+        step = jax.jit(step, donate_argnums=(1, 2)) if jit else step
+        core = CORE[name]()
+        state = tx.init(params)
+        core_params = flat(params).copy()
+        for grads in grads_list:
+            core.step(core_params, flat(grads))
+            params, state = step(grads, state, params)
+            assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(grads)
+            ours = flat(params)
+            assert ours.dtype == dtype
+            np.testing.assert_array_equal(ours, core_params)
+            assert_state_is_core(state, core)
+
+
+def test_update_and_apply_takes_only_flatopt_transformations_and_checks_as_update():
+    params, grads = tree(0), tree(1, 0.1)
+    with pytest.raises(TypeError, match="update_and_apply takes a transformation made by flatopt.jax.as_optax"):
+        update_and_apply(optax.adam(1e-3), grads, optax.adam(1e-3).init(params), params)
+    tx = as_optax(flatopt.Adam(lr=1e-3))
+    state = tx.init(params)
+    with pytest.raises(ValueError, match="grads have 63 elements but params have 64"):
+        update_and_apply(tx, {**grads, "layers": [grads["layers"][0], (grads["layers"][1][0][:0],
+                                                                         grads["layers"][1][1])]}, state, params)
+    with pytest.raises(ValueError, match="the state was made for"):
+        update_and_apply(tx, tree(1, 0.1), tx.init({"w": jnp.zeros(3)}), params)
 
 
 # --- a pure optax transformation ----------------------------------------------------------

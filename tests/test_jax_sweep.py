@@ -1,4 +1,5 @@
-"""as_optax on random histories against the core optimizer, bitwise.
+"""as_optax (``tx.update`` and ``update_and_apply``) on random histories against the core
+optimizer, bitwise.
 
 Each example draws an optimizer (the configurations of test_jax.CORE: groups, a frozen group,
 amsgrad, an lr schedule, Lookahead), a dtype and a history of updates.  Each update starts
@@ -9,6 +10,7 @@ host path this exercises the kept buffers: every update refills them from whatev
 is given; on the XLA path, the step counters the host turns into each update's scalars.
 """
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ optax = pytest.importorskip("optax")
 
 from test_jax import CORE, PATHS, assert_state_is_core, flat, on_path, tree  # noqa: E402
 
-from flatopt.jax import as_optax  # noqa: E402
+from flatopt.jax import as_optax, update_and_apply  # noqa: E402
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -33,6 +35,8 @@ def test_random_histories_with_replays_match_the_core(name, path, dtype, jit, da
     with jax.enable_x64(dtype == np.float64), on_path(path):
         tx = as_optax(CORE[name]())
         update = jax.jit(tx.update) if jit else tx.update
+        apply = functools.partial(update_and_apply, tx)
+        apply = jax.jit(apply) if jit else apply
         params = tree(0, dtype=dtype)
         # history[i]: (params, state, core optimizer) as they were after i updates along that branch
         history = [(params, tx.init(params), CORE[name]())]
@@ -40,11 +44,16 @@ def test_random_histories_with_replays_match_the_core(name, path, dtype, jit, da
             i = data.draw(st.integers(0, len(history) - 1), label="from state") if t else 0
             params, state, core = history[i]
             grads = tree(100 + t, 0.1, dtype)
-            updates, new_state = update(grads, state, params)
             core = copy.deepcopy(core)
             expected = flat(params).copy()
             before = expected.copy()
             core.step(expected, flat(grads))
-            np.testing.assert_array_equal(flat(updates), expected - before)
+            if data.draw(st.booleans(), label="update_and_apply"):  # both APIs on one history of states
+                new_params, new_state = apply(grads, state, params)
+                np.testing.assert_array_equal(flat(new_params), expected)
+            else:
+                updates, new_state = update(grads, state, params)
+                np.testing.assert_array_equal(flat(updates), expected - before)
+                new_params = optax.apply_updates(params, updates)
             assert_state_is_core(new_state, core)
-            history.append((optax.apply_updates(params, updates), new_state, core))
+            history.append((new_params, new_state, core))

@@ -2,7 +2,9 @@
 on trees whose leaves, param groups, threads' chunks and FFI calls cut the flat buffer in
 every way, in place on a donated state, from several threads; and the chunk and call plans."""
 import ctypes
+import functools
 import mmap
+import re
 import sys
 import threading
 from pathlib import Path
@@ -19,7 +21,7 @@ optax = pytest.importorskip("optax")
 import jax.numpy as jnp  # noqa: E402
 
 import flatopt  # noqa: E402
-from flatopt.jax import as_optax  # noqa: E402
+from flatopt.jax import as_optax, update_and_apply  # noqa: E402
 from flatopt.kernels import xla  # noqa: E402
 from test_jax import assert_state_is_core, flat  # noqa: E402
 
@@ -29,22 +31,26 @@ def leaves_tree(sizes, seed, scale=1.0, dtype=np.float32):
     return {f"leaf{i:03d}": jnp.asarray(scale * rng.standard_normal(size), dtype) for i, size in enumerate(sizes)}
 
 
-def check_against_core(make_opt, sizes, steps=4, dtype=np.float32, donate=False):
-    """``steps`` jitted updates against the core optimizer on the flat buffer, bit for bit:
-    updates, state buffers (and Lookahead's slow weights), counters."""
+def check_against_core(make_opt, sizes, steps=4, dtype=np.float32, donate=False, apply=False):
+    """``steps`` jitted updates (``update_and_apply``'s with ``apply``) against the core
+    optimizer on the flat buffer, bit for bit: updates or new params, state buffers (and
+    Lookahead's slow weights), counters.  ``donate``: the state (and the params) donated."""
     tx, core = as_optax(make_opt()), make_opt()
     params = leaves_tree(sizes, 0, dtype=dtype)
     state = tx.init(params)
-    update = jax.jit(tx.update, donate_argnums=(1,) if donate else ())
+    if apply:
+        step = jax.jit(lambda g, s, p: update_and_apply(tx, g, s, p), donate_argnums=(1, 2) if donate else ())
+    else:
+        step = jax.jit(tx.update, donate_argnums=(1,) if donate else ())
     for t in range(steps):
         grads = leaves_tree(sizes, 1 + t, 0.1, dtype)
         before = flat(params)
         expected = before.copy()
         core.step(expected, flat(grads))
-        updates, state = update(grads, state, params)
-        np.testing.assert_array_equal(flat(updates), expected - before)
+        result, state = step(grads, state, params)
+        np.testing.assert_array_equal(flat(result), expected if apply else expected - before)
         assert_state_is_core(state, core)
-        params = optax.apply_updates(params, updates)
+        params = result if apply else optax.apply_updates(params, result)
 
 
 @pytest.mark.parametrize("lookahead", [False, True])
@@ -65,18 +71,19 @@ GROUPS = [  # flat elements 0..99 of leaves [7, 30, 1, 0, 22, 40]
 ]
 
 
+@pytest.mark.parametrize("apply", [False, True], ids=["update", "update_and_apply"])
 @pytest.mark.parametrize("lookahead", [False, True])
 @pytest.mark.parametrize("groups", range(len(GROUPS)))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_leaves_and_groups_cut_anywhere(groups, dtype, lookahead):
+def test_leaves_and_groups_cut_anywhere(groups, dtype, lookahead, apply):
     """Lookahead (k=2, synced twice) takes the slow weights from every element and pulls
-    together only those its inner optimizer updates."""
+    together only those its inner optimizer updates.  update_and_apply: donated, in place."""
     def make():
         inner = flatopt.AdamW(lr=1e-2, param_groups=GROUPS[groups])
         return flatopt.Lookahead(inner, k=2, alpha=0.3) if lookahead else inner
 
     with jax.enable_x64(dtype == np.float64):
-        check_against_core(make, [7, 30, 1, 0, 22, 40], steps=5, dtype=dtype)
+        check_against_core(make, [7, 30, 1, 0, 22, 40], steps=5, dtype=dtype, donate=apply, apply=apply)
 
 
 @pytest.mark.parametrize("make_opt", [
@@ -86,14 +93,15 @@ def test_leaves_and_groups_cut_anywhere(groups, dtype, lookahead):
     lambda: flatopt.ADOPT(lr=1e-2, decouple=True, weight_decay=0.1),
     lambda: flatopt.Lookahead(flatopt.Adam(lr=1e-2), k=2),
 ], ids=["sgd", "rmsprop", "adam", "adopt", "lookahead"])
-def test_threaded_chunks_across_several_ffi_calls(make_opt, monkeypatch):
+@pytest.mark.parametrize("apply", [False, True], ids=["update", "update_and_apply"])
+def test_threaded_chunks_across_several_ffi_calls(make_opt, apply, monkeypatch):
     """Large enough for Numba's threads; small chunks and calls, so that every leaf spans
     several chunks and the state goes through several FFI calls in one update."""
     monkeypatch.setattr(xla, "CHUNK", 1000)
     monkeypatch.setattr(xla, "CALL_BYTES", 150_000)
     sizes = [40_011, 1, 35_000, 15_500, 0, 4_097]
     assert xla.leaf_groups(sizes, 4) == [(0, 1), (1, 3), (3, 6)]  # threaded, threaded, serial
-    check_against_core(make_opt, sizes, steps=3)
+    check_against_core(make_opt, sizes, steps=3, apply=apply)
 
 
 def test_a_donated_state_is_updated_in_place():
@@ -106,6 +114,40 @@ def test_a_donated_state_is_updated_in_place():
     _, state = update(params, state, params)
     assert {name: buf.unsafe_buffer_pointer() for name, buf in state.buffers.items()} == where
     check_against_core(lambda: flatopt.Adam(lr=1e-2), [50_000, 30], donate=True)
+
+
+def test_update_and_apply_steps_donated_params_in_place_and_leaves_others_untouched():
+    tx = as_optax(flatopt.Lookahead(flatopt.Adam(lr=1e-2), k=2))
+    sizes = [50_000, 30, 0]
+    step = jax.jit(lambda g, s, p: update_and_apply(tx, g, s, p), donate_argnums=(1, 2))
+    params = leaves_tree(sizes, 0)
+    state = tx.init(params)
+    grads = leaves_tree(sizes, 1, 0.1)
+    params, state = step(grads, state, params)
+    where = [x.unsafe_buffer_pointer() for x in jax.tree_util.tree_leaves((params, state))]
+    for _ in range(3):  # the third syncs the slow weights
+        params, state = step(grads, state, params)
+    assert [x.unsafe_buffer_pointer() for x in jax.tree_util.tree_leaves((params, state))] == where
+    # not donated: XLA steps a copy, and the caller's params and state stay as they were
+    kept = jax.jit(lambda g, s, p: update_and_apply(tx, g, s, p))
+    before = (flat(params).copy(), flat(state.inner.buffers).copy())
+    new_params, _ = kept(grads, state, params)
+    assert not np.array_equal(flat(new_params), before[0])
+    np.testing.assert_array_equal(flat(params), before[0])
+    np.testing.assert_array_equal(flat(state.inner.buffers), before[1])
+    check_against_core(lambda: flatopt.Lookahead(flatopt.Adam(lr=1e-2), k=2), sizes, steps=5, donate=True,
+                       apply=True)
+
+
+def test_update_and_apply_on_donated_buffers_compiles_without_a_copy():
+    """Each params leaf's result aliased to it: with params and state donated, XLA copies no
+    array (without the alias it would step into a new buffer and copy that into the donated one)."""
+    tx = as_optax(flatopt.Adam(lr=1e-2))
+    params = leaves_tree([2100, 5], 0)
+    compiled = jax.jit(lambda g, s, p: update_and_apply(tx, g, s, p), donate_argnums=(1, 2)).lower(
+        params, tx.init(params), params).compile().as_text()
+    copies = re.findall(r"= f(?:32|64)\[([0-9,]*)\][^ ]* copy\(", compiled)
+    assert [shape for shape in copies if shape not in ("", "0")] == []
 
 
 def test_threaded_updates_from_several_python_threads():
@@ -139,6 +181,9 @@ def test_every_group_frozen_changes_nothing():
     state = tx.init(params)
     updates, new_state = jax.jit(tx.update)(params, state, params)
     assert not np.any(flat(updates))
+    assert [int(c) for c in new_state.counters["step"]] == [0]
+    new_params, new_state = jax.jit(functools.partial(update_and_apply, tx))(params, state, params)
+    np.testing.assert_array_equal(flat(new_params), flat(params))
     assert [int(c) for c in new_state.counters["step"]] == [0]
 
 
@@ -282,10 +327,12 @@ def test_handler_answers_xlas_version_query():
     assert metadata.traits == 0
 
 
+@pytest.mark.parametrize("new_params", [False, True], ids=["updates", "new-params"])
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
-def test_handler_steps_on_execute_only_and_copies_unaliased_state_in(stage):
-    """A frame whose state results are not the state arguments' memory (XLA aliases them;
-    the handler copies them in where it did not): the results are the core step's."""
+def test_handler_steps_on_execute_only_and_copies_unaliased_state_in(stage, new_params):
+    """A frame whose state results (and, for new params, whose params results) are not the
+    arguments' memory (XLA aliases them; the handler copies them in where it did not): the
+    results are the core step's."""
     from flatopt.kernels.cpu import rule_address
 
     n, rng = 10, np.random.default_rng(0)
@@ -300,7 +347,8 @@ def test_handler_steps_on_execute_only_and_copies_unaliased_state_in(stage):
     core.step(expected, grads)
     empty = np.zeros(0, np.float32)
     chunks = xla.leaf_chunks([6, 4], [(0, n, 0)], False).view(np.uint32)
-    control = np.array([rule_address("adam", np.float32), 0, 0, 0], np.int64).view(np.uint32)
+    flags = xla.NEW_PARAMS if new_params else 0
+    control = np.array([rule_address("adam", np.float32), 0, 0, flags], np.int64).view(np.uint32)
     updates = [np.full(6, np.nan, np.float32), np.full(4, np.nan, np.float32)]
     m_out, v_out = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
     frame, _keep = _frame([params[:6], params[6:], grads[:6], grads[6:], m_in, v_in, empty, empty, chunks, table,
@@ -309,7 +357,7 @@ def test_handler_steps_on_execute_only_and_copies_unaliased_state_in(stage):
     if stage != 3:
         assert np.isnan(m_out).all() and all(np.isnan(u).all() for u in updates)
         return
-    np.testing.assert_array_equal(np.concatenate(updates), expected - params)
+    np.testing.assert_array_equal(np.concatenate(updates), expected if new_params else expected - params)
     np.testing.assert_array_equal(m_out, core.state["exp_avg"])
     np.testing.assert_array_equal(v_out, core.state["exp_avg_sq"])
     for now, before in zip([params, grads, m_in, v_in], arguments):  # the arguments are left as they were

@@ -18,8 +18,10 @@ buffers, and ``table[row]`` holds their scalars; ``row = -1`` marks elements no 
 buffer, steps that copy in place with the rule (and, on a Lookahead sync step, with the
 Lookahead rule and the table's last row), and subtracts the parameters, while the chunk is
 in cache: the updates are ``new - params`` rounded as NumPy rounds it, and ``params`` is
-never written.  Updates of 4 MiB or more ask for transparent huge pages first (see
-``_advise_huge_pages``).
+never written.  With the ``NEW_PARAMS`` flag the results are the new parameters themselves
+(:func:`flatopt.jax.update_and_apply`): no subtraction, and where XLA aliases a result to
+its parameters (donated), no copy either: the step runs in place.  Results of 4 MiB or more
+ask for transparent huge pages first (see ``_advise_huge_pages``).
 
 ``chunks`` (int64) and ``control`` (int64: rule address, threaded, Lookahead rule address,
 flags) travel as uint32 words (JAX without x64 has no int64).  ``control`` comes from the
@@ -45,7 +47,8 @@ FFI_API_VERSION = (0, 1)  # the call frame fields read here are those of the FFI
 _METADATA = 1  # XLA_FFI_Extension_Metadata: XLA asks which API version the handler was built for
 _EXECUTE = 3  # XLA_FFI_ExecutionStage_EXECUTE; the other stages have nothing to do
 STATE_ARGS = 4  # flat buffers after the leaves: the CPU rules' three state slots, then the slow weights
-SLOW_FROM_PARAMS, SYNC = 1, 2  # control flags: Lookahead's first step, and every k-th
+# control flags: Lookahead's first step, its every k-th, and results that are the new params
+SLOW_FROM_PARAMS, SYNC, NEW_PARAMS = 1, 2, 4
 CHUNK = 4096  # elements per chunk: a chunk's copy, step and subtraction stay in L1/L2
 CALL_BYTES = 8 << 20  # updates per FFI call: see leaf_groups
 
@@ -137,21 +140,27 @@ def _at(address, start, length, like):
 def _step_chunk(control, args, rets, leaves, chunk, table, states):
     leaf, start, stop, flat_start, row = chunk[0], chunk[1], chunk[2], chunk[3], chunk[4]
     n = stop - start
-    params, updates = _at(_data(args[leaf]), start, n, table), _at(_data(rets[leaf]), start, n, table)
+    params, out = _at(_data(args[leaf]), start, n, table), _at(_data(rets[leaf]), start, n, table)
     slow = _at(states[3], flat_start, n, table)
     if control[3] & SLOW_FROM_PARAMS:
         slow[:] = params
+    if control[3] & NEW_PARAMS:  # the step's results are the new params: in place where aliased
+        if _data(rets[leaf]) != _data(args[leaf]):
+            out[:] = params
+    elif row < 0:
+        out[:] = 0  # updates of elements no group steps
+    else:
+        out[:] = params
     if row < 0:
-        updates[:] = 0
         return
-    updates[:] = params
-    _call_rule(control[0], updates, _at(_data(args[leaves + leaf]), start, n, table),
+    _call_rule(control[0], out, _at(_data(args[leaves + leaf]), start, n, table),
                _at(states[0], flat_start, n, table), _at(states[1], flat_start, n, table),
                _at(states[2], flat_start, n, table), table, row, 0, n)
     if control[3] & SYNC:
-        _call_rule(control[2], updates, slow, slow, slow, slow, table, table.shape[0] - 1, 0, n)
-    for i in range(n):
-        updates[i] -= params[i]
+        _call_rule(control[2], out, slow, slow, slow, slow, table, table.shape[0] - 1, 0, n)
+    if not control[3] & NEW_PARAMS:
+        for i in range(n):
+            out[i] -= params[i]
 
 
 @njit(parallel=True, cache=True, error_model="numpy", nogil=True)
