@@ -159,14 +159,19 @@ def assert_state_is_core(state, core):
         assert [int(c) for c in counts] == [int(s[key]) for s in core.group_state]
 
 
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", sorted(CORE))
-def test_as_optax_equals_core_step_bitwise(name, dtype, jit, path):
+def test_as_optax_equals_core_step_bitwise(name, dtype, jit, api, path):
+    """``tx.update``'s updates are the core step's ``new - params``; ``update_and_apply``'s new
+    params are the core step's own (jitted: params and state donated)."""
     with jax.enable_x64(dtype == np.float64):
         params, grads_list = tree(0, dtype=dtype), [tree(s, 0.1, dtype) for s in range(1, 12)]
         tx = as_optax(CORE[name]())
-        update = jax.jit(tx.update) if jit else tx.update
+        fused = api == "update_and_apply"
+        step = functools.partial(update_and_apply, tx) if fused else tx.update
+        step = jax.jit(step, donate_argnums=(1, 2) if fused else ()) if jit else step
         core = CORE[name]()
         state = (jax.jit(tx.init) if jit else tx.init)(params)
         for grads in grads_list:
@@ -175,35 +180,13 @@ def test_as_optax_equals_core_step_bitwise(name, dtype, jit, path):
             before = flat(params).copy()
             core_params = before.copy()
             core.step(core_params, flat(grads))
-            updates, state = update(grads, state, params)
-            ours = flat(updates)
+            result, state = step(grads, state, params)
+            assert jax.tree_util.tree_structure(result) == jax.tree_util.tree_structure(grads)
+            ours = flat(result)
             assert ours.dtype == dtype
-            np.testing.assert_array_equal(ours, core_params - before)
+            np.testing.assert_array_equal(ours, core_params if fused else core_params - before)
             assert_state_is_core(state, core)
-            params = optax.apply_updates(params, updates)
-
-
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("name", sorted(CORE))
-def test_update_and_apply_equals_core_step_bitwise(name, dtype, jit, path):
-    """The new params are exactly the core step's (no p + (new - p) rounding): one trajectory."""
-    with jax.enable_x64(dtype == np.float64):
-        params, grads_list = tree(0, dtype=dtype), [tree(s, 0.1, dtype) for s in range(1, 12)]
-        tx = as_optax(CORE[name]())
-        step = functools.partial(update_and_apply, tx)
-        step = jax.jit(step, donate_argnums=(1, 2)) if jit else step
-        core = CORE[name]()
-        state = tx.init(params)
-        core_params = flat(params).copy()
-        for grads in grads_list:
-            core.step(core_params, flat(grads))
-            params, state = step(grads, state, params)
-            assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(grads)
-            ours = flat(params)
-            assert ours.dtype == dtype
-            np.testing.assert_array_equal(ours, core_params)
-            assert_state_is_core(state, core)
+            params = result if fused else optax.apply_updates(params, result)
 
 
 def test_update_and_apply_takes_only_flatopt_transformations_and_checks_as_update():
