@@ -196,7 +196,11 @@ def _kernel_update(template, params, dtype, new_params=False):
             params if new_params else jax.tree_util.tree_map(jnp.zeros_like, params), state)
     row_length = len(probe._row(active[0][1], active[0][0], dtype.type))
     calls = []  # per FFI call: (first leaf, stop leaf, chunks, threaded)
-    for first, stop in xla.leaf_groups(sizes, np.dtype(dtype).itemsize):
+    # calls of CALL_BYTES bound the updates' temporary (see leaf_groups); new params are
+    # written into their leaves and have none, so they go in one call (fewer thread wake-ups:
+    # 10^7 elements in 200 leaves 5.4-5.8 ms an update against 6.2-6.3 ms in 8 MiB calls)
+    groups = [(0, len(sizes))] if new_params else xla.leaf_groups(sizes, np.dtype(dtype).itemsize)
+    for first, stop in groups:
         lo, hi = sum(sizes[:first]), sum(sizes[:stop])
         threaded = CPU.threaded(sum(max(0, min(b, hi) - max(a, lo)) for a, b, _ in segments))
         calls.append((first, stop, xla.leaf_chunks(sizes[first:stop], segments, threaded, lo), threaded))

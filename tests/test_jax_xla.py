@@ -96,7 +96,8 @@ def test_leaves_and_groups_cut_anywhere(groups, dtype, lookahead, apply):
 @pytest.mark.parametrize("apply", [False, True], ids=["update", "update_and_apply"])
 def test_threaded_chunks_across_several_ffi_calls(make_opt, apply, monkeypatch):
     """Large enough for Numba's threads; small chunks and calls, so that every leaf spans
-    several chunks and the state goes through several FFI calls in one update."""
+    several chunks and the state goes through several FFI calls in one update (one call for
+    update_and_apply, which has no temporary to bound)."""
     monkeypatch.setattr(xla, "CHUNK", 1000)
     monkeypatch.setattr(xla, "CALL_BYTES", 150_000)
     sizes = [40_011, 1, 35_000, 15_500, 0, 4_097]
@@ -137,6 +138,16 @@ def test_update_and_apply_steps_donated_params_in_place_and_leaves_others_untouc
     np.testing.assert_array_equal(flat(state.inner.buffers), before[1])
     check_against_core(lambda: flatopt.Lookahead(flatopt.Adam(lr=1e-2), k=2), sizes, steps=5, donate=True,
                        apply=True)
+
+
+def test_update_and_apply_makes_one_ffi_call_and_update_one_per_call_bytes(monkeypatch):
+    monkeypatch.setattr(xla, "CALL_BYTES", 150_000)
+    tx = as_optax(flatopt.Adam(lr=1e-2))
+    params = leaves_tree([40_011, 1, 35_000, 15_500, 0, 4_097], 0)
+    state = tx.init(params)
+    for step, calls in ((tx.update, 3), (functools.partial(update_and_apply, tx), 1)):
+        hlo = jax.jit(step).lower(params, state, params).as_text()
+        assert hlo.count("flatopt_cpu_step_float32") == calls
 
 
 def test_update_and_apply_on_donated_buffers_compiles_without_a_copy():
