@@ -318,13 +318,15 @@ def test_numpy_leaves_are_not_modified(path):
     assert np.all(np.asarray(updates["b"]) < 0)
 
 
-def test_vmap_over_a_batch_of_parameter_sets(path):
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
+def test_vmap_over_a_batch_of_parameter_sets(api, path):
     tx = as_optax(flatopt.Adam(lr=0.1))
+    step = tx.update if api == "update" else functools.partial(update_and_apply, tx)
     params, grads = [tree(0), tree(1)], [tree(2, 0.1), tree(3, 0.1)]
     stack = lambda trees: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
     state = tx.init(params[0])
-    batched = jax.vmap(tx.update, in_axes=(0, None, 0))(stack(grads), state, stack(params))
-    assert_trees_equal(batched, stack([tx.update(g, state, p) for g, p in zip(grads, params)]))
+    batched = jax.jit(jax.vmap(step, in_axes=(0, None, 0)))(stack(grads), state, stack(params))
+    assert_trees_equal(batched, stack([step(g, state, p) for g, p in zip(grads, params)]))
 
 
 def test_chain_with_clip_by_global_norm_matches_optax():
