@@ -388,8 +388,22 @@ def _huge_page_advice(address):
     raise LookupError(f"no mapping holds {address:#x}")
 
 
-@pytest.mark.skipif(not (sys.platform.startswith("linux") and Path("/sys/kernel/mm/transparent_hugepage").is_dir()),
-                    reason="needs Linux with transparent huge pages")
+def _unadvised_float32(n):
+    """``n`` float32s on a plain anonymous mapping (NumPy asks for huge pages on its own large
+    arrays), at an offset that is no 2 MiB boundary; nothing asked for yet."""
+    mapping = mmap.mmap(-1, 4 * n + 2 * xla.HUGE_PAGE)
+    base = np.frombuffer(mapping, np.uint8).ctypes.data
+    array = np.frombuffer(mapping, np.float32, n, 4096 if (base + 4096) % xla.HUGE_PAGE else 8192)
+    assert not _huge_page_advice(array.ctypes.data)
+    return array  # holds the mapping
+
+
+NEEDS_THP = pytest.mark.skipif(
+    not (sys.platform.startswith("linux") and Path("/sys/kernel/mm/transparent_hugepage").is_dir()),
+    reason="needs Linux with transparent huge pages")
+
+
+@NEEDS_THP
 def test_large_updates_ask_for_huge_pages_on_their_whole_2mib_pages():
     """Updates of ADVISE_BYTES or more: huge pages asked for from their first 2 MiB boundary to
     their last (not on the pages before or after, which other allocations may share); smaller
@@ -398,15 +412,9 @@ def test_large_updates_ask_for_huge_pages_on_their_whole_2mib_pages():
     from flatopt.kernels.cpu import rule_address
 
     huge, sizes = xla.HUGE_PAGE, [xla.ADVISE_BYTES // 4 + 1000, xla.ADVISE_BYTES // 4 - 1]
-    mappings, updates = [], []
-    for n in sizes:
-        mappings.append(mmap.mmap(-1, 4 * n + 2 * huge))
-        base = np.frombuffer(mappings[-1], np.uint8).ctypes.data
-        offset = 4096 if (base + 4096) % huge else 8192
-        updates.append(np.frombuffer(mappings[-1], np.float32, n, offset))
+    updates = [_unadvised_float32(n) for n in sizes]
     for u in updates:
         u[:] = np.nan
-        assert not _huge_page_advice(u.ctypes.data)
     total, rng = sum(sizes), np.random.default_rng(0)
     params, grads = rng.standard_normal(total).astype(np.float32), rng.standard_normal(total).astype(np.float32)
     core = flatopt.Adam(lr=1e-2)
@@ -426,6 +434,29 @@ def test_large_updates_ask_for_huge_pages_on_their_whole_2mib_pages():
     assert _huge_page_advice(first) and _huge_page_advice(last)
     assert not _huge_page_advice(big) and not _huge_page_advice(last + 1)
     assert not _huge_page_advice(small) and not _huge_page_advice(small + updates[1].nbytes - 1)
+
+
+@NEEDS_THP
+def test_new_params_stepped_in_place_ask_for_nothing():
+    """A result aliased to its parameters (update_and_apply on donated params) is memory XLA
+    already had: stepped in place, with no huge pages asked for."""
+    from flatopt.kernels.cpu import rule_address
+
+    n, rng = xla.ADVISE_BYTES // 4 + 1000, np.random.default_rng(0)
+    params, grads = _unadvised_float32(n), rng.standard_normal(n).astype(np.float32)
+    params[:] = rng.standard_normal(n)
+    core = flatopt.Adam(lr=1e-2)
+    expected = params.copy()
+    core.step(expected, grads)
+    m, v, empty = np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros(0, np.float32)
+    table = np.array([core._row(core.__dict__, {"step": 0}, np.float32)], np.float32)
+    chunks = xla.leaf_chunks([n], [(0, n, 0)], False).view(np.uint32)
+    control = np.array([rule_address("adam", np.float32), 0, 0, xla.NEW_PARAMS], np.int64).view(np.uint32)
+    frame, _keep = _frame([params, grads, m, v, empty, empty, chunks, table, control], [params, m, v, empty, empty])
+    assert _call(frame) is None
+    np.testing.assert_array_equal(params, expected)
+    first = -(-params.ctypes.data // xla.HUGE_PAGE) * xla.HUGE_PAGE
+    assert not _huge_page_advice(first)
 
 
 def test_an_update_larger_than_the_huge_page_threshold_equals_the_core_step():

@@ -20,8 +20,8 @@ Lookahead rule and the table's last row), and subtracts the parameters, while th
 in cache: the updates are ``new - params`` rounded as NumPy rounds it, and ``params`` is
 never written.  With the ``NEW_PARAMS`` flag the results are the new parameters themselves
 (:func:`flatopt.jax.update_and_apply`): no subtraction, and where XLA aliases a result to
-its parameters (donated), no copy either: the step runs in place.  Results of 4 MiB or more
-ask for transparent huge pages first (see ``_advise_huge_pages``).
+its parameters (donated), no copy either: the step runs in place.  Fresh results of 4 MiB or
+more ask for transparent huge pages first (see ``_advise_huge_pages``).
 
 ``chunks`` (int64) and ``control`` (int64: rule address, threaded, Lookahead rule address,
 flags) travel as uint32 words (JAX without x64 has no int64).  ``control`` comes from the
@@ -193,8 +193,8 @@ def _handler(dtype):
         size = frame[_FRAME_ARGS_SIZE]
         leaves = (size - STATE_ARGS - 3) // 2
         args, rets = _words(frame[_FRAME_ARGS], size), _words(frame[_FRAME_RETS], leaves + STATE_ARGS)
-        table = carray(_pointer(_data(args[size - 2])), (_dims(args[size - 2], 2)[0], _dims(args[size - 2], 2)[1]),
-                       scalar)
+        table_dims = _dims(args[size - 2], 2)
+        table = carray(_pointer(_data(args[size - 2])), (table_dims[0], table_dims[1]), scalar)
         states = np.empty(STATE_ARGS, np.int64)
         for k in range(STATE_ARGS):  # aliased: the same memory, unless XLA chose otherwise
             out, source = rets[leaves + k], args[2 * leaves + k]
@@ -204,8 +204,9 @@ def _handler(dtype):
             states[k] = _data(out)
         chunks = carray(_pointer(_data(args[size - 3])), (_dims(args[size - 3], 2)[0], 5), np.int64)
         control = carray(_pointer(_data(args[size - 1])), (4,), np.int64)
-        for leaf in range(leaves):
-            _advise_huge_pages(_data(rets[leaf]), _nbytes(rets[leaf], table.itemsize))
+        for leaf in range(leaves):  # fresh results only: one aliased to its params is memory XLA already had
+            if _data(rets[leaf]) != _data(args[leaf]):
+                _advise_huge_pages(_data(rets[leaf]), _nbytes(rets[leaf], table.itemsize))
         if control[1]:
             run_leaves_parallel(control, args, rets, leaves, chunks, table, states)
         else:
