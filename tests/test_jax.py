@@ -1,6 +1,6 @@
-"""JAX adapter: as_optax against optax's own optimizers and against the core optimizer on the
-same flat buffer; as_optax as a pure optax transformation (fresh inits, pure updates, jit,
-chain, apply_if_finite, MultiSteps); TreeOptimizer.  The tests marked with ``path`` run
+"""JAX adapter: as_optax (``tx.update`` and ``update_and_apply``) against optax's own optimizers
+and against the core optimizer on the same flat buffer; as_optax as a pure optax transformation
+(fresh inits, pure updates, jit, chain, apply_if_finite, MultiSteps); TreeOptimizer.  The tests marked with ``path`` run
 as_optax both ways: the XLA FFI kernel (the CPU default) and the host callback (other
 platforms, Lookahead, and a JAX that refuses the FFI handler)."""
 import contextlib
