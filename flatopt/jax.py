@@ -265,7 +265,9 @@ class _HostPlans:
     def __call__(self, counts):
         from flatopt.kernels.xla import SLOW_FROM_PARAMS, SYNC
 
-        counters, step_count = counts
+        # JAX hands a callback jax.Arrays: indexing one would dispatch a computation from
+        # inside this one, which deadlocks once every XLA worker waits in such a callback
+        counters, step_count = jax.tree_util.tree_map(np.asarray, counts)
         worker = getattr(self.kept, "worker", None)
         if worker is None:
             worker = self.kept.worker = copy.deepcopy(self.inner)

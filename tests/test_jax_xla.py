@@ -23,7 +23,9 @@ import jax.numpy as jnp  # noqa: E402
 import flatopt  # noqa: E402
 from flatopt.jax import as_optax, update_and_apply  # noqa: E402
 from flatopt.kernels import xla  # noqa: E402
-from test_jax import assert_state_is_core, flat  # noqa: E402
+from test_jax import PATHS, assert_state_is_core, flat, on_path  # noqa: E402
+
+jax_core = pytest.importorskip("jax._src.core")  # EvalTrace: where an eager JAX operation is evaluated
 
 
 def leaves_tree(sizes, seed, scale=1.0, dtype=np.float32):
@@ -184,6 +186,38 @@ def test_threaded_updates_from_several_python_threads():
     for (p, s), (p_ref, s_ref) in zip(got, expected):
         np.testing.assert_array_equal(p, p_ref)
         np.testing.assert_array_equal(s, s_ref)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_callbacks_evaluate_no_jax_operation(path, api, lookahead, monkeypatch):
+    """The host callbacks turn the jax.Arrays JAX hands them into NumPy before touching them.
+    A JAX operation evaluated inside a callback needs an XLA worker while it holds one: from
+    several Python threads at once that deadlocked (each callback on an XLA worker, waiting
+    for another; seen in about one run in 15 of the threaded test, on 2 cores).  Every
+    primitive evaluated with flatopt.jax's callback on the stack is recorded."""
+    opt = flatopt.AdamW(lr=1e-2)
+    tx = as_optax(flatopt.Lookahead(opt, k=2) if lookahead else opt)
+    params, grads = leaves_tree([300, 7], 0), leaves_tree([300, 7], 1, 0.1)
+    with on_path(path):
+        state = tx.init(params)
+        step = jax.jit(tx.update if api == "update" else functools.partial(update_and_apply, tx))
+        jax.block_until_ready(step(grads, state, params))  # compiled before anything is recorded
+        evaluated, process_primitive = [], jax_core.EvalTrace.process_primitive
+
+        def recording(trace, primitive, args, params):
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename != flatopt.jax.__file__:
+                frame = frame.f_back
+            if frame is not None:
+                evaluated.append((frame.f_code.co_name, primitive.name))
+            return process_primitive(trace, primitive, args, params)
+
+        monkeypatch.setattr(jax_core.EvalTrace, "process_primitive", recording)
+        for _ in range(3):  # Lookahead: its first step, a step between syncs and a sync
+            result, state = jax.block_until_ready(step(grads, state, params))
+    assert not evaluated
 
 
 def test_every_group_frozen_changes_nothing():
