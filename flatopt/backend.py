@@ -9,6 +9,7 @@ into chunks, and launches a kernel by name.
 import functools
 import struct
 import sys
+import threading
 
 import numpy as np
 
@@ -192,6 +193,15 @@ class CpuBackend:
         import numba
         return elements >= self.parallel_min and numba.get_num_threads() > 1
 
+    @functools.cached_property
+    def one_launch_at_a_time(self):
+        """Whether Numba's threads take one parallel launch at a time: its ``workqueue``
+        threading layer (what Numba falls back to where neither OpenMP nor TBB loads) aborts
+        the process when two Python threads launch at once.  Threaded steps then take a lock."""
+        import numba
+        numba.get_num_threads()  # starts the threading layer, which Numba picks then
+        return numba.threading_layer() == "workqueue"
+
     def launch(self, kernel, params, grads, states, plan, table):
         chunks, parallel = plan
         driver, rule, unused = self._kernel(kernel, parallel, params.dtype)
@@ -210,9 +220,21 @@ class CpuBackend:
         found = self._kernels.get(key)
         if found is None:
             from flatopt.kernels import cpu
-            found = self._kernels[key] = (cpu.run_parallel if parallel else cpu.run_serial,
-                                          cpu.rule_address(kernel, dtype), (np.empty(0, dtype),) * STATE_SLOTS)
+            driver = cpu.run_parallel if parallel else cpu.run_serial
+            if parallel and self.one_launch_at_a_time:
+                driver = _one_at_a_time(driver)
+            found = self._kernels[key] = (driver, cpu.rule_address(kernel, dtype), (np.empty(0, dtype),) * STATE_SLOTS)
         return found
+
+
+_launching = threading.Lock()  # one for every driver: the workqueue is one pool
+
+
+def _one_at_a_time(driver):
+    def run(*args):
+        with _launching:
+            driver(*args)
+    return run
 
 
 @functools.lru_cache(maxsize=None)

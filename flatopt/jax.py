@@ -202,7 +202,10 @@ def _kernel_update(template, params, dtype, new_params=False):
     groups = [(0, len(sizes))] if new_params else xla.leaf_groups(sizes, np.dtype(dtype).itemsize)
     for first, stop in groups:
         lo, hi = sum(sizes[:first]), sum(sizes[:stop])
-        threaded = CPU.threaded(sum(max(0, min(b, hi) - max(a, lo)) for a, b, _ in segments))
+        # XLA calls the handler from its own threads, where no Python lock can order the
+        # launches that Numba's workqueue layer must see one at a time: there it runs serially
+        threaded = CPU.threaded(sum(max(0, min(b, hi) - max(a, lo)) for a, b, _ in segments)) \
+            and not CPU.one_launch_at_a_time
         calls.append((first, stop, xla.leaf_chunks(sizes[first:stop], segments, threaded, lo), threaded))
     plans = _HostPlans(template, sum(sizes), dtype, [threaded for *_, threaded in calls], new_params)
     table_like = jax.ShapeDtypeStruct((len(active) + lookahead, row_length), dtype)

@@ -529,6 +529,52 @@ def test_threads_first_steps_share_one_compiled_rule(tmp_path):
     assert out.split() == ["1", "1", "[32.0]"]
 
 
+def in_workqueue_process(code):
+    """``code``'s output, run in a new process on Numba's ``workqueue`` threading layer with
+    two threads (so that large steps are threaded on a machine of any size)."""
+    env = dict(__import__("os").environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()
+
+
+def test_threaded_steps_from_several_threads_on_numbas_workqueue_layer():
+    """Numba's workqueue layer (its fallback without OpenMP or TBB) aborts the process when two
+    threads launch parallel work at once; threaded steps from four Python threads there run
+    one at a time, each with the result it has alone."""
+    out = in_workqueue_process("""
+        import threading, numpy as np, flatopt
+        from flatopt.backend import CPU
+        n, start = 1 << 19, threading.Barrier(4)
+        def run(seed, out, together=False):
+            rng = np.random.default_rng(seed)
+            p, grads = rng.standard_normal(n).astype(np.float32), rng.standard_normal((2, n)).astype(np.float32)
+            opt = flatopt.Lookahead(flatopt.Adam(lr=1e-3), k=3) if seed % 2 else flatopt.RMSprop(lr=1e-3)
+            if together:
+                start.wait()
+            for t in range(40):
+                opt.step(p, grads[t % 2])
+            out[seed] = p
+        expected, got = {}, {}
+        for seed in range(4):
+            run(seed, expected)
+        threads = [threading.Thread(target=run, args=(seed, got, True)) for seed in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print(CPU.threaded(n), CPU.one_launch_at_a_time, all(np.array_equal(got[s], expected[s]) for s in range(4)))
+    """)
+    assert out == ["True", "True", "True"]
+
+
+def test_one_launch_at_a_time_only_on_the_workqueue_layer():
+    import numba
+    numba.get_num_threads()
+    assert CPU.one_launch_at_a_time == (numba.threading_layer() == "workqueue")
+    if not CPU.one_launch_at_a_time:  # the drivers are Numba's own, with nothing in between
+        driver, _, _ = CPU._kernel("adam", True, np.dtype(np.float32))
+        assert driver is kernels.run_parallel
+
+
 def test_repr_names_the_hyperparameters():
     assert repr(flatopt.AdamW(lr=0.5)).startswith("AdamW(lr=0.5, betas=(0.9, 0.999)")
     assert "k=5" in repr(flatopt.Lookahead(flatopt.SGD()))

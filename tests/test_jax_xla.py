@@ -4,8 +4,11 @@ every way, in place on a donated state, from several threads; and the chunk and 
 import ctypes
 import functools
 import mmap
+import os
 import re
+import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -218,6 +221,43 @@ def test_callbacks_evaluate_no_jax_operation(path, api, lookahead, monkeypatch):
         for _ in range(3):  # Lookahead: its first step, a step between syncs and a sync
             result, state = jax.block_until_ready(step(grads, state, params))
     assert not evaluated
+
+
+def test_updates_from_several_threads_on_numbas_workqueue_layer():
+    """Numba's workqueue layer aborts the process when two threads launch parallel work at
+    once, and XLA calls the handler from its own threads, several at a time: there the
+    handler runs serially, with the result of the threaded handler elsewhere."""
+    code = textwrap.dedent("""
+        import functools, threading, numpy as np, jax, jax.numpy as jnp, optax, flatopt
+        from jax.flatten_util import ravel_pytree
+        from flatopt.backend import CPU
+        from flatopt.jax import as_optax, update_and_apply
+        tx = as_optax(flatopt.AdamW(lr=1e-2))
+        update, apply = jax.jit(tx.update), jax.jit(functools.partial(update_and_apply, tx))
+        def run(seed, out):
+            rng = np.random.default_rng(seed)
+            params = {"a": jnp.asarray(rng.standard_normal(200_000), jnp.float32), "b": jnp.ones(17)}
+            state = tx.init(params)
+            for t in range(12):
+                grads = jax.tree_util.tree_map(lambda x: 0.1 * x + t, params)
+                if t % 2:
+                    params, state = apply(grads, state, params)
+                else:
+                    updates, state = update(grads, state, params)
+                    params = optax.apply_updates(params, updates)
+            out[seed] = np.asarray(ravel_pytree(params)[0])
+        expected, got = {}, {}
+        for seed in range(4):
+            run(seed, expected)
+        threads = [threading.Thread(target=run, args=(seed, got)) for seed in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print(CPU.threaded(200_017), CPU.one_launch_at_a_time, all(np.array_equal(got[s], expected[s]) for s in range(4)))
+    """)
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True", "True", "True"]
 
 
 def test_every_group_frozen_changes_nothing():
