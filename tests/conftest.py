@@ -19,9 +19,19 @@ import os
 import shutil
 import tempfile
 
-import numpy as np
 import pytest
-from hypothesis import settings
+
+# The threaded paths are tested on any machine: on one core (the CPUs this process may run on,
+# as Numba counts them) Numba would start one thread and never take them.  Set before anything
+# imports Numba, which reads it once.
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+if CPUS < 2:
+    os.environ.setdefault("NUMBA_NUM_THREADS", "2")
+NUMBA_THREADS = int(os.environ.get("NUMBA_NUM_THREADS") or CPUS)
+needs_threads = pytest.mark.skipif(NUMBA_THREADS < 2, reason="NUMBA_NUM_THREADS=1: no step is threaded")
+
+import numpy as np  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # The same examples in every run unless FLATOPT_SWEEP_RANDOM=1 asks for fresh ones (a CI run
 # must not fail on an example no earlier run drew).  Nothing is written into the checkout:

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flatopt
+from conftest import needs_threads
 from flatopt.backend import CPU
 from flatopt.kernels import cpu as kernels
 
@@ -412,6 +413,7 @@ def test_frozen_toggle_keeps_state_bits():
     assert [s["step"] for s in opt.group_state] == [4, 2]
 
 
+@needs_threads
 @pytest.mark.parametrize("name", ["SGD-nesterov", "RMSprop-centered-momentum", "Adam-amsgrad", "ADOPT-decouple"])
 def test_parallel_path_equals_serial_path(name, monkeypatch):
     n = 3 * CPU.parallel_min + 7
@@ -493,6 +495,7 @@ def test_import_flatopt_imports_no_framework():
     assert out.strip() == "[]"
 
 
+@needs_threads
 def test_kernels_are_cached_on_disk(tmp_path):
     """The rules of both dtypes (two C callbacks of one function) and both drivers."""
     code = ("import flatopt, numpy as np; from flatopt.kernels import cpu; from flatopt.backend import CPU;"
