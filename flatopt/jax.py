@@ -99,12 +99,6 @@ def as_optax(opt):
     template.load_state_dict(_fresh_checkpoint(template))
     host_steps = _HostSteps(template)
 
-    def host_update(grads, state, params, new_params):
-        """One step on NumPy copies: returns (flat updates or new params, new state); changes
-        none of its inputs."""
-        grads, state, params = jax.tree_util.tree_map(np.asarray, (grads, state, params))  # zero-copy views
-        return host_steps(grads, state, params, new_params)
-
     def init(params):
         flat = jax.eval_shape(lambda p: ravel_pytree(p)[0], params)
         if flat.dtype not in (np.float32, np.float64):
@@ -125,8 +119,8 @@ def as_optax(opt):
         like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (flat_params, state))
 
         def on_host(grads, state, params):  # the flat buffers above; on the CPU path XLA drops them unused
-            flat_result, new_state = jax.pure_callback(functools.partial(host_update, new_params=new_params), like,
-                                                       flat_grads.astype(dtype), state, flat_params,
+            flat_result, new_state = jax.pure_callback(_on_numpy(functools.partial(host_steps, new_params=new_params)),
+                                                       like, flat_grads.astype(dtype), state, flat_params,
                                                        vmap_method="sequential")
             return unravel(flat_result), new_state
 
@@ -216,7 +210,7 @@ def _kernel_update(template, params, dtype, new_params=False):
         counts = (inner_state.counters, state.step_count if lookahead else None)
         counts_like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), counts)
         table, control, (counters, step_count) = jax.pure_callback(
-            plans, (table_like, control_like, counts_like), counts, vmap_method="sequential")
+            _on_numpy(plans), (table_like, control_like, counts_like), counts, vmap_method="sequential")
         empty = jnp.zeros((0,), dtype)
         slots = [inner_state.buffers.get(name, empty) for name in inner.state_names]
         slots += [empty] * (xla.STATE_ARGS - 1 - len(slots)) + [state.slow if lookahead else empty]
@@ -241,6 +235,16 @@ def _kernel_update(template, params, dtype, new_params=False):
         return results, LookaheadState(new_state, slots[-1], step_count) if lookahead else new_state
 
     return update
+
+
+def _on_numpy(callback):
+    """``callback`` for ``jax.pure_callback``, given zero-copy NumPy views of the jax.Arrays
+    JAX hands a callback: a JAX operation on them (an index, say) would dispatch a computation
+    from inside this one, which deadlocks once every XLA worker waits in such a callback
+    (several Python threads updating at once)."""
+    def on_numpy(*args):
+        return callback(*jax.tree_util.tree_map(np.asarray, args))
+    return on_numpy
 
 
 class _HostPlans:
@@ -268,9 +272,7 @@ class _HostPlans:
     def __call__(self, counts):
         from flatopt.kernels.xla import SLOW_FROM_PARAMS, SYNC
 
-        # JAX hands a callback jax.Arrays: indexing one would dispatch a computation from
-        # inside this one, which deadlocks once every XLA worker waits in such a callback
-        counters, step_count = jax.tree_util.tree_map(np.asarray, counts)
+        counters, step_count = counts
         worker = getattr(self.kept, "worker", None)
         if worker is None:
             worker = self.kept.worker = copy.deepcopy(self.inner)

@@ -17,7 +17,10 @@ Tolerance vocabulary used by the suites:
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 import pytest
 
@@ -189,3 +192,13 @@ def pytest_terminal_summary(terminalreporter):
 def rng():
     """A seeded NumPy generator for non-hypothesis tests (hypothesis tests draw a seed)."""
     return np.random.default_rng(20240601)
+
+
+def in_workqueue_process(code, **env):
+    """``code``'s printed words, run in a new process on Numba's ``workqueue`` threading layer
+    with two threads (so that large steps are threaded on a machine of any size), with ``env``
+    added to the environment; its stderr (Numba's abort message, say) if it fails."""
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2", **env)
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flatopt
-from conftest import needs_threads
+from conftest import in_workqueue_process, needs_threads
 from flatopt.backend import CPU
 from flatopt.kernels import cpu as kernels
 
@@ -530,15 +530,6 @@ def test_threads_first_steps_share_one_compiled_rule(tmp_path):
     env = dict(__import__("os").environ, NUMBA_CACHE_DIR=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.split() == ["1", "1", "[32.0]"]
-
-
-def in_workqueue_process(code):
-    """``code``'s output, run in a new process on Numba's ``workqueue`` threading layer with
-    two threads (so that large steps are threaded on a machine of any size)."""
-    env = dict(__import__("os").environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout.split()
 
 
 def test_threaded_steps_from_several_threads_on_numbas_workqueue_layer():

@@ -4,11 +4,8 @@ every way, in place on a donated state, from several threads; and the chunk and 
 import ctypes
 import functools
 import mmap
-import os
 import re
-import subprocess
 import sys
-import textwrap
 import threading
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import sweep
+from conftest import in_workqueue_process, sweep
 
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
@@ -227,7 +224,7 @@ def test_updates_from_several_threads_on_numbas_workqueue_layer():
     """Numba's workqueue layer aborts the process when two threads launch parallel work at
     once, and XLA calls the handler from its own threads, several at a time: there the
     handler runs serially, with the result of the threaded handler elsewhere."""
-    code = textwrap.dedent("""
+    out = in_workqueue_process("""
         import functools, threading, numpy as np, jax, jax.numpy as jnp, optax, flatopt
         from jax.flatten_util import ravel_pytree
         from flatopt.backend import CPU
@@ -252,12 +249,10 @@ def test_updates_from_several_threads_on_numbas_workqueue_layer():
         threads = [threading.Thread(target=run, args=(seed, got)) for seed in range(4)]
         [t.start() for t in threads]
         [t.join() for t in threads]
-        print(CPU.threaded(200_017), CPU.one_launch_at_a_time, all(np.array_equal(got[s], expected[s]) for s in range(4)))
-    """)
-    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2", JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["True", "True", "True"]
+        same = all(np.array_equal(got[s], expected[s]) for s in range(4))
+        print(CPU.threaded(200_017), CPU.one_launch_at_a_time, same)
+    """, JAX_PLATFORMS="cpu")
+    assert out == ["True", "True", "True"]
 
 
 def test_every_group_frozen_changes_nothing():
