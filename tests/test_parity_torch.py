@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import flatopt
@@ -600,6 +600,25 @@ def test_adamw_decay_factor_rounded_like_fused_kernel():
     run = lockstep(flatopt.AdamW, torch.optim.AdamW, dict(lr=lr, weight_decay=wd), p0, grads,
                    torch_kw=dict(fused=True))
     check_adam_fused(run, "AdamW")
+
+
+finite_nonnegative = st.floats(min_value=0.0, allow_infinity=False, allow_nan=False)
+
+
+@given(finite_nonnegative, finite_nonnegative)
+@example(0.02226903609866066, 0.2039989475657453)  # rounding twice is one ulp off
+@example(1.0, 1.0 - 2**-53)  # cancels to 2**-53
+@example(1e200, 1e200)  # beyond the float range
+def test_decay_factor_is_one_minus_the_exact_product_rounded_once(lr, wd):
+    """AdamW's ``1 - lr*wd`` as the fused kernel's FMA gives it, against exact rationals."""
+    from fractions import Fraction
+    from flatopt.optimizers.base import one_minus_product
+    try:
+        once = float(1 - Fraction(lr) * Fraction(wd))
+    except OverflowError:  # the FMA rounds a result beyond the float range to -inf
+        once = -math.inf
+    assert one_minus_product.__wrapped__(lr, wd) == once
+    assert one_minus_product.__wrapped__(np.float64(lr), np.float32(0.25)) == float(1 - Fraction(lr) / 4)
 
 
 # ================================ hyperparameters changed between steps, not only the lr

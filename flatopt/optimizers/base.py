@@ -18,7 +18,6 @@ A subclass supplies the math's inputs only:
 import functools
 import math
 import numbers
-from fractions import Fraction
 
 import numpy as np
 
@@ -359,12 +358,18 @@ def lerp_weight_minus_one(weight, dt):
 def one_minus_product(a, b):
     """``1 - a*b`` rounded once, as a fused multiply-add computes it (torch's fused Adam
     kernels are compiled with FMA contraction).  Cached: lr changes at most once a step."""
-    a, b = float(a), float(b)  # NumPy scalars too (Fraction takes no np.float32)
+    a, b = float(a), float(b)  # NumPy scalars too
     if hasattr(math, "fma"):  # Python >= 3.13
         return math.fma(-a, b, 1.0)
     if not (math.isfinite(a) and math.isfinite(b)):
         return 1.0 - a * b
-    return float(1 - Fraction(a) * Fraction(b))  # exact, then one correct rounding
+    # Exact in integers, then one correct rounding (Python's int / int is correctly rounded);
+    # a result beyond the float range is -inf, as the FMA rounds it (Python 3.13's math.fma too).
+    (na, da), (nb, db) = a.as_integer_ratio(), b.as_integer_ratio()
+    try:
+        return (da * db - na * nb) / (da * db)
+    except OverflowError:  # then a*b rounds to inf too
+        return 1.0 - a * b
 
 
 _PLAIN_TYPES = frozenset((float, int, bool, type(None)))
