@@ -201,14 +201,17 @@ def test_zero_copy():
     assert b.flat.numel() == sum(p.numel() for p in m.parameters())
     assert all(_inside(p.data_ptr(), b.flat) for p in m.parameters())
     x, y = data()[0]
-    for set_to_none in (False, False, True):
+    views_before = [False, True, False, False]  # whether backward accumulated into the flat buffer
+    for set_to_none, views in zip((False, False, True, False), views_before):
         opt.zero_grad(set_to_none=set_to_none)
         torch.nn.functional.mse_loss(m(x, True), y).backward()
-        if opt.state and not set_to_none:  # after one step the grads are the flat views
-            assert all(_inside(p.grad.data_ptr(), b.gflat) for p in m.parameters())
+        assert all(_inside(p.grad.data_ptr(), b.gflat) == views for p in m.parameters())
         opt.step()
         assert all(_inside(p.data_ptr(), b.flat) for p in m.parameters())
-        assert all(_inside(p.grad.data_ptr(), b.gflat) for p in m.parameters())
+        # After zero_grad(set_to_none=True) the fresh gradients are copied in and left where
+        # autograd made them (the next zero_grad() drops them); otherwise they become the views.
+        assert all(_inside(p.grad.data_ptr(), b.gflat) != set_to_none for p in m.parameters())
+        assert torch.equal(torch.cat([p.grad.reshape(-1) for p in m.parameters()]), b.gflat)
         for p in m.parameters():
             st = opt.state[p]
             assert _inside(st["exp_avg"].data_ptr(), torch.from_numpy(b.core.state["exp_avg"]))
@@ -771,6 +774,18 @@ def test_state_edits_are_seen_at_the_next_step_as_in_torch(reset):
     assert o1.state[ps1[0]]["step"].item() == o2.state[ps2[0]]["step"].item()
 
 
+def test_momentum_buffers_swapped_through_numpy_views_of_the_flat_state():
+    """Swapped state tensors that NumPy made over the flat state's bytes (a storage of their own,
+    neither at the buffer's start): both are read before either is written."""
+    def swap(o, ps):
+        s1, s2 = o.state[ps[1]], o.state[ps[2]]
+        s1["momentum_buffer"], s2["momentum_buffer"] = (torch.from_numpy(s2["momentum_buffer"].numpy()),
+                                                        torch.from_numpy(s1["momentum_buffer"].numpy()))
+    (ps1, o1), (ps2, o2) = _both("SGD", [(3,), (5,), (5,)], swap, lr=0.1, momentum=0.9)
+    _assert_same_tensors(ps1, ps2)
+    _assert_same_state(o1, o2)
+
+
 @pytest.mark.parametrize("reset", ["state.clear()", "del state[p]", "state[p] = {}"])
 def test_sgd_state_reset_restarts_momentum_as_in_torch(reset):
     (ps1, o1), (ps2, o2) = _both("SGD", [(4, 3), (5,)], _STATE_RESETS[reset], lr=0.1, momentum=0.9)
@@ -860,6 +875,23 @@ def test_grad_replaced_by_a_view_of_the_flat_gradient_buffer():
         p.grad, q.grad = p.grad.t(), p.grad  # a transposed view of itself; another param's slice
         opt.step()
         outs.append([p.detach().clone(), q.detach().clone()])
+    _assert_same_tensors(*outs)
+
+
+def test_grads_swapped_through_numpy_views_of_the_flat_gradient_buffer():
+    """Swapped gradients that are NumPy-made tensors over the flat buffer's memory (a storage of
+    their own, the same bytes, not at the buffer's start): each source is read before either
+    copy overwrites it."""
+    outs = []
+    for make in (ft.SGD, lambda ps, **k: _ref("SGD", ps, **k)):
+        first, p, q = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+        opt = make([first, p, q], lr=1.0)
+        first.grad, p.grad, q.grad = torch.ones(3), torch.tensor([1., 2., 3.]), torch.tensor([10., 20., 30.])
+        opt.step()
+        p.grad.mul_(2)  # the second step's gradients differ from the first's
+        p.grad, q.grad = torch.from_numpy(q.grad.numpy()), torch.from_numpy(p.grad.numpy())
+        opt.step()
+        outs.append([first.detach().clone(), p.detach().clone(), q.detach().clone()])
     _assert_same_tensors(*outs)
 
 
@@ -1129,6 +1161,10 @@ def test_parameters_sharing_memory_are_refused():
         ft.SGD(views, lr=0.1)
     apart = [torch.nn.Parameter(base[:8]), torch.nn.Parameter(base[8:16])]  # disjoint views are fine
     ft.SGD(apart, lr=0.1)
+    shared = torch.zeros(24).numpy()  # NumPy-made tensors: a storage each, the same bytes
+    with pytest.raises(ValueError, match="share memory"):
+        ft.SGD([torch.nn.Parameter(torch.from_numpy(shared[:16])), torch.nn.Parameter(torch.from_numpy(shared[8:]))],
+               lr=0.1)
     with pytest.raises(TypeError, match="meta tensors"):
         ft.SGD([torch.nn.Parameter(torch.empty(4, device="meta"))], lr=0.1)
 

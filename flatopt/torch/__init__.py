@@ -11,15 +11,18 @@
   torch releases too: missing group keys get torch's defaults), lr schedulers, ``GradScaler``,
   ``clip_grad_norm_``, ``copy.deepcopy`` and pickling work as with ``torch.optim``.
 * At construction every parameter's storage moves into one contiguous flat buffer per
-  (device, dtype): ``p.data`` becomes a view of it.  From the first step on, ``p.grad`` is
-  a view of a flat gradient buffer, so with ``zero_grad(set_to_none=False)`` backward
-  accumulates straight into it.  With ``zero_grad()`` (``set_to_none=True``, torch's
-  default) the fresh gradient autograd makes is copied into the flat buffer at the next
-  step.  (Gradients are not pre-assigned at construction: a parameter that never got a
-  gradient must stay ``None`` so that it is skipped, as torch skips it.)
+  (device, dtype): ``p.data`` becomes a view of it.  A step makes each ``p.grad`` a view of
+  a flat gradient buffer, so with ``zero_grad(set_to_none=False)`` backward accumulates
+  straight into it.  After ``zero_grad()`` (``set_to_none=True``, torch's default) the fresh
+  gradients autograd makes are copied into the flat buffer at the next step and left where
+  they are: the next ``zero_grad()`` drops them, and pointing each ``.grad`` at its view
+  would cost a quarter of such a step.  (Gradients are not pre-assigned at construction: a
+  parameter that never got a gradient must stay ``None`` so that it is skipped, as torch
+  skips it.)
 * Parameters whose ``.grad`` is ``None`` are skipped: no update, no decay, no state or
-  step change.  Replaced ``.grad`` / ``.data`` tensors (new memory) are copied in and
-  re-pointed at the flat views before the step.
+  step change.  Replaced ``.grad`` / ``.data`` tensors (new memory) are copied in before
+  the step and re-pointed at the flat views (gradients unless ``zero_grad()`` dropped the
+  gradients since the last step).
 * ``state[p]`` holds torch's names (``step``, ``exp_avg``, ``exp_avg_sq``,
   ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ``grad_avg``) as views of the
   flat state buffers, only the buffers ``p``'s group uses (SGD: ``momentum_buffer`` alone, and

@@ -36,19 +36,18 @@ def check_unique(params):
 
 
 def check_disjoint(params):
-    """Parameters that share memory (views of one tensor) would be untied by the layout, which
-    gives each its own place: refuse them."""
+    """Parameters that share memory (views of one tensor, or tensors NumPy made over the same
+    bytes) would be untied by the layout, which gives each its own place: refuse them.  Byte
+    ranges per device, sorted by their first byte: if any two overlap, two neighbours do."""
     spans = []
     for i, p in enumerate(params):
         if p.numel():
-            start = p.storage_offset()
             extent = 1 + sum((n - 1) * abs(st) for n, st in zip(p.shape, p.stride()))
-            spans.append((p.device, p.untyped_storage().data_ptr(), start * p.element_size(),
-                          (start + extent) * p.element_size(), i))
-    spans.sort(key=lambda s: (str(s[0]), s[1], s[2]))
+            spans.append((str(p.device), p.data_ptr(), p.data_ptr() + extent * p.element_size(), i))
+    spans.sort()
     for a, b in zip(spans, spans[1:]):
-        if a[:2] == b[:2] and b[2] < a[3]:
-            raise ValueError(f"parameters {a[4]} and {b[4]} share memory (views of one tensor); flatopt.torch "
+        if a[0] == b[0] and b[1] < a[2]:
+            raise ValueError(f"parameters {a[3]} and {b[3]} share memory (views of one tensor); flatopt.torch "
                              "gives each parameter its own place in a flat buffer, which would untie them")
 
 
