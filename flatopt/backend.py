@@ -121,6 +121,38 @@ def split_chunks(segments, n_chunks_hint, align=16):
     return np.array(chunks, dtype=np.int64).reshape(-1, 3)
 
 
+class Gather:
+    """Gradients in host buffers of their own instead of in the flat ``grads`` buffer: the
+    layout's elements from ``offsets[i]`` up to ``offsets[i + 1]`` lie, contiguous and of the
+    params' dtype, from byte address ``addresses[i]`` on.  flatopt.torch builds it after
+    ``zero_grad()`` from the tensors autograd made, checks each, and keeps them alive while the
+    step runs; a raw address is never checked here."""
+
+    __slots__ = ("offsets", "addresses")
+
+    def __init__(self, offsets, addresses):
+        self.offsets, self.addresses = offsets, addresses
+
+    def pieces(self, chunks, itemsize):
+        """``chunks`` (``(start, stop, segment)`` rows) cut where a gradient buffer begins, each
+        piece with the byte address of its first gradient: ``(start, stop, segment, address)``."""
+        offsets = self.offsets
+        lo, hi = chunks[:, 0], chunks[:, 1]
+        first = np.searchsorted(offsets, lo, side="right") - 1  # the buffer of each chunk's first element
+        counts = np.searchsorted(offsets, hi, side="left") - first  # the buffers a chunk spans
+        chunk_of = np.repeat(np.arange(len(chunks)), counts)
+        buffer_of = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts - first, counts)
+        ends = np.append(offsets[1:], np.iinfo(np.int64).max)
+        starts = np.maximum(lo[chunk_of], offsets[buffer_of])
+        stops = np.minimum(hi[chunk_of], ends[buffer_of])
+        keep = stops > starts  # a zero-size buffer gives an empty piece
+        pieces = np.empty((int(keep.sum()), 4), np.int64)
+        pieces[:, 0], pieces[:, 1] = starts[keep], stops[keep]
+        pieces[:, 2] = chunks[chunk_of[keep], 2]
+        pieces[:, 3] = self.addresses[buffer_of[keep]] + (starts[keep] - offsets[buffer_of[keep]]) * itemsize
+        return pieces
+
+
 class CpuBackend:
     """NumPy buffers, Numba CPU kernels (flatopt.kernels.cpu)."""
 
@@ -202,25 +234,39 @@ class CpuBackend:
         numba.get_num_threads()  # starts the threading layer, which Numba picks then
         return numba.threading_layer() == "workqueue"
 
-    def launch(self, kernel, params, grads, states, plan, table):
+    def launch(self, kernel, params, grads, states, plan, table, gather=None):
+        """``gather``: a :class:`Gather`, whose buffers hold the gradients instead of ``grads``."""
         chunks, parallel = plan
-        driver, rule, unused = self._kernel(kernel, parallel, params.dtype)
-        driver(rule, params, grads, *states, *unused[len(states):], chunks, table)
+        driver, rule, unused = self._kernel(kernel, parallel, params.dtype, gather is not None)
+        if gather is None:
+            driver(rule, params, grads, *states, *unused[len(states):], chunks, table)
+        else:
+            driver(rule, params, *states, *unused[len(states):], gather.pieces(chunks, params.itemsize), table)
 
     def launcher(self, kernel, plan, dtype, states):
-        """``launch`` with all but the buffers and the table bound: ``f(params, grads, table)``."""
+        """``launch`` with all but the buffers and the table bound: ``f(params, grads, table)``
+        (and ``f(params, grads, table, gather)``)."""
         chunks, parallel = plan
         driver, rule, unused = self._kernel(kernel, parallel, dtype)
         s0, s1, s2 = (*states, *unused)[:STATE_SLOTS]
-        return lambda params, grads, table: driver(rule, params, grads, s0, s1, s2, chunks, table)
 
-    def _kernel(self, kernel, parallel, dtype):
+        def launch(params, grads, table, gather=None):
+            if gather is None:
+                driver(rule, params, grads, s0, s1, s2, chunks, table)
+            else:
+                self.launch(kernel, params, grads, states, plan, table, gather)
+        return launch
+
+    def _kernel(self, kernel, parallel, dtype, gathered=False):
         """The driver, the rule's address and empty buffers for the state slots it leaves unused."""
-        key = (kernel, parallel, dtype.char)
+        key = (kernel, parallel, dtype.char, gathered)
         found = self._kernels.get(key)
         if found is None:
             from flatopt.kernels import cpu
-            driver = cpu.run_parallel if parallel else cpu.run_serial
+            if gathered:
+                driver = cpu.run_parallel_gathered if parallel else cpu.run_serial_gathered
+            else:
+                driver = cpu.run_parallel if parallel else cpu.run_serial
             if parallel and self.one_launch_at_a_time:
                 driver = _one_at_a_time(driver)
             found = self._kernels[key] = (driver, cpu.rule_address(kernel, dtype), (np.empty(0, dtype),) * STATE_SLOTS)

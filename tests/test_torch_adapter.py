@@ -2,6 +2,7 @@
 import copy
 import io
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -208,13 +209,57 @@ def test_zero_copy():
         assert all(_inside(p.grad.data_ptr(), b.gflat) == views for p in m.parameters())
         opt.step()
         assert all(_inside(p.data_ptr(), b.flat) for p in m.parameters())
-        # After zero_grad(set_to_none=True) the fresh gradients are copied in and left where
-        # autograd made them (the next zero_grad() drops them); otherwise they become the views.
+        # After zero_grad(set_to_none=True) the fresh gradients stay where autograd made them
+        # (the next zero_grad() drops them); otherwise they become the views.
         assert all(_inside(p.grad.data_ptr(), b.gflat) != set_to_none for p in m.parameters())
-        assert torch.equal(torch.cat([p.grad.reshape(-1) for p in m.parameters()]), b.gflat)
+        if not set_to_none:
+            assert torch.equal(torch.cat([p.grad.reshape(-1) for p in m.parameters()]), b.gflat)
         for p in m.parameters():
             st = opt.state[p]
             assert _inside(st["exp_avg"].data_ptr(), torch.from_numpy(b.core.state["exp_avg"]))
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_after_zero_grad_large_buckets_read_new_gradients_where_they_lie(name):
+    """Above ``_gather_min`` elements a step after zero_grad() reads the tensors autograd made
+    instead of copying them into the flat buffer first: the flat gradient buffer is never
+    written, and the parameters match torch's bitwise."""
+    shapes = [(512, 520), (300,), (8,)]
+    assert sum(np.prod(s) for s in shapes) >= ft.Adam._gather_min
+    kw = dict(lr=1e-2, momentum=0.9) if name == "SGD" else dict(lr=1e-2, weight_decay=0.1)
+    outs = []
+    for make in (getattr(ft, name), lambda ps, **k: _ref(name, ps, **k)):
+        ps = _tensors(shapes)
+        opt = make(ps, **kw)
+        for t in range(3):
+            opt.zero_grad()
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            opt.step()
+        outs.append(ps)
+        if make is getattr(ft, name):
+            (b,) = opt._buckets.values()
+            assert not b.gflat.any()
+    _assert_same_tensors(*outs)
+
+
+def test_new_gradients_inside_the_optimizers_buffers_or_strided_are_copied_first():
+    """Read in place (at any size here), a gradient that is another parameter's memory would be
+    read after the step wrote it, and a strided one is not a contiguous run: both are copied
+    into the flat buffer first, as without reading in place."""
+    outs = []
+    for gather_min in (0, 1 << 62):
+        q, p, r = (torch.nn.Parameter(x) for x in _tensors([(3, 4), (3, 4), (3, 4)]))
+        opt = ft.SGD([q, p, r], lr=0.5, momentum=0.9)
+        opt._gather_min = gather_min
+        for t in range(3):
+            opt.zero_grad()
+            q.grad = torch.full((3, 4), 0.25 * (t + 1))
+            p.grad = q.data  # q's memory in the flat buffer, which the step updates
+            r.grad = torch.arange(12.0).reshape(4, 3).t()  # the right shape, transposed strides
+            opt.step()
+        outs.append([q.detach().clone(), p.detach().clone(), r.detach().clone()])
+    _assert_same_tensors(*outs)
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])

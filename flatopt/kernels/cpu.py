@@ -8,7 +8,9 @@ over chunks) for large ones.  Compiling the rule once, rather than inlined into 
 a threaded driver of its own, takes a third off a fresh process's compile time, and the
 drivers, compiled once per dtype, serve every optimizer.  A chunk row is
 ``(start, stop, segment)``; ``table[segment]`` holds that segment's scalars, already rounded
-to the buffers' dtype by the optimizer class (see ``flatopt/optimizers``).
+to the buffers' dtype by the optimizer class (see ``flatopt/optimizers``).  Two more drivers,
+:func:`run_serial_gathered` and :func:`run_parallel_gathered`, read each chunk's gradients
+from a buffer of its own (``flatopt.backend.Gather``) instead of from one flat buffer.
 
 Every rule takes the same C arguments: pointers to the chunk's parameters, gradients and
 three state buffers, a pointer to its row of scalars, and ``n``.  State buffers a rule does
@@ -222,16 +224,28 @@ def rule_address(kernel, dtype):
     return compiled_rule(kernel, dtype).address
 
 
+def _buffers_and_table_fit(buffers, table, dtype):
+    return (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == dtype for a in buffers)
+            and isinstance(table, types.Array) and table.ndim == 2 and table.layout == "C" and table.dtype == dtype)
+
+
+def _rule_call(context, builder, address, pointers, table_type, table, segment, lo, hi):
+    """``rule(*pointers, &table[segment, 0], hi - lo)`` through the rule's address."""
+    rows = context.make_array(table_type)(context, builder, table)
+    row_length = cgutils.unpack_tuple(builder, rows.shape)[1]
+    pointers = pointers + [builder.gep(rows.data, [builder.mul(segment, row_length)])]
+    n = builder.sub(hi, lo)
+    rule = ir.FunctionType(ir.VoidType(), [ptr.type for ptr in pointers] + [n.type])
+    builder.call(builder.inttoptr(address, rule.as_pointer()), pointers + [n])
+
+
 @intrinsic
 def _call_rule(typingctx, address, p, g, s0, s1, s2, table, segment, lo, hi):
     """``rule(&p[lo], &g[lo], &s0[lo], &s1[lo], &s2[lo], &table[segment, 0], hi - lo)``
     through the rule's address; an empty state buffer's pointer is formed and never read.
     Only 1-D C-contiguous buffers and a 2-D C-contiguous table of one dtype are taken: the
     pointer arithmetic assumes them, and indices of the rule's ``n`` type."""
-    buffers = (p, g, s0, s1, s2)
-    if not (all(isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype == p.dtype
-                for a in buffers)
-            and isinstance(table, types.Array) and table.ndim == 2 and table.layout == "C" and table.dtype == p.dtype
+    if not (_buffers_and_table_fit((p, g, s0, s1, s2), table, p.dtype)
             and address == segment == lo == hi == types.intp):
         return None
 
@@ -239,15 +253,31 @@ def _call_rule(typingctx, address, p, g, s0, s1, s2, table, segment, lo, hi):
         address, arrays, (table, segment, lo, hi) = args[0], args[1:6], args[6:]
         pointers = [builder.gep(context.make_array(ty)(context, builder, value).data, [lo])
                     for ty, value in zip(signature.args[1:6], arrays)]
-        rows = context.make_array(signature.args[6])(context, builder, table)
-        row_length = cgutils.unpack_tuple(builder, rows.shape)[1]
-        pointers.append(builder.gep(rows.data, [builder.mul(segment, row_length)]))
-        n = builder.sub(hi, lo)
-        rule = ir.FunctionType(ir.VoidType(), [ptr.type for ptr in pointers] + [n.type])
-        builder.call(builder.inttoptr(address, rule.as_pointer()), pointers + [n])
+        _rule_call(context, builder, address, pointers, signature.args[6], table, segment, lo, hi)
         return context.get_dummy_value()
 
     return types.void(address, p, g, s0, s1, s2, table, segment, lo, hi), codegen
+
+
+@intrinsic
+def _call_rule_gathered(typingctx, address, p, g_address, s0, s1, s2, table, segment, lo, hi):
+    """As :func:`_call_rule`, the chunk's gradients read from ``g_address`` (the byte address
+    of its first gradient, in a buffer of its own) instead of from a flat buffer."""
+    if not (_buffers_and_table_fit((p, s0, s1, s2), table, p.dtype)
+            and address == g_address == segment == lo == hi == types.intp):
+        return None
+
+    def codegen(context, builder, signature, args):
+        address, p, g_address, states, (table, segment, lo, hi) = args[0], args[1], args[2], args[3:6], args[6:]
+        types_ = signature.args
+        p_ptr = builder.gep(context.make_array(types_[1])(context, builder, p).data, [lo])
+        g_ptr = builder.inttoptr(g_address, p_ptr.type)
+        s_ptrs = [builder.gep(context.make_array(ty)(context, builder, value).data, [lo])
+                  for ty, value in zip(types_[3:6], states)]
+        _rule_call(context, builder, address, [p_ptr, g_ptr] + s_ptrs, types_[6], table, segment, lo, hi)
+        return context.get_dummy_value()
+
+    return types.void(address, p, g_address, s0, s1, s2, table, segment, lo, hi), codegen
 
 
 @njit(parallel=True, **_JIT)
@@ -260,3 +290,18 @@ def run_parallel(rule, p, g, s0, s1, s2, chunks, table):
 def run_serial(rule, p, g, s0, s1, s2, chunks, table):
     for c in range(chunks.shape[0]):
         _call_rule(rule, p, g, s0, s1, s2, table, chunks[c, 2], chunks[c, 0], chunks[c, 1])
+
+
+# Gradients in buffers of their own (flatopt.torch after zero_grad(): the tensors autograd
+# made), read where they lie instead of copied into a flat buffer first.  A piece is a
+# chunk's part within one gradient buffer: ``(start, stop, segment, address of its first gradient)``.
+@njit(parallel=True, **_JIT)
+def run_parallel_gathered(rule, p, s0, s1, s2, pieces, table):
+    for c in prange(pieces.shape[0]):
+        _call_rule_gathered(rule, p, pieces[c, 3], s0, s1, s2, table, pieces[c, 2], pieces[c, 0], pieces[c, 1])
+
+
+@njit(**_JIT)
+def run_serial_gathered(rule, p, s0, s1, s2, pieces, table):
+    for c in range(pieces.shape[0]):
+        _call_rule_gathered(rule, p, pieces[c, 3], s0, s1, s2, table, pieces[c, 2], pieces[c, 0], pieces[c, 1])

@@ -142,10 +142,12 @@ class Optimizer:
         return self._groups
 
     # --- the step -----------------------------------------------------------------------
-    def step(self, params, grads):
+    def step(self, params, grads, _gather=None):
         """One update of ``params`` in place from ``grads``: a single kernel launch.
 
-        Everything is validated first; on any error nothing has been modified.
+        Everything is validated first; on any error nothing has been modified.  ``_gather``
+        (flatopt.torch's, host buffers only): a :class:`flatopt.backend.Gather` whose buffers
+        hold the gradients; ``grads`` is then checked but not read.
         """
         backend = CPU if type(params) is np.ndarray and type(grads) is np.ndarray else backend_for(params, grads)
         backend.check(params, grads)
@@ -160,7 +162,10 @@ class Optimizer:
             if type(step) is not int or step < 0:  # edited in place since
                 self._check_group_state(group_state)
             self._set_step_entries(row, self.__dict__, group_state)  # rounded as a full table build rounds
-            launch(params, grads, table)
+            if _gather is None:
+                launch(params, grads, table)
+            else:
+                launch(params, grads, table, _gather)
             self._advance(self.__dict__, group_state)
             return
         if self.state:
@@ -178,7 +183,10 @@ class Optimizer:
         states = self._states(backend, n, dtype, active)
         if (backend, segments) != self._plan_key:
             self._plan, self._plan_key = backend.plan(segments), (backend, segments)
-        backend.launch(self.kernel, params, grads, states, self._plan, table)
+        if _gather is None:
+            backend.launch(self.kernel, params, grads, states, self._plan, table)
+        else:
+            backend.launch(self.kernel, params, grads, states, self._plan, table, _gather)
         for group_state, hp in active:
             self._advance(hp, group_state)
         if self._groups is None and not callable(self.lr):

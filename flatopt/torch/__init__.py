@@ -14,9 +14,11 @@
   (device, dtype): ``p.data`` becomes a view of it.  A step makes each ``p.grad`` a view of
   a flat gradient buffer, so with ``zero_grad(set_to_none=False)`` backward accumulates
   straight into it.  After ``zero_grad()`` (``set_to_none=True``, torch's default) the fresh
-  gradients autograd makes are copied into the flat buffer at the next step and left where
-  they are: the next ``zero_grad()`` drops them, and pointing each ``.grad`` at its view
-  would cost a quarter of such a step.  (Gradients are not pre-assigned at construction: a
+  gradients autograd makes stay where they are: the next ``zero_grad()`` drops them, and
+  pointing each ``.grad`` at its view would cost a quarter of such a step.  The step reads
+  them there (CPU buckets of ``_gather_min`` = 2^18 elements or more; a strided gradient, or
+  one inside this optimizer's buffers, is copied in first) or copies them into the flat
+  buffer (smaller buckets, CUDA).  (Gradients are not pre-assigned at construction: a
   parameter that never got a gradient must stay ``None`` so that it is skipped, as torch
   skips it.)
 * Parameters whose ``.grad`` is ``None`` are skipped: no update, no decay, no state or

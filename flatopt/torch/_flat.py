@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from flatopt.backend import backend_for
+from flatopt.backend import Gather, backend_for
 from flatopt.torch._checks import (NP_DTYPES, check_disjoint, check_flags, check_param, check_unique,
                                    moved_error)
 from flatopt.torch._edits import Edits, ParamList, ParamState, State, unchanged
@@ -59,17 +59,23 @@ def _memory(bufs):
     return [(buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()) for buf in bufs]
 
 
-def _unaliased(sources, ptrs, memory):
-    """``sources`` (with their ``data_ptr()``s), each cloned if it starts inside one of the flat
-    buffers (``memory``, see :func:`_memory`): they are about to be copied into those buffers,
-    and a copy between overlapping memory is refused or reads what it already wrote.  A tensor
-    sharing a buffer's bytes starts inside it, also one NumPy made (a storage of its own, the
-    same bytes); none starts before a buffer and reaches into it, each buffer being an
-    allocation of its own."""
+def _inside(ptrs, memory):
+    """Which of the addresses ``ptrs`` lie in one of the buffers ``memory`` (see :func:`_memory`).
+    A tensor that shares a buffer's bytes starts inside it, also one NumPy made (a storage of
+    its own, the same bytes); none starts before a buffer and reaches into it, each buffer
+    being an allocation of its own."""
     ptrs = np.array(ptrs, dtype=np.uint64)
     inside = np.zeros(len(ptrs), bool)
     for first, end in memory:
         inside |= (ptrs >= first) & (ptrs < end)
+    return inside
+
+
+def _unaliased(sources, ptrs, memory):
+    """``sources`` (with their ``data_ptr()``s), each cloned if it starts inside one of the flat
+    buffers (``memory``): they are about to be copied into those buffers, and a copy between
+    overlapping memory is refused or reads what it already wrote."""
+    inside = _inside(ptrs, memory)
     if not inside.any():
         return sources
     return [src.clone() if clone else src for src, clone in zip(sources, inside.tolist())]
@@ -93,6 +99,7 @@ class _Bucket:
         self.flat = self.gflat = self.flat_np = self.gflat_np = None
         self.views, self.gviews, self.ptrs, self.gptrs = [], [], [], []  # ptrs: the views' data_ptr()s
         self.memory = []  # (first, end) byte addresses of the flat parameter and gradient buffers
+        self.offsets_np = None  # self.offsets as an array (a Gather's offsets)
         self.steps = np.zeros(0, np.float32)   # per-param step counts (torch's state["step"])
         self.steps_t = None
         self.started = np.zeros(0, bool)       # SGD: the momentum buffer exists
@@ -116,6 +123,10 @@ class FlatOptimizer(torch.optim.Optimizer):
     the core class; everything else (layout, ``opt.state``, checkpoints, the step) is here."""
     _core_cls = None
     _step_in_state = True  # torch keeps state["step"] (not SGD)
+    # From this many elements in a bucket on, a step after zero_grad() reads the new gradients
+    # where autograd made them instead of copying them into the flat buffer first (below it
+    # the per-tensor checks and chunk plan cost as much as the copy saves).
+    _gather_min = 1 << 18
 
     def __init__(self, params, defaults):
         """``defaults``: the group defaults in torch's order, the core's hyperparameters and
@@ -273,7 +284,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         b.ptrs = [v.data_ptr() for v in b.views]
         b.gptrs = [gv.data_ptr() for gv in b.gviews]
         b.memory = _memory((b.flat, b.gflat))
+        b.offsets_np = np.array(b.offsets, dtype=np.int64)
         b.all_active = (True,) * len(b.params)
+        b.all_synced = (b.all_active, None)
         with torch.no_grad():
             for p, gv in zip(b.params, b.gviews):
                 if p.grad is not None:
@@ -430,14 +443,15 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     # --- the step --------------------------------------------------------------------------
     def _sync(self, b):
-        """Pull replaced ``.data`` / ``.grad`` into the flat views; which params have a grad.
+        """Pull replaced ``.data`` / ``.grad`` into the flat views: which params have a grad,
+        and where the gradients are read from (``None``: the flat gradient buffer; else a
+        :class:`Gather` and the tensors it reads, to keep alive through the step).
 
-        The copies of one step go in one ``torch._foreach_copy_`` call (after ``zero_grad()``
-        every gradient is a fresh tensor).
+        The copies of one step go in one ``torch._foreach_copy_`` call.
         """
         params = b.params
         if all(map(is_, map(_grad_of, params), b.gviews)) and list(map(_data_ptr, params)) == b.ptrs:
-            return b.all_active  # the common zero-copy case: nothing to pull in
+            return b.all_synced  # the common zero-copy case: nothing to pull in
         with torch.no_grad():
             return self._pull_in(b, params, [p.grad for p in params])
 
@@ -445,6 +459,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         dst, src, src_ptrs, repoint_data, repoint_grad = [], [], [], [], []
         active = []
         views, gviews, ptrs, gptrs = b.views, b.gviews, b.ptrs, b.gptrs
+        # After zero_grad() (on the CPU) the new gradients are read where autograd made them,
+        # unless one is not contiguous or lies in this optimizer's own buffers: then it is
+        # copied into its view first, as every replaced gradient is otherwise.
+        gather = self._grads_dropped and b.device.type == "cpu" and len(b.flat_np) >= self._gather_min
+        if gather:
+            candidates = []  # (index, gradient, address)
         for i, p in enumerate(params):
             ptr = p.data_ptr()
             if ptr != ptrs[i]:
@@ -468,12 +488,27 @@ class FlatOptimizer(torch.optim.Optimizer):
                     raise RuntimeError("flatopt.torch does not support sparse gradients")
                 gptr = g.data_ptr()
                 if gptr != gptrs[i] or g.stride() != gv.stride() or g.shape != gv.shape:
-                    dst.append(gv)
-                    src.append(g)
-                    src_ptrs.append(gptr)
+                    if gather and g.dtype is b.dtype and g.is_cpu and g.is_contiguous():
+                        candidates.append((i, g, gptr))
+                    else:
+                        dst.append(gv)
+                        src.append(g)
+                        src_ptrs.append(gptr)
                 repoint_grad.append((p, gv))
             active.append(True)
-        if dst:  # after zero_grad() every gradient is new: one call copies them all
+        if gather:
+            addresses, kept = list(gptrs), []
+            memory = b.memory + [(a.ctypes.data, a.ctypes.data + a.nbytes) for a in b.core.state.values()]
+            inside = _inside([ptr for _, _, ptr in candidates], memory)
+            for (i, g, gptr), copy in zip(candidates, inside.tolist()):
+                if copy:  # in this optimizer's own buffers, which the step writes
+                    dst.append(gviews[i])
+                    src.append(g)
+                    src_ptrs.append(gptr)
+                else:
+                    addresses[i] = gptr
+                    kept.append(g)
+        if dst:
             torch._foreach_copy_(dst, _unaliased(src, src_ptrs, b.memory))
         for p, view in repoint_data:
             p.data = view
@@ -483,7 +518,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             # pointing 200 .grads at their views costs a quarter of such a step.
             for p, gv in repoint_grad:
                 p.grad = gv
-        return tuple(active)
+        if gather and kept:
+            return tuple(active), (Gather(b.offsets_np, np.array(addresses, dtype=np.int64)), kept)
+        return tuple(active), None
 
     def _layout(self, b, active):
         """The core's runs: maximal runs of neighbouring params with a grad, one torch group,
@@ -533,18 +570,18 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._take_edits()  # edits of opt.state or of a group's params list: O(groups) to notice
         buckets = self._buckets.values()
         if len(buckets) > 1:  # every bucket's checks (shape, dtype) before the first update
-            actives = [self._sync(b) for b in buckets]
-            for b, active in zip(buckets, actives):
-                self._step_bucket(b, active)
+            synced = [self._sync(b) for b in buckets]
+            for b, (active, gather) in zip(buckets, synced):
+                self._step_bucket(b, active, gather)
         else:  # (without the list: a step of a small model is mostly Python)
             for b in buckets:
-                self._step_bucket(b, self._sync(b))
+                self._step_bucket(b, *self._sync(b))
         self._grads_dropped = False
         return loss
 
     _step_with_hooks = torch.optim.Optimizer.profile_hook_step(_step)
 
-    def _step_bucket(self, b, active):
+    def _step_bucket(self, b, active, gather=None):
         if active is not b.layout_key and active != b.layout_key:
             b.runs, b.spans = self._layout(b, active)
             b.layout_key, b.core_groups_key = active, None
@@ -558,7 +595,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                     self._configure_core(b, runs, hps)
                     b.core_groups_key = hps
                 b.group_values, b.volatile = values, any(map(_volatile, (x for v in values for x in v)))
-            b.core.step(b.flat_np, b.gflat_np)
+            if gather is None:
+                b.core.step(b.flat_np, b.gflat_np)
+            else:  # (the Gather, and the gradient tensors it reads, alive until the step is done)
+                b.core.step(b.flat_np, b.gflat_np, gather[0])
         newly = False
         sgd = not self._step_in_state
         for gi, i0, i1 in b.spans:
