@@ -22,9 +22,9 @@
   parameter that never got a gradient must stay ``None`` so that it is skipped, as torch
   skips it.)
 * Parameters whose ``.grad`` is ``None`` are skipped: no update, no decay, no state or
-  step change.  Replaced ``.grad`` / ``.data`` tensors (new memory) are copied in before
-  the step and re-pointed at the flat views (gradients unless ``zero_grad()`` dropped the
-  gradients since the last step).
+  step change.  Replaced ``.data`` tensors (new memory) are copied in before the step and
+  re-pointed at the flat views; so are replaced ``.grad`` tensors, but after ``zero_grad()``
+  (see above).
 * ``state[p]`` holds torch's names (``step``, ``exp_avg``, ``exp_avg_sq``,
   ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ``grad_avg``) as views of the
   flat state buffers, only the buffers ``p``'s group uses (SGD: ``momentum_buffer`` alone, and
