@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -133,7 +134,6 @@ class TorchAdapter(Timed):
     def track_step_after_zero_grad(self, n, implementation):
         """torch's default loop: ``zero_grad()``, then fresh gradient tensors (as backward makes
         them), then the step, which alone is timed; median of 15, each right after a warm-up step."""
-        import time
         times = []
         for _ in range(15):
             for timed in (False, True):

@@ -174,7 +174,7 @@ class CpuBackend:
             # Something is off: the full check names it.
             check_pair(params, grads, shape_of=np.shape, dtype_of=lambda a: a.dtype,
                        contiguous=lambda a: a.flags.c_contiguous, writeable=lambda a: a.flags.writeable,
-                       span=_host_span)
+                       span=host_span)
 
     def dtype(self, buffer):
         return buffer.dtype
@@ -288,7 +288,8 @@ def _packer(char, count):
     return struct.Struct(f"={count}{char}")  # native byte order, no padding
 
 
-def _host_span(a):
+def host_span(a):
+    """The (first, end) byte addresses of a NumPy array's memory."""
     start = a.__array_interface__["data"][0]
     return start, start + a.nbytes
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from flatopt.backend import Gather, backend_for
+from flatopt.backend import Gather, backend_for, host_span
 from flatopt.torch._checks import (NP_DTYPES, check_disjoint, check_flags, check_param, check_unique,
                                    moved_error)
 from flatopt.torch._edits import Edits, ParamList, ParamState, State, unchanged
@@ -285,8 +285,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         b.gptrs = [gv.data_ptr() for gv in b.gviews]
         b.memory = _memory((b.flat, b.gflat))
         b.offsets_np = np.array(b.offsets, dtype=np.int64)
-        b.all_active = (True,) * len(b.params)
-        b.all_synced = (b.all_active, None)
+        b.all_synced = ((True,) * len(b.params), None)  # _sync's answer when nothing changed
         with torch.no_grad():
             for p, gv in zip(b.params, b.gviews):
                 if p.grad is not None:
@@ -498,7 +497,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             active.append(True)
         if gather:
             addresses, kept = list(gptrs), []
-            memory = b.memory + [(a.ctypes.data, a.ctypes.data + a.nbytes) for a in b.core.state.values()]
+            memory = b.memory + [host_span(a) for a in b.core.state.values()]
             inside = _inside([ptr for _, _, ptr in candidates], memory)
             for (i, g, gptr), copy in zip(candidates, inside.tolist()):
                 if copy:  # in this optimizer's own buffers, which the step writes
