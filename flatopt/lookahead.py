@@ -39,8 +39,9 @@ class Lookahead:
         self.step_count = 0
         self._plan_key = self._plan = None
 
-    def step(self, params, grads):
-        """One inner step; every ``k``-th also pulls slow and fast weights together."""
+    def step(self, params, grads, _gather=None):
+        """One inner step; every ``k``-th also pulls slow and fast weights together.
+        ``_gather``: the inner step's (see :meth:`flatopt.optimizers.Optimizer.step`)."""
         check_k_alpha(self.k, self.alpha)
         backend = backend_for(params, grads)
         backend.check(params, grads)
@@ -50,7 +51,7 @@ class Lookahead:
         else:
             slow = backend.zeros(len(params), backend.dtype(params))
             backend.copy(params, slow)
-        self.inner.step(params, grads)  # validates everything of its own before touching anything
+        self.inner.step(params, grads, _gather)  # validates everything of its own before touching anything
         self.slow = slow
         self.step_count += 1
         if self.syncs(self.step_count):

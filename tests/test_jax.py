@@ -440,25 +440,74 @@ def test_tree_optimizer_checkpoint_round_trip():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-@pytest.fixture(params=["flat", "by leaf"])
+@pytest.fixture(params=["ravel", "in place"])
 def tree_path(request, monkeypatch):
-    """TreeOptimizer's two paths: jitted ravel_pytree (small trees) and leaf by leaf (large)."""
-    if request.param == "by leaf":
+    """TreeOptimizer's two ways in: jitted ravel_pytree (small trees) and, for a large tree,
+    the leaves read where they lie (here ``_flat``, the ravel, fails if it is called)."""
+    if request.param == "in place":
         monkeypatch.setattr(flatopt.jax, "FRESH_PAGES", 0)
+
+        def no_ravel(tree):
+            raise AssertionError("the gradients were flattened")
+        monkeypatch.setattr(flatopt.jax, "_flat", no_ravel)
     return request.param
 
 
-def test_tree_optimizer_paths_equal_the_core_step(tree_path):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_tree_optimizer_paths_equal_the_core_step(tree_path, lookahead):
+    def make():
+        inner = flatopt.Adam(lr=1e-2, amsgrad=True, param_groups=[{"start": 0, "stop": 40},
+                                                                    {"start": 40, "stop": 70, "lr": 1e-3}])
+        return flatopt.Lookahead(inner, k=2) if lookahead else inner
     with jax.enable_x64(True):
-        params = {"a": tree(0, dtype=jnp.float64), "b": jnp.ones((2, 3), jnp.float64)}
-        tree_opt = TreeOptimizer(flatopt.Adam(lr=1e-2, amsgrad=True), params)
-        assert (tree_opt._grads is None) == (tree_path == "flat")
-        core, master = flatopt.Adam(lr=1e-2, amsgrad=True), flat(params).copy()
+        params = {"a": tree(0, dtype=jnp.float64), "b": jnp.ones((2, 3), jnp.float64), "empty": jnp.ones((0, 4))}
+        tree_opt = TreeOptimizer(make(), params)
+        assert (tree_opt._grads is None) == (tree_path == "ravel")
+        core, master = make(), flat(params).copy()
         for s in range(1, 5):
-            grads = {"a": tree(s, 0.1, jnp.float64), "b": jnp.full((2, 3), 0.1 * s, jnp.float64)}
+            grads = {"a": tree(s, 0.1, jnp.float64), "b": jnp.full((2, 3), 0.1 * s, jnp.float64),
+                     "empty": jnp.ones((0, 4))}
             got = tree_opt.step(grads)
             core.step(master, flat(grads))
             assert_trees_equal(got, ravel_pytree(params)[1](jnp.asarray(master)))
+
+
+def test_tree_optimizer_copies_gradients_that_share_the_buffers_the_step_writes(monkeypatch):
+    """Gradients in the master copy or in the optimizer's state are read before the step writes
+    them, as from a copy: the large tree's in-place read is not taken for them."""
+    monkeypatch.setattr(flatopt.jax, "FRESH_PAGES", 0)
+    n = 4096
+    params = {"a": jnp.arange(n, dtype=jnp.float32) / n, "b": jnp.ones(n, jnp.float32)}
+    tree_opt = TreeOptimizer(flatopt.Adam(lr=1e-2), params)
+    tree_opt.step({"a": jnp.full(n, 0.5, jnp.float32), "b": jnp.full(n, -0.25, jnp.float32)})  # allocates the state
+    core, master = flatopt.Adam(lr=1e-2), flat(params).copy()
+    core.step(master, np.concatenate([np.full(n, 0.5, np.float32), np.full(n, -0.25, np.float32)]))
+    sources = {"master": tree_opt.master, "exp_avg": tree_opt.opt.state["exp_avg"]}
+    for name, buf in sources.items():
+        # each leaf's gradients are the other leaf's span of the buffer (as JAX arrays made from
+        # them can be: JAX's CPU client reads an aligned NumPy array in place)
+        grads = {"a": buf[n:], "b": buf[:n]}
+        expected = {"a": np.array(buf[n:]), "b": np.array(buf[:n])}
+        got = tree_opt.step(grads)
+        core.step(master, flat(expected))
+        assert_trees_equal(got, ravel_pytree(params)[1](jnp.asarray(master)))
+
+
+def test_tree_optimizer_large_tree_of_other_dtypes_or_strides_goes_through_ravel(monkeypatch):
+    monkeypatch.setattr(flatopt.jax, "FRESH_PAGES", 0)
+    params = {"w": np.ones((6, 4), np.float32), "b": np.zeros(3, np.float32)}
+    tree_opt = TreeOptimizer(flatopt.SGD(lr=0.1), params)
+    assert tree_opt._grads is not None
+    strided = {"w": np.arange(24, dtype=np.float32).reshape(4, 6).T, "b": np.ones(3, np.float32)}
+    master = flat(params).copy()
+    got = tree_opt.step(strided)
+    flatopt.SGD(lr=0.1).step(master, flat(strided))
+    assert_trees_equal(got, ravel_pytree(params)[1](jnp.asarray(master)))
+    before = tree_opt.master.copy()
+    with pytest.raises(TypeError, match="grads dtype float64"):  # as the small tree's path: the core refuses float64 gradients
+        with jax.enable_x64(True):
+            tree_opt.step({"w": np.ones((6, 4)), "b": np.ones(3)})
+    np.testing.assert_array_equal(tree_opt.master, before)
 
 
 def test_tree_optimizer_refuses_grads_of_another_structure(tree_path):
@@ -473,11 +522,14 @@ def test_tree_optimizer_refuses_grads_of_another_structure(tree_path):
     assert tree_opt.opt.state == {}
 
 
-def test_tree_optimizer_returns_params_later_steps_leave_alone(tree_path):
-    tree_opt = TreeOptimizer(flatopt.SGD(lr=0.1, momentum=0.9), tree(0))
-    first = tree_opt.step(tree(1, 0.1))
+@pytest.mark.parametrize("make_tree", [tree, lambda seed, scale=1.0: tree(seed, scale)["dense"]["b"]],
+                         ids=["leaves", "one flat leaf"])
+def test_tree_optimizer_returns_params_later_steps_leave_alone(tree_path, make_tree):
+    """Also one 1-D leaf, which the unravel could hand back as the master copy itself."""
+    tree_opt = TreeOptimizer(flatopt.SGD(lr=0.1, momentum=0.9), make_tree(0))
+    first = tree_opt.step(make_tree(1, 0.1))
     saved = host(first)
     for s in range(2, 5):
-        tree_opt.step(tree(s, 0.1))
+        tree_opt.step(make_tree(s, 0.1))
     assert_trees_equal(first, saved)
     assert not np.array_equal(flat(first), flat(tree_opt.params))
