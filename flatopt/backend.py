@@ -125,8 +125,9 @@ class Gather:
     """Gradients in host buffers of their own instead of in the flat ``grads`` buffer: the
     layout's elements from ``offsets[i]`` up to ``offsets[i + 1]`` lie, contiguous and of the
     params' dtype, from byte address ``addresses[i]`` on.  flatopt.torch builds it after
-    ``zero_grad()`` from the tensors autograd made, checks each, and keeps them alive while the
-    step runs; a raw address is never checked here."""
+    ``zero_grad()`` from the tensors autograd made, flatopt.jax's TreeOptimizer from a large
+    tree's leaves; each checks them and keeps them alive while the step runs; a raw address is
+    never checked here."""
 
     __slots__ = ("offsets", "addresses")
 

@@ -493,6 +493,21 @@ def test_tree_optimizer_copies_gradients_that_share_the_buffers_the_step_writes(
         assert_trees_equal(got, ravel_pytree(params)[1](jnp.asarray(master)))
 
 
+def test_tree_optimizer_returns_arrays_already_computed():
+    """JAX reads the master copy in place to make them, and the next step writes it.  (Here the
+    leaves are converted back to bfloat16, which this JAX runs asynchronously: a mere slice of
+    the buffer it runs before the call returns.)"""
+    n = 1 << 21
+    params = {"a": jnp.ones(n, jnp.float32), "b": jnp.ones(n, jnp.bfloat16)}
+    tree_opt = TreeOptimizer(flatopt.SGD(lr=0.5), params)
+    master = flat(params).copy()
+    for s in range(1, 4):
+        got = tree_opt.step({"a": jnp.full(n, s, jnp.float32), "b": jnp.full(n, s, jnp.bfloat16)})
+        assert all(x.is_ready() for x in jax.tree_util.tree_leaves(got))
+        flatopt.SGD(lr=0.5).step(master, np.full(2 * n, s, np.float32))
+        assert_trees_equal(got, ravel_pytree(params)[1](jnp.asarray(master)))
+
+
 def test_tree_optimizer_large_tree_of_other_dtypes_or_strides_goes_through_ravel(monkeypatch):
     monkeypatch.setattr(flatopt.jax, "FRESH_PAGES", 0)
     params = {"w": np.ones((6, 4), np.float32), "b": np.zeros(3, np.float32)}

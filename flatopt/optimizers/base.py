@@ -146,8 +146,9 @@ class Optimizer:
         """One update of ``params`` in place from ``grads``: a single kernel launch.
 
         Everything is validated first; on any error nothing has been modified.  ``_gather``
-        (flatopt.torch's, host buffers only): a :class:`flatopt.backend.Gather` whose buffers
-        hold the gradients; ``grads`` is then checked but not read.
+        (flatopt.torch's and TreeOptimizer's, host buffers only): a
+        :class:`flatopt.backend.Gather` whose buffers hold the gradients; ``grads`` is then
+        checked but not read.
         """
         backend = CPU if type(params) is np.ndarray and type(grads) is np.ndarray else backend_for(params, grads)
         backend.check(params, grads)
