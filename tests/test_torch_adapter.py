@@ -352,6 +352,37 @@ def test_closure():
     assert_same(m1, m2)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lookahead", "lookahead of torch's sgd"])
+def test_a_compiled_training_step_runs_the_optimizer_as_it_is(name):
+    """torch.compile of a whole training step (zero_grad, forward, backward, step): dynamo leaves
+    flatopt.torch's methods alone, as it leaves torch.optim.Optimizer's (traced, the step's NumPy
+    bookkeeping became torch operations torch lacks, and a traced Lookahead lost its slow
+    weights), and the parameters are the reference optimizer's, bit for bit, run uncompiled."""
+    sgd = dict(lr=0.05, momentum=0.9)
+    ours, reference = {
+        "sgd": (lambda p: ft.SGD(p, **sgd), lambda p: torch.optim.SGD(p, foreach=False, **sgd)),
+        "adamw": (lambda p: ft.AdamW(p, lr=1e-2), lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True)),
+        "lookahead": (lambda p: ft.Lookahead(ft.Adam(p, lr=1e-2), k=2),
+                      lambda p: RefLookahead(torch.optim.Adam(p, lr=1e-2, fused=True), k=2)),
+        "lookahead of torch's sgd": (lambda p: ft.Lookahead(torch.optim.SGD(p, foreach=False, **sgd), k=2),
+                                     lambda p: RefLookahead(torch.optim.SGD(p, foreach=False, **sgd), k=2)),
+    }[name]
+    batches = data(n=6)
+    m_ref = Net()
+    train(m_ref, reference(m_ref.parameters()), batches)
+    m = Net()
+    opt = ours(m.parameters())
+
+    @torch.compile(backend="aot_eager")  # (no C++ compiler needed)
+    def train_step(x, y):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        opt.step()
+    for x, y in batches:
+        train_step(x, y)
+    assert_same(m_ref, m)
+
+
 def test_add_param_group():
     models = [Net(), Net()]
     opts = [ft.Adam([models[0].l1.weight, models[0].l1.bias, models[0].l2.weight, models[0].l2.bias], lr=1e-2),

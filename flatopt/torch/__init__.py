@@ -9,7 +9,10 @@
   ``ValueError`` (the step runs host code: no CUDA graph capture, no autograd through it).
   Param groups, ``add_param_group``, ``state_dict`` / ``load_state_dict`` (checkpoints of older
   torch releases too: missing group keys get torch's defaults), lr schedulers, ``GradScaler``,
-  ``clip_grad_norm_``, ``copy.deepcopy`` and pickling work as with ``torch.optim``.
+  ``clip_grad_norm_``, ``copy.deepcopy`` and pickling work as with ``torch.optim``.  So does
+  ``torch.compile`` of a training step: as for torch.optim's own methods, dynamo does not trace
+  ``step``, ``zero_grad``, ``add_param_group``, ``state_dict`` and ``load_state_dict``, which run
+  as they are between the compiled graphs (Lookahead's too).
 * At construction every parameter's storage moves into one contiguous flat buffer per
   (device, dtype): ``p.data`` becomes a view of it.  A step makes each ``p.grad`` a view of
   a flat gradient buffer, so with ``zero_grad(set_to_none=False)`` backward accumulates

@@ -161,6 +161,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._groups_seen = ()  # per group: its params list, as laid out
 
     # --- groups and layout ---------------------------------------------------------------
+    # Like torch.optim.Optimizer's own, the methods a compiled training step calls are not
+    # traced by dynamo (torch.compile): they run as they are, between graphs.  Traced, the step's
+    # NumPy bookkeeping would become torch operations, some of which torch lacks (uint64
+    # comparisons), and its Numba kernel cannot be traced at all.
+    @torch.compiler.disable
     def add_param_group(self, param_group):
         n_before = len(self.param_groups)
         with warnings.catch_warnings():  # a duplicate gets the error below instead
@@ -546,6 +551,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         runs = [(k[0], s, e, i0, i1) for k, s, e, i0, i1 in runs]
         return runs, [(gi, i0, i1) for gi, _, _, i0, i1 in runs] + spans
 
+    @torch.compiler.disable
     def step(self, *args, **kwargs):
         """``step(closure=None)``: one flatopt kernel per (device, dtype) bucket.
 
@@ -634,6 +640,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         core.group_state = states
 
     # --- zero_grad ---------------------------------------------------------------------
+    @torch.compiler.disable
     def zero_grad(self, set_to_none=True):
         """``True`` (torch's default): every ``.grad`` becomes None (the flat gradient buffer
         is kept).  ``False``: one ``zero_()`` over each flat gradient buffer; other gradient
@@ -658,6 +665,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                     g.zero_()
 
     # --- checkpoints, pickling ---------------------------------------------------------------
+    @torch.compiler.disable
     def state_dict(self):
         """torch's layout; every state tensor a compact copy (views would pickle whole buffers)."""
         self._take_edits()
@@ -668,6 +676,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                            if isinstance(st, dict) else st for k, st in state.items()}
         return sd
 
+    @torch.compiler.disable
     def load_state_dict(self, state_dict):
         self._take_edits()  # torch checks the state_dict against the groups as they are now
         self._check_loaded_sizes(state_dict)

@@ -81,6 +81,10 @@ class Lookahead(torch.optim.Optimizer):
             return None
         return pairs
 
+    # Not traced by dynamo (torch.compile), as FlatOptimizer's methods (see there): traced, the
+    # first step failed after the inner step's graph break, the slow weights made before it read
+    # back as None.
+    @torch.compiler.disable
     def step(self, *args, **kwargs):
         """``step(closure=None)``; runs torch's step hooks and profiler label when a hook is
         registered or a profiler records (torch.optim.Optimizer.__init__, which would wrap
@@ -121,9 +125,11 @@ class Lookahead(torch.optim.Optimizer):
 
     _step_with_hooks = torch.optim.Optimizer.profile_hook_step(_step)
 
+    @torch.compiler.disable
     def zero_grad(self, set_to_none=True):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    @torch.compiler.disable
     def add_param_group(self, param_group):
         self.optimizer.add_param_group(param_group)
         if self.slow is not None:
@@ -148,6 +154,7 @@ class Lookahead(torch.optim.Optimizer):
                 for p, f in zip(params, fast):
                     p.copy_(f)
 
+    @torch.compiler.disable
     def state_dict(self):
         return {
             "inner": self.optimizer.state_dict(),
@@ -157,6 +164,7 @@ class Lookahead(torch.optim.Optimizer):
             "slow": None if self.slow is None else {i: q.clone() for i, q in enumerate(self.slow)},
         }
 
+    @torch.compiler.disable
     def load_state_dict(self, state_dict):
         expected = {"inner", "k", "alpha", "step_count", "slow"}
         if set(state_dict) != expected:
