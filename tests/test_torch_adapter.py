@@ -243,6 +243,40 @@ def test_after_zero_grad_large_buckets_read_new_gradients_where_they_lie(name):
     _assert_same_tensors(*outs)
 
 
+@pytest.mark.parametrize("set_to_none, in_place", [(False, False), (True, False), (True, True)])
+def test_parameters_keep_their_memory_format(set_to_none, in_place):
+    """A channels_last convolution weight and a transposed matrix keep their strides when laid
+    out; their gradients and Adam's state follow them, as torch's do; the steps are torch's,
+    also where the new gradients are read where autograd made them (in_place)."""
+    torch.manual_seed(0)
+    # sizes that are multiples of 16: torch fused rounds a tensor's last n % 16 elements apart
+    init = [torch.randn(16, 4, 2, 2).to(memory_format=torch.channels_last), torch.randn(8, 6).t(), torch.randn(16)]
+    x, y = torch.randn(2, 4, 5, 5).to(memory_format=torch.channels_last), torch.randn(3, 6)
+    runs = []
+    for make in (lambda ps: ft.Adam(ps, lr=1e-2), lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True)):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = make(ps)
+        if in_place and isinstance(opt, ft.Adam):
+            opt._gather_min = 0
+        for _ in range(3):
+            opt.zero_grad(set_to_none=set_to_none)
+            conv = torch.nn.functional.conv2d(x, ps[0])
+            (conv.square().sum() + (y @ ps[1]).square().sum() + ps[2].sum()).backward()
+            opt.step()
+        runs.append((ps, opt))
+    (ours, opt), (theirs, ref) = runs
+    assert [p.stride() for p in ours] == [p.stride() for p in init]
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+        assert a.grad.stride() == b.grad.stride()
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert opt.state[a][name].stride() == ref.state[b][name].stride()
+            assert torch.equal(opt.state[a][name], ref.state[b][name])
+    if in_place:
+        (b,) = opt._buckets.values()
+        assert not b.gflat.any()
+
+
 def test_new_gradients_inside_the_optimizers_buffers_or_strided_are_copied_first():
     """Read in place (at any size here), a gradient that is another parameter's memory would be
     read after the step wrote it, and a strided one is not a contiguous run: both are copied

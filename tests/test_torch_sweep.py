@@ -68,9 +68,14 @@ def test_random_model_and_history_match_torch(name, shapes, data):
                                 max_size=len(shapes)), label="dtypes")  # two dtypes: two flat buffers
     # After zero_grad() a large bucket reads the new gradients where they lie: here at any size.
     in_place = data.draw(st.booleans(), label="new gradients read in place")
+    # Tensors (and their gradients) laid out column-major keep that layout in the flat buffers.
+    column_major = data.draw(st.lists(st.booleans(), min_size=len(shapes), max_size=len(shapes)),
+                             label="column-major")
     rng = np.random.default_rng(len(shapes) * 7 + steps)
-    init = [torch.from_numpy(rng.standard_normal(s)).to(dt) for s, dt in zip(shapes, dtypes)]
-    grads = [[torch.from_numpy(rng.standard_normal(s)).to(dt) for s, dt in zip(shapes, dtypes)] for _ in range(steps)]
+    init = [_laid_out(torch.from_numpy(rng.standard_normal(s)).to(dt), c)
+            for s, dt, c in zip(shapes, dtypes, column_major)]
+    grads = [[_laid_out(torch.from_numpy(rng.standard_normal(s)).to(dt), c)
+              for s, dt, c in zip(shapes, dtypes, column_major)] for _ in range(steps)]
 
     def optimizer(params, make):
         listed = params[:-1] if held else params
@@ -120,6 +125,7 @@ def test_random_model_and_history_match_torch(name, shapes, data):
             o.step()
         for i, (a, b) in enumerate(zip(ours, theirs)):
             what = f"step {t + 1}, tensor {i} {tuple(a.shape)}"
+            assert a.stride() == b.stride(), what
             if bitwise:
                 assert torch.equal(a, b), what
             else:
@@ -129,6 +135,14 @@ def test_random_model_and_history_match_torch(name, shapes, data):
                 assert sorted(opt.state[a]) == sorted(ref.state[b]), what
                 if "step" in ref.state[b]:
                     assert float(opt.state[a]["step"]) == float(ref.state[b]["step"]), what
+
+
+def _laid_out(x, column_major):
+    """``x``, its dimensions laid out in reverse order in memory if ``column_major``."""
+    if not column_major:
+        return x
+    reverse = tuple(reversed(range(x.dim())))
+    return x.permute(reverse).contiguous().permute(reverse)
 
 
 def _reading_in_place(opt, in_place):

@@ -14,7 +14,9 @@
   ``step``, ``zero_grad``, ``add_param_group``, ``state_dict`` and ``load_state_dict``, which run
   as they are between the compiled graphs (Lookahead's too).
 * At construction every parameter's storage moves into one contiguous flat buffer per
-  (device, dtype): ``p.data`` becomes a view of it.  A step makes each ``p.grad`` a view of
+  (device, dtype): ``p.data`` becomes a view of it, with the parameter's own strides where its
+  elements are dense (a channels_last or transposed weight keeps its memory format; its
+  gradient views and its state follow it, as torch's ``preserve_format`` state does).  A step makes each ``p.grad`` a view of
   a flat gradient buffer, so with ``zero_grad(set_to_none=False)`` backward accumulates
   straight into it.  After ``zero_grad()`` (``set_to_none=True``, torch's default) the fresh
   gradients autograd makes stay where they are: the next ``zero_grad()`` drops them, and
@@ -24,6 +26,10 @@
   buffer (smaller buckets, CUDA).  (Gradients are not pre-assigned at construction: a
   parameter that never got a gradient must stay ``None`` so that it is skipped, as torch
   skips it.)
+* As torch saves a view with its whole storage, ``torch.save`` of part of the model (one
+  parameter, a submodule's ``state_dict()``) writes the whole flat buffer: save clones of the
+  tensors (``{k: v.clone() for k, v in sd.items()}``).  A whole model's ``state_dict()`` is
+  written once, at its own size.
 * Parameters whose ``.grad`` is ``None`` are skipped: no update, no decay, no state or
   step change.  Replaced ``.data`` tensors (new memory) are copied in before the step and
   re-pointed at the flat views; so are replaced ``.grad`` tensors, but after ``zero_grad()``

@@ -54,6 +54,32 @@ def global_hooks_or_profiler():
                 or torch.autograd.profiler._is_profiler_enabled or torch.autograd._profiler_enabled())
 
 
+def dense_strides(t):
+    """``t``'s strides where its elements fill their span of memory without gaps or overlaps
+    (contiguous, channels_last, transposed, ...), else row-major ones: the layout its view in a
+    flat buffer takes, so that a parameter keeps its memory format (its gradients and its state
+    follow it, as torch's ``preserve_format`` does).  A tensor of no elements keeps its own."""
+    if not t.numel():
+        return tuple(t.stride())
+    expected = 1
+    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda d: d[1]):
+        if stride != expected:
+            break
+        expected *= size
+    else:
+        return tuple(t.stride())
+    strides, step = [], 1
+    for n in reversed(t.shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def shaped(buf, offset, shape, strides):
+    """A view of ``buf``'s elements from ``offset`` on, with ``shape`` and ``strides``."""
+    return buf[offset:].as_strided(shape, strides)
+
+
 def _memory(bufs):
     """The (first, end) byte addresses of each flat buffer in ``bufs``."""
     return [(buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()) for buf in bufs]
@@ -96,6 +122,7 @@ class _Bucket:
     def __init__(self, core, device, dtype):
         self.core, self.device, self.dtype = core, device, dtype
         self.params, self.offsets, self.sizes, self.groups = [], [], [], []
+        self.strides = []  # per param: the strides of its views (dense_strides)
         self.flat = self.gflat = self.flat_np = self.gflat_np = None
         self.views, self.gviews, self.ptrs, self.gptrs = [], [], [], []  # ptrs: the views' data_ptr()s
         self.memory = []  # (first, end) byte addresses of the flat parameter and gradient buffers
@@ -111,6 +138,10 @@ class _Bucket:
         self.group_values = None  # the torch groups' values they were read from
         self.volatile = False  # whether those values must be read again every step
         self.state_args = None  # the core's state arguments self.state was last pointed at
+
+    def shaped(self, buf, i):
+        """Parameter ``i``'s view of a flat buffer of this bucket (parameters, gradients, state)."""
+        return shaped(buf, self.offsets[i], self.params[i].shape, self.strides[i])
 
 
 def _as_tensor(buf, device):
@@ -261,6 +292,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         b.groups = [gi for _, gi in entries]
         b.sizes = [p.numel() for p in b.params]
         b.offsets = np.concatenate([[0], np.cumsum(b.sizes)[:-1]]).astype(int).tolist()
+        b.strides = [dense_strides(p.data) for p in b.params]
         total = sum(b.sizes)
         b.flat = torch.empty(total, dtype=dtype, device=device)
         b.gflat = torch.zeros(total, dtype=dtype, device=device)
@@ -272,9 +304,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         # host copies of the previous state (CUDA state too: the core's checkpoint format)
         old_state = prev.core.state_dict()["state"] if prev is not None else {}
         new_state = {name: np.zeros(total, NP_DTYPES[dtype]) for name in old_state}
+        b.views = [b.shaped(b.flat, i) for i in range(len(b.params))]
+        b.gviews = [b.shaped(b.gflat, i) for i in range(len(b.params))]
         with torch.no_grad():
             for i, (p, off, n) in enumerate(zip(b.params, b.offsets, b.sizes)):
-                b.flat[off:off + n].copy_(p.data.reshape(-1))
+                b.views[i].copy_(p.data)
                 j = old_index.get(id(p))
                 if j is not None:  # carried over from the previous layout
                     b.steps[i], b.started[i] = prev.steps[j], prev.started[j]
@@ -282,8 +316,6 @@ class FlatOptimizer(torch.optim.Optimizer):
                     po = prev.offsets[j]
                     for name, buf in new_state.items():
                         buf[off:off + n] = old_state[name][po:po + n]
-        b.views = [b.flat[off:off + n].view_as(p) for p, off, n in zip(b.params, b.offsets, b.sizes)]
-        b.gviews = [b.gflat[off:off + n].view_as(p) for p, off, n in zip(b.params, b.offsets, b.sizes)]
         for p, v in zip(b.params, b.views):
             p.data = v
         b.ptrs = [v.data_ptr() for v in b.views]
@@ -340,12 +372,12 @@ class FlatOptimizer(torch.optim.Optimizer):
                         dict.pop(self.state, p)
                     b.installed[i] = b.entries[i] = None
                     continue
-                off, n = b.offsets[i], b.sizes[i]
+                n = b.sizes[i]
                 entries = {"step": b.steps_t[i]} if self._step_in_state else {}
                 for name in b.core.state_names:
                     if name in uses[b.groups[i]] or (inst is not None and name in inst):
                         if name in tstate:
-                            entries[name] = tstate[name][off:off + n].view_as(p)
+                            entries[name] = b.shaped(tstate[name], i)
                         elif n == 0:  # a bucket of zero-size params: no step allocated the buffer
                             entries[name] = p.detach().new_zeros(p.shape)
                 if mine:  # the same dict, as torch keeps it: a reference to it stays current
@@ -419,15 +451,14 @@ class FlatOptimizer(torch.optim.Optimizer):
             # between parameters): a write must not change what a later one reads.
             for i, entries, installed in edits:
                 entries, installed = entries or {}, installed or {}
-                off, n = b.offsets[i], b.sizes[i]
                 for name, buf in tstate.items():
                     value = entries.get(name)
                     if value is not None and value is installed.get(name):
                         continue  # this optimizer's own view, untouched
-                    src = None if value is None else torch.as_tensor(value).detach().reshape(-1)
+                    src = None if value is None else torch.as_tensor(value).detach().reshape(b.params[i].shape)
                     if src is not None:
                         src = _unaliased([src], [src.data_ptr()], memory)[0]
-                    writes.append((buf[off:off + n], src))
+                    writes.append((b.shaped(buf, i), src))
                 if self._step_in_state:
                     step = entries.get("step")
                     counts.append((i, float(step) if step is not None else 0.0))
@@ -492,7 +523,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                     raise RuntimeError("flatopt.torch does not support sparse gradients")
                 gptr = g.data_ptr()
                 if gptr != gptrs[i] or g.stride() != gv.stride() or g.shape != gv.shape:
-                    if gather and g.dtype is b.dtype and g.is_cpu and g.is_contiguous():
+                    if gather and g.dtype is b.dtype and g.is_cpu and g.stride() == gv.stride() and g.shape == gv.shape:
                         candidates.append((i, g, gptr))
                     else:
                         dst.append(gv)

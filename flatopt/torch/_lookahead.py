@@ -63,8 +63,8 @@ class Lookahead(torch.optim.Optimizer):
             for b in inner._buckets.values():
                 buf = torch.empty_like(b.flat)
                 pairs.append((b.flat, buf))
-                for p, off, n in zip(b.params, b.offsets, b.sizes):
-                    where[id(p)] = buf[off:off + n].view_as(p)
+                for i, p in enumerate(b.params):
+                    where[id(p)] = b.shaped(buf, i)
             self.slow = [where[id(p)] for p in params]
             torch._foreach_copy_(self.slow, values)
             self._flat_pairs = pairs
