@@ -569,15 +569,16 @@ def test_checkpoint_interchange_with_torch_adam():
 
 # --- DistributedDataParallel -------------------------------------------------------------
 
-def _ddp_worker(rank, world, port, path):
-    import os
+def _ddp_worker(rank, world, path):
+    from datetime import timedelta
 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file store in the test's directory: no port picked ahead that another process could take meanwhile
+    dist.init_process_group("gloo", init_method=f"file://{path}.store", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=120))
     try:
         results = []
         for make in (lambda p: ft.AdamW(p, lr=1e-2), lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True)):
@@ -595,19 +596,25 @@ def _ddp_worker(rank, world, port, path):
         dist.destroy_process_group()
 
 
-def test_ddp_gloo(tmp_path):
-    import socket
+def test_importing_flatopt_torch_leaves_dynamo_unimported():
+    """Dynamo is imported where torch.optim imports it (building an optimizer), not by importing
+    flatopt.torch: imported earlier, in a process that then started a gloo process group (the
+    DDP test below), it made the process hang on exit in about one run in five."""
+    import subprocess
+    import sys
+    code = "import sys, flatopt.torch; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
+
+def test_ddp_gloo(tmp_path):
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("gloo backend not available")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     path = str(tmp_path / "ddp")
-    mp.spawn(_ddp_worker, args=(2, port, path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, path), nprocs=2, join=True)
     r0, r1 = (torch.load(f"{path}.{r}", weights_only=True) for r in (0, 1))
     for flat_params, torch_params, other_rank in zip(r0[0], r0[1], r1[0]):
         assert torch.equal(flat_params, torch_params)
@@ -1277,6 +1284,15 @@ def test_parameters_sharing_memory_are_refused():
                lr=0.1)
     with pytest.raises(TypeError, match="meta tensors"):
         ft.SGD([torch.nn.Parameter(torch.empty(4, device="meta"))], lr=0.1)
+
+
+def test_a_lazy_modules_uninitialized_parameters_are_refused_until_it_has_run():
+    model = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Linear(4, 2))
+    with pytest.raises(ValueError, match="uninitialized parameter .* run the model on a dummy batch first"):
+        ft.Adam(model.parameters())
+    model(torch.zeros(3, 5))  # materializes the lazy weights
+    opt = ft.Adam(model.parameters())
+    assert sum(b.flat.numel() for b in opt._buckets.values()) == 4 * 5 + 4 + 4 * 2 + 2
 
 
 class _KeyedLookahead:

@@ -22,6 +22,9 @@ def check_param(p):
         raise TypeError(f"flatopt.torch supports float32 and float64 parameters, got {p.dtype}")
     if p.is_sparse:
         raise TypeError("flatopt.torch does not support sparse parameters")
+    if isinstance(p, torch.nn.parameter.UninitializedTensorMixin):
+        raise ValueError("flatopt.torch lays the parameters out when it is built, and an uninitialized parameter "
+                         "(a lazy module's) has no shape yet: run the model on a dummy batch first")
     if p.device.type == "meta":
         raise TypeError("flatopt.torch cannot optimize meta tensors: they have no memory to lay out")
     if not (p.is_leaf or p.retains_grad):

@@ -54,6 +54,23 @@ def global_hooks_or_profiler():
                 or torch.autograd.profiler._is_profiler_enabled or torch.autograd._profiler_enabled())
 
 
+def outside_dynamo(fn):
+    """``fn``, which dynamo (torch.compile) does not trace: a compiled caller runs it as it is,
+    between its graphs, as it runs torch.optim.Optimizer's own methods.  Traced, a step's NumPy
+    bookkeeping would become torch operations, some of which torch lacks (uint64 comparisons),
+    and its Numba kernel cannot be traced at all.  The disabled function is made at the first
+    call, as torch.optim makes its own: ``torch.compiler.disable`` imports dynamo."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+    return run
+
+
 def dense_strides(t):
     """``t``'s strides where its elements fill their span of memory without gaps or overlaps
     (contiguous, channels_last, transposed, ...), else row-major ones: the layout its view in a
@@ -192,11 +209,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._groups_seen = ()  # per group: its params list, as laid out
 
     # --- groups and layout ---------------------------------------------------------------
-    # Like torch.optim.Optimizer's own, the methods a compiled training step calls are not
-    # traced by dynamo (torch.compile): they run as they are, between graphs.  Traced, the step's
-    # NumPy bookkeeping would become torch operations, some of which torch lacks (uint64
-    # comparisons), and its Numba kernel cannot be traced at all.
-    @torch.compiler.disable
+    # The methods a compiled training step calls are left alone by dynamo (outside_dynamo).
+    @outside_dynamo
     def add_param_group(self, param_group):
         n_before = len(self.param_groups)
         with warnings.catch_warnings():  # a duplicate gets the error below instead
@@ -582,7 +596,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         runs = [(k[0], s, e, i0, i1) for k, s, e, i0, i1 in runs]
         return runs, [(gi, i0, i1) for gi, _, _, i0, i1 in runs] + spans
 
-    @torch.compiler.disable
+    @outside_dynamo
     def step(self, *args, **kwargs):
         """``step(closure=None)``: one flatopt kernel per (device, dtype) bucket.
 
@@ -671,7 +685,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         core.group_state = states
 
     # --- zero_grad ---------------------------------------------------------------------
-    @torch.compiler.disable
+    @outside_dynamo
     def zero_grad(self, set_to_none=True):
         """``True`` (torch's default): every ``.grad`` becomes None (the flat gradient buffer
         is kept).  ``False``: one ``zero_()`` over each flat gradient buffer; other gradient
@@ -696,7 +710,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                     g.zero_()
 
     # --- checkpoints, pickling ---------------------------------------------------------------
-    @torch.compiler.disable
+    @outside_dynamo
     def state_dict(self):
         """torch's layout; every state tensor a compact copy (views would pickle whole buffers)."""
         self._take_edits()
@@ -707,7 +721,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                            if isinstance(st, dict) else st for k, st in state.items()}
         return sd
 
-    @torch.compiler.disable
+    @outside_dynamo
     def load_state_dict(self, state_dict):
         self._take_edits()  # torch checks the state_dict against the groups as they are now
         self._check_loaded_sizes(state_dict)

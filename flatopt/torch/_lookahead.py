@@ -6,7 +6,7 @@ from operator import is_
 import torch
 
 from flatopt.lookahead import check_k_alpha
-from flatopt.torch._flat import FlatOptimizer, global_hooks_or_profiler, public
+from flatopt.torch._flat import FlatOptimizer, global_hooks_or_profiler, outside_dynamo, public
 
 
 @public
@@ -84,7 +84,7 @@ class Lookahead(torch.optim.Optimizer):
     # Not traced by dynamo (torch.compile), as FlatOptimizer's methods (see there): traced, the
     # first step failed after the inner step's graph break, the slow weights made before it read
     # back as None.
-    @torch.compiler.disable
+    @outside_dynamo
     def step(self, *args, **kwargs):
         """``step(closure=None)``; runs torch's step hooks and profiler label when a hook is
         registered or a profiler records (torch.optim.Optimizer.__init__, which would wrap
@@ -125,11 +125,11 @@ class Lookahead(torch.optim.Optimizer):
 
     _step_with_hooks = torch.optim.Optimizer.profile_hook_step(_step)
 
-    @torch.compiler.disable
+    @outside_dynamo
     def zero_grad(self, set_to_none=True):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
-    @torch.compiler.disable
+    @outside_dynamo
     def add_param_group(self, param_group):
         self.optimizer.add_param_group(param_group)
         if self.slow is not None:
@@ -154,7 +154,7 @@ class Lookahead(torch.optim.Optimizer):
                 for p, f in zip(params, fast):
                     p.copy_(f)
 
-    @torch.compiler.disable
+    @outside_dynamo
     def state_dict(self):
         return {
             "inner": self.optimizer.state_dict(),
@@ -164,7 +164,7 @@ class Lookahead(torch.optim.Optimizer):
             "slow": None if self.slow is None else {i: q.clone() for i, q in enumerate(self.slow)},
         }
 
-    @torch.compiler.disable
+    @outside_dynamo
     def load_state_dict(self, state_dict):
         expected = {"inner", "k", "alpha", "step_count", "slow"}
         if set(state_dict) != expected:
