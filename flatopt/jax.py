@@ -448,10 +448,11 @@ class TreeOptimizer:
         self.opt = opt
         self.master = _aligned_empty(flat.size, flat.dtype)  # writable: JAX arrays' NumPy views are read-only
         self.master[:] = flat
-        # Read in place only where every leaf has the master's dtype (else ravel_pytree converts them).
-        self._in_place = self.master.nbytes > FRESH_PAGES and all(jnp.result_type(x) == flat.dtype for x in leaves)
-        # The core checks it but does not read it, when the step reads the leaves where they lie.
-        self._grads = np.empty_like(self.master) if self._in_place else None
+        # A large tree's leaves are read where they lie, only where every leaf has the master's
+        # dtype (else ravel_pytree converts them); ``_grads`` is then the buffer the core checks
+        # but does not read (None: every step goes through ravel_pytree).
+        in_place = self.master.nbytes > FRESH_PAGES and all(jnp.result_type(x) == flat.dtype for x in leaves)
+        self._grads = np.empty_like(self.master) if in_place else None
 
     def step(self, grads):
         leaves, treedef = jax.tree_util.tree_flatten(grads)
@@ -459,7 +460,7 @@ class TreeOptimizer:
             raise ValueError(f"grads must have the params' tree structure and leaf shapes: got {treedef} "
                              f"with shapes {[np.shape(x) for x in leaves]}, params have {self._treedef} "
                              f"with shapes {self._shapes}")
-        in_place = self._in_place and self._read_in_place(leaves)
+        in_place = self._grads is not None and self._read_in_place(leaves)
         if not in_place:
             self.opt.step(self.master, _flat(grads))
         else:  # (``host`` keeps the leaves' memory alive until the step is done)

@@ -92,11 +92,6 @@ def dense_strides(t):
     return tuple(reversed(strides))
 
 
-def shaped(buf, offset, shape, strides):
-    """A view of ``buf``'s elements from ``offset`` on, with ``shape`` and ``strides``."""
-    return buf[offset:].as_strided(shape, strides)
-
-
 def _memory(bufs):
     """The (first, end) byte addresses of each flat buffer in ``bufs``."""
     return [(buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()) for buf in bufs]
@@ -158,7 +153,7 @@ class _Bucket:
 
     def shaped(self, buf, i):
         """Parameter ``i``'s view of a flat buffer of this bucket (parameters, gradients, state)."""
-        return shaped(buf, self.offsets[i], self.params[i].shape, self.strides[i])
+        return buf[self.offsets[i]:].as_strided(self.params[i].shape, self.strides[i])
 
 
 def _as_tensor(buf, device):
@@ -509,8 +504,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         active = []
         views, gviews, ptrs, gptrs = b.views, b.gviews, b.ptrs, b.gptrs
         # After zero_grad() (on the CPU) the new gradients are read where autograd made them,
-        # unless one is not contiguous or lies in this optimizer's own buffers: then it is
-        # copied into its view first, as every replaced gradient is otherwise.
+        # unless one has other strides than its view or lies in this optimizer's own buffers:
+        # then it is copied into its view first, as every replaced gradient is otherwise.
         gather = self._grads_dropped and b.device.type == "cpu" and len(b.flat_np) >= self._gather_min
         if gather:
             candidates = []  # (index, gradient, address)
@@ -536,8 +531,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if g.is_sparse:
                     raise RuntimeError("flatopt.torch does not support sparse gradients")
                 gptr = g.data_ptr()
-                if gptr != gptrs[i] or g.stride() != gv.stride() or g.shape != gv.shape:
-                    if gather and g.dtype is b.dtype and g.is_cpu and g.stride() == gv.stride() and g.shape == gv.shape:
+                laid_out_as_view = g.stride() == gv.stride() and g.shape == gv.shape
+                if gptr != gptrs[i] or not laid_out_as_view:
+                    if gather and laid_out_as_view and g.dtype is b.dtype and g.is_cpu:
                         candidates.append((i, g, gptr))
                     else:
                         dst.append(gv)
@@ -645,10 +641,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                     self._configure_core(b, runs, hps)
                     b.core_groups_key = hps
                 b.group_values, b.volatile = values, any(map(_volatile, (x for v in values for x in v)))
-            if gather is None:
-                b.core.step(b.flat_np, b.gflat_np)
-            else:  # (the Gather, and the gradient tensors it reads, alive until the step is done)
-                b.core.step(b.flat_np, b.gflat_np, gather[0])
+            # (``gather``: a Gather, and the gradient tensors it reads, alive until the step is done)
+            b.core.step(b.flat_np, b.gflat_np, None if gather is None else gather[0])
         newly = False
         sgd = not self._step_in_state
         for gi, i0, i1 in b.spans:
