@@ -7,6 +7,7 @@ state to and from host NumPy arrays for checkpoints, plans how a step's segments
 into chunks, and launches a kernel by name.
 """
 import functools
+import os
 import struct
 import sys
 import threading
@@ -222,9 +223,10 @@ class CpuBackend:
         return (split_chunks(segments, numba.get_num_threads() * self.chunks_per_thread), True)
 
     def threaded(self, elements):
-        """Whether a step updating this many elements runs on Numba's threads."""
+        """Whether a step updating this many elements runs on Numba's threads (never in a
+        process forked after GNU OpenMP's threads had run: see :func:`_after_fork_in_child`)."""
         import numba
-        return elements >= self.parallel_min and numba.get_num_threads() > 1
+        return elements >= self.parallel_min and not _forked_after_threads and numba.get_num_threads() > 1
 
     @functools.cached_property
     def one_launch_at_a_time(self):
@@ -264,12 +266,14 @@ class CpuBackend:
         found = self._kernels.get(key)
         if found is None:
             from flatopt.kernels import cpu
-            if gathered:
-                driver = cpu.run_parallel_gathered if parallel else cpu.run_serial_gathered
-            else:
-                driver = cpu.run_parallel if parallel else cpu.run_serial
-            if parallel and self.one_launch_at_a_time:
-                driver = _one_at_a_time(driver)
+            serial = cpu.run_serial_gathered if gathered else cpu.run_serial
+            driver = serial
+            if parallel:
+                driver = cpu.run_parallel_gathered if gathered else cpu.run_parallel
+                if self.one_launch_at_a_time:
+                    driver = _one_at_a_time(driver)
+                elif _gnu_openmp_threads():
+                    driver = _serial_after_fork(driver, serial)
             found = self._kernels[key] = (driver, cpu.rule_address(kernel, dtype), (np.empty(0, dtype),) * STATE_SLOTS)
         return found
 
@@ -281,6 +285,51 @@ def _one_at_a_time(driver):
     def run(*args):
         with _launching:
             driver(*args)
+    return run
+
+
+# Forks.  GNU OpenMP cannot start its threads again in a process forked after they had run,
+# and Numba terminates such a process at its first threaded launch: a multiprocessing.Pool
+# (Linux's default start method forks) stepping optimizers after its parent had stepped one
+# would wait forever for workers that were killed.  In such a process every step runs on one
+# thread, with the same results: the same chunks, run one after another.
+_forked_after_threads = False
+
+
+def _after_fork_in_child():
+    """Run in the child of ``os.fork()``: notes whether the parent had started GNU OpenMP's
+    threads (Numba's threading layer is one per process, whoever launched on it)."""
+    global _forked_after_threads
+    numba = sys.modules.get("numba")
+    if numba is None or _forked_after_threads:
+        return
+    try:
+        numba.threading_layer()
+    except ValueError:  # no threads started before the fork: the child starts its own
+        return
+    _forked_after_threads = _gnu_openmp_threads()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _gnu_openmp_threads():
+    """Whether Numba's threads are GNU OpenMP's (its ``omp`` layer on libgomp); its TBB and
+    workqueue layers start their threads again after a fork."""
+    import numba
+    numba.get_num_threads()  # starts the threading layer, which Numba picks then
+    if numba.threading_layer() != "omp":
+        return False
+    omppool = sys.modules.get("numba.np.ufunc.omppool")
+    return getattr(omppool, "openmp_vendor", "GNU") == "GNU"
+
+
+def _serial_after_fork(threaded, serial):
+    """``threaded``, except in a process forked after GNU OpenMP's threads had run: there
+    ``serial``, which takes the same arguments and runs the chunks one after another (steps
+    planned before the fork launch through this; those planned after it are planned serial)."""
+    def run(*args):
+        (serial if _forked_after_threads else threaded)(*args)
     return run
 
 

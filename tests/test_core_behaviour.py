@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import flatopt
 from conftest import in_workqueue_process, needs_threads
+from flatopt import backend
 from flatopt.backend import CPU
 from flatopt.kernels import cpu as kernels
 
@@ -564,9 +565,84 @@ def test_one_launch_at_a_time_only_on_the_workqueue_layer():
     import numba
     numba.get_num_threads()
     assert CPU.one_launch_at_a_time == (numba.threading_layer() == "workqueue")
-    if not CPU.one_launch_at_a_time:  # the drivers are Numba's own, with nothing in between
-        driver, _, _ = CPU._kernel("adam", True, np.dtype(np.float32))
-        assert driver is kernels.run_parallel
+    driver, _, _ = CPU._kernel("adam", True, np.dtype(np.float32))
+    if not CPU.one_launch_at_a_time and not backend._gnu_openmp_threads():
+        assert driver is kernels.run_parallel  # Numba's own, with nothing in between
+
+
+def test_threaded_drivers_run_serially_only_in_a_process_forked_after_gnu_openmp_threads(monkeypatch):
+    """On GNU OpenMP a threaded driver is Numba's, behind a check of whether this process was
+    forked after those threads had run; there it runs the same chunks on one thread."""
+    if CPU.one_launch_at_a_time or not backend._gnu_openmp_threads():
+        pytest.skip("Numba's threads here are not GNU OpenMP's")
+    driver, _, _ = CPU._kernel("adam", True, np.dtype(np.float32))
+    calls = []
+    monkeypatch.setattr(kernels, "run_parallel", lambda *args: calls.append("threaded"))
+    monkeypatch.setattr(kernels, "run_serial", lambda *args: calls.append("serial"))
+    wrapped = backend._serial_after_fork(kernels.run_parallel, kernels.run_serial)
+    wrapped()
+    monkeypatch.setattr(backend, "_forked_after_threads", True)
+    wrapped()
+    assert calls == ["threaded", "serial"] and not CPU.threaded(1 << 24)
+    assert driver.__code__ is wrapped.__code__  # the driver the backend hands out is such a one
+
+
+FORK_SCRIPT = """
+    import multiprocessing as mp, numpy as np, flatopt
+    from flatopt import backend
+    n = 1 << 20
+    rng = np.random.default_rng(0)
+    p0, grads = rng.standard_normal(n).astype(np.float32), 1e-3 * rng.standard_normal((4, n)).astype(np.float32)
+    def make():
+        return [flatopt.Adam(lr=1e-3), flatopt.Lookahead(flatopt.SGD(lr=1e-2, momentum=0.9), k=2),
+                flatopt.RMSprop(lr=1e-3)]
+    def steps(opts, ps, first, stop):
+        for t in range(first, stop):
+            for opt, p in zip(opts, ps):
+                opt.step(p, grads[t % 4])
+        return [p.copy() for p in ps]
+    def child(conn, opts, ps):
+        conn.send((backend.CPU.threaded(n), steps(opts, ps, 2 if THREADS_BEFORE else 0, 6),
+                   steps(make(), [p0.copy() for _ in range(3)], 0, 6)))
+    if __name__ == "__main__":
+        opts, ps = make(), [p0.copy() for _ in range(3)]
+        if THREADS_BEFORE:
+            steps(opts, ps, 0, 2)  # threaded steps before the fork: ready to step again on threads
+        ctx = mp.get_context("fork")
+        theirs, ours = ctx.Pipe()
+        worker = ctx.Process(target=child, args=(ours, opts, ps))
+        worker.start()
+        got = theirs.recv() if theirs.poll(60) else None
+        worker.join(10)
+        if not THREADS_BEFORE:
+            steps(opts, ps, 0, 2)
+        expected = steps(opts, ps, 2, 6), steps(make(), [p0.copy() for _ in range(3)], 0, 6)
+        same = got is not None and all(np.array_equal(a, b) for a, b in zip(got[1] + got[2], expected[0] + expected[1]))
+        print(worker.exitcode, backend.CPU.threaded(n), got and got[0], same, backend._gnu_openmp_threads())
+"""
+
+
+@needs_threads
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork() here")
+def test_steps_in_a_process_forked_after_threaded_steps():
+    """GNU OpenMP cannot start its threads again in a process forked after they had run, and
+    Numba terminates such a process at its first threaded launch: a ``multiprocessing`` worker
+    forked after its parent had stepped died, and the parent waited for it forever.  There the
+    steps now run on one thread, those of optimizers stepped before the fork too, with the
+    results the parent computes on two."""
+    code = "THREADS_BEFORE = True\n" + textwrap.dedent(FORK_SCRIPT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    exitcode, parent_threaded, child_threaded, same, gnu = done.stdout.split()
+    assert (exitcode, parent_threaded, same) == ("0", "True", "True"), done.stderr[-3000:]
+    assert child_threaded == ("False" if gnu == "True" else "True")
+
+
+@needs_threads
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork() here")
+def test_a_process_forked_before_any_threaded_step_keeps_its_threads():
+    code = "THREADS_BEFORE = False\n" + textwrap.dedent(FORK_SCRIPT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert done.stdout.split()[:4] == ["0", "True", "True", "True"], done.stderr[-3000:]
 
 
 def test_repr_names_the_hyperparameters():
