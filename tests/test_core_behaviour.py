@@ -496,6 +496,38 @@ def test_import_flatopt_imports_no_framework():
     assert out.strip() == "[]"
 
 
+def test_kernels_compile_in_every_process_where_nothing_can_be_cached(tmp_path):
+    """A read-only install without a writable home: Numba finds no directory for its cache,
+    and ``cache=True`` refused to define the kernels (the first step raised "cannot cache
+    function ... no locator available").  They are compiled in every process instead, with a
+    warning that names NUMBA_CACHE_DIR, and step as the cached ones do."""
+    code = textwrap.dedent(f"""
+        import tempfile, warnings
+        def read_only(*args, dir=None, **kwargs):  # every directory Numba tries to cache in
+            if dir is not None:
+                raise PermissionError(13, "Read-only file system", dir)
+            return real(*args, **kwargs)
+        real, tempfile.TemporaryFile = tempfile.TemporaryFile, read_only
+        import numpy as np, flatopt
+        rng = np.random.default_rng(5)
+        p, g = rng.standard_normal(1 << 16).astype(np.float32), rng.standard_normal(1 << 16).astype(np.float32)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            flatopt.Adam(lr=0.1).step(p, g)
+        from flatopt.kernels import cpu
+        np.save({str(tmp_path / "p.npy")!r}, p)
+        print(cpu.CACHE, sum("NUMBA_CACHE_DIR" in str(w.message) for w in caught))
+    """)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_CACHE_DIR"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(env, HOME=str(tmp_path)))
+    assert done.stdout.split() == ["False", "1"], done.stderr[-3000:]
+    rng = np.random.default_rng(5)
+    p, g = rng.standard_normal(1 << 16).astype(np.float32), rng.standard_normal(1 << 16).astype(np.float32)
+    flatopt.Adam(lr=0.1).step(p, g)
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), p)
+    assert kernels.CACHE  # this process caches (the kernels' directory or NUMBA_CACHE_DIR)
+
+
 @needs_threads
 def test_kernels_are_cached_on_disk(tmp_path):
     """The rules of both dtypes (two C callbacks of one function) and both drivers."""

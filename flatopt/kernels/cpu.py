@@ -25,6 +25,7 @@ exactly where torch fuses and nowhere else.  ``fastmath`` stays off: it would le
 fuse other products and would drop the NaN/Inf semantics users rely on.
 """
 import threading
+import warnings
 
 import numpy as np
 from llvmlite import ir
@@ -32,7 +33,26 @@ from numba import carray, cfunc, from_dtype, njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-_JIT = dict(cache=True, error_model="numpy", nogil=True)
+
+def _disk_cache():
+    """Whether Numba can keep the compiled kernels on disk: next to these sources, or in the
+    user's cache directory (``NUMBA_CACHE_DIR``).  Where neither is writable (a read-only
+    install in a container without a home, say), ``cache=True`` would refuse to define the
+    kernels at all; they are then compiled in every process instead, with a warning."""
+    def probe():
+        pass
+    try:
+        njit(cache=True)(probe)  # finds a cache directory (writing a test file), compiles nothing
+    except RuntimeError as error:  # "cannot cache function 'probe': no locator available for file ..."
+        warnings.warn(f"flatopt compiles its kernels in every process: Numba has nowhere to cache them ({error}). "
+                      "Set NUMBA_CACHE_DIR to a writable directory to keep them between processes.",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+CACHE = _disk_cache()  # one answer for this package's kernel modules (one directory)
+_JIT = dict(cache=CACHE, error_model="numpy", nogil=True)
 _INLINE = dict(inline="always", error_model="numpy")
 
 
@@ -216,7 +236,7 @@ def compiled_rule(kernel, dtype):
         if rule is None:
             ptr = types.CPointer(from_dtype(key[1]))
             signature = types.void(ptr, ptr, ptr, ptr, ptr, ptr, types.intp)
-            rule = _compiled[key] = cfunc(signature, cache=True, error_model="numpy")(RULES[kernel])
+            rule = _compiled[key] = cfunc(signature, cache=CACHE, error_model="numpy")(RULES[kernel])
     return rule
 
 

@@ -3,8 +3,10 @@ arithmetic, chunked and threaded exactly like ``flatopt.kernels.cpu``.  What an 
 step costs above this is arithmetic (sqrt, division) or overhead."""
 from numba import njit, prange
 
+from flatopt.kernels.cpu import CACHE
 
-@njit(parallel=True, cache=True, error_model="numpy", nogil=True)
+
+@njit(parallel=True, cache=CACHE, error_model="numpy", nogil=True)
 def adam_floor(p, g, m, v, chunks):
     """Adam's traffic: read p, g, m, v; write p, m, v (28 bytes per float32 element)."""
     for c in prange(chunks.shape[0]):

@@ -41,7 +41,7 @@ from llvmlite import ir
 from numba import carray, cfunc, njit, prange, types
 from numba.extending import intrinsic
 
-from flatopt.kernels.cpu import _call_rule
+from flatopt.kernels.cpu import CACHE, _call_rule
 
 FFI_API_VERSION = (0, 1)  # the call frame fields read here are those of the FFI's first version
 _METADATA = 1  # XLA_FFI_Extension_Metadata: XLA asks which API version the handler was built for
@@ -163,13 +163,13 @@ def _step_chunk(control, args, rets, leaves, chunk, table, states):
             out[i] -= params[i]
 
 
-@njit(parallel=True, cache=True, error_model="numpy", nogil=True)
+@njit(parallel=True, cache=CACHE, error_model="numpy", nogil=True)
 def run_leaves_parallel(control, args, rets, leaves, chunks, table, states):
     for c in prange(chunks.shape[0]):
         _step_chunk(control, args, rets, leaves, chunks[c], table, states)
 
 
-@njit(cache=True, error_model="numpy", nogil=True)
+@njit(cache=CACHE, error_model="numpy", nogil=True)
 def run_leaves_serial(control, args, rets, leaves, chunks, table, states):
     for c in range(chunks.shape[0]):
         _step_chunk(control, args, rets, leaves, chunks[c], table, states)
@@ -178,7 +178,7 @@ def run_leaves_serial(control, args, rets, leaves, chunks, table, states):
 def _handler(dtype):
     scalar = np.dtype(dtype).type
 
-    @cfunc(types.voidptr(types.voidptr), cache=True, error_model="numpy")
+    @cfunc(types.voidptr(types.voidptr), cache=CACHE, error_model="numpy")
     def handler(call_frame):
         frame = carray(call_frame, (16,), np.int64)
         extension = frame[_FRAME_EXTENSION]
