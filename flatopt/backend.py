@@ -218,6 +218,9 @@ class CpuBackend:
     def plan(self, segments):
         """Chunks for ``(start, stop, row)`` segments and whether to use threads."""
         import numba
+        if numba.config.DISABLE_JIT:  # the kernels call their rules through compiled code only
+            raise RuntimeError("flatopt's CPU kernels need Numba's compiler, which NUMBA_DISABLE_JIT=1 turns off: "
+                               "unset it to step on the CPU (flatopt has no pure-Python path)")
         if not self.threaded(sum(stop - start for start, stop, _ in segments)):
             return (np.array(segments, dtype=np.int64).reshape(-1, 3), False)
         return (split_chunks(segments, numba.get_num_threads() * self.chunks_per_thread), True)

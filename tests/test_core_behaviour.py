@@ -528,6 +528,24 @@ def test_kernels_compile_in_every_process_where_nothing_can_be_cached(tmp_path):
     assert kernels.CACHE  # this process caches (the kernels' directory or NUMBA_CACHE_DIR)
 
 
+def test_numba_disable_jit_gets_a_clear_error_and_changes_nothing():
+    """NUMBA_DISABLE_JIT=1 (set to debug one's own Numba code) turns off the compiler that
+    flatopt's kernels need: the step says so before it allocates state or touches a buffer
+    (it failed inside the kernel's launch, "<intrinsic _call_rule> is not usable in pure-python")."""
+    code = textwrap.dedent("""
+        import numpy as np, flatopt
+        p, g = np.ones(100, np.float32), np.full(100, 0.5, np.float32)
+        opt = flatopt.Adam()
+        try:
+            opt.step(p, g)
+        except RuntimeError as error:
+            print("NUMBA_DISABLE_JIT" in str(error), opt.state == {}, opt.group_state, bool((p == 1).all()))
+    """)
+    env = dict(__import__("os").environ, NUMBA_DISABLE_JIT="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert done.stdout.split() == ["True", "True", "[{'step':", "0}]", "True"], done.stderr[-3000:]
+
+
 @needs_threads
 def test_kernels_are_cached_on_disk(tmp_path):
     """The rules of both dtypes (two C callbacks of one function) and both drivers."""

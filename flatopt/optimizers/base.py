@@ -180,10 +180,10 @@ class Optimizer:
             return
         rows = [self._row(hp, group_state, dtype.type) for group_state, hp in active]
         table = self._table(backend, dtype, rows)  # converting the scalars is the last thing that can fail
+        if (backend, segments) != self._plan_key:  # (a plan can be refused: NUMBA_DISABLE_JIT)
+            self._plan, self._plan_key = backend.plan(segments), (backend, segments)
         # Nothing above modified anything; from here on the step happens.
         states = self._states(backend, n, dtype, active)
-        if (backend, segments) != self._plan_key:
-            self._plan, self._plan_key = backend.plan(segments), (backend, segments)
         if _gather is None:
             backend.launch(self.kernel, params, grads, states, self._plan, table)
         else:
