@@ -325,6 +325,48 @@ def test_replaced_grad_and_data():
     assert _inside(models[0].l1.weight.grad.data_ptr(), b.gflat)
 
 
+@pytest.mark.parametrize("move", ["model.share_memory()", "one gradient's share_memory_()"])
+def test_flat_buffers_moved_into_shared_memory_after_building(move):
+    """``model.share_memory()`` (or sending a tensor of the model through torch.multiprocessing)
+    moves the flat buffers' memory under their storage; the steps after it went on through
+    NumPy views of the freed memory (a segfault).  Sharing one gradient moves the whole flat
+    gradient buffer, with every ``.grad`` the same tensor as before.  Both are now followed."""
+    models = [Net(), Net()]
+    opts = [ft.Adam(models[0].parameters(), lr=1e-2), torch.optim.Adam(models[1].parameters(), lr=1e-2, fused=True)]
+    for i, (x, y) in enumerate(data(n=8)):
+        for m, o in zip(models, opts):
+            o.zero_grad(set_to_none=False)
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            if i == 3:
+                if move == "model.share_memory()":
+                    m.share_memory()
+                else:
+                    m.l1.weight.grad.share_memory_()
+            o.step()
+    assert_same(*models)
+    (b,) = opts[0]._buckets.values()
+    moved = b.flat if move == "model.share_memory()" else b.gflat
+    assert moved.is_shared() and all(v.is_shared() for v in (b.views if moved is b.flat else b.gviews))
+    assert b.flat_np.ctypes.data == b.flat.data_ptr() and b.gflat_np.ctypes.data == b.gflat.data_ptr()
+
+
+def test_parameters_in_shared_memory_are_refused():
+    """flatopt.torch moves parameters into a flat buffer of its own, which other processes
+    sharing them (Hogwild) would not see: a parameter already in shared memory is refused,
+    with what to do instead, before anything changes."""
+    model = Net()
+    model.share_memory()
+    with pytest.raises(ValueError, match="shared memory.*Build the optimizer before sharing"):
+        ft.Adam(model.parameters())
+    other = Net()
+    opt = ft.SGD(other.parameters(), lr=0.1)
+    before = [p.data_ptr() for p in other.parameters()]
+    with pytest.raises(ValueError, match="shared memory"):
+        opt.add_param_group({"params": list(model.l1.parameters())})
+    assert [p.data_ptr() for p in other.parameters()] == before and len(opt.param_groups) == 1
+    assert model.l1.weight.is_shared()
+
+
 # --- checkpoints -----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["Adam", "SGD", "RMSprop", "ADOPT"])

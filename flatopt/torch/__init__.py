@@ -53,6 +53,12 @@
   p.data.cuda()``) raises a ``RuntimeError`` at the next step, before any update: build a
   new optimizer.  A parameter listed twice (torch warns, updates it twice per step, and
   plans to make it an error) raises a ``ValueError``: list it once.
+* Shared memory.  ``model.share_memory()`` after the optimizer is built moves the flat
+  buffers' memory into shared memory under their storage (as sending one of their tensors
+  through ``torch.multiprocessing`` does); the next step follows them.  A parameter already
+  in shared memory when the optimizer is built (or laid out again) raises a ``ValueError``:
+  moving it into a flat buffer would hide the updates from the processes sharing it.  For
+  Hogwild, build the optimizer before ``model.share_memory()`` and fork the workers with it.
 * ``Lookahead(optimizer, k=5, alpha=0.5)`` wraps any torch optimizer (per tensor); around a
   flatopt.torch optimizer its slow weights mirror the flat buffers, so the every-``k``
   pull is two tensor ops per buffer.
@@ -65,6 +71,9 @@ rest of the step's Python on a model of a few hundred tensors):
   tensor with its own memory (``p.data = p.data.t().contiguous()``).
 * An in-place change of a ``step`` tensor (``state[p]['step'].zero_()``): the kernel keeps
   its own counts.  Assign a new tensor instead (``state[p]['step'] = torch.tensor(0.)``).
+* ``share_memory_()`` on a state tensor: its memory moves away from the flat state the
+  kernel updates, and it stops following the steps (shared optimizer state, as in A3C's
+  shared Adam, needs torch.optim).
 
 CUDA parameters go to the core as tensors (its backend reads ``__cuda_array_interface__``); they
 are tested on a real GPU (``tests/gpu/test_gpu_torch.py``).  Not supported: sparse gradients,

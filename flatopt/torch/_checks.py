@@ -27,6 +27,12 @@ def check_param(p):
                          "(a lazy module's) has no shape yet: run the model on a dummy batch first")
     if p.device.type == "meta":
         raise TypeError("flatopt.torch cannot optimize meta tensors: they have no memory to lay out")
+    if p.device.type == "cpu" and p.is_shared():  # (CUDA tensors all say they are)
+        raise ValueError("flatopt.torch cannot optimize a parameter in shared memory (model.share_memory(), a "
+                         "tensor from another process): it moves every parameter into a flat buffer of its own, "
+                         "which the other processes would not see. Build the optimizer before sharing the model "
+                         "(its flat buffer is then what is shared), or unshare the parameter first "
+                         "(p.data = p.data.clone())")
     if not (p.is_leaf or p.retains_grad):
         raise ValueError("can't optimize a non-leaf Tensor")
 

@@ -494,10 +494,25 @@ class FlatOptimizer(torch.optim.Optimizer):
         The copies of one step go in one ``torch._foreach_copy_`` call.
         """
         params = b.params
-        if all(map(is_, map(_grad_of, params), b.gviews)) and list(map(_data_ptr, params)) == b.ptrs:
+        if (all(map(is_, map(_grad_of, params), b.gviews)) and list(map(_data_ptr, params)) == b.ptrs
+                and b.gflat.data_ptr() == b.memory[1][0]):
             return b.all_synced  # the common zero-copy case: nothing to pull in
         with torch.no_grad():
+            if (b.flat.data_ptr(), b.gflat.data_ptr()) != (b.memory[0][0], b.memory[1][0]):
+                self._follow_storage(b)
             return self._pull_in(b, params, [p.grad for p in params])
+
+    @staticmethod
+    def _follow_storage(b):
+        """The flat buffers' memory moved under their storage: ``model.share_memory()`` moves
+        it into shared memory, as does sending one of its tensors through torch.multiprocessing.
+        The views moved with it; the NumPy views and the addresses kept from before would still
+        point at the freed memory, so they are made again."""
+        if b.device.type == "cpu":
+            b.flat_np, b.gflat_np = b.flat.detach().numpy(), b.gflat.numpy()
+        b.ptrs = [v.data_ptr() for v in b.views]
+        b.gptrs = [gv.data_ptr() for gv in b.gviews]
+        b.memory = _memory((b.flat, b.gflat))
 
     def _pull_in(self, b, params, grads):
         dst, src, src_ptrs, repoint_data, repoint_grad = [], [], [], [], []
