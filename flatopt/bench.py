@@ -15,6 +15,7 @@ import numpy as np
 
 import flatopt
 from flatopt.backend import CPU, split_chunks
+from flatopt.cli import check_plot_path, positive_int, sizes
 
 SIZES = [10**3, 10**5, 10**6, 10**7, 3 * 10**7]
 QUICK_SIZES = [10**3, 10**5, 10**6]
@@ -282,22 +283,24 @@ def plot(results, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="flatopt bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", help="comma-separated sizes, e.g. 1000,1e6 (default 1e3,1e5,1e6,1e7,3e7)")
+    parser.add_argument("--sizes", type=sizes, help="comma-separated sizes, e.g. 1000,1e6 (default 1e3,1e5,1e6,1e7,3e7)")
     parser.add_argument("--quick", action="store_true", help="sizes 1e3,1e5,1e6 and fewer rounds (< 1 minute)")
-    parser.add_argument("--rounds", type=int, help="rounds per size (default: by size)")
+    parser.add_argument("--rounds", type=positive_int, help="rounds per size (default: by size)")
     parser.add_argument("--markdown", action="store_true", help="markdown tables with a header line")
     parser.add_argument("--plot", metavar="FILE.png", help="log-log plot of time per step against size")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.plot:
+        check_plot_path(parser, args.plot)
     try:  # before Numba starts its threads: see "torch and Numba in one process" in README.md
         import torch  # noqa: F401
     except ImportError:
         pass
-    sizes = [int(float(s)) for s in args.sizes.split(",")] if args.sizes else QUICK_SIZES if args.quick else SIZES
+    run_sizes = args.sizes or (QUICK_SIZES if args.quick else SIZES)
     rng = np.random.default_rng(args.seed)
     print(("_" if args.markdown else "") + header() + ("_" if args.markdown else ""))
     results = {}
-    for n in sizes:
+    for n in run_sizes:
         rounds = args.rounds or rounds_for(n, args.quick)
         impls, notes = implementations(n, rng)
         rows = summarize(measure(impls, rounds, args.seed))

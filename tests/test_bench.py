@@ -78,3 +78,22 @@ def test_bench_markdown_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| implementation | median µs/step |" in out
     assert png.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sizes", "abc"], "expected numbers such as 1000,1e6, got 'abc'"),
+    (["--sizes", "1000,0"], "sizes are whole numbers of 1 or more, got '0'"),
+    (["--sizes", "1.5"], "sizes are whole numbers of 1 or more, got '1.5'"),
+    (["--sizes", "inf"], "sizes are whole numbers of 1 or more, got 'inf'"),
+    (["--rounds", "0"], "argument --rounds: expected 1 or more, got 0"),
+    (["--plot", "/nonexistent-folder/bench.png"], "--plot: folder /nonexistent-folder does not exist"),
+])
+def test_bench_refuses_bad_arguments_before_it_runs(args, message, capsys, monkeypatch):
+    """A bad size or round count was a traceback from deep inside the run (or, for
+    ``--rounds 0``, the default taken silently), and a plot into a missing folder failed
+    only after the whole run: each is now argparse's usage error, before anything is timed."""
+    from flatopt import bench
+    monkeypatch.setattr(bench, "implementations", lambda *a: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

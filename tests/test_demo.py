@@ -41,6 +41,21 @@ def test_cli_rejects_unknown_optimizer():
     assert result.returncode != 0 and "unknown optimizers" in result.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "argument --epochs: expected 1 or more, got 0"),
+    (["--epochs", "x"], "argument --epochs: expected a whole number, got 'x'"),
+    (["--plot", "/nonexistent-folder/loss.png"], "--plot: folder /nonexistent-folder does not exist"),
+])
+def test_cli_refuses_bad_arguments_before_training(args, message, capsys, monkeypatch):
+    """``--epochs 0`` was an IndexError after the runs; a plot into a missing folder failed
+    after all of training."""
+    from flatopt import cli
+    monkeypatch.setattr(demo, "run", lambda **kw: pytest.fail("the demo started"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", *args])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_timed_steps_follow_a_warm_up_that_reaches_every_kernel(monkeypatch):
     """The µs-per-step column is the steady state: before the first timed step a throwaway
     optimizer has taken more steps than Lookahead's k (so its sync kernel is compiled or
