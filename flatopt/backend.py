@@ -341,6 +341,16 @@ def _packer(char, count):
     return struct.Struct(f"={count}{char}")  # native byte order, no padding
 
 
+def aligned_zeros(size, dtype, alignment=64):
+    """A 1-D array of zeros whose data starts at a multiple of ``alignment`` bytes (a cache
+    line: vector loads of a misaligned buffer straddle two).  Zeroed as ``np.zeros`` is: a large
+    one's pages are the OS's zero pages until first written, so it costs no memory before then."""
+    dtype = np.dtype(dtype)
+    raw = np.zeros(size * dtype.itemsize + alignment, np.uint8)
+    skip = -raw.__array_interface__["data"][0] % alignment
+    return raw[skip:skip + size * dtype.itemsize].view(dtype)
+
+
 def host_span(a):
     """The (first, end) byte addresses of a NumPy array's memory."""
     start = a.__array_interface__["data"][0]

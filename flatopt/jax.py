@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from flatopt.backend import Gather, host_span
+from flatopt.backend import Gather, aligned_zeros, host_span
 from flatopt.lookahead import Lookahead
 from flatopt.optimizers import Optimizer
 
@@ -63,14 +63,6 @@ FRESH_PAGES = 32 << 20
 @jax.jit
 def _ravel(tree):
     return ravel_pytree(tree)[0]
-
-
-def _aligned_empty(size, dtype, alignment=64):
-    """An uninitialized 1-D array whose data starts at a multiple of ``alignment`` bytes."""
-    dtype = np.dtype(dtype)
-    raw = np.empty(size * dtype.itemsize + alignment, np.uint8)
-    skip = -raw.__array_interface__["data"][0] % alignment
-    return raw[skip:skip + size * dtype.itemsize].view(dtype)
 
 
 def _flat(tree):
@@ -446,7 +438,7 @@ class TreeOptimizer:
         self._nbytes = np.array(sizes, np.uint64) * flat.dtype.itemsize
         self._unravel_leaves = jax.jit(lambda flat: jax.tree_util.tree_leaves(unravel(flat)))
         self.opt = opt
-        self.master = _aligned_empty(flat.size, flat.dtype)  # writable: JAX arrays' NumPy views are read-only
+        self.master = aligned_zeros(flat.size, flat.dtype)  # writable: JAX arrays' NumPy views are read-only
         self.master[:] = flat
         # A large tree's leaves are read where they lie, only where every leaf has the master's
         # dtype (else ravel_pytree converts them); ``_grads`` is then the buffer the core checks

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.optim.optimizer as _torch_optimizer
 
-from flatopt.backend import Gather, backend_for, host_span
+from flatopt.backend import Gather, aligned_zeros, backend_for, host_span
 from flatopt.torch._checks import (NP_DTYPES, check_disjoint, check_flags, check_param, check_unique,
                                    moved_error)
 from flatopt.torch._edits import Edits, ParamList, ParamState, State, unchanged
@@ -303,8 +303,14 @@ class FlatOptimizer(torch.optim.Optimizer):
         b.offsets = np.concatenate([[0], np.cumsum(b.sizes)[:-1]]).astype(int).tolist()
         b.strides = [dense_strides(p.data) for p in b.params]
         total = sum(b.sizes)
+        # The parameters move in one by one, each one's old memory freed as it goes (where
+        # nothing else holds it), into a buffer whose pages the OS hands out as they are first
+        # written: building the optimizer needs about one model's memory more, not two.  The
+        # gradient buffer costs nothing until gradients arrive (NumPy's calloc'd zeros), as
+        # torch's own .grads; torch.zeros would write all of it at once.
         b.flat = torch.empty(total, dtype=dtype, device=device)
-        b.gflat = torch.zeros(total, dtype=dtype, device=device)
+        b.gflat = (torch.from_numpy(aligned_zeros(total, NP_DTYPES[dtype])) if device.type == "cpu"
+                   else torch.zeros(total, dtype=dtype, device=device))
         b.steps = np.zeros(len(b.params), np.float32)
         b.started = np.zeros(len(b.params), bool)
         b.installed = [None] * len(b.params)
@@ -318,6 +324,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             for i, (p, off, n) in enumerate(zip(b.params, b.offsets, b.sizes)):
                 b.views[i].copy_(p.data)
+                p.data = b.views[i]
                 j = old_index.get(id(p))
                 if j is not None:  # carried over from the previous layout
                     b.steps[i], b.started[i] = prev.steps[j], prev.started[j]
@@ -325,8 +332,6 @@ class FlatOptimizer(torch.optim.Optimizer):
                     po = prev.offsets[j]
                     for name, buf in new_state.items():
                         buf[off:off + n] = old_state[name][po:po + n]
-        for p, v in zip(b.params, b.views):
-            p.data = v
         b.ptrs = [v.data_ptr() for v in b.views]
         b.gptrs = [gv.data_ptr() for gv in b.gviews]
         b.memory = _memory((b.flat, b.gflat))
