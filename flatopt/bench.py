@@ -303,6 +303,9 @@ def main(argv=None):
     for n in run_sizes:
         rounds = args.rounds or rounds_for(n, args.quick)
         impls, notes = implementations(n, rng)
+        if n < MODEL_TENSORS:  # the rows keep their names; say what they measured
+            notes.append(f"the {MODEL_TENSORS}-tensor and {MODEL_TENSORS}-leaf models have {n} tensors of one "
+                         "element at this size")
         rows = summarize(measure(impls, rounds, args.seed))
         del impls
         print()

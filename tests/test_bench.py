@@ -97,3 +97,9 @@ def test_bench_refuses_bad_arguments_before_it_runs(args, message, capsys, monke
     with pytest.raises(SystemExit) as exit_info:
         bench.main(args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_says_when_the_many_tensor_models_are_smaller_than_their_names(capsys):
+    from flatopt import bench
+    bench.main(["--sizes", "10", "--rounds", "1"])
+    assert "the 200-tensor and 200-leaf models have 10 tensors of one element at this size" in capsys.readouterr().out
