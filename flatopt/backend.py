@@ -236,9 +236,7 @@ class CpuBackend:
         """Whether Numba's threads take one parallel launch at a time: its ``workqueue``
         threading layer (what Numba falls back to where neither OpenMP nor TBB loads) aborts
         the process when two Python threads launch at once.  Threaded steps then take a lock."""
-        import numba
-        numba.get_num_threads()  # starts the threading layer, which Numba picks then
-        return numba.threading_layer() == "workqueue"
+        return _threading_layer() == "workqueue"
 
     def launch(self, kernel, params, grads, states, plan, table, gather=None):
         """``gather``: a :class:`Gather`, whose buffers hold the gradients instead of ``grads``."""
@@ -316,12 +314,17 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def _threading_layer():
+    """The name of Numba's threading layer, started first if it was not (Numba picks it then)."""
+    import numba
+    numba.get_num_threads()
+    return numba.threading_layer()
+
+
 def _gnu_openmp_threads():
     """Whether Numba's threads are GNU OpenMP's (its ``omp`` layer on libgomp); its TBB and
     workqueue layers start their threads again after a fork."""
-    import numba
-    numba.get_num_threads()  # starts the threading layer, which Numba picks then
-    if numba.threading_layer() != "omp":
+    if _threading_layer() != "omp":
         return False
     omppool = sys.modules.get("numba.np.ufunc.omppool")
     return getattr(omppool, "openmp_vendor", "GNU") == "GNU"

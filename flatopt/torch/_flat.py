@@ -155,6 +155,21 @@ class _Bucket:
         """Parameter ``i``'s view of a flat buffer of this bucket (parameters, gradients, state)."""
         return buf[self.offsets[i]:].as_strided(self.params[i].shape, self.strides[i])
 
+    def read_addresses(self):
+        """What is derived from where the flat buffers' memory lies: the buffers as the core
+        takes them (NumPy views on the CPU; CUDA tensors, read through
+        ``__cuda_array_interface__``), the views' ``data_ptr()``s and the buffers' byte spans.
+        Made with the layout, and again when that memory moves under its storage
+        (``model.share_memory()``, or one of its tensors sent through torch.multiprocessing):
+        the views move with it, NumPy views and kept addresses would not."""
+        if self.device.type == "cpu":
+            self.flat_np, self.gflat_np = self.flat.detach().numpy(), self.gflat.numpy()
+        else:
+            self.flat_np, self.gflat_np = self.flat.detach(), self.gflat
+        self.ptrs = [v.data_ptr() for v in self.views]
+        self.gptrs = [gv.data_ptr() for gv in self.gviews]
+        self.memory = _memory((self.flat, self.gflat))
+
 
 def _as_tensor(buf, device):
     return torch.from_numpy(buf) if isinstance(buf, np.ndarray) else torch.as_tensor(buf, device=device)
@@ -332,9 +347,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                     po = prev.offsets[j]
                     for name, buf in new_state.items():
                         buf[off:off + n] = old_state[name][po:po + n]
-        b.ptrs = [v.data_ptr() for v in b.views]
-        b.gptrs = [gv.data_ptr() for gv in b.gviews]
-        b.memory = _memory((b.flat, b.gflat))
+        b.read_addresses()
         b.offsets_np = np.array(b.offsets, dtype=np.int64)
         b.all_synced = ((True,) * len(b.params), None)  # _sync's answer when nothing changed
         with torch.no_grad():
@@ -342,10 +355,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if p.grad is not None:
                     gv.copy_(p.grad)
                     p.grad = gv
-        if device.type == "cpu":
-            b.flat_np, b.gflat_np = b.flat.detach().numpy(), b.gflat.numpy()
-        else:  # CUDA: the core's backend takes the tensors (__cuda_array_interface__)
-            b.flat_np, b.gflat_np = b.flat.detach(), b.gflat
+        if device.type != "cpu":  # CUDA: the core's state lives on the device too
             new_state = {k: torch.as_tensor(v, device=device) for k, v in new_state.items()}
         b.steps_t = torch.from_numpy(b.steps)
         self._install_state(b, new_state)
@@ -504,20 +514,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             return b.all_synced  # the common zero-copy case: nothing to pull in
         with torch.no_grad():
             if (b.flat.data_ptr(), b.gflat.data_ptr()) != (b.memory[0][0], b.memory[1][0]):
-                self._follow_storage(b)
+                b.read_addresses()  # the flat buffers' memory moved
             return self._pull_in(b, params, [p.grad for p in params])
-
-    @staticmethod
-    def _follow_storage(b):
-        """The flat buffers' memory moved under their storage: ``model.share_memory()`` moves
-        it into shared memory, as does sending one of its tensors through torch.multiprocessing.
-        The views moved with it; the NumPy views and the addresses kept from before would still
-        point at the freed memory, so they are made again."""
-        if b.device.type == "cpu":
-            b.flat_np, b.gflat_np = b.flat.detach().numpy(), b.gflat.numpy()
-        b.ptrs = [v.data_ptr() for v in b.views]
-        b.gptrs = [gv.data_ptr() for gv in b.gviews]
-        b.memory = _memory((b.flat, b.gflat))
 
     def _pull_in(self, b, params, grads):
         dst, src, src_ptrs, repoint_data, repoint_grad = [], [], [], [], []
