@@ -199,8 +199,12 @@ class CpuBackend:
             array = backend_for(array, array).to_host(array)
         return np.array(array, dtype=like.dtype, copy=True)
 
-    def copy(self, src, dst):
-        np.copyto(dst, src)
+    def copy(self, src, dst, spans=None):
+        """``dst[:] = src``, or only ``dst[a:b] = src[a:b]`` for each ``(a, b)`` of ``spans``."""
+        if spans is None:
+            np.copyto(dst, src)
+        for a, b in spans or ():
+            np.copyto(dst[a:b], src[a:b])
 
     def table(self, rows, dtype, reuse=None):
         """Rows of scalars rounded to ``dtype``; written into ``reuse`` when it fits (a

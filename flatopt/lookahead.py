@@ -4,7 +4,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from flatopt.backend import backend_for, check_fits
+from flatopt.backend import SUPPORTED_DTYPES, backend_for, check_fits
 from flatopt.optimizers.base import Optimizer, _unwrap
 
 
@@ -55,17 +55,18 @@ class Lookahead:
         self.slow = slow
         self.step_count += 1
         if self.syncs(self.step_count):
-            # Only what the inner optimizer updates: frozen groups and elements outside every
-            # group are left alone, as by the inner step.
-            groups = self.inner.param_groups
-            segments = ((0, len(params), 0),) if groups is None else tuple(
-                (g["start"], g["stop"], 0) for g in groups if not g.get("frozen", False))
+            segments = tuple((a, b, 0) for a, b in self._synced_spans(len(params)))
             key = (backend.name, segments)
             if key != self._plan_key:
                 self._plan, self._plan_key = (backend.plan(segments) if segments else None), key
             if self._plan is not None:
                 backend.launch("lookahead", params, slow, (), self._plan,
                                backend.table([self.sync_row()], backend.dtype(params)))
+
+    def _synced_spans(self, n):
+        """Only what the inner optimizer updates has slow weights of its own: frozen groups and
+        elements outside every group are left alone, as by the inner step."""
+        return tuple((g["start"], g["stop"]) for g in self.inner._groups_for(n) if not g.get("frozen", False))
 
     def syncs(self, step_count):
         """Whether the inner step that brings the count to ``step_count`` is followed by a sync."""
@@ -86,19 +87,22 @@ class Lookahead:
 
     @contextmanager
     def slow_weights(self, params):
-        """Inside the block ``params`` holds the slow weights; the fast ones come back after."""
+        """Inside the block ``params`` holds the slow weights where the inner optimizer's groups
+        that are not frozen lie (elsewhere the parameters are their own slow weights); the fast
+        ones come back after."""
         if self.slow is None:  # before the first step the slow weights are the parameters
             yield params
             return
         backend = backend_for(params, params)
         self._check_slow_fits(backend, params)
+        spans = self._synced_spans(len(params))  # (checks the groups' ranges)
         fast = backend.zeros(len(params), backend.dtype(params))
-        backend.copy(params, fast)
-        backend.copy(self.slow, params)
+        backend.copy(params, fast, spans)
+        backend.copy(self.slow, params, spans)
         try:
             yield params
         finally:
-            backend.copy(fast, params)
+            backend.copy(fast, params, spans)
 
     def state_dict(self):
         return {
@@ -118,13 +122,16 @@ class Lookahead:
         if sd["optimizer"] != "Lookahead":
             raise ValueError(f"state_dict is for {sd['optimizer']}, not Lookahead")
         check_k_alpha(sd["k"], sd["alpha"])
-        if not isinstance(sd["step_count"], numbers.Integral) or sd["step_count"] < 0:
-            raise ValueError(f"invalid step_count {sd['step_count']!r}")
+        count = sd["step_count"]
+        if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"invalid step_count {count!r}")
         slow = sd["slow"]
         if slow is not None:
             slow = np.asarray(slow)
             if slow.ndim != 1:
                 raise ValueError(f"slow weights must be 1-D, got shape {slow.shape}")
+            if slow.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"slow weights must be float32 or float64, got {slow.dtype}")
             inner_state = dict(_unwrap(sd["inner"])).get("state", {})
             sizes = {len(np.asarray(v)) for v in dict(_unwrap(inner_state)).values()}
             if sizes and sizes != {len(slow)}:

@@ -333,3 +333,97 @@ def test_lookahead_slow_weights_assigned_are_checked_before_the_inner_step(tmp_p
         reference.step(p_ref, g)
     np.testing.assert_array_equal(p, p_ref)
     assert la.slow.flags.writeable
+
+
+# --- groups assigned with a new range start afresh -------------------------------------------
+@pytest.mark.parametrize("make, torch_name, torch_kwargs", [
+    (lambda groups: flatopt.Adam(lr=0.1, param_groups=groups), "Adam", dict(lr=0.1, foreach=False)),
+    (lambda groups: flatopt.SGD(lr=0.1, momentum=0.9, param_groups=groups), "SGD", dict(lr=0.1, momentum=0.9)),
+])
+def test_a_group_assigned_with_a_range_no_group_had_starts_at_step_zero(make, torch_name, torch_kwargs):
+    """As a torch group added with new parameters: [A, B] -> [A, C] with C disjoint from B
+    (same number of groups) once gave C the step count and momentum flag of B."""
+    torch = pytest.importorskip("torch")
+    g, p = grads_for(30, count=5), rand(30, np.float64)
+    opt = make([dict(start=0, stop=10), dict(start=10, stop=20)])
+    tps = [torch.nn.Parameter(torch.from_numpy(p[a:a + 10].copy())) for a in (0, 10, 20)]
+    topt = getattr(torch.optim, torch_name)([{"params": [tps[0]]}, {"params": [tps[1]]}], **torch_kwargs)
+
+    def both(grads, stepped):
+        for x in grads:
+            opt.step(p, x)
+            for i in stepped:
+                tps[i].grad = torch.from_numpy(x[10 * i:10 * i + 10].copy())
+            topt.step()
+
+    both(g[:3], (0, 1))
+    opt.param_groups = [dict(start=0, stop=10), dict(start=20, stop=30)]
+    del topt.param_groups[1]
+    topt.add_param_group({"params": [tps[2]]})
+    assert opt.group_state[1] == opt._new_group_state()
+    both(g[3:], (0, 2))
+    for i, t in enumerate(tps):
+        np.testing.assert_allclose(p[10 * i:10 * i + 10], t.detach().numpy(), rtol=1e-13, atol=1e-15)
+
+
+# --- an optimizer without state may change dtype ------------------------------------------------
+@pytest.mark.parametrize("groups", [None, [dict(start=0, stop=6)]])
+def test_sgd_without_state_steps_another_dtype_as_a_fresh_one(groups):
+    """Its unused state slots were the empty buffers of the first step's dtype: Numba refused
+    the next launch with a TypingError."""
+    opt = flatopt.SGD(lr=0.5, param_groups=groups)
+    opt.step(rand(8, np.float64), rand(8, np.float64, seed=1))
+    for dtype in (np.float32, np.float64, np.float32):
+        p, expected = rand(8, dtype), rand(8, dtype)
+        opt.step(p, rand(8, dtype, seed=1))
+        flatopt.SGD(lr=0.5, param_groups=groups).step(expected, rand(8, dtype, seed=1))
+        np.testing.assert_array_equal(p, expected)
+
+
+# --- checkpoints whose counts the next step would refuse ---------------------------------------
+@pytest.mark.parametrize("bad", [{"step": -5}, {"step": True}])
+def test_load_refuses_group_states_the_step_would_refuse(bad):
+    opt = flatopt.Adam(lr=0.1)
+    p, g = rand(8, np.float64), rand(8, np.float64, seed=1)
+    opt.step(p, g)
+    sd, before = opt.state_dict(), snapshot(opt)
+    with pytest.raises(ValueError, match="int step >= 0"):
+        opt.load_state_dict(dict(sd, group_state=[bad]))
+    assert_same(snapshot(opt), before)
+
+
+@pytest.mark.parametrize("edit, error", [
+    (lambda sd: sd.update(step_count=True), ValueError),
+    (lambda sd: sd.update(slow=np.array(list("abcdefgh"))), TypeError),
+    (lambda sd: sd.update(slow=np.arange(8)), TypeError),
+])
+def test_lookahead_load_refuses_what_its_step_would_refuse(edit, error):
+    la = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2)
+    p, g = rand(8, np.float64), rand(8, np.float64, seed=1)
+    la.step(p, g)
+    sd, before = la.state_dict(), snapshot(la)
+    edit(sd)
+    with pytest.raises(error):
+        la.load_state_dict(sd)
+    assert_same(snapshot(la), before)
+
+
+def test_a_flag_removed_from_the_group_state_is_named_on_the_fast_path_too():
+    opt = flatopt.SGD(lr=0.1, momentum=0.9)
+    p, g = rand(8, np.float64), rand(8, np.float64, seed=1)
+    opt.step(p, g)
+    opt.step(p, g)  # the next steps take the fast path
+    del opt.group_state[0]["momentum_started"]
+    before = p.copy()
+    with pytest.raises(ValueError, match="group_state entries need 'momentum_started'"):
+        opt.step(p, g)
+    np.testing.assert_array_equal(p, before)
+
+
+# --- hyperparameters as arrays of more than zero dimensions -------------------------------------
+def test_array_betas_and_a_one_element_array_lr_act_as_their_numbers():
+    """As torch takes a tensor lr of one element, and betas that index as a pair."""
+    g = grads_for(20)
+    expected = steps(flatopt.Adam(lr=0.01, betas=(0.8, 0.99)), rand(20, np.float64), g)
+    got = steps(flatopt.Adam(lr=np.array([0.01]), betas=np.array([0.8, 0.99])), rand(20, np.float64), g)
+    np.testing.assert_array_equal(got, expected)

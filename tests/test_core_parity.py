@@ -336,3 +336,39 @@ def test_lookahead_slow_weights_context_swaps_and_restores():
         np.testing.assert_array_equal(params, slow)
     np.testing.assert_array_equal(params, fast)
     np.testing.assert_array_equal(opt.slow, slow)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("alpha", [1.6, 3.0, 0.2])
+def test_rmsprop_centered_grad_average_bitwise_for_any_alpha(alpha, dtype):
+    """torch's lerp picks its end by |weight| < 1/2: with alpha > 1.5 the weight 1 - alpha is
+    below -1/2 and the lerp runs from the gradient's end.  The averages pass through no square
+    root: bitwise."""
+    n, steps = 1000, 4
+    p0, grads = data(n, steps, dtype)
+    opt, params = flatopt.RMSprop(lr=1e-3, alpha=alpha, centered=True), p0.copy()
+    tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    topt = torch.optim.RMSprop([tp], lr=1e-3, alpha=alpha, centered=True, foreach=False)
+    for g in grads:
+        opt.step(params, g)
+        tp.grad = torch.from_numpy(g.copy())
+        topt.step()
+        for name in ("grad_avg", "square_avg"):
+            np.testing.assert_array_equal(opt.state[name], topt.state[tp][name].numpy(), err_msg=name)
+
+
+def test_lookahead_slow_weights_context_swaps_only_what_it_syncs():
+    """Elements outside every group and in frozen groups have no slow weights of their own:
+    inside the block they keep their values (a copy from the first step came back before)."""
+    inner = flatopt.Adam(lr=0.1, param_groups=[dict(start=0, stop=40), dict(start=40, stop=60, frozen=True),
+                                                 dict(start=70, stop=90)])
+    opt, (p0, grads) = flatopt.Lookahead(inner, k=5), data(100, 7, np.float64)
+    params = p0.copy()
+    for g in grads:
+        opt.step(params, g)
+    params[40:60] += 1.0  # set by hand after the first step
+    fast, synced = params.copy(), np.zeros(100, bool)
+    synced[0:40] = synced[70:90] = True
+    with opt.slow_weights(params):
+        np.testing.assert_array_equal(params, np.where(synced, opt.slow, fast))
+    np.testing.assert_array_equal(params, fast)

@@ -73,8 +73,9 @@ def fma(typingctx, x, y, z):
 
 @njit(**_INLINE)
 def lerp(start, end, weight, weight_minus_one):
-    """torch.lerp's rounding: one FMA from whichever end the weight is nearer."""
-    if weight < 0.5:
+    """torch.lerp's rounding: one FMA from ``start`` for a weight of magnitude below 1/2, else
+    from ``end`` (RMSprop's weight ``1 - alpha`` may be negative)."""
+    if abs(weight) < 0.5:
         return fma(weight, end - start, start)
     return fma(weight_minus_one, end - start, end)
 

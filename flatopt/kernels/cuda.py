@@ -217,7 +217,7 @@ def _build(dtype):
         v = cu.fma(mul(w, g), g, mul(v, alpha))
         if centered:
             d = add(g, -ga)  # lerp(ga, g, w): one FMA from the nearer end
-            ga = cu.fma(w, d, ga) if w < HALF else cu.fma(w_m1, d, g)
+            ga = cu.fma(w, d, ga) if abs(w) < HALF else cu.fma(w_m1, d, g)
             avg = add(sqrt(cu.fma(-ga, ga, v)), eps)
         else:
             avg = add(sqrt(v), eps)
@@ -280,7 +280,7 @@ def _build(dtype):
             else:
                 g = cu.fma(weight_decay, p, g)
         d = add(g, -m)  # lerp(m, g, w1)
-        m = cu.fma(w1, d, m) if w1 < HALF else cu.fma(w1_m1, d, g)
+        m = cu.fma(w1, d, m) if abs(w1) < HALF else cu.fma(w1_m1, d, g)
         v = cu.fma(mul(w2, g), g, mul(v, beta2))
         denom_v = v
         if amsgrad:
@@ -340,7 +340,7 @@ def _build(dtype):
         normed = -clip if normed < -clip else normed  # torch.clamp: NaN stays
         normed = clip if normed > clip else normed
         d = add(normed, -m)  # lerp(m, normed, w1)
-        m = cu.fma(w1, d, m) if w1 < HALF else cu.fma(w1_m1, d, normed)
+        m = cu.fma(w1, d, m) if abs(w1) < HALF else cu.fma(w1_m1, d, normed)
         return cu.fma(neg_lr, m, p), m, cu.fma(mul(w2, g), g, mul(v, beta2))
 
     @kernel

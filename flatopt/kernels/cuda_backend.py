@@ -309,7 +309,7 @@ class CudaBackend:
         with self._on(self._device):
             return cuda.to_device(host)
 
-    def copy(self, src, dst):
+    def copy(self, src, dst, spans=None):
         d = self._view(dst)
         if isinstance(src, np.ndarray):
             source = np.ascontiguousarray(src, dtype=d.dtype)
@@ -317,11 +317,14 @@ class CudaBackend:
             source = self._view(src).view
         if len(source) != d.shape[0]:
             raise ValueError(f"cannot copy {len(source)} elements into a buffer of {d.shape[0]}")
+        pieces = [(d.view, source)] if spans is None else [(d.view[a:b], source[a:b]) for a, b in spans]
         if SIMULATOR:
-            d.view.copy_to_device(source)
+            for to, what in pieces:
+                to.copy_to_device(what)
             return
         with self._on(d.device):
-            d.view.copy_to_device(source, stream=self._stream(d))
+            for to, what in pieces:
+                to.copy_to_device(what, stream=self._stream(d))
 
     def table(self, rows, dtype, reuse=None):
         # Host rows: ``launch`` copies them asynchronously on the step's stream when they differ

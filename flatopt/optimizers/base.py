@@ -89,11 +89,8 @@ class Optimizer:
         groups = [self._checked_group(i, g) for i, g in enumerate(groups)]
         _check_ranges(groups)
         self._groups = groups
-        if old is None or len(old) != len(groups):
-            # Groups added or removed: a group whose range was a group's before keeps its step
-            # count (its buffers are kept too); the others start at step 0.
-            before = {} if old_groups is None else {(g["start"], g["stop"]): s for g, s in zip(old_groups, old)}
-            self.group_state = [dict(before.get((g["start"], g["stop"])) or self._new_group_state()) for g in groups]
+        self.group_state = [dict(old and _continued(i, g, old, old_groups, len(groups)) or self._new_group_state())
+                            for i, g in enumerate(groups)]
         self._plan_key = None
 
     def _checked_group(self, i, group):
@@ -162,7 +159,11 @@ class Optimizer:
             step = group_state.get("step")
             if type(step) is not int or step < 0:  # edited in place since
                 self._check_group_state(group_state)
-            self._set_step_entries(row, self.__dict__, group_state)  # rounded as a full table build rounds
+            try:
+                self._set_step_entries(row, self.__dict__, group_state)  # rounded as a full table build rounds
+            except KeyError:  # an entry removed since
+                self._check_group_state(group_state)  # says which
+                raise
             if _gather is None:
                 launch(params, grads, table)
             else:
@@ -252,15 +253,20 @@ class Optimizer:
         needed = self._needs(active[0][1])
         for _, hp in active[1:]:
             needed = tuple(name for name in self.state_names if name in needed or name in self._needs(hp))
-        if self._backend is not None and needed == self._state_key:
+        # The buffers a rule does not use are passed empty, of the params' dtype and backend:
+        # an optimizer without state (SGD without momentum) may change both between steps.
+        key = (backend, dtype, needed)
+        if key == self._state_key:  # (None whenever the buffers are not placed)
             return self._state_args
         if self._backend is None:  # fresh, loaded or assigned buffers: place copies next to the params
             self.state = {k: backend.place(v, np.empty(0, dtype)) for k, v in self.state.items()}
             self._backend = backend
+        elif not self.state:  # none made yet: the first ones are made where these params are
+            self._backend = backend
         for name in needed:
             if name not in self.state:
                 dict.__setitem__(self.state, name, backend.zeros(n, dtype))
-        self._state_key = needed
+        self._state_key = key
         self._state_args = [self.state[name] if name in self.state else backend.empty_state(dtype)
                             for name in self.state_names]
         return self._state_args
@@ -310,6 +316,7 @@ class Optimizer:
             if set(s) != set(trial._new_group_state()) or not all(
                     isinstance(v, numbers.Integral) for v in s.values()):
                 raise ValueError(f"invalid group state {s}")
+            trial._check_group_state(s)  # what the next step would refuse
         state = {k: np.asarray(v) for k, v in dict(sd["state"]).items()}
         unknown = set(state) - set(self.state_names)
         if unknown:
@@ -358,9 +365,10 @@ def _unplaced():
 
 
 def lerp_weight_minus_one(weight, dt):
-    """``weight - 1`` as torch's lerp computes it, in the buffers' dtype from the rounded
-    weight.  Only used when ``weight >= 0.5``."""
-    return float(dt(weight)) - 1.0 if weight >= 0.5 else weight - 1.0
+    """``weight - 1`` as torch's lerp computes it, from the weight rounded to the buffers'
+    dtype.  Only used when ``|weight| >= 0.5``: exact then for ``weight <= 1`` (the table
+    rounds it once more, as torch's ``1 - weight``, for a weight below ``-1/2``)."""
+    return float(dt(weight)) - 1.0
 
 
 @functools.lru_cache(maxsize=64)
@@ -386,15 +394,26 @@ _PLAIN_TYPES = frozenset((float, int, bool, type(None)))
 
 def _plain(value):
     """NumPy scalars as the Python scalars they hold; a list or tuple (betas) as a tuple of
-    them, which cannot change behind the step's back (checked values are not checked again)."""
+    them, which cannot change behind the step's back (checked values are not checked again).
+    An array (NumPy, JAX, torch) of one element is its scalar, as torch takes a tensor lr; a
+    1-D one of more (betas) a tuple of its scalars."""
     if type(value) in _PLAIN_TYPES:
         return value
+    if type(value) in (tuple, list):
+        return tuple(map(_scalar, value))
+    if len(getattr(value, "shape", ())) == 1 and value.shape[0] != 1 and hasattr(value, "__array__"):
+        return tuple(np.asarray(value).tolist())
+    return _scalar(value)
+
+
+def _scalar(value):
+    """A NumPy scalar or an array of one element as its Python scalar; anything else as it is
+    (a hyperparameter's check then refuses it, with the array library's own message)."""
     if isinstance(value, np.generic):
         return value.item()
-    if getattr(value, "shape", None) == () and hasattr(value, "__array__"):  # a 0-d NumPy/JAX/torch array
+    shape = getattr(value, "shape", None)
+    if shape is not None and hasattr(value, "__array__") and math.prod(shape) == 1:
         return np.asarray(value).item()
-    if type(value) in (tuple, list):
-        return tuple(_plain(v) for v in value)
     return value
 
 
@@ -450,6 +469,24 @@ def _check_ranges(groups):
             raise ValueError(f"param group {i} starts at {groups[i]['start']}, inside or before "
                              f"group {i - 1} (which stops at {groups[i - 1]['stop']}); "
                              "groups must be sorted and must not overlap")
+
+
+def _continued(i, group, old, old_groups, count):
+    """The step count (and flags) that assigned group ``i`` of ``count`` carries on, if any:
+    those of the group that had its range; else, where the number of groups is unchanged,
+    those of the group in its place if their ranges overlap (a moved boundary, which an
+    in-place edit of ``start``/``stop`` keeps too).  Any other group starts at step 0, as a
+    torch param group added with fresh parameters does.  The state buffers are kept either way."""
+    if old_groups is None:  # one group over the whole buffer
+        return old[0] if count == 1 else None
+    for g, s in zip(old_groups, old):
+        if (g["start"], g["stop"]) == (group["start"], group["stop"]):
+            return s
+    if count == len(old_groups):
+        placed = old_groups[i]
+        if placed["start"] < group["stop"] and group["start"] < placed["stop"]:
+            return old[i]
+    return None
 
 
 def _unwrap(value):

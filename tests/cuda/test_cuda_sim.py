@@ -94,6 +94,8 @@ CASES = {
     "rmsprop-alpha": lambda: flatopt.RMSprop(lr=0.01, alpha=0.3),  # 1 - alpha >= 0.5: lerp's other end
     "rmsprop-centered": lambda: flatopt.RMSprop(lr=0.01, centered=True),
     "rmsprop-centered-alpha": lambda: flatopt.RMSprop(lr=0.01, centered=True, alpha=0.3),
+    # 1 - alpha <= -0.5: lerp from the gradient's end, as torch's |weight| < 1/2 test picks it
+    "rmsprop-centered-alpha-above-1.5": lambda: flatopt.RMSprop(lr=0.01, centered=True, alpha=1.6),
     "rmsprop-momentum": lambda: flatopt.RMSprop(lr=0.01, momentum=0.9),
     "rmsprop-weight-decay": lambda: flatopt.RMSprop(lr=0.01, weight_decay=0.1),
     "rmsprop-maximize": lambda: flatopt.RMSprop(lr=0.01, maximize=True),
@@ -628,6 +630,25 @@ def test_lookahead_slow_weights_on_device():
     np.testing.assert_array_equal(p.copy_to_host(), fast)
     assert_same(slow, la.state_dict()["slow"])
     assert not np.array_equal(slow, fast)
+
+
+def test_lookahead_slow_weights_on_device_swap_only_synced_groups():
+    p0, grads = data(dtype=np.float32, steps=3)
+    n = len(p0)
+    groups = [dict(start=0, stop=n // 4), dict(start=n // 4, stop=n // 2, frozen=True), dict(start=n // 2, stop=n - 5)]
+    la = flatopt.Lookahead(flatopt.SGD(lr=0.1, param_groups=groups), k=2)
+    p = cuda.to_device(p0)
+    for g in grads:
+        la.step(p, cuda.to_device(g))
+    synced = np.zeros(n, bool)
+    synced[:n // 4] = synced[n // 2:n - 5] = True
+    fast = p.copy_to_host()
+    fast[~synced] += 1  # set by hand: the slow weights' copy of them (from the first step) is stale
+    p.copy_to_device(fast)
+    slow = la.state_dict()["slow"]
+    with la.slow_weights(p):
+        assert_same(p.copy_to_host(), np.where(synced, slow, fast))
+    assert_same(p.copy_to_host(), fast)
 
 
 @sim_only
