@@ -1431,3 +1431,114 @@ def test_state_replaced_by_a_copy_then_cleared_as_in_torch():
         runs.append((ps, opt))
     _assert_same_tensors(runs[0][0], runs[1][0])
     _assert_same_state(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "deepcopy", "pickle"])
+def test_a_users_own_state_entries_survive_loads_and_copies_as_in_torch(how):
+    import pickle
+    runs = []
+    for make in (ft.Adam, lambda ps, **k: _ref("Adam", ps, **k)):
+        ps = _tensors([(4, 3), (8,)])
+        opt = make(ps, lr=1e-2)
+        for t in range(6):
+            if t == 3:
+                opt.state[ps[0]]["ema"] = torch.full((4, 3), 7.0)
+                if how == "load_state_dict":
+                    sd = opt.state_dict()
+                    opt = make(ps, lr=1e-2)
+                    opt.load_state_dict(sd)
+                elif how == "deepcopy":
+                    ps, opt = copy.deepcopy((ps, opt))
+                else:
+                    ps, opt = pickle.loads(pickle.dumps((ps, opt)))
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            opt.step()
+        assert torch.equal(opt.state[ps[0]]["ema"], torch.full((4, 3), 7.0))
+        runs.append((ps, opt))
+    _assert_same_tensors(runs[0][0], runs[1][0])
+    _assert_same_state(runs[0][1], runs[1][1])
+
+
+def test_lookahead_runs_state_dict_and_load_hooks_as_torch_optim():
+    def run(opt):
+        log = []
+
+        def groups(sd):
+            return sd["inner"]["param_groups"] if "inner" in sd else sd["param_groups"]
+
+        def load_pre_replacing(o, sd):
+            new = dict(sd)
+            groups(new)[0]["lr"] = 0.5
+            return new
+        opt.register_state_dict_pre_hook(lambda o: log.append(("pre", o is opt)))
+        opt.register_state_dict_pre_hook(lambda o: log.append(("pre, prepended",)), prepend=True)
+        opt.register_state_dict_post_hook(lambda o, sd: {**sd, "note": 1})
+        opt.register_state_dict_post_hook(lambda o, sd: log.append(("post sees", sd.get("note"))))
+        opt.register_load_state_dict_pre_hook(lambda o, sd: log.append(("load pre pops", sd.pop("note"))))
+        opt.register_load_state_dict_pre_hook(load_pre_replacing)
+        opt.register_load_state_dict_post_hook(lambda o: log.append(("load post", o.param_groups[0]["lr"])))
+        sd = opt.state_dict()
+        opt.load_state_dict(sd)
+        # torch's load works on a shallow copy: the caller's dict keeps what a pre hook popped
+        return log, sd["note"], opt.param_groups[0]["lr"]
+
+    ours = run(ft.Lookahead(ft.Adam(_tensors([(4,)]), lr=1e-2), k=2))
+    assert ours == run(torch.optim.Adam(_tensors([(4,)]), lr=1e-2))
+    assert ours[0][-1] == ("load post", 0.5)
+
+
+def _snapshot(opt, ps):
+    return ([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups],
+            [[id(p) for p in g["params"]] for g in opt.param_groups],
+            {k: {n: copy.deepcopy(v) for n, v in st.items()} for k, st in opt.state_dict()["state"].items()},
+            [p.detach().clone() for p in ps])
+
+
+@pytest.mark.parametrize("src_mod", [ft, torch.optim], ids=["flatopt", "torch"])
+@pytest.mark.parametrize("src, src_kw, name, kw", [
+    ("SGD", dict(lr=0.5, momentum=0.9, weight_decay=0.1), "Adam", dict(lr=1e-2)),
+    ("Adam", dict(lr=1e-3), "SGD", dict(lr=0.1, momentum=0.9)),
+])
+def test_another_optimizers_checkpoint_is_refused_before_anything_changes(src_mod, src, src_kw, name, kw):
+    qs = _tensors([(4, 3), (8,)], seed=3)  # the same shapes: only the group keys tell them apart
+    other = getattr(src_mod, src)(qs, **src_kw)
+    for q, g in zip(qs, _grads(qs, 9)):
+        q.grad = g
+    other.step()
+    ckpt = other.state_dict()
+
+    def attempt(opt, ps):
+        if type(opt) is not getattr(ft, name):
+            return  # the reference never sees the checkpoint
+        before = _snapshot(opt, ps)
+        with pytest.raises(ValueError, match="another optimizer's state_dict"):
+            opt.load_state_dict(ckpt)
+        after = _snapshot(opt, ps)
+        assert after[:2] == before[:2]
+        assert after[2].keys() == before[2].keys()
+        for k, st in before[2].items():
+            assert st.keys() == after[2][k].keys()
+            _assert_same_tensors(st.values(), after[2][k].values())
+        _assert_same_tensors(before[3], after[3])
+    (ps1, o1), (ps2, o2) = _both(name, [(4, 3), (8,)], attempt, **kw)
+    _assert_same_tensors(ps1, ps2)
+    _assert_same_state(o1, o2)
+
+
+@pytest.mark.parametrize("name, kw", [
+    *[pytest.param(n, dict(lr=torch.tensor([1e-3, 2e-3])), id=f"{n}-lr vector")
+      for n in ("Adam", "AdamW", "SGD", "RMSprop")],
+    *[pytest.param(n, dict(betas=b), id=f"{n}-betas {i}")
+      for n in ("Adam", "AdamW") for i, b in (("int", (0, 0.999)), ("tensor and float", (torch.tensor(0.9), 0.999)))],
+    *[pytest.param(n, dict(betas=(torch.tensor([0.9, 0.8]), torch.tensor(0.999))), id=f"{n}-betas vector")
+      for n in ("Adam", "AdamW")],
+    *[pytest.param(n, dict(fused=True, foreach=True), id=f"{n}-fused and foreach") for n in ("Adam", "AdamW", "SGD")],
+])
+def test_constructor_errors_match_torchs_type_and_message(name, kw):
+    errors = []
+    for mod in (ft, torch.optim):
+        with pytest.raises(Exception) as info:
+            getattr(mod, name)(_tensors([(3,)]), **kw)
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]

@@ -48,7 +48,18 @@
 * Editing ``param_groups[i]['params']`` (append, remove, replace an element, assign a new
   list) or appending to ``param_groups`` is seen at the next step or ``zero_grad``, as
   torch reads the lists then (the lists note edits too): the parameters are laid out
-  again; those that stay keep their state, those removed lose it.
+  again; those that stay keep their state, those removed lose it.  The state tensors and
+  ``.grad`` views taken before then keep their last values (the ``state[p]`` dicts stay the
+  same objects and hold the new views).  A user's own entries in ``state[p]`` stay, through
+  ``load_state_dict``, copies and pickles too, as in torch.
+* ``load_state_dict`` refuses a checkpoint whose groups lack a hyperparameter every
+  checkpoint of this optimizer holds (another optimizer's: torch would fail at the next
+  step), and one whose state does not fit its parameters, before anything changes.
+* A parameter that is a view of a larger tensor which is no parameter (``nn.Parameter(
+  buffer[2:6])``) moves into the flat buffer: that tensor no longer sees the updates.
+* A tensor ``lr`` or ``betas`` is read as the Python float it holds: the step's scalars are
+  computed in double precision, as for floats (torch computes with a float32 tensor in
+  float32, which differs by that rounding on a float64 model).
 * A parameter whose dtype or device changed (``model.double()``, ``p.data =
   p.data.cuda()``) raises a ``RuntimeError`` at the next step, before any update: build a
   new optimizer.  A parameter listed twice (torch warns, updates it twice per step, and

@@ -15,6 +15,26 @@ def check_flags(group):
                          "which a CUDA graph cannot capture")
 
 
+def check_tensor_lr(lr):
+    """torch's check of a tensor lr, made before the others (the core's take its value)."""
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError("Tensor lr must be 1-element")
+
+
+def check_betas_types(betas):
+    """torch's Adam checks this after the ranges (the core's, which a tensor of more than one
+    element has failed with torch's own message): betas of one kind."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        return  # the core has refused it
+    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, torch.Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+
+
+def check_fused_foreach(group):
+    if group.get("fused") and group.get("foreach"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
 def check_param(p):
     if not isinstance(p, torch.Tensor):
         raise TypeError(f"optimizer can only optimize Tensors, but one of the params is {torch.typename(p)}")

@@ -12,8 +12,8 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 
 from flatopt.backend import Gather, aligned_zeros, backend_for, host_span
-from flatopt.torch._checks import (NP_DTYPES, check_disjoint, check_flags, check_param, check_unique,
-                                   moved_error)
+from flatopt.torch._checks import (NP_DTYPES, check_betas_types, check_disjoint, check_flags, check_fused_foreach,
+                                   check_param, check_tensor_lr, check_unique, moved_error)
 from flatopt.torch._edits import Edits, ParamList, ParamState, State, unchanged
 
 _data_ptr = torch.Tensor.data_ptr
@@ -185,13 +185,18 @@ class FlatOptimizer(torch.optim.Optimizer):
     # where autograd made them instead of copying them into the flat buffer first (below it
     # the per-tensor checks and chunk plan cost as much as the copy saves).
     _gather_min = 1 << 18
+    # the group keys of every checkpoint of the optimizer (torch's __setstate__ fills in the others)
+    _saved_keys = ("lr", "betas", "eps", "weight_decay")
 
     def __init__(self, params, defaults):
         """``defaults``: the group defaults in torch's order, the core's hyperparameters and
         torch's implementation flags (the subclasses take torch's signatures)."""
         core_args = inspect.signature(self._core_cls).parameters
         self._core_kwargs = {k: v for k, v in defaults.items() if k in core_args}
+        check_tensor_lr(defaults["lr"])
         proto = self._core_cls(**self._core_kwargs)  # validates with torch's messages
+        if "betas" in defaults:
+            check_betas_types(defaults["betas"])
         hp = proto.hyperparameters()
         if callable(hp["lr"]):
             raise TypeError("flatopt.torch optimizers take a number as lr; use a torch lr_scheduler for schedules")
@@ -206,6 +211,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._building = True
         super().__init__(params, defaults)
         self._building = False
+        check_fused_foreach(defaults)  # where torch checks it: after the params (nothing is laid out yet)
         self._rebuild()
 
     def _init_runtime(self):
@@ -404,14 +410,17 @@ class FlatOptimizer(torch.optim.Optimizer):
                             entries[name] = b.shaped(tstate[name], i)
                         elif n == 0:  # a bucket of zero-size params: no step allocated the buffer
                             entries[name] = p.detach().new_zeros(p.shape)
+                current = dict.get(self.state, p)
+                own = self._own_names(b)
+                # A user's entries stay, as in torch: those of the dict we installed, and those of
+                # a dict put in its place, loaded or copied (its own entries are in the flat state now).
+                extra = {k: v for k, v in current.items() if k not in own} if isinstance(current, dict) else {}
                 if mine:  # the same dict, as torch keeps it: a reference to it stays current
-                    own = self._own_names(b)
-                    extra = {k: v for k, v in inst.items() if k not in own}  # a user's entries stay
                     dict.clear(inst)
                     dict.update(inst, entries)
                     dict.update(inst, extra)
                 else:
-                    inst = ParamState(self._state_edits, entries)
+                    inst = ParamState(self._state_edits, dict(entries, **extra))
                     dict.__setitem__(self.state, p, inst)
                 b.installed[i], b.entries[i] = inst, entries
 
@@ -738,9 +747,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._take_edits()  # torch checks the state_dict against the groups as they are now
         self._check_loaded_sizes(state_dict)
         super().load_state_dict(state_dict)  # torch's checks; __setstate__ checks the groups, then replaces them
-        loaded = self.state  # keys that are not parameters stay, as in torch
-        self.state = self._state_seen = State(self._state_edits, {k: v for k, v in loaded.items()
-                                                                   if not isinstance(k, torch.Tensor)})
+        loaded = self.state  # every entry stays, as in torch; the optimizer's own go to the flat state below
+        self.state = self._state_seen = State(self._state_edits, {
+            k: ParamState(self._state_edits, v) if isinstance(k, torch.Tensor) and isinstance(v, dict) else v
+            for k, v in loaded.items()})
         self._state_edits.edited = False
         index = {id(p): gi for gi, g in enumerate(self.param_groups) for p in g["params"]}
         for b in self._buckets.values():
@@ -808,7 +818,13 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _complete_group(self, group):
         """What torch's ``__setstate__`` does to a group of an older checkpoint: each missing key
-        gets its default."""
+        gets its default.  A group without one of the keys every checkpoint of this optimizer
+        holds is another optimizer's: refused here, where torch would fail at the next step."""
+        missing = [name for name in self._saved_keys if name not in group]
+        if missing:
+            raise ValueError(f"a loaded param group has no {', '.join(map(repr, missing))}, which every "
+                             f"{type(self).__name__} checkpoint holds ({', '.join(self._saved_keys)}): "
+                             "is it another optimizer's state_dict?")
         for name, value in _torch_defaults(type(self)).items():
             if name != "lr" and name not in self._core_only:
                 group.setdefault(name, value)

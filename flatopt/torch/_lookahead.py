@@ -156,16 +156,33 @@ class Lookahead(torch.optim.Optimizer):
 
     @outside_dynamo
     def state_dict(self):
-        return {
+        """The inner optimizer's state_dict, the slow weights, ``k``, ``alpha`` and the step
+        count; torch's state_dict hooks run as around torch.optim's."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        state_dict = {
             "inner": self.optimizer.state_dict(),
             "k": self.k,
             "alpha": self.alpha,
             "step_count": self.step_count,
             "slow": None if self.slow is None else {i: q.clone() for i, q in enumerate(self.slow)},
         }
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        return state_dict
 
     @outside_dynamo
     def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)  # (a shallow copy, as torch's, for the pre hooks to edit)
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            state_dict = state_dict if result is None else result
+        self._load(state_dict)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _load(self, state_dict):
         expected = {"inner", "k", "alpha", "step_count", "slow"}
         if set(state_dict) != expected:
             raise ValueError(f"state_dict keys {sorted(state_dict)} do not match the expected {sorted(expected)}")

@@ -10,6 +10,7 @@ class SGD(FlatOptimizer):
     """``torch.optim.SGD``'s rule (see :class:`flatopt.SGD`), one kernel per (device, dtype)."""
     _core_cls = flatopt.SGD
     _step_in_state = False
+    _saved_keys = ("lr", "momentum", "dampening", "weight_decay")
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None):
@@ -22,6 +23,7 @@ class SGD(FlatOptimizer):
 class RMSprop(FlatOptimizer):
     """``torch.optim.RMSprop``'s rule (see :class:`flatopt.RMSprop`), one kernel per (device, dtype)."""
     _core_cls = flatopt.RMSprop
+    _saved_keys = ("lr", "alpha", "eps", "weight_decay")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False):
