@@ -113,6 +113,9 @@ def as_optax(opt):
         n, dtype = flat_params.size, flat_params.dtype
         if flat_grads.size != n:
             raise ValueError(f"grads have {flat_grads.size} elements but params have {n}")
+        if jax.tree_util.tree_structure(grads) != jax.tree_util.tree_structure(params):
+            raise ValueError(f"grads' tree structure {jax.tree_util.tree_structure(grads)} does not match "
+                             f"params' {jax.tree_util.tree_structure(params)}")
         shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(grads)]
         if shapes != [jnp.shape(x) for x in jax.tree_util.tree_leaves(params)]:
             raise ValueError(f"grads' leaf shapes {shapes} do not match params'")
@@ -123,7 +126,7 @@ def as_optax(opt):
             flat_result, new_state = jax.pure_callback(_on_numpy(functools.partial(host_steps, new_params=new_params)),
                                                        like, flat_grads.astype(dtype), state, flat_params,
                                                        vmap_method="sequential")
-            return unravel(flat_result), new_state
+            return (unravel(flat_result) if new_params else _unravel_updates(flat_result, params)), new_state
 
         in_kernel = _kernel_update(template, params, dtype, new_params)
         if in_kernel is None:
@@ -185,7 +188,8 @@ def _kernel_update(template, params, dtype, new_params=False):
     leaves, treedef = jax.tree_util.tree_flatten(params)
     sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves]
     probe = copy.deepcopy(inner)
-    active, segments = probe._active(sum(sizes))
+    with jax.ensure_compile_time_eval():  # an lr schedule of jnp operations gives numbers, not tracers
+        active, segments = probe._active(sum(sizes))
     if not active:  # every group frozen: a step changes nothing and counts nothing
         return None if lookahead else lambda grads, state, params: (
             params if new_params else jax.tree_util.tree_map(jnp.zeros_like, params), state)
@@ -230,7 +234,7 @@ def _kernel_update(template, params, dtype, new_params=False):
               control[i])
             results_by_leaf += results[:count]
             slots = list(results[count:])
-        results = treedef.unflatten([r.astype(jnp.result_type(x)) for r, x in zip(results_by_leaf, leaves)])
+        results = treedef.unflatten([_as_leaf(r, x, new_params) for r, x in zip(results_by_leaf, leaves)])
         new_state = FlatoptState(counters, {name: slots[i] for i, name in enumerate(inner.state_names)
                                             if name in inner_state.buffers})
         return results, LookaheadState(new_state, slots[-1], step_count) if lookahead else new_state
@@ -293,6 +297,26 @@ class _HostPlans:
         return np.array(rows, self.dtype), control.view(np.uint32), (counters, step_count)
 
 
+def _as_leaf(result, leaf, new_params):
+    """A result in its leaf's dtype: new parameters always; updates where the leaf is a float
+    (an integer leaf's updates stay in the step's dtype, as optax's do, so that
+    ``apply_updates`` rounds the new value once)."""
+    dtype = jnp.result_type(leaf)
+    return result.astype(dtype) if new_params or jnp.issubdtype(dtype, jnp.floating) else result
+
+
+def _unravel_updates(flat, params):
+    """``flat`` cut into ``params``' leaves (``ravel_pytree``'s unravel would round an integer
+    leaf's updates to integers)."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    updates, start = [], 0
+    for leaf in leaves:
+        size = int(np.prod(jnp.shape(leaf), dtype=np.int64))
+        updates.append(_as_leaf(flat[start:start + size].reshape(jnp.shape(leaf)), leaf, False))
+        start += size
+    return treedef.unflatten(updates)
+
+
 def _fresh_checkpoint(opt):
     """``opt``'s checkpoint with the state of a fresh optimizer (no buffers, counters at their start)."""
     sd = opt.state_dict()
@@ -308,10 +332,17 @@ def _fresh_state(opt, n, dtype):
     groups = opt.param_groups
     if groups and groups[-1]["stop"] > n:
         raise ValueError(f"param groups reach element {groups[-1]['stop']} but params have {n} elements")
-    needs = {name for group in (groups or [None]) for name in opt._needs(opt._resolve(group, 0))}
+    needs = _needed_buffers(opt)
     counters = {key: jnp.full(len(opt.group_state), int(value), jnp.int32)
                 for key, value in opt._new_group_state().items()}
     return FlatoptState(counters, {name: jnp.zeros(n, dtype) for name in opt.state_names if name in needs})
+
+
+def _needed_buffers(opt):
+    """The state buffers ``opt``'s hyperparameters use, in any of its groups.  (An ``lr``
+    schedule is evaluated at step 0 here, eagerly where this runs while JAX traces.)"""
+    with jax.ensure_compile_time_eval():
+        return {name for group in (opt.param_groups or [None]) for name in opt._needs(opt._resolve(group, 0))}
 
 
 def _check_state(opt, state, n, dtype):
@@ -320,6 +351,20 @@ def _check_state(opt, state, n, dtype):
     if not isinstance(state, kind):
         raise TypeError(f"state must be the {kind.__name__} tx.init(params) returned, got {type(state).__name__}")
     inner = state.inner if isinstance(state, LookaheadState) else state
+    base = opt.inner if isinstance(opt, Lookahead) else opt
+    # The kernel reads and writes every buffer the rule uses: one missing would be an empty one.
+    missing = sorted(_needed_buffers(base) - set(inner.buffers), key=base.state_names.index)
+    unknown = sorted(set(inner.buffers) - set(base.state_names))
+    if missing or unknown:
+        problem = f"lacks the buffers {missing}" if missing else f"has unknown buffers {unknown}"
+        raise ValueError(f"the state {problem} for {type(base).__name__} with these hyperparameters (a state "
+                         "made by another transformation, or before amsgrad or momentum was turned on?): "
+                         "call tx.init(params)")
+    expected = base._new_group_state()
+    shapes = {key: jnp.shape(value) for key, value in dict(inner.counters).items()}
+    if shapes != {key: (len(base.group_state),) for key in expected}:
+        raise ValueError(f"the state's step counters {shapes} are not those of {type(base).__name__} with "
+                         f"{len(base.group_state)} param group(s), {sorted(expected)} each: call tx.init(params)")
     flat = list(inner.buffers.values()) + ([state.slow] if isinstance(state, LookaheadState) else [])
     for buf in flat:
         if jnp.shape(buf) != (n,):
@@ -454,7 +499,10 @@ class TreeOptimizer:
                              f"with shapes {self._shapes}")
         in_place = self._grads is not None and self._read_in_place(leaves)
         if not in_place:
-            self.opt.step(self.master, _flat(grads))
+            flat = _flat(grads)
+            if flat.dtype != self.master.dtype and jnp.issubdtype(flat.dtype, jnp.floating):
+                flat = flat.astype(self.master.dtype)  # (as tx.update takes them: bfloat16 grads of float32 params)
+            self.opt.step(self.master, flat)
         else:  # (``host`` keeps the leaves' memory alive until the step is done)
             host, addresses = in_place
             self.opt.step(self.master, self._grads, Gather(self._offsets, addresses))

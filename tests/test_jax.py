@@ -518,11 +518,12 @@ def test_tree_optimizer_large_tree_of_other_dtypes_or_strides_goes_through_ravel
     got = tree_opt.step(strided)
     flatopt.SGD(lr=0.1).step(master, flat(strided))
     assert_trees_equal(got, ravel_pytree(params)[1](jnp.asarray(master)))
-    before = tree_opt.master.copy()
-    with pytest.raises(TypeError, match="grads dtype float64"):  # as the small tree's path: the core refuses float64 gradients
-        with jax.enable_x64(True):
-            tree_opt.step({"w": np.ones((6, 4)), "b": np.ones(3)})
-    np.testing.assert_array_equal(tree_opt.master, before)
+    # gradients of another float dtype are taken rounded to the master's, as tx.update takes them
+    wide = {"w": np.linspace(0, 1, 24).reshape(6, 4) / 3, "b": np.full(3, 1 / 3)}
+    with jax.enable_x64(True):
+        got = tree_opt.step(wide)
+    flatopt.SGD(lr=0.1).step(master, np.asarray(ravel_pytree(wide)[0], np.float32))
+    assert_trees_equal(got, ravel_pytree(params)[1](jnp.asarray(master)))
 
 
 def test_tree_optimizer_refuses_grads_of_another_structure(tree_path):
@@ -548,3 +549,124 @@ def test_tree_optimizer_returns_params_later_steps_leave_alone(tree_path, make_t
         tree_opt.step(make_tree(s, 0.1))
     assert_trees_equal(first, saved)
     assert not np.array_equal(flat(first), flat(tree_opt.params))
+
+
+# --- states, schedules, leaves and grads that earlier versions mishandled -------------------
+
+def _extra_buffer(state):
+    return state._replace(buffers={**state.buffers, "bogus": jnp.zeros(8, jnp.float32)})
+
+
+MISMATCHED_STATES = {  # (make the transformation, make the state it is given, the refusal)
+    "adam-state-to-amsgrad": (lambda: flatopt.Adam(lr=1e-2, amsgrad=True),
+                              lambda p: as_optax(flatopt.Adam(lr=1e-2)).init(p), "lacks the buffers"),
+    "sgd-state-to-momentum": (lambda: flatopt.SGD(lr=0.1, momentum=0.9),
+                              lambda p: as_optax(flatopt.SGD(lr=0.1)).init(p), "lacks the buffers"),
+    "lookahead-adam-state-to-amsgrad": (lambda: flatopt.Lookahead(flatopt.Adam(lr=1e-2, amsgrad=True)),
+                                        lambda p: as_optax(flatopt.Lookahead(flatopt.Adam(lr=1e-2))).init(p),
+                                        "lacks the buffers"),
+    "unknown-buffer": (lambda: flatopt.Adam(lr=1e-2),
+                       lambda p: _extra_buffer(as_optax(flatopt.Adam(lr=1e-2)).init(p)), "unknown buffers"),
+    "adam-state-to-sgd": (lambda: flatopt.SGD(lr=0.1), lambda p: as_optax(flatopt.Adam()).init(p), "unknown buffers"),
+}
+TWO_GROUPS = [{"start": 0, "stop": 5}, {"start": 5, "stop": 8}]
+MISMATCHED_COUNTERS = {
+    "1-group-state-to-2-groups": (lambda: flatopt.Adam(lr=1e-2, param_groups=TWO_GROUPS),
+                                  lambda p: as_optax(flatopt.Adam(lr=1e-2)).init(p)),
+    "2-group-state-to-1-group": (lambda: flatopt.Adam(lr=1e-2),
+                                 lambda p: as_optax(flatopt.Adam(lr=1e-2, param_groups=TWO_GROUPS)).init(p)),
+    "no-counters": (lambda: flatopt.Adam(lr=1e-2), lambda p: as_optax(flatopt.Adam()).init(p)._replace(counters={})),
+    "missing-counter": (lambda: flatopt.SGD(lr=0.1, momentum=0.9), lambda p: (lambda s: s._replace(
+        counters={"step": s.counters["step"]}))(as_optax(flatopt.SGD(lr=0.1, momentum=0.9)).init(p))),
+}
+
+
+def _mismatch_cases():
+    for name, (make, make_state, match) in MISMATCHED_STATES.items():
+        yield pytest.param(make, make_state, match, id=name)
+    for name, (make, make_state) in MISMATCHED_COUNTERS.items():
+        yield pytest.param(make, make_state, "step counters", id=name)
+
+
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("make, make_state, match", list(_mismatch_cases()))
+def test_state_of_another_transformation_is_refused(make, make_state, match, jit, api):
+    """Small sizes: before the refusal the kernel read past the missing buffers."""
+    params, grads = {"w": jnp.ones(8, jnp.float32)}, {"w": jnp.full(8, 0.5, jnp.float32)}
+    tx = as_optax(make())
+    step = tx.update if api == "update" else functools.partial(update_and_apply, tx)
+    state = make_state(params)
+    with pytest.raises(ValueError, match=match) as info:
+        (jax.jit(step) if jit else step)(grads, state, params)
+    assert "call tx.init(params)" in str(info.value)
+    (jax.jit(step) if jit else step)(grads, tx.init(params), params)  # while its own state is taken
+
+
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
+@pytest.mark.parametrize("schedule", [optax.linear_schedule(1e-2, 0.0, 10), optax.cosine_decay_schedule(1e-2, 8)],
+                         ids=["linear", "cosine"])
+def test_optax_schedule_as_lr_equals_core_step_bitwise(schedule, api, path):
+    params, grads_list = tree(0), [tree(s, 0.1) for s in range(1, 13)]  # past the schedules' ends
+    tx = as_optax(flatopt.Adam(lr=schedule))
+    fused = api == "update_and_apply"
+    step = jax.jit(functools.partial(update_and_apply, tx) if fused else tx.update)
+    core, state = flatopt.Adam(lr=schedule), tx.init(params)
+    for grads in grads_list:
+        before = flat(params).copy()
+        core_params = before.copy()
+        core.step(core_params, flat(grads))
+        result, state = step(grads, state, params)
+        np.testing.assert_array_equal(flat(result), core_params if fused else core_params - before)
+        params = result if fused else optax.apply_updates(params, result)
+    assert [int(c) for c in state.counters["step"]] == [12]
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_integer_leaves_get_float_updates(jit, path):
+    params = {"a": jnp.ones(3, jnp.float32), "i": jnp.array([10, 20, 30], jnp.int32)}
+    grads = {"a": jnp.ones(3, jnp.float32), "i": jnp.ones(3, jnp.float32)}
+    tx = as_optax(flatopt.Adam(lr=0.5))
+    update = jax.jit(tx.update) if jit else tx.update
+    fused = jax.jit(functools.partial(update_and_apply, tx)) if jit else functools.partial(update_and_apply, tx)
+    updates, _ = update(grads, tx.init(params), params)
+    assert updates["i"].dtype == jnp.float32 and np.all(np.asarray(updates["i"]) < 0)  # not rounded to 0
+    core_params = flat(params).copy()
+    flatopt.Adam(lr=0.5).step(core_params, flat(grads))
+    np.testing.assert_array_equal(flat(updates), core_params - flat(params))
+    applied = optax.apply_updates(params, updates)
+    assert_trees_equal(applied, fused(grads, tx.init(params), params)[0])
+    theirs, _ = optax.adam(0.5).update(grads, optax.adam(0.5).init(params), params)
+    assert_trees_equal(applied["i"], optax.apply_updates(params, theirs)["i"])
+    assert not np.array_equal(np.asarray(applied["i"]), np.asarray(params["i"]))
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_grads_of_another_tree_structure_are_refused(jit):
+    params = {"b": jnp.ones(3), "w": jnp.ones((4, 3))}
+    grads = [jnp.full(3, 0.1), jnp.full((4, 3), 0.2)]  # the same leaf shapes, in a list
+    with pytest.raises(ValueError):  # as optax refuses them
+        optax.adam(1e-2).update(grads, optax.adam(1e-2).init(params), params)
+    tx = as_optax(flatopt.Adam(lr=1e-2))
+    for step in (tx.update, functools.partial(update_and_apply, tx)):
+        with pytest.raises(ValueError, match="tree structure"):
+            (jax.jit(step) if jit else step)(grads, tx.init(params), params)
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
+@pytest.mark.parametrize("grad_dtype", [jnp.bfloat16, jnp.float16])
+def test_tree_optimizer_takes_low_precision_grads_as_float32(grad_dtype, large, monkeypatch):
+    if large:  # the tree the in-place read is tried for
+        monkeypatch.setattr(flatopt.jax, "FRESH_PAGES", 0)
+    params = tree(0)
+    tree_opt, core, master = TreeOptimizer(flatopt.Adam(lr=1e-2), params), flatopt.Adam(lr=1e-2), flat(params).copy()
+    tx = as_optax(flatopt.Adam(lr=1e-2))
+    fused, state, tx_params = jax.jit(functools.partial(update_and_apply, tx)), tx.init(params), params
+    for s in range(1, 5):
+        grads = tree(s, 0.1, grad_dtype)
+        assert {x.dtype for x in jax.tree_util.tree_leaves(grads)} == {jnp.dtype(grad_dtype)}
+        got = tree_opt.step(grads)
+        core.step(master, flat(grads).astype(np.float32))
+        assert_trees_equal(got, ravel_pytree(params)[1](jnp.asarray(master)))
+        tx_params, state = fused(grads, state, tx_params)
+        assert_trees_equal(tx_params, got)
