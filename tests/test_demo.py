@@ -21,7 +21,7 @@ def test_every_optimizer_learns_and_the_run_is_deterministic():
 
 
 def test_default_demo_reaches_95_percent_except_plain_sgd():
-    results = demo.run(out=lambda line: None, names=["SGD+momentum", "RMSprop", "Adam", "AdamW", "ADOPT",
+    results = demo.run(out=lambda line: None, names=["SGD+momentum", "Momentum", "RMSprop", "Adam", "AdamW", "ADOPT",
                                                      "Lookahead(Adam)"])
     for name, result in results.items():
         assert result["accuracy"] >= 0.95, (name, result["accuracy"])
