@@ -184,6 +184,13 @@ class CpuBackend:
     def owns(self, buffer):
         return isinstance(buffer, np.ndarray)
 
+    def length(self, buffer):
+        return len(buffer)
+
+    def usable(self, buffer, like):
+        """Whether the kernels can read and write ``buffer`` in place (else ``place`` copies it)."""
+        return isinstance(buffer, np.ndarray) and buffer.flags.c_contiguous and buffer.flags.writeable
+
     def zeros(self, n, dtype):
         return np.zeros(n, dtype=dtype)
 

@@ -45,17 +45,18 @@ class Lookahead:
         check_k_alpha(self.k, self.alpha)
         backend = backend_for(params, grads)
         backend.check(params, grads)
+        n = backend.length(params)
         if self.slow is not None:
-            self._check_slow_fits(backend, params)
+            self._check_slow_fits(backend, params, n)
             slow = self.slow
         else:
-            slow = backend.zeros(len(params), backend.dtype(params))
+            slow = backend.zeros(n, backend.dtype(params))
             backend.copy(params, slow)
         self.inner.step(params, grads, _gather)  # validates everything of its own before touching anything
         self.slow = slow
         self.step_count += 1
         if self.syncs(self.step_count):
-            segments = tuple((a, b, 0) for a, b in self._synced_spans(len(params)))
+            segments = tuple((a, b, 0) for a, b in self._synced_spans(n))
             key = (backend.name, segments)
             if key != self._plan_key:
                 self._plan, self._plan_key = (backend.plan(segments) if segments else None), key
@@ -76,13 +77,10 @@ class Lookahead:
         """The sync rule's scalars (``flatopt.kernels.cpu.lookahead_chunk``): alpha, 1 - alpha."""
         return float(self.alpha), 1 - float(self.alpha)
 
-    def _check_slow_fits(self, backend, params):
+    def _check_slow_fits(self, backend, params, n):
         """Before the inner step: slow weights the sync kernel can read and write."""
-        check_fits(self.slow, len(params), backend.dtype(params), "slow weights", "the slow weights have",
-                   "the slow weights'")
-        usable = backend.owns(self.slow) and (
-            not isinstance(self.slow, np.ndarray) or (self.slow.flags.c_contiguous and self.slow.flags.writeable))
-        if not usable:  # loaded from a checkpoint, or assigned: a copy of our own
+        check_fits(self.slow, n, backend.dtype(params), "slow weights", "the slow weights have", "the slow weights'")
+        if not backend.usable(self.slow, params):  # loaded, or assigned (strided, read-only, elsewhere): a copy
             self.slow = backend.place(self.slow, params)
 
     @contextmanager
@@ -94,9 +92,10 @@ class Lookahead:
             yield params
             return
         backend = backend_for(params, params)
-        self._check_slow_fits(backend, params)
-        spans = self._synced_spans(len(params))  # (checks the groups' ranges)
-        fast = backend.zeros(len(params), backend.dtype(params))
+        n = backend.length(params)
+        self._check_slow_fits(backend, params, n)
+        spans = self._synced_spans(n)  # (checks the groups' ranges)
+        fast = backend.zeros(n, backend.dtype(params))
         backend.copy(params, fast, spans)
         backend.copy(self.slow, params, spans)
         try:
@@ -140,6 +139,13 @@ class Lookahead:
         self.k, self.alpha, self.step_count = sd["k"], sd["alpha"], int(sd["step_count"])
         self.slow = None if slow is None else np.array(slow, copy=True)
         self._plan_key = None
+
+    def __getstate__(self):
+        """pickle and copy.deepcopy: the slow weights as a host array (placed next to the
+        parameters again at the next step, as after ``load_state_dict``); the plan is made anew."""
+        slow = self.slow
+        return dict(self.__dict__, slow=None if slow is None else backend_for(slow, slow).to_host(slow),
+                    _plan_key=None, _plan=None)
 
     def __repr__(self):
         return f"Lookahead({self.inner!r}, k={self.k}, alpha={self.alpha})"

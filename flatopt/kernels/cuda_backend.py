@@ -27,6 +27,7 @@ import ctypes
 import functools
 import math
 import sys
+import threading
 import weakref
 
 import numpy as np
@@ -140,14 +141,16 @@ class CudaBackend:
         contiguous = strides is None or tuple(strides) == _c_strides(shape, dtype.itemsize) or (
             len(shape) == 1 and shape[0] <= 1)
         nbytes = math.prod(shape) * dtype.itemsize
-        known = self._remembered(obj, (ptr, shape, typestr))
+        # (the strides are part of the key: an exporter may present its memory otherwise later)
+        key = (ptr, shape, typestr, None if contiguous else tuple(strides))
+        known = self._remembered(obj, key)
         if known is not None:
             view, device = known
         else:
             view, device = None, self._pointer_device(obj, ptr)
             if contiguous:
                 view = self._view_from_cai(obj, desc, shape, dtype, ptr, nbytes)
-            self._remember(obj, (ptr, shape, typestr), view, device)
+            self._remember(obj, key, view, device)
         stream = desc.get("stream")
         if stream is None and type(obj).__module__.startswith("torch"):
             stream = _torch_stream(obj)
@@ -163,7 +166,7 @@ class CudaBackend:
         if dtype is None or t.requires_grad:
             return self._cai_info(t, t.__cuda_array_interface__)
         shape, ptr = tuple(t.shape), t.data_ptr()
-        known = self._remembered(t, (ptr, shape, dtype.str))  # the key _cai_info remembers it under
+        known = self._remembered(t, (ptr, shape, dtype.str, None))  # the key _cai_info remembers a dense one under
         if known is None or known[0] is None:
             return self._cai_info(t, t.__cuda_array_interface__)
         view, device = known
@@ -223,7 +226,7 @@ class CudaBackend:
 
     def _view(self, obj):
         info = self._info(obj)
-        if info.view is None:
+        if info.view is None or not info.contiguous:
             raise ValueError(f"{describe(obj)} is not contiguous")
         return info
 
@@ -243,19 +246,36 @@ class CudaBackend:
                              "both must be on the same GPU")
         if pi.device is not None:
             self._device = pi.device
-        # launch() reuses these (reading __cuda_array_interface__ costs microseconds);
-        # it drops them, so no reference to the user's buffers outlives the step
-        self._checked = (params, grads, pi, gi)
+        # launch() reuses these (reading __cuda_array_interface__ costs microseconds), within the
+        # step: the buffers are named by id and left out of their descriptions, so that a step
+        # that ends before its launch (every group frozen, a refusal) keeps no reference to them
+        self._checked = (id(params), id(grads), _unowned(pi, params), _unowned(gi, grads))
+
+    def _described(self, buffer):
+        checked = self._checked
+        if checked is not None and checked[0] == id(buffer):  # the step's params, described by check()
+            return checked[2]
+        return self._info(buffer)
 
     def shape(self, buffer):
-        return self._info(buffer).shape
+        return self._described(buffer).shape
+
+    def length(self, buffer):
+        """Its number of elements along the first axis (an exporter need not define ``len``)."""
+        return self._described(buffer).shape[0]
 
     def dtype(self, buffer):
         """The buffer's NumPy dtype (torch tensors report a torch.dtype of their own)."""
-        checked = self._checked
-        if checked is not None and checked[0] is buffer:  # the step's params, described by check()
-            return checked[2].dtype
-        return self._info(buffer).dtype
+        return self._described(buffer).dtype
+
+    def usable(self, buffer, like):
+        """Whether the kernels can read and write ``buffer`` in place beside ``like`` (the
+        params): a contiguous, writeable CUDA array on its GPU (else ``place`` copies it)."""
+        if not is_cuda_array(buffer):
+            return False
+        info, beside = self._info(buffer), self._described(like)
+        return info.view is not None and info.contiguous and info.writeable and (
+            info.device is None or beside.device is None or info.device == beside.device)
 
     def owns(self, buffer):
         return is_cuda_array(buffer)
@@ -291,16 +311,30 @@ class CudaBackend:
             cuda.synchronize()  # finish the steps queued on any stream before reading
             return info.view.copy_to_host()
 
+    def _strided_to_host(self, obj):
+        """A host copy of a CUDA array that is not contiguous (slow weights or a state buffer
+        assigned as a strided view: a rare path)."""
+        if hasattr(obj, "copy_to_host"):  # Numba's device arrays (the simulator's too) copy any strides
+            return obj.copy_to_host()
+        desc = obj.__cuda_array_interface__
+        if SIMULATOR:  # "device" pointers are host pointers
+            info = self._info(obj)
+            strides = desc.get("strides") or _c_strides(info.shape, info.dtype.itemsize)
+            span = sum((n - 1) * st for n, st in zip(info.shape, strides)) + info.dtype.itemsize if info.nbytes else 0
+            raw = (ctypes.c_char * max(span, 1)).from_address(info.ptr) if info.ptr else bytearray(1)
+            return np.ndarray(info.shape, info.dtype, buffer=raw, strides=strides).copy()
+        return cuda.from_cuda_array_interface(dict(desc), owner=obj, sync=True).copy_to_host()
+
     def place(self, array, like):
         """A copy of ``array`` (host data or a CUDA array) in device memory, in ``like``'s dtype."""
         dtype = _dtype_of(like)
-        if is_cuda_array(array):  # never through the host: CuPy refuses that, and it is slow
+        if is_cuda_array(array):  # not through the host where it can be avoided: it is slow
             info = self._info(array)
-            if info.dtype == dtype and len(info.shape) == 1:
+            if info.dtype == dtype and len(info.shape) == 1 and info.view is not None and info.contiguous:
                 copy = self.zeros(info.shape[0], dtype)
                 self.copy(array, copy)
                 return copy
-            array = self.to_host(array)
+            array = self.to_host(array) if info.view is not None and info.contiguous else self._strided_to_host(array)
         host = np.ascontiguousarray(array, dtype=dtype)
         cp = self._array_module()
         if cp is not None:
@@ -370,7 +404,7 @@ class CudaBackend:
 
         def launch(params, grads, table):
             checked = self._checked
-            if checked is None or checked[0] is not params or checked[1] is not grads:
+            if checked is None or checked[0] != id(params) or checked[1] != id(grads):
                 return self.launch(kernel, params, grads, states, plan, table)
             p, g = checked[2], checked[3]
             key = (p.ptr, g.ptr, p.shape, g.shape, p.dtype, g.dtype, p.device, g.device, p.stream, id(table))
@@ -388,8 +422,8 @@ class CudaBackend:
 
     def launch(self, kernel, params, grads, states, plan, table, replayable=False):
         checked, self._checked = self._checked, None
-        if checked is not None and checked[0] is params and checked[1] is grads:
-            infos = list(checked[2:])
+        if checked is not None and checked[0] == id(params) and checked[1] == id(grads):
+            infos = [_owned(checked[2], params), _owned(checked[3], grads)]
         else:
             infos = [self._view(params), self._view(grads)]
         infos += [self._view(s) for s in states]
@@ -427,8 +461,9 @@ class CudaBackend:
     # --- helpers -----------------------------------------------------------------------------
     def _table_entry(self, host, device, stream):
         """``[device buffer, bytes last sent]`` for tables of ``host``'s shape and dtype on
-        this device and stream, shared by every optimizer stepping there."""
-        key = (device, _stream_key(stream), host.shape, host.dtype)
+        this device and stream, shared by every optimizer this thread steps there.  (Shared
+        between threads, one thread's upload could land between another's upload and launch.)"""
+        key = (device, _stream_key(stream), host.shape, host.dtype, threading.get_ident())
         entry = self._tables.get(key)
         if entry is None:
             entry = self._tables[key] = [cuda.device_array(host.shape, dtype=host.dtype), None]
@@ -497,6 +532,23 @@ class CudaBackend:
                                   f"array_library = 'numba'")
             return None
         return self._cupy
+
+
+def _unowned(info, buffer):
+    """``info`` without a reference to ``buffer`` (a Numba device array is its own view)."""
+    if info.view is not buffer:
+        return info
+    return _Info(info.shape, info.dtype, info.contiguous, info.ptr, info.nbytes, info.writeable, info.device,
+                 info.stream, None)
+
+
+def _owned(info, buffer):
+    """``info`` as ``check`` described ``buffer``, with ``buffer`` as its view again where
+    ``_unowned`` left it out (a checked buffer is contiguous: it has a view)."""
+    if info.view is not None:
+        return info
+    return _Info(info.shape, info.dtype, info.contiguous, info.ptr, info.nbytes, info.writeable, info.device,
+                 info.stream, buffer)
 
 
 class _Replay:

@@ -149,7 +149,8 @@ class Optimizer:
         """
         backend = CPU if type(params) is np.ndarray and type(grads) is np.ndarray else backend_for(params, grads)
         backend.check(params, grads)
-        n, dtype = len(params), backend.dtype(params)  # a NumPy dtype, also for torch tensors
+        n = len(params) if backend is CPU else backend.length(params)  # (a CUDA exporter need not define len)
+        dtype = backend.dtype(params)  # a NumPy dtype, also for torch tensors
         ready = self._ready
         if ready is not None and ready[0] is backend and ready[1] == n and ready[2] == dtype:
             # Same buffer length, dtype, hyperparameters and state as the last step, which

@@ -6,7 +6,10 @@ elements, a few steps, the simulator backend's grid of 2 blocks of 32 threads an
 at most 64 elements, so every kernel runs its grid-stride loops over several chunks per
 block and several elements per thread.
 """
+import gc
 import pickle
+import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -739,7 +742,7 @@ def test_launcher_replays_only_while_buffers_device_stream_and_table_stay(monkey
     def step(ptrs=(4096, 8192), n=8, dtype=np.float32, device=0, stream=None, table=table, checked=True):
         params, grads = object(), object()  # what check() saw: only their descriptions count
         infos = [_Info((n,), np.dtype(dtype), True, ptr, 4 * n, True, device, stream, object()) for ptr in ptrs]
-        backend._checked = (params, grads, *infos) if checked else None
+        backend._checked = (id(params), id(grads), *infos) if checked else None
         launch(params, grads, table)
         return len(full), len(replayed)
 
@@ -865,3 +868,119 @@ def test_stream_key_is_the_handle_address_without_int_of_the_stream():
     assert keys == [0, 1, 2, 0x7F00] and all(type(k) is int for k in keys)
     opaque = object()
     assert _stream_key(opaque) == id(opaque)
+
+
+# --- buffers a step must take as they come ----------------------------------------------------
+class BareCAI(FakeCAI):
+    """An exporter with the interface and nothing else (no len)."""
+    __len__ = None
+
+
+@sim_only
+@pytest.mark.parametrize("slow", ["strided interface", "read-only interface", "strided Numba array",
+                                  "other GPU"])
+def test_lookahead_slow_weights_that_cannot_be_written_in_place_are_copied_as_on_the_cpu(slow, monkeypatch):
+    """They were checked for size and dtype only: the sync launch then refused them after the
+    inner step (a strided one, one on another GPU) or wrote into a read-only one."""
+    p0, grads = data(dtype=np.float32, steps=4)
+    cpu, gpu = flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2), flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2)
+    pc, pd = p0.copy(), cuda.to_device(p0)
+    step_both(cpu, gpu, pc, pd, grads[:1])
+    mine = np.linspace(-1, 1, 2 * len(p0)).astype(np.float32)
+    host, users = mine[::2].copy(), mine.copy()
+    if slow == "strided interface":
+        gpu.slow = FakeCAI(users[::2])
+    elif slow == "read-only interface":
+        users = host.copy()
+        gpu.slow = FakeCAI(users, readonly=True)
+    elif slow == "strided Numba array":
+        gpu.slow = cuda.to_device(users)[::2]
+    else:
+        users = host.copy()
+        gpu.slow = FakeCAI(users)
+        other = gpu.slow
+        real = CudaBackend._pointer_device
+        monkeypatch.setattr(CudaBackend, "_pointer_device",
+                            lambda self, obj, ptr: 1 if obj is other else real(self, obj, ptr))
+    cpu.slow = host.copy()
+    step_both(cpu, gpu, pc, pd, grads[1:])
+    assert_same(pd.copy_to_host(), pc)
+    assert_same(gpu.state_dict()["slow"], cpu.slow)
+    if slow != "strided Numba array":
+        assert_same(users, mine if slow == "strided interface" else host)  # not written
+
+
+@sim_only
+def test_an_exporter_without_len_is_stepped():
+    p0, grads = data(dtype=np.float32)
+    for make in (lambda: flatopt.Adam(lr=0.1), lambda: flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2)):
+        cpu, gpu, host = make(), make(), p0.copy()
+        on_device = p0.copy()
+        for g in grads:
+            cpu.step(host, g)
+            gpu.step(BareCAI(on_device), BareCAI(g.copy()))
+        assert_same(on_device, host)
+
+
+@sim_only
+def test_an_exporter_refused_as_strided_is_taken_when_it_presents_its_memory_densely():
+    """Its description was remembered without the strides: the dense one then launched None."""
+    memory = np.ones(24, np.float32)
+    params = FakeCAI(memory[:12])
+    params.__cuda_array_interface__ = dict(params.__cuda_array_interface__, strides=(8,))  # (every other)
+    opt, grads = flatopt.SGD(lr=0.5), cuda.to_device(np.ones(12, np.float32))
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.step(params, grads)
+    params.__cuda_array_interface__ = dict(params.__cuda_array_interface__, strides=None)
+    opt.step(params, grads)
+    assert_same(memory[:12], np.full(12, 0.5, np.float32))
+
+
+def test_a_step_that_launches_nothing_keeps_no_reference_to_the_buffers():
+    opt = flatopt.SGD(lr=0.1, param_groups=[dict(start=0, stop=4, frozen=True)])
+    params, grads = cuda.to_device(np.ones(8, np.float32)), cuda.to_device(np.ones(8, np.float32))
+    opt.step(params, grads)
+    refused = flatopt.Adam(lr=0.1)
+    refused.state = {"exp_avg": np.zeros(8, np.float64)}
+    with pytest.raises(TypeError):
+        refused.step(params, grads)
+    gone = [weakref.ref(params), weakref.ref(grads)]
+    del params, grads
+    gc.collect()
+    assert all(ref() is None for ref in gone)  # (an array compares with None elementwise)
+
+
+def test_a_strided_device_array_assigned_as_state_is_copied_in():
+    p0, grads = data(dtype=np.float32)
+    cpu, gpu = flatopt.Adam(lr=0.1), flatopt.Adam(lr=0.1)
+    pc, pd = p0.copy(), cuda.to_device(p0)
+    step_both(cpu, gpu, pc, pd, grads[:1])
+    avg = np.linspace(0, 1, 2 * len(p0)).astype(np.float32)
+    cpu.state["exp_avg"], gpu.state["exp_avg"] = avg[::2].copy(), cuda.to_device(avg)[::2]
+    step_both(cpu, gpu, pc, pd, grads[1:])
+    assert_same(pd.copy_to_host(), pc)
+    assert_states_same(cpu, gpu)
+
+
+def test_lookahead_with_slow_weights_on_the_device_pickles_and_goes_on():
+    p0, grads = data(dtype=np.float32, steps=5)
+    cpu, gpu = flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2), flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2)
+    pc, pd = p0.copy(), cuda.to_device(p0)
+    step_both(cpu, gpu, pc, pd, grads[:3])
+    gpu = pickle.loads(pickle.dumps(gpu))
+    assert isinstance(gpu.slow, np.ndarray)  # placed on the device again at the next step
+    step_both(cpu, gpu, pc, pd, grads[3:])
+    assert_same(pd.copy_to_host(), pc)
+    assert_same(gpu.state_dict()["slow"], cpu.slow)
+
+
+def test_device_tables_are_per_thread():
+    """Two threads stepping on one stream each upload their scalars and launch: with one shared
+    buffer, one thread's upload could land between the other's upload and launch."""
+    backend, table = CudaBackend(), np.zeros((1, 12), np.float32)
+    entries = [backend._table_entry(table, 0, 0)]
+    worker = threading.Thread(target=lambda: entries.append(backend._table_entry(table, 0, 0)))
+    worker.start()
+    worker.join()
+    assert entries[1][0] is not entries[0][0]
+    assert backend._table_entry(table, 0, 0) is entries[0]
