@@ -310,8 +310,10 @@ _forked_after_threads = False
 
 def _after_fork_in_child():
     """Run in the child of ``os.fork()``: notes whether the parent had started GNU OpenMP's
-    threads (Numba's threading layer is one per process, whoever launched on it)."""
-    global _forked_after_threads
+    threads (Numba's threading layer is one per process, whoever launched on it).  The
+    launch lock starts free: a thread of the parent that held it does not exist here."""
+    global _forked_after_threads, _launching
+    _launching = threading.Lock()
     numba = sys.modules.get("numba")
     if numba is None or _forked_after_threads:
         return

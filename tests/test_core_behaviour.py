@@ -695,6 +695,47 @@ def test_a_process_forked_before_any_threaded_step_keeps_its_threads():
     assert done.stdout.split()[:4] == ["0", "True", "True", "True"], done.stderr[-3000:]
 
 
+LOCKS_AT_FORK_SCRIPT = """
+    import os, sys, threading, numpy as np, flatopt
+    from flatopt import backend
+    from flatopt.kernels import cpu, xla
+    locks = [lambda: backend._launching, lambda: cpu._compiling, lambda: xla._registering]
+    held, release = threading.Event(), threading.Event()
+    def hold():  # another thread inside a launch, a compile and a registration at the fork
+        for lock in locks:
+            lock().acquire()
+        held.set()
+        release.wait()
+        for lock in locks:
+            lock().release()
+    p, g = np.ones(1 << 16, np.float32), np.ones(1 << 16, np.float32)
+    expected = p.copy()
+    flatopt.Adam(lr=0.5).step(expected, g)  # compiled before the fork
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    pid = os.fork()
+    if pid == 0:
+        free = all(lock().acquire(timeout=10) for lock in locks)
+        opt = flatopt.Adam(lr=0.5)
+        opt.step(p, g)  # a lookup of the compiled rule, and a (threaded or serial) launch
+        os._exit(0 if free and np.array_equal(p, expected) else 1)
+    release.set()
+    holder.join()
+    print(os.waitpid(pid, 0)[1])
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork() here")
+def test_a_process_forked_while_another_thread_held_flatopts_locks_steps():
+    """A process forked while another thread of its parent held the lock of the workqueue
+    layer's launches, of the rule cache or of the XLA registration inherited it held, with no
+    thread to release it: its first step waited forever."""
+    code = textwrap.dedent(LOCKS_AT_FORK_SCRIPT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["0"], done.stdout + done.stderr[-3000:]
+
+
 def test_repr_names_the_hyperparameters():
     assert repr(flatopt.AdamW(lr=0.5)).startswith("AdamW(lr=0.5, betas=(0.9, 0.999)")
     assert "k=5" in repr(flatopt.Lookahead(flatopt.SGD()))

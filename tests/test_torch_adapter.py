@@ -384,7 +384,7 @@ def test_parameters_in_shared_memory_are_refused():
     with what to do instead, before anything changes."""
     model = Net()
     model.share_memory()
-    with pytest.raises(ValueError, match="shared memory.*Build the optimizer before sharing"):
+    with pytest.raises(ValueError, match="shared memory.*build the optimizer before sharing.*fork the workers"):
         ft.Adam(model.parameters())
     other = Net()
     opt = ft.SGD(other.parameters(), lr=0.1)

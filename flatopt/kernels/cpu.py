@@ -24,6 +24,7 @@ Rounding follows torch.optim's single-tensor CPU path operation by operation:
 exactly where torch fuses and nowhere else.  ``fastmath`` stays off: it would let LLVM
 fuse other products and would drop the NaN/Inf semantics users rely on.
 """
+import os
 import threading
 import warnings
 
@@ -228,10 +229,21 @@ _compiled = {}  # (kernel, dtype) -> CFunc; its address is valid only while the 
 _compiling = threading.Lock()
 
 
+def _unlock_after_fork():
+    global _compiling
+    _compiling = threading.Lock()  # a thread of the parent that held it does not exist in the child
+
+
+os.register_at_fork(after_in_child=_unlock_after_fork)
+
+
 def compiled_rule(kernel, dtype):
     """``kernel``'s rule for ``dtype`` (float32 or float64) as a C callback, compiled, or
     loaded from Numba's disk cache, on first use."""
     key = (kernel, np.dtype(dtype))
+    rule = _compiled.get(key)
+    if rule is not None:  # (without the lock: a process forked while another thread compiled finds it)
+        return rule
     with _compiling:  # two threads' first steps must not make two of it
         rule = _compiled.get(key)
         if rule is None:

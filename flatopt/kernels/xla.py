@@ -33,6 +33,7 @@ Everything is checked before the call is traced; the handler cannot fail, so it 
 returns the null error.
 """
 import ctypes
+import os
 import sys
 import threading
 
@@ -261,10 +262,19 @@ def target(dtype):
     steps through a host callback instead."""
     dtype = np.dtype(dtype)
     name = f"flatopt_cpu_step_{dtype.name}"
-    with _registering:
-        if name not in _registered:
-            _registered[name] = _register(name, dtype)
+    if name not in _registered:
+        with _registering:
+            if name not in _registered:
+                _registered[name] = _register(name, dtype)
     return name if _registered[name] is not None else None
+
+
+def _unlock_after_fork():
+    global _registering
+    _registering = threading.Lock()  # a thread of the parent that held it does not exist in the child
+
+
+os.register_at_fork(after_in_child=_unlock_after_fork)
 
 
 def _register(name, dtype):

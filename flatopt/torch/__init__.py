@@ -69,7 +69,8 @@
   through ``torch.multiprocessing`` does); the next step follows them.  A parameter already
   in shared memory when the optimizer is built (or laid out again) raises a ``ValueError``:
   moving it into a flat buffer would hide the updates from the processes sharing it.  For
-  Hogwild, build the optimizer before ``model.share_memory()`` and fork the workers with it.
+  Hogwild, build the optimizer before ``model.share_memory()`` and fork the workers with it
+  (a model or optimizer sent to a spawned worker arrives in shared memory: refused there).
 * ``Lookahead(optimizer, k=5, alpha=0.5)`` wraps any torch optimizer (per tensor); around a
   flatopt.torch optimizer its slow weights mirror the flat buffers, so the every-``k``
   pull is two tensor ops per buffer.

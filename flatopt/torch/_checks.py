@@ -50,9 +50,11 @@ def check_param(p):
     if p.device.type == "cpu" and p.is_shared():  # (CUDA tensors all say they are)
         raise ValueError("flatopt.torch cannot optimize a parameter in shared memory (model.share_memory(), a "
                          "tensor from another process): it moves every parameter into a flat buffer of its own, "
-                         "which the other processes would not see. Build the optimizer before sharing the model "
-                         "(its flat buffer is then what is shared), or unshare the parameter first "
-                         "(p.data = p.data.clone())")
+                         "which the other processes would not see. For Hogwild, build the optimizer before "
+                         "sharing the model (its flat buffer is then what is shared) and fork the workers with it: "
+                         "an optimizer or model sent to a spawned worker arrives in shared memory, where no "
+                         "flatopt.torch optimizer can be built (use torch.optim there). Or unshare the parameter "
+                         "first (p.data = p.data.clone())")
     if not (p.is_leaf or p.retains_grad):
         raise ValueError("can't optimize a non-leaf Tensor")
 
