@@ -496,7 +496,8 @@ def test_import_flatopt_imports_no_framework():
     assert out.strip() == "[]"
 
 
-def test_kernels_compile_in_every_process_where_nothing_can_be_cached(tmp_path):
+@pytest.mark.parametrize("cache_dir", [None, "set"])
+def test_kernels_compile_in_every_process_where_nothing_can_be_cached(tmp_path, cache_dir):
     """A read-only install without a writable home: Numba finds no directory for its cache,
     and ``cache=True`` refused to define the kernels (the first step raised "cannot cache
     function ... no locator available").  They are compiled in every process instead, with a
@@ -516,11 +517,14 @@ def test_kernels_compile_in_every_process_where_nothing_can_be_cached(tmp_path):
             flatopt.Adam(lr=0.1).step(p, g)
         from flatopt.kernels import cpu
         np.save({str(tmp_path / "p.npy")!r}, p)
-        print(cpu.CACHE, sum("NUMBA_CACHE_DIR" in str(w.message) for w in caught))
+        print(cpu.CACHE, sum("NUMBA_CACHE_DIR" in str(w.message) for w in caught),
+              sum("is not a writable directory" in str(w.message) for w in caught))
     """)
     env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_CACHE_DIR"}
+    if cache_dir:  # one the user chose, which cannot be written: the warning says so, not "set it"
+        env["NUMBA_CACHE_DIR"] = str(tmp_path / "chosen")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(env, HOME=str(tmp_path)))
-    assert done.stdout.split() == ["False", "1"], done.stderr[-3000:]
+    assert done.stdout.split() == ["False", "1", "1" if cache_dir else "0"], done.stderr[-3000:]
     rng = np.random.default_rng(5)
     p, g = rng.standard_normal(1 << 16).astype(np.float32), rng.standard_normal(1 << 16).astype(np.float32)
     flatopt.Adam(lr=0.1).step(p, g)

@@ -45,9 +45,11 @@ def _disk_cache():
     try:
         njit(cache=True)(probe)  # finds a cache directory (writing a test file), compiles nothing
     except RuntimeError as error:  # "cannot cache function 'probe': no locator available for file ..."
+        chosen = os.environ.get("NUMBA_CACHE_DIR")
+        advice = (f"NUMBA_CACHE_DIR={chosen} is not a writable directory: point it at one" if chosen else
+                  "Set NUMBA_CACHE_DIR to a writable directory")
         warnings.warn(f"flatopt compiles its kernels in every process: Numba has nowhere to cache them ({error}). "
-                      "Set NUMBA_CACHE_DIR to a writable directory to keep them between processes.",
-                      RuntimeWarning, stacklevel=2)
+                      f"{advice} to keep them between processes.", RuntimeWarning, stacklevel=2)
         return False
     return True
 
