@@ -1542,3 +1542,89 @@ def test_constructor_errors_match_torchs_type_and_message(name, kw):
             getattr(mod, name)(_tensors([(3,)]), **kw)
         errors.append((type(info.value), str(info.value)))
     assert errors[0] == errors[1]
+
+
+# --- a gradient view whose memory is replaced ---------------------------------------------------
+class ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = torch.nn.Conv2d(3, 8, 3, dtype=torch.float64)
+        self.head = torch.nn.Linear(8, 4, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("replace", ["clamp through .data", "set_", "channels_last model", "a view kept"])
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+def test_a_gradient_whose_memory_is_replaced_is_followed_as_torch_follows_it(name, replace):
+    """With zero_grad(set_to_none=False) each .grad is a view of the flat gradient buffer. An idiom
+    such as ``p.grad.data = p.grad.data.clamp(...)`` (or model.to(memory_format=...), which does it
+    to every gradient) moved that view out of the buffer while p.grad stayed the same tensor: the
+    step read the stale buffer, zero_grad zeroed the buffer only, and the parameter stopped
+    training without an error."""
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 3, 6, 6, dtype=torch.float64), torch.randn(4, 4, dtype=torch.float64))
+               for _ in range(6)]
+    runs, kept = [], []
+    for make in (getattr(ft, name), lambda ps: getattr(torch.optim, name)(ps, lr=0.05, foreach=False)):
+        model = ConvNet()
+        opt = make(model.parameters()) if make is not getattr(ft, name) else make(model.parameters(), lr=0.05)
+        for t, (x, y) in enumerate(batches):
+            opt.zero_grad(set_to_none=False)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if t >= 1 and replace == "clamp through .data":
+                for p in model.parameters():
+                    p.grad.data = p.grad.data.clamp(-0.01, 0.01)
+            elif t >= 1 and replace == "set_":
+                for p in model.parameters():
+                    p.grad.set_(p.grad.clamp(-0.01, 0.01))
+            elif t == 2 and replace == "channels_last model":
+                model.to(memory_format=torch.channels_last)
+            elif replace == "a view kept":  # one more holder of the buffer: then the check looks at each view
+                if t == 1:
+                    kept.append(model.head.weight.grad.view(-1))
+                if t >= 3:
+                    model.conv.weight.grad.data = model.conv.weight.grad.data.clamp(-0.01, 0.01)
+            opt.step()
+        runs.append(list(model.parameters()))
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_gradient_given_another_shape_through_data_is_refused_before_anything_changes():
+    ps = _tensors([(4,), (2, 3)])
+    opt = ft.Adam(ps, lr=0.1)
+    for p, g in zip(ps, _grads(ps, 0)):
+        p.grad = g
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    before = [p.detach().clone() for p in ps]
+    ps[1].grad.data = torch.ones(6)
+    with pytest.raises(RuntimeError, match=r"a gradient changed shape to \(6,\)"):
+        opt.step()
+    _assert_same_tensors(ps, before)
+
+
+def test_a_refused_hyperparameter_changes_no_bucket_of_a_mixed_dtype_model():
+    """Each (device, dtype) has a bucket of its own, and the hyperparameters were checked bucket by
+    bucket as each stepped: a bad lr in the float32 group came after the float64 bucket's update."""
+    ps = _tensors([(4,)], dtype=torch.float64) + _tensors([(4,)], seed=1)
+    opt = ft.Adam([{"params": [ps[0]]}, {"params": [ps[1]]}], lr=0.1)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.param_groups[1]["lr"] = -0.01
+    before, steps = [p.detach().clone() for p in ps], [opt.state[p]["step"].item() for p in ps]
+    with pytest.raises(ValueError, match="Invalid learning rate: -0.01"):
+        opt.step()
+    _assert_same_tensors(ps, before)
+    assert [opt.state[p]["step"].item() for p in ps] == steps
+
+
+def test_a_parameter_whose_gradients_are_kept_in_another_dtype_is_refused():
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad_dtype = torch.float64
+    with pytest.raises(TypeError, match="grad_dtype torch.float64"):
+        ft.SGD([p], lr=0.1)

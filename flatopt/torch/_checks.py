@@ -57,6 +57,10 @@ def check_param(p):
                          "first (p.data = p.data.clone())")
     if not (p.is_leaf or p.retains_grad):
         raise ValueError("can't optimize a non-leaf Tensor")
+    grad_dtype = getattr(p, "grad_dtype", p.dtype)  # (torch 2.13: a gradient may be kept in another dtype)
+    if grad_dtype is not None and grad_dtype != p.dtype:
+        raise TypeError(f"flatopt.torch keeps each gradient in its parameter's dtype (a view of one flat gradient "
+                        f"buffer), and a parameter of {p.dtype} has grad_dtype {grad_dtype}: use torch.optim")
 
 
 def check_unique(params):

@@ -18,6 +18,9 @@ from flatopt.torch._edits import Edits, ParamList, ParamState, State, unchanged
 
 _data_ptr = torch.Tensor.data_ptr
 _grad_of = attrgetter("grad")
+# The number of tensors holding a storage: O(1), where a check of every gradient view's memory
+# costs a data_ptr() per tensor.  (A private function of torch's; without it, that check.)
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 _DUPLICATE_WARNING = "optimizer contains a parameter group with duplicate parameters"
 PUBLIC = set()  # the classes flatopt.torch exports
 
@@ -150,6 +153,8 @@ class _Bucket:
         self.group_values = None  # the torch groups' values they were read from
         self.volatile = False  # whether those values must be read again every step
         self.state_args = None  # the core's state arguments self.state was last pointed at
+        self.gstorage = None  # the flat gradient buffer's storage (its _cdata), and the number of
+        self.guses = None     # tensors holding it when the gradient views were last known intact
 
     def shaped(self, buf, i):
         """Parameter ``i``'s view of a flat buffer of this bucket (parameters, gradients, state)."""
@@ -169,6 +174,27 @@ class _Bucket:
         self.ptrs = [v.data_ptr() for v in self.views]
         self.gptrs = [gv.data_ptr() for gv in self.gviews]
         self.memory = _memory((self.flat, self.gflat))
+        self.gstorage = self.gflat.untyped_storage()._cdata
+        self.note_gviews_intact()
+
+    def note_gviews_intact(self):
+        self.guses = None if _storage_use_count is None else _storage_use_count(self.gstorage)
+
+    def gviews_intact(self):
+        """Whether every gradient view still lies in the flat gradient buffer: ``p.grad.data =
+        t``, ``p.grad.set_(t)`` or ``model.to(memory_format=...)`` (which does the former) move a
+        view's memory out of it while ``p.grad`` stays the same tensor.  Each such move drops a
+        holder of the buffer's storage.  Where the count differs (a view a user keeps adds one),
+        every view is looked at, and the count taken again.  (A view kept and a gradient moved
+        between the same two steps would cancel out: that pair goes unseen, where a look at every
+        view at every step would cost 10 µs on 200 tensors, a quarter of such a step.)"""
+        uses = None if _storage_use_count is None else _storage_use_count(self.gstorage)
+        if uses is not None and uses == self.guses:
+            return True
+        if list(map(_data_ptr, self.gviews)) != self.gptrs:
+            return False
+        self.guses = uses  # all in place: the holders now (a view kept) are the count to compare with
+        return True
 
 
 def _as_tensor(buf, device):
@@ -519,16 +545,18 @@ class FlatOptimizer(torch.optim.Optimizer):
         """
         params = b.params
         if (all(map(is_, map(_grad_of, params), b.gviews)) and list(map(_data_ptr, params)) == b.ptrs
-                and b.gflat.data_ptr() == b.memory[1][0]):
+                and b.gflat.data_ptr() == b.memory[1][0] and b.gviews_intact()):
             return b.all_synced  # the common zero-copy case: nothing to pull in
         with torch.no_grad():
             if (b.flat.data_ptr(), b.gflat.data_ptr()) != (b.memory[0][0], b.memory[1][0]):
                 b.read_addresses()  # the flat buffers' memory moved
-            return self._pull_in(b, params, [p.grad for p in params])
+            synced = self._pull_in(b, params, [p.grad for p in params])
+        b.note_gviews_intact()
+        return synced
 
     def _pull_in(self, b, params, grads):
         dst, src, src_ptrs, repoint_data, repoint_grad = [], [], [], [], []
-        active = []
+        active, moved_grads = [], []  # moved: (index, the param's new gradient view)
         views, gviews, ptrs, gptrs = b.views, b.gviews, b.ptrs, b.gptrs
         # After zero_grad() (on the CPU) the new gradients are read where autograd made them,
         # unless one has other strides than its view or lies in this optimizer's own buffers:
@@ -554,6 +582,17 @@ class FlatOptimizer(torch.optim.Optimizer):
                 active.append(False)
                 continue
             gv = gviews[i]
+            if g is gv and gv.data_ptr() != gptrs[i]:  # its memory was replaced (p.grad.data = t)
+                if gv.shape != params[i].shape:
+                    raise RuntimeError(f"a gradient changed shape to {tuple(gv.shape)} (p.grad.data = ...); its "
+                                       f"parameter has shape {tuple(params[i].shape)}")
+                gv = b.shaped(b.gflat, i)  # a view in the flat buffer again, the values copied in
+                dst.append(gv)
+                src.append(g)
+                src_ptrs.append(g.data_ptr())
+                moved_grads.append((i, gv))
+                active.append(True)
+                continue
             if g is not gv:
                 if g.is_sparse:
                     raise RuntimeError("flatopt.torch does not support sparse gradients")
@@ -590,6 +629,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             # pointing 200 .grads at their views costs a quarter of such a step.
             for p, gv in repoint_grad:
                 p.grad = gv
+        for i, gv in moved_grads:
+            params[i].grad = gviews[i] = gv
+            gptrs[i] = gv.data_ptr()
         if gather and kept:
             return tuple(active), (Gather(b.offsets_np, np.array(addresses, dtype=np.int64)), kept)
         return tuple(active), None
@@ -642,8 +684,11 @@ class FlatOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._take_edits()  # edits of opt.state or of a group's params list: O(groups) to notice
         buckets = self._buckets.values()
-        if len(buckets) > 1:  # every bucket's checks (shape, dtype) before the first update
+        if len(buckets) > 1:  # every bucket's checks (shapes, dtypes, hyperparameters) before the first update
             synced = [self._sync(b) for b in buckets]
+            for b, (active, _) in zip(buckets, synced):
+                if self._configure(b, active):
+                    b.core._active(len(b.flat_np))  # what its step would refuse
             for b, (active, gather) in zip(buckets, synced):
                 self._step_bucket(b, active, gather)
         else:  # (without the list: a step of a small model is mostly Python)
@@ -654,13 +699,15 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     _step_with_hooks = torch.optim.Optimizer.profile_hook_step(_step)
 
-    def _step_bucket(self, b, active, gather=None):
+    def _configure(self, b, active):
+        """The bucket's runs for this step's ``active`` params, handed to its core with their
+        groups' hyperparameters where they changed; returns the runs."""
         if active is not b.layout_key and active != b.layout_key:
             b.runs, b.spans = self._layout(b, active)
             b.layout_key, b.core_groups_key = active, None
         runs = b.runs
-        pg = self.param_groups
         if runs:
+            pg = self.param_groups
             values = [tuple(map(pg[gi].__getitem__, self._hp_names)) for gi, *_ in runs]
             if b.volatile or b.core_groups_key is None or values != b.group_values:
                 hps = [tuple(map(_number, v)) for v in values]
@@ -668,8 +715,13 @@ class FlatOptimizer(torch.optim.Optimizer):
                     self._configure_core(b, runs, hps)
                     b.core_groups_key = hps
                 b.group_values, b.volatile = values, any(map(_volatile, (x for v in values for x in v)))
+        return runs
+
+    def _step_bucket(self, b, active, gather=None):
+        if self._configure(b, active):
             # (``gather``: a Gather, and the gradient tensors it reads, alive until the step is done)
             b.core.step(b.flat_np, b.gflat_np, None if gather is None else gather[0])
+        pg = self.param_groups
         newly = False
         sgd = not self._step_in_state
         for gi, i0, i1 in b.spans:
@@ -721,9 +773,10 @@ class FlatOptimizer(torch.optim.Optimizer):
             return
         for b in self._buckets.values():
             b.gflat.zero_()
-            for p, gv in zip(b.params, b.gviews):
+            intact = b.gviews_intact()
+            for p, gv, ptr in zip(b.params, b.gviews, b.gptrs):
                 g = p.grad
-                if g is not None and g is not gv:
+                if g is not None and (g is not gv or not intact and g.data_ptr() != ptr):
                     if g.grad_fn is not None:
                         g.detach_()
                     else:
