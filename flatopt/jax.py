@@ -196,9 +196,10 @@ def _kernel_update(template, params, dtype, new_params=False):
     row_length = len(probe._row(active[0][1], active[0][0], dtype.type))
     calls = []  # per FFI call: (first leaf, stop leaf, chunks, threaded)
     # calls of CALL_BYTES bound the updates' temporary (see leaf_groups); new params are
-    # written into their leaves and have none, so they go in one call (fewer thread wake-ups:
-    # 10^7 elements in 200 leaves 5.4-5.8 ms an update against 6.2-6.3 ms in 8 MiB calls)
-    groups = [(0, len(sizes))] if new_params else xla.leaf_groups(sizes, np.dtype(dtype).itemsize)
+    # written into their leaves and have none, so they go in calls of up to ALIASED_LEAVES
+    # leaves (fewer thread wake-ups: 10^7 elements in 200 leaves 5.4-5.8 ms an update against
+    # 6.2-6.3 ms in 8 MiB calls), each leaf aliased to its result
+    groups = xla.aliased_groups(len(sizes)) if new_params else xla.leaf_groups(sizes, np.dtype(dtype).itemsize)
     for first, stop in groups:
         lo, hi = sum(sizes[:first]), sum(sizes[:stop])
         # XLA calls the handler from its own threads, where no Python lock can order the
@@ -361,6 +362,11 @@ def _check_state(opt, state, n, dtype):
                          "made by another transformation, or before amsgrad or momentum was turned on?): "
                          "call tx.init(params)")
     expected = base._new_group_state()
+    counters = [inner.counters] + ([state.step_count] if isinstance(state, LookaheadState) else [])
+    dtypes = {str(jnp.result_type(c)) for c in jax.tree_util.tree_leaves(counters)}
+    if dtypes - {"int32"}:
+        raise TypeError(f"the state's step counters have dtype {', '.join(sorted(dtypes))}, where init makes them "
+                        "int32 (a cast of the whole state?): call tx.init(params), or cast the counters back")
     shapes = {key: jnp.shape(value) for key, value in dict(inner.counters).items()}
     if shapes != {key: (len(base.group_state),) for key in expected}:
         raise ValueError(f"the state's step counters {shapes} are not those of {type(base).__name__} with "

@@ -581,6 +581,24 @@ MISMATCHED_COUNTERS = {
 }
 
 
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.int16])
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_step_counters_of_another_dtype_are_refused_when_traced(dtype, lookahead, api):
+    """A cast of the whole state (tree_map(astype)) reached the host callback, which failed when
+    the update ran (after donated buffers were spent) with JAX's "Incorrect output dtype"."""
+    make = (lambda: flatopt.Lookahead(flatopt.Adam(lr=1e-2))) if lookahead else (lambda: flatopt.Adam(lr=1e-2))
+    params, grads = {"w": jnp.ones(8, jnp.float32)}, {"w": jnp.full(8, 0.5, jnp.float32)}
+    tx = as_optax(make())
+    state = tx.init(params)
+    cast = lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.integer) else x
+    state = state._replace(step_count=cast(state.step_count)) if lookahead else state._replace(
+        counters=jax.tree_util.tree_map(cast, state.counters))
+    step = tx.update if api == "update" else functools.partial(update_and_apply, tx)
+    with pytest.raises(TypeError, match="step counters have dtype"):
+        jax.jit(step)(grads, state, params)
+
+
 def _mismatch_cases():
     for name, (make, make_state, match) in MISMATCHED_STATES.items():
         yield pytest.param(make, make_state, match, id=name)
