@@ -5,6 +5,7 @@ before timing (an idle thread pool costs milliseconds on its next call on these 
 fresh random data.
 """
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -215,7 +216,11 @@ class FreshProcess:
     unit = "seconds"
 
     def setup_cache(self):
-        caches = tempfile.mkdtemp(prefix="flatopt-asv-cache-")
+        # asv runs the benchmarks in other processes after this one has ended, and has no hook
+        # after them: one folder per user, emptied by each run, instead of a new one per run
+        # (18 MB each)
+        caches = os.path.join(tempfile.gettempdir(), f"flatopt-asv-cache-{os.getuid()}")
+        shutil.rmtree(caches, ignore_errors=True)
         kernels, bytecode = os.path.join(caches, "kernels"), os.path.join(caches, "bytecode")
         for name in self.params:
             _fresh_process(name, kernels, bytecode, True)

@@ -14,8 +14,8 @@ import time
 import numpy as np
 
 import flatopt
-from flatopt.backend import CPU, split_chunks
-from flatopt.cli import check_plot_path, positive_int, sizes
+from flatopt.backend import CPU
+from flatopt.cli import check_plot_path, positive_int, seed, sizes
 
 SIZES = [10**3, 10**5, 10**6, 10**7, 3 * 10**7]
 QUICK_SIZES = [10**3, 10**5, 10**6]
@@ -86,13 +86,12 @@ def jax_adapter_implementations(n, rng):
 
 def floor_step(p, g):
     """The bandwidth floor: Adam's memory traffic, trivial arithmetic, threaded as flatopt's kernels."""
-    from flatopt.kernels.floor import adam_floor
+    from flatopt.kernels.floor import adam_floor, adam_floor_serial
     n = len(p)
     m, v = np.zeros(n, np.float32), np.zeros(n, np.float32)
-    chunks = CPU.plan(((0, n, 0),))[0]
-    if len(chunks) == 1:
-        chunks = split_chunks(((0, n, 0),), 1)
-    return lambda: adam_floor(p, g, m, v, chunks)
+    chunks, threaded = CPU.plan(((0, n, 0),))
+    floor = adam_floor if threaded else adam_floor_serial  # (a threaded launch of one chunk wakes the pool)
+    return lambda: floor(p, g, m, v, chunks)
 
 
 def numpy_adam(p, g, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
@@ -282,13 +281,13 @@ def plot(results, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="flatopt bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="flatopt bench", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--sizes", type=sizes, help="comma-separated sizes, e.g. 1000,1e6 (default 1e3,1e5,1e6,1e7,3e7)")
     parser.add_argument("--quick", action="store_true", help="sizes 1e3,1e5,1e6 and fewer rounds (< 1 minute)")
     parser.add_argument("--rounds", type=positive_int, help="rounds per size (default: by size)")
     parser.add_argument("--markdown", action="store_true", help="markdown tables with a header line")
     parser.add_argument("--plot", metavar="FILE.png", help="log-log plot of time per step against size")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed, default=0, help="the random data's seed (default 0)")
     args = parser.parse_args(argv)
     if args.plot:
         check_plot_path(parser, args.plot)

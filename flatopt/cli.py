@@ -4,15 +4,21 @@ import os
 import sys
 
 
-def positive_int(text):
-    """An argparse type: a whole number of 1 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected 1 or more, got {value}")
-    return value
+def whole_number(least):
+    """An argparse type: a whole number of ``least`` or more."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected {least} or more, got {value}")
+        return value
+    return parse
+
+
+positive_int = whole_number(1)
+seed = whole_number(0)  # NumPy's generators take no negative seed
 
 
 def sizes(text):
@@ -26,23 +32,45 @@ def sizes(text):
         if not (value >= 1 and value.is_integer()):
             raise argparse.ArgumentTypeError(f"sizes are whole numbers of 1 or more, got {part!r}")
         values.append(int(value))
-    return values
+    return sorted(set(values))  # (the plot joins them in this order)
 
 
 def check_plot_path(parser, path):
-    """Refuse a plot path whose folder does not exist before the run, not after it."""
+    """Refuse, before the run rather than after it, a plot path matplotlib could not write:
+    no matplotlib, a format it does not know (it would add ``.png`` to a name without one and
+    the run would name the wrong file), a folder that does not exist or cannot be written."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        parser.error("--plot needs matplotlib: pip install matplotlib (or the demo extra: pip install 'flatopt[demo]')")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension not in formats:
+        parser.error(f"--plot: {path!r} does not end in a format matplotlib writes ({', '.join(sorted(formats))})")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         parser.error(f"--plot: folder {folder} does not exist")
+    if os.path.isdir(path) or not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        parser.error(f"--plot: {path} cannot be written")
+
+
+def optimizer_names(text):
+    """An argparse type: comma-separated names, once each, in the order given."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected names such as Adam,ADOPT")
+    return list(dict.fromkeys(names))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="flatopt", description="flat-buffer optimizers on Numba kernels")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a NumPy MLP on the bundled digits with every optimizer")
-    demo.add_argument("--epochs", type=positive_int, default=30)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--optimizers", help="comma-separated subset, e.g. Adam,ADOPT")
+    demo = commands.add_parser("demo", help="train a NumPy MLP on the bundled digits with every optimizer",
+                               description="train a NumPy MLP on scikit-learn's bundled digits with every optimizer",
+                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    demo.add_argument("--epochs", type=positive_int, default=30, help="passes over the training images")
+    demo.add_argument("--seed", type=seed, default=0, help="the data split's and the weights' seed")
+    demo.add_argument("--optimizers", type=optimizer_names, help="comma-separated subset, e.g. Adam,ADOPT")
     demo.add_argument("--plot", metavar="FILE.png", help="save the loss curves")
     commands.add_parser("bench", help="compare against torch/optax/NumPy and the bandwidth floor", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -51,14 +79,19 @@ def main(argv=None):
         bench_main(rest)
         return 0
     if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        demo.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.plot:
         check_plot_path(demo, args.plot)
+    for package, name in (("sklearn", "scikit-learn"), ("tqdm", "tqdm")):
+        try:
+            __import__(package)
+        except ImportError:
+            demo.error(f"the demo needs {name}: pip install 'flatopt[demo]'")
     from flatopt import demo as demo_module
-    names = args.optimizers.split(",") if args.optimizers else None
-    unknown = set(names or ()) - set(demo_module.OPTIMIZERS)
+    names = args.optimizers
+    unknown = [name for name in names or () if name not in demo_module.OPTIMIZERS]
     if unknown:
-        parser.error(f"unknown optimizers {sorted(unknown)}; choose from {list(demo_module.OPTIMIZERS)}")
+        demo.error(f"unknown optimizers {unknown}; choose from {list(demo_module.OPTIMIZERS)}")
     demo_module.run(epochs=args.epochs, seed=args.seed, names=names, plot=args.plot)
     return 0
 

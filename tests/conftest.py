@@ -16,6 +16,7 @@ Tolerance vocabulary used by the suites:
 """
 import atexit
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,35 @@ settings.load_profile("flatopt")
 if "HYPOTHESIS_STORAGE_DIRECTORY" not in os.environ:
     os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = tempfile.mkdtemp(prefix="flatopt-hypothesis-")
     atexit.register(shutil.rmtree, os.environ["HYPOTHESIS_STORAGE_DIRECTORY"], ignore_errors=True)
+
+# CI (FLATOPT_REQUIRE_EXTRAS=1, set by .ci/run): a test skipped because a package of the test
+# extra could not be imported fails instead, so that a README install step lacking a package
+# fails the run rather than passing it with skips.  CuPy is the cuda extra's, not the test's.
+REQUIRE_EXTRAS = os.environ.get("FLATOPT_REQUIRE_EXTRAS") == "1"
+NOT_IN_TEST_EXTRA = {"cupy"}
+
+
+def _missing_package_fails(report):
+    if not (REQUIRE_EXTRAS and report.skipped):
+        return
+    found = re.search(r"could not import '([\w.]+)'", str(report.longrepr))
+    if found and found.group(1).split(".")[0] not in NOT_IN_TEST_EXTRA:
+        report.outcome = "failed"
+        report.longrepr = (f"{found.group(1)} could not be imported: the test extra (pip install -e '.[test]') "
+                           "must provide it (FLATOPT_REQUIRE_EXTRAS=1 turns this skip into a failure)")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _missing_package_fails(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _missing_package_fails(outcome.get_result())
+
 
 DTYPES = (np.float32, np.float64)
 

@@ -1,20 +1,23 @@
 """``flatopt bench`` smoke test and the bandwidth-floor kernels.  No timing assertions."""
+import sys
+
 import numpy as np
 import pytest
 
 from flatopt.backend import split_chunks
-from flatopt.kernels.floor import adam_floor
+from flatopt.kernels.floor import adam_floor, adam_floor_serial
 
 
+@pytest.mark.parametrize("floor", [adam_floor, adam_floor_serial])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("n, nchunks", [(1, 1), (1000, 1), (1000, 7), (100_003, 8)])
-def test_adam_floor_moves_adams_data(dtype, n, nchunks):
+def test_adam_floor_moves_adams_data(dtype, n, nchunks, floor):
     rng = np.random.default_rng(n)
     p, g, m, v = (rng.standard_normal(n).astype(dtype) for _ in range(4))
     ref_m, ref_v = m + g, v + g
     ref_p = p + ref_m
     g0 = g.copy()
-    adam_floor(p, g, m, v, split_chunks(((0, n, 0),), nchunks))
+    floor(p, g, m, v, split_chunks(((0, n, 0),), nchunks))
     # reads p, g, m, v and writes p, m, v: every element of every buffer touched, g unchanged
     np.testing.assert_array_equal(m, ref_m)
     np.testing.assert_array_equal(v, ref_v)
@@ -87,6 +90,9 @@ def test_bench_markdown_and_plot(tmp_path, capsys):
     (["--sizes", "inf"], "sizes are whole numbers of 1 or more, got 'inf'"),
     (["--rounds", "0"], "argument --rounds: expected 1 or more, got 0"),
     (["--plot", "/nonexistent-folder/bench.png"], "--plot: folder /nonexistent-folder does not exist"),
+    (["--seed", "-1"], "argument --seed: expected 0 or more, got -1"),
+    (["--plot", "bench.txt"], "does not end in a format matplotlib writes"),
+    (["--plot", "plots"], "does not end in a format matplotlib writes"),  # matplotlib would write plots.png
 ])
 def test_bench_refuses_bad_arguments_before_it_runs(args, message, capsys, monkeypatch):
     """A bad size or round count was a traceback from deep inside the run (or, for
@@ -97,6 +103,26 @@ def test_bench_refuses_bad_arguments_before_it_runs(args, message, capsys, monke
     with pytest.raises(SystemExit) as exit_info:
         bench.main(args)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_sizes_run_once_each_in_order_and_a_plot_needs_matplotlib(monkeypatch, capsys):
+    from flatopt import cli
+    assert cli.sizes("1e5,1000,1000,30000") == [1000, 30000, 100000]  # (the plot joins them in this order)
+    from flatopt import bench
+    monkeypatch.setattr(bench, "implementations", lambda *a: pytest.fail("the run started"))
+    monkeypatch.setitem(sys.modules, "matplotlib.backend_bases", None)  # not installed
+    with pytest.raises(SystemExit):
+        bench.main(["--plot", "bench.png"])
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_plot_path_that_is_a_folder(tmp_path, capsys, monkeypatch):
+    from flatopt import bench
+    monkeypatch.setattr(bench, "implementations", lambda *a: pytest.fail("the run started"))
+    (tmp_path / "plots.png").mkdir()
+    with pytest.raises(SystemExit):
+        bench.main(["--plot", str(tmp_path / "plots.png")])
+    assert "cannot be written" in capsys.readouterr().err
 
 
 def test_bench_says_when_the_many_tensor_models_are_smaller_than_their_names(capsys):

@@ -45,6 +45,10 @@ def test_cli_rejects_unknown_optimizer():
     (["--epochs", "0"], "argument --epochs: expected 1 or more, got 0"),
     (["--epochs", "x"], "argument --epochs: expected a whole number, got 'x'"),
     (["--plot", "/nonexistent-folder/loss.png"], "--plot: folder /nonexistent-folder does not exist"),
+    (["--seed", "-1"], "argument --seed: expected 0 or more, got -1"),
+    (["--plot", "loss"], "does not end in a format matplotlib writes"),
+    (["--optimizers", ""], "argument --optimizers: expected names such as Adam,ADOPT"),
+    (["--optimizers", "Adam,Nope"], "flatopt demo: error: unknown optimizers ['Nope']"),
 ])
 def test_cli_refuses_bad_arguments_before_training(args, message, capsys, monkeypatch):
     """``--epochs 0`` was an IndexError after the runs; a plot into a missing folder failed
@@ -54,6 +58,23 @@ def test_cli_refuses_bad_arguments_before_training(args, message, capsys, monkey
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["demo", *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_names_the_extra_a_missing_package_comes_with(capsys, monkeypatch):
+    from flatopt import cli
+    monkeypatch.setattr(demo, "run", lambda **kw: pytest.fail("the demo started"))
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # not installed
+    with pytest.raises(SystemExit):
+        cli.main(["demo"])
+    assert "the demo needs scikit-learn: pip install 'flatopt[demo]'" in capsys.readouterr().err
+
+
+def test_cli_runs_each_named_optimizer_once(monkeypatch):
+    from flatopt import cli
+    seen = []
+    monkeypatch.setattr(demo, "run", lambda **kw: seen.append(kw["names"]))
+    cli.main(["demo", "--optimizers", "Adam,ADOPT,Adam"])
+    assert seen == [["Adam", "ADOPT"]]
 
 
 def test_timed_steps_follow_a_warm_up_that_reaches_every_kernel(monkeypatch):
