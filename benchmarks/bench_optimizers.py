@@ -217,9 +217,9 @@ class FreshProcess:
 
     def setup_cache(self):
         # asv runs the benchmarks in other processes after this one has ended, and has no hook
-        # after them: one folder per user, emptied by each run, instead of a new one per run
-        # (18 MB each)
-        caches = os.path.join(tempfile.gettempdir(), f"flatopt-asv-cache-{os.getuid()}")
+        # after them: one folder in the user's cache, emptied by each run, instead of a new
+        # temporary one per run (18 MB each)
+        caches = os.path.join(os.path.expanduser("~"), ".cache", "flatopt", "asv-first-step")
         shutil.rmtree(caches, ignore_errors=True)
         kernels, bytecode = os.path.join(caches, "kernels"), os.path.join(caches, "bytecode")
         for name in self.params:

@@ -11,6 +11,7 @@ import os
 import struct
 import sys
 import threading
+import weakref
 
 import numpy as np
 
@@ -210,7 +211,8 @@ class CpuBackend:
         """``dst[:] = src``, or only ``dst[a:b] = src[a:b]`` for each ``(a, b)`` of ``spans``."""
         if spans is None:
             np.copyto(dst, src)
-        for a, b in spans or ():
+            return
+        for a, b in spans:
             np.copyto(dst[a:b], src[a:b])
 
     def table(self, rows, dtype, reuse=None):
@@ -290,7 +292,37 @@ class CpuBackend:
         return found
 
 
-_launching = threading.Lock()  # one for every driver: the workqueue is one pool
+class ForkSafeLock:
+    """A lock that a process forked while another thread held it gets free: the holder does not
+    exist in the child, and the child's first use would wait for it forever."""
+    _all = weakref.WeakSet()
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        ForkSafeLock._all.add(self)
+
+    def acquire(self, *args, **kwargs):
+        return self._lock.acquire(*args, **kwargs)
+
+    def release(self):
+        self._lock.release()
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+    @classmethod
+    def _free_all(cls):
+        for lock in cls._all:
+            lock._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=ForkSafeLock._free_all)
+
+_launching = ForkSafeLock()  # one for every driver: the workqueue is one pool
 
 
 def _one_at_a_time(driver):
@@ -310,10 +342,8 @@ _forked_after_threads = False
 
 def _after_fork_in_child():
     """Run in the child of ``os.fork()``: notes whether the parent had started GNU OpenMP's
-    threads (Numba's threading layer is one per process, whoever launched on it).  The
-    launch lock starts free: a thread of the parent that held it does not exist here."""
-    global _forked_after_threads, _launching
-    _launching = threading.Lock()
+    threads (Numba's threading layer is one per process, whoever launched on it)."""
+    global _forked_after_threads
     numba = sys.modules.get("numba")
     if numba is None or _forked_after_threads:
         return

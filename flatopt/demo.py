@@ -11,7 +11,8 @@ import flatopt
 OPTIMIZERS = {
     "SGD": lambda: flatopt.SGD(lr=0.05),
     "SGD+momentum": lambda: flatopt.SGD(lr=0.05, momentum=0.9),
-    "Momentum": lambda: flatopt.Momentum(lr=0.5, beta=0.9),  # an average of the gradients: 0.05 / (1 - 0.9)
+    # an average of the gradients, where SGD's buffer is their sum: lr 0.05 / (1 - 0.9) takes SGD+momentum's steps
+    "Momentum": lambda: flatopt.Momentum(lr=0.5, beta=0.9),
     "RMSprop": lambda: flatopt.RMSprop(lr=1e-3),
     "Adam": lambda: flatopt.Adam(lr=3e-3),
     "AdamW": lambda: flatopt.AdamW(lr=3e-3, weight_decay=1e-2),

@@ -169,8 +169,9 @@ def _kernel_update(template, params, dtype, new_params=False):
     the leaves themselves, one call per ``CALL_BYTES`` of leaves, the flat state aliased in
     place through them; ``None`` where this JAX cannot register the handler (or, for
     Lookahead, where every group is frozen: the host path keeps that rare case).  With
-    ``new_params`` it returns the new parameters instead of the updates, in one call, each
-    leaf's result aliased to it (in place where the parameters are donated).
+    ``new_params`` it returns the new parameters instead of the updates, in calls of up to
+    ``xla.ALIASED_LEAVES`` leaves, each leaf's result aliased to it (in place where the
+    parameters are donated).
 
     Only the step's scalars come from the host: a callback takes the step counters and
     returns the rule's table, the control words and the new counters, computed by the

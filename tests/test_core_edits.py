@@ -366,6 +366,19 @@ def test_a_group_assigned_with_a_range_no_group_had_starts_at_step_zero(make, to
         np.testing.assert_allclose(p[10 * i:10 * i + 10], t.detach().numpy(), rtol=1e-13, atol=1e-15)
 
 
+def test_groups_assigned_after_the_counts_were_cut_short_start_over():
+    """The step refuses groups and counts of different lengths and says to assign the groups:
+    that assignment must work (it looked a count up by a place the counts no longer had)."""
+    opt = flatopt.Adam(lr=0.1, param_groups=[dict(start=0, stop=4), dict(start=4, stop=8)])
+    p, g = rand(8, np.float64), rand(8, np.float64, seed=1)
+    opt.step(p, g)
+    del opt.group_state[1]
+    with pytest.raises(ValueError, match="assign opt.param_groups"):
+        opt.step(p, g)
+    opt.param_groups = [dict(start=0, stop=4), dict(start=5, stop=8)]
+    assert opt.group_state == [{"step": 1}, {"step": 0}]
+
+
 # --- an optimizer without state may change dtype ------------------------------------------------
 @pytest.mark.parametrize("groups", [None, [dict(start=0, stop=6)]])
 def test_sgd_without_state_steps_another_dtype_as_a_fresh_one(groups):

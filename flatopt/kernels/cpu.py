@@ -25,7 +25,6 @@ exactly where torch fuses and nowhere else.  ``fastmath`` stays off: it would le
 fuse other products and would drop the NaN/Inf semantics users rely on.
 """
 import os
-import threading
 import warnings
 
 import numpy as np
@@ -33,6 +32,8 @@ from llvmlite import ir
 from numba import carray, cfunc, from_dtype, njit, prange
 from numba.core import cgutils, types
 from numba.extending import intrinsic
+
+from flatopt.backend import ForkSafeLock
 
 
 def _disk_cache():
@@ -228,15 +229,7 @@ RULES = {"sgd": sgd_chunk, "rmsprop": rmsprop_chunk, "adam": adam_chunk, "adopt"
 
 
 _compiled = {}  # (kernel, dtype) -> CFunc; its address is valid only while the CFunc lives
-_compiling = threading.Lock()
-
-
-def _unlock_after_fork():
-    global _compiling
-    _compiling = threading.Lock()  # a thread of the parent that held it does not exist in the child
-
-
-os.register_at_fork(after_in_child=_unlock_after_fork)
+_compiling = ForkSafeLock()
 
 
 def compiled_rule(kernel, dtype):
@@ -244,7 +237,7 @@ def compiled_rule(kernel, dtype):
     loaded from Numba's disk cache, on first use."""
     key = (kernel, np.dtype(dtype))
     rule = _compiled.get(key)
-    if rule is not None:  # (without the lock: a process forked while another thread compiled finds it)
+    if rule is not None:  # (a look-up takes no lock)
         return rule
     with _compiling:  # two threads' first steps must not make two of it
         rule = _compiled.get(key)

@@ -93,7 +93,7 @@ class CudaBackend:
         self._device = None  # the device of the params last checked: where state goes
         self._sm_count = {}
         self._streams = {}
-        self._tables = {}
+        self._tables = threading.local()  # per thread: its tables go with it
         self._empty = {}
         self._cupy = None
         self._checked = None
@@ -247,13 +247,14 @@ class CudaBackend:
         if pi.device is not None:
             self._device = pi.device
         # launch() reuses these (reading __cuda_array_interface__ costs microseconds), within the
-        # step: the buffers are named by id and left out of their descriptions, so that a step
-        # that ends before its launch (every group frozen, a refusal) keeps no reference to them
-        self._checked = (id(params), id(grads), _unowned(pi, params), _unowned(gi, grads))
+        # step: the buffers are named by weak reference (or id) and left out of their
+        # descriptions, so that a step that ends before its launch (every group frozen, a
+        # refusal) keeps no reference to them
+        self._checked = (_name(params), _name(grads), _unowned(pi, params), _unowned(gi, grads))
 
     def _described(self, buffer):
         checked = self._checked
-        if checked is not None and checked[0] == id(buffer):  # the step's params, described by check()
+        if checked is not None and _is(checked[0], buffer):  # the step's params, described by check()
             return checked[2]
         return self._info(buffer)
 
@@ -404,7 +405,7 @@ class CudaBackend:
 
         def launch(params, grads, table):
             checked = self._checked
-            if checked is None or checked[0] != id(params) or checked[1] != id(grads):
+            if checked is None or not (_is(checked[0], params) and _is(checked[1], grads)):
                 return self.launch(kernel, params, grads, states, plan, table)
             p, g = checked[2], checked[3]
             key = (p.ptr, g.ptr, p.shape, g.shape, p.dtype, g.dtype, p.device, g.device, p.stream, id(table))
@@ -422,7 +423,7 @@ class CudaBackend:
 
     def launch(self, kernel, params, grads, states, plan, table, replayable=False):
         checked, self._checked = self._checked, None
-        if checked is not None and checked[0] == id(params) and checked[1] == id(grads):
+        if checked is not None and _is(checked[0], params) and _is(checked[1], grads):
             infos = [_owned(checked[2], params), _owned(checked[3], grads)]
         else:
             infos = [self._view(params), self._view(grads)]
@@ -463,10 +464,13 @@ class CudaBackend:
         """``[device buffer, bytes last sent]`` for tables of ``host``'s shape and dtype on
         this device and stream, shared by every optimizer this thread steps there.  (Shared
         between threads, one thread's upload could land between another's upload and launch.)"""
-        key = (device, _stream_key(stream), host.shape, host.dtype, threading.get_ident())
-        entry = self._tables.get(key)
+        tables = getattr(self._tables, "entries", None)
+        if tables is None:
+            tables = self._tables.entries = {}
+        key = (device, _stream_key(stream), host.shape, host.dtype)
+        entry = tables.get(key)
         if entry is None:
-            entry = self._tables[key] = [cuda.device_array(host.shape, dtype=host.dtype), None]
+            entry = tables[key] = [cuda.device_array(host.shape, dtype=host.dtype), None]
         return entry
 
     @staticmethod
@@ -532,6 +536,19 @@ class CudaBackend:
                                   f"array_library = 'numba'")
             return None
         return self._cupy
+
+
+def _name(buffer):
+    """A name for ``buffer`` that keeps it alive no longer: a weak reference where it takes
+    one, else its id (only compared within the step that made it)."""
+    try:
+        return weakref.ref(buffer)
+    except TypeError:
+        return id(buffer)
+
+
+def _is(name, buffer):
+    return name() is buffer if type(name) is weakref.ref else name == id(buffer)
 
 
 def _unowned(info, buffer):

@@ -33,15 +33,14 @@ Everything is checked before the call is traced; the handler cannot fail, so it 
 returns the null error.
 """
 import ctypes
-import os
 import sys
-import threading
 
 import numpy as np
 from llvmlite import ir
 from numba import carray, cfunc, njit, prange, types
 from numba.extending import intrinsic
 
+from flatopt.backend import ForkSafeLock
 from flatopt.kernels.cpu import CACHE, _call_rule
 
 FFI_API_VERSION = (0, 1)  # the call frame fields read here are those of the FFI's first version
@@ -264,7 +263,7 @@ def leaf_chunks(sizes, segments, threaded, flat_start=0):
 
 
 _registered = {}  # name -> (handler, pointer), or None where registration failed
-_registering = threading.Lock()
+_registering = ForkSafeLock()
 
 
 def target(dtype):
@@ -280,13 +279,6 @@ def target(dtype):
                 _registered[name] = _register(name, dtype)
     return name if _registered[name] is not None else None
 
-
-def _unlock_after_fork():
-    global _registering
-    _registering = threading.Lock()  # a thread of the parent that held it does not exist in the child
-
-
-os.register_at_fork(after_in_child=_unlock_after_fork)
 
 
 def _register(name, dtype):

@@ -483,7 +483,7 @@ def _continued(i, group, old, old_groups, count):
     for g, s in zip(old_groups, old):
         if (g["start"], g["stop"]) == (group["start"], group["stop"]):
             return s
-    if count == len(old_groups):
+    if count == len(old_groups) == len(old):
         placed = old_groups[i]
         if placed["start"] < group["stop"] and group["start"] < placed["stop"]:
             return old[i]

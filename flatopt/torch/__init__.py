@@ -33,7 +33,11 @@
 * Parameters whose ``.grad`` is ``None`` are skipped: no update, no decay, no state or
   step change.  Replaced ``.data`` tensors (new memory) are copied in before the step and
   re-pointed at the flat views; so are replaced ``.grad`` tensors, but after ``zero_grad()``
-  (see above).
+  (see above), and gradient views whose memory was replaced (``p.grad.data = t``,
+  ``p.grad.set_(t)``, ``model.to(memory_format=...)``): the step notices those from the
+  number of tensors holding the flat gradient storage (O(1)), and looks at every view where
+  that number changed.  A view of a gradient kept and a gradient moved between the same two
+  steps cancel out in that number: that pair goes unseen.
 * ``state[p]`` holds torch's names (``step``, ``exp_avg``, ``exp_avg_sq``,
   ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ``grad_avg``) as views of the
   flat state buffers, only the buffers ``p``'s group uses (SGD: ``momentum_buffer`` alone, and

@@ -212,7 +212,7 @@ class FlatOptimizer(torch.optim.Optimizer):
     # the per-tensor checks and chunk plan cost as much as the copy saves).
     _gather_min = 1 << 18
     # the group keys of every checkpoint of the optimizer (torch's __setstate__ fills in the others)
-    _saved_keys = ("lr", "betas", "eps", "weight_decay")
+    _saved_keys = ("lr",)
 
     def __init__(self, params, defaults):
         """``defaults``: the group defaults in torch's order, the core's hyperparameters and
@@ -446,7 +446,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                     dict.update(inst, entries)
                     dict.update(inst, extra)
                 else:
-                    inst = ParamState(self._state_edits, dict(entries, **extra))
+                    inst = ParamState(self._state_edits, {**entries, **extra})  # (keys of any type)
                     dict.__setitem__(self.state, p, inst)
                 b.installed[i], b.entries[i] = inst, entries
 
@@ -686,11 +686,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         buckets = self._buckets.values()
         if len(buckets) > 1:  # every bucket's checks (shapes, dtypes, hyperparameters) before the first update
             synced = [self._sync(b) for b in buckets]
-            for b, (active, _) in zip(buckets, synced):
-                if self._configure(b, active):
+            runs = [self._configure(b, active) for b, (active, _) in zip(buckets, synced)]
+            for b, bucket_runs in zip(buckets, runs):
+                if bucket_runs and b.core._ready is None:  # (ready: checked, and nothing assigned since)
                     b.core._active(len(b.flat_np))  # what its step would refuse
-            for b, (active, gather) in zip(buckets, synced):
-                self._step_bucket(b, active, gather)
+            for b, (active, gather), bucket_runs in zip(buckets, synced, runs):
+                self._step_bucket(b, active, gather, bucket_runs)
         else:  # (without the list: a step of a small model is mostly Python)
             for b in buckets:
                 self._step_bucket(b, *self._sync(b))
@@ -717,8 +718,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 b.group_values, b.volatile = values, any(map(_volatile, (x for v in values for x in v)))
         return runs
 
-    def _step_bucket(self, b, active, gather=None):
-        if self._configure(b, active):
+    def _step_bucket(self, b, active, gather=None, runs=None):
+        if runs if runs is not None else self._configure(b, active):
             # (``gather``: a Gather, and the gradient tensors it reads, alive until the step is done)
             b.core.step(b.flat_np, b.gflat_np, None if gather is None else gather[0])
         pg = self.param_groups

@@ -36,6 +36,7 @@ class RMSprop(FlatOptimizer):
 class Adam(FlatOptimizer):
     """``torch.optim.Adam``'s rule (see :class:`flatopt.Adam`), one kernel per (device, dtype)."""
     _core_cls = flatopt.Adam
+    _saved_keys = ("lr", "betas", "eps", "weight_decay")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
@@ -50,6 +51,7 @@ class Adam(FlatOptimizer):
 class AdamW(FlatOptimizer):
     """``torch.optim.AdamW``'s rule (see :class:`flatopt.AdamW`), one kernel per (device, dtype)."""
     _core_cls = flatopt.AdamW
+    _saved_keys = ("lr", "betas", "eps", "weight_decay")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
@@ -70,6 +72,7 @@ class ADOPT(FlatOptimizer):
     """ADOPT (see :class:`flatopt.ADOPT`), one kernel per (device, dtype); torch has no ADOPT:
     :class:`flatopt.ADOPT`'s arguments, and torch's implementation flags as for ``Adam``."""
     _core_cls = flatopt.ADOPT
+    _saved_keys = ("lr", "betas", "eps", "weight_decay")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, decouple=False, *,
                  clip_lambda=_ADOPT_CLIP, maximize=False, foreach=None, capturable=False, differentiable=False,
