@@ -282,11 +282,16 @@ class CudaBackend:
         return is_cuda_array(buffer)
 
     def zeros(self, n, dtype):
+        """Zeros on the device, written before this returns: they are written on CuPy's current
+        stream or the default stream, and a step's kernel runs on its params' stream, which need
+        not wait for those (a torch side stream does not).  (New state: the first step only.)"""
         dtype = np.dtype(dtype)
         cp = self._array_module()
         if cp is not None:
             with cp.cuda.Device(self._device or 0):
-                return cp.zeros(n, dtype=dtype)
+                zeros = cp.zeros(n, dtype=dtype)
+                cp.cuda.get_current_stream().synchronize()
+                return zeros
         if SIMULATOR:
             return cuda.to_device(np.zeros(n, dtype))
         with self._on(self._device):
@@ -294,6 +299,7 @@ class CudaBackend:
             if n:
                 from numba.cuda.cudadrv.driver import device_memset
                 device_memset(arr, 0, arr.size * dtype.itemsize)
+                cuda.default_stream().synchronize()
             return arr
 
     def empty_state(self, dtype):
@@ -334,6 +340,9 @@ class CudaBackend:
             if info.dtype == dtype and len(info.shape) == 1 and info.view is not None and info.contiguous:
                 copy = self.zeros(info.shape[0], dtype)
                 self.copy(array, copy)
+                if not SIMULATOR:  # copied on the copy's stream: done before a step's kernel reads it (as zeros)
+                    with self._on(self._info(copy).device):
+                        self._stream(self._info(copy)).synchronize()
                 return copy
             array = self.to_host(array) if info.view is not None and info.contiguous else self._strided_to_host(array)
         host = np.ascontiguousarray(array, dtype=dtype)
