@@ -51,6 +51,10 @@ class _Info:
         self.shape, self.dtype, self.contiguous, self.ptr = shape, dtype, contiguous, ptr
         self.nbytes, self.writeable, self.device, self.stream, self.view = nbytes, writeable, device, stream, view
 
+    def with_view(self, view):
+        return _Info(self.shape, self.dtype, self.contiguous, self.ptr, self.nbytes, self.writeable, self.device,
+                     self.stream, view)
+
 
 class Plan:
     """How one step's segments are cut: the chunk table (host, and per device a device
@@ -337,14 +341,16 @@ class CudaBackend:
         dtype = _dtype_of(like)
         if is_cuda_array(array):  # not through the host where it can be avoided: it is slow
             info = self._info(array)
-            if info.dtype == dtype and len(info.shape) == 1 and info.view is not None and info.contiguous:
+            dense = info.view is not None and info.contiguous
+            if dense and info.dtype == dtype and len(info.shape) == 1:
                 copy = self.zeros(info.shape[0], dtype)
                 self.copy(array, copy)
                 if not SIMULATOR:  # copied on the copy's stream: done before a step's kernel reads it (as zeros)
-                    with self._on(self._info(copy).device):
-                        self._stream(self._info(copy)).synchronize()
+                    placed = self._info(copy)
+                    with self._on(placed.device):
+                        self._stream(placed).synchronize()
                 return copy
-            array = self.to_host(array) if info.view is not None and info.contiguous else self._strided_to_host(array)
+            array = self.to_host(array) if dense else self._strided_to_host(array)
         host = np.ascontiguousarray(array, dtype=dtype)
         cp = self._array_module()
         if cp is not None:
@@ -562,19 +568,13 @@ def _is(name, buffer):
 
 def _unowned(info, buffer):
     """``info`` without a reference to ``buffer`` (a Numba device array is its own view)."""
-    if info.view is not buffer:
-        return info
-    return _Info(info.shape, info.dtype, info.contiguous, info.ptr, info.nbytes, info.writeable, info.device,
-                 info.stream, None)
+    return info if info.view is not buffer else info.with_view(None)
 
 
 def _owned(info, buffer):
     """``info`` as ``check`` described ``buffer``, with ``buffer`` as its view again where
     ``_unowned`` left it out (a checked buffer is contiguous: it has a view)."""
-    if info.view is not None:
-        return info
-    return _Info(info.shape, info.dtype, info.contiguous, info.ptr, info.nbytes, info.writeable, info.device,
-                 info.stream, buffer)
+    return info if info.view is not None else info.with_view(buffer)
 
 
 class _Replay:

@@ -280,7 +280,6 @@ def target(dtype):
     return name if _registered[name] is not None else None
 
 
-
 def _register(name, dtype):
     import jax
     import numba

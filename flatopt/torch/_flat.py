@@ -177,8 +177,11 @@ class _Bucket:
         self.gstorage = self.gflat.untyped_storage()._cdata
         self.note_gviews_intact()
 
+    def _gholders(self):
+        return None if _storage_use_count is None else _storage_use_count(self.gstorage)
+
     def note_gviews_intact(self):
-        self.guses = None if _storage_use_count is None else _storage_use_count(self.gstorage)
+        self.guses = self._gholders()
 
     def gviews_intact(self):
         """Whether every gradient view still lies in the flat gradient buffer: ``p.grad.data =
@@ -188,7 +191,7 @@ class _Bucket:
         every view is looked at, and the count taken again.  (A view kept and a gradient moved
         between the same two steps would cancel out: that pair goes unseen, where a look at every
         view at every step would cost 10 µs on 200 tensors, a quarter of such a step.)"""
-        uses = None if _storage_use_count is None else _storage_use_count(self.gstorage)
+        uses = self._gholders()
         if uses is not None and uses == self.guses:
             return True
         if list(map(_data_ptr, self.gviews)) != self.gptrs:
@@ -690,11 +693,12 @@ class FlatOptimizer(torch.optim.Optimizer):
             for b, bucket_runs in zip(buckets, runs):
                 if bucket_runs and b.core._ready is None:  # (ready: checked, and nothing assigned since)
                     b.core._active(len(b.flat_np))  # what its step would refuse
-            for b, (active, gather), bucket_runs in zip(buckets, synced, runs):
-                self._step_bucket(b, active, gather, bucket_runs)
+            for b, bucket_runs, (_, gather) in zip(buckets, runs, synced):
+                self._step_bucket(b, bucket_runs, gather)
         else:  # (without the list: a step of a small model is mostly Python)
             for b in buckets:
-                self._step_bucket(b, *self._sync(b))
+                active, gather = self._sync(b)
+                self._step_bucket(b, self._configure(b, active), gather)
         self._grads_dropped = False
         return loss
 
@@ -718,8 +722,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 b.group_values, b.volatile = values, any(map(_volatile, (x for v in values for x in v)))
         return runs
 
-    def _step_bucket(self, b, active, gather=None, runs=None):
-        if runs if runs is not None else self._configure(b, active):
+    def _step_bucket(self, b, runs, gather=None):
+        if runs:
             # (``gather``: a Gather, and the gradient tensors it reads, alive until the step is done)
             b.core.step(b.flat_np, b.gflat_np, None if gather is None else gather[0])
         pg = self.param_groups
