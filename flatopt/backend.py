@@ -207,8 +207,9 @@ class CpuBackend:
             array = backend_for(array, array).to_host(array)
         return np.array(array, dtype=like.dtype, copy=True)
 
-    def copy(self, src, dst, spans=None):
-        """``dst[:] = src``, or only ``dst[a:b] = src[a:b]`` for each ``(a, b)`` of ``spans``."""
+    def copy(self, src, dst, spans=None, like=None):
+        """``dst[:] = src``, or only ``dst[a:b] = src[a:b]`` for each ``(a, b)`` of ``spans``
+        (``like``: the params whose stream orders the copy, on a GPU)."""
         if spans is None:
             np.copyto(dst, src)
             return

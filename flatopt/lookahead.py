@@ -51,7 +51,7 @@ class Lookahead:
             slow = self.slow
         else:
             slow = backend.zeros(n, backend.dtype(params))
-            backend.copy(params, slow)
+            backend.copy(params, slow, like=params)
         self.inner.step(params, grads, _gather)  # validates everything of its own before touching anything
         self.slow = slow
         self.step_count += 1
@@ -96,12 +96,12 @@ class Lookahead:
         self._check_slow_fits(backend, params, n)
         spans = self._synced_spans(n)  # (checks the groups' ranges)
         fast = backend.zeros(n, backend.dtype(params))
-        backend.copy(params, fast, spans)
-        backend.copy(self.slow, params, spans)
+        backend.copy(params, fast, spans, like=params)
+        backend.copy(self.slow, params, spans, like=params)
         try:
             yield params
         finally:
-            backend.copy(fast, params, spans)
+            backend.copy(fast, params, spans, like=params)
 
     def state_dict(self):
         return {

@@ -359,7 +359,11 @@ class CudaBackend:
         with self._on(self._device):
             return cuda.to_device(host)
 
-    def copy(self, src, dst, spans=None):
+    def copy(self, src, dst, spans=None, like=None):
+        """``dst[:] = src`` (or the ``spans`` of it) on ``like``'s stream, else ``dst``'s.
+        Lookahead passes its params as ``like``: its copies then come after whatever the caller
+        queued on the params' stream and before its step's kernels there (a copy on the slow
+        weights' stream, CuPy's, need not wait for a torch side stream)."""
         d = self._view(dst)
         if isinstance(src, np.ndarray):
             source = np.ascontiguousarray(src, dtype=d.dtype)
@@ -372,9 +376,10 @@ class CudaBackend:
             for to, what in pieces:
                 to.copy_to_device(what)
             return
+        stream = self._stream(d if like is None else self._described(like))
         with self._on(d.device):
             for to, what in pieces:
-                to.copy_to_device(what, stream=self._stream(d))
+                to.copy_to_device(what, stream=stream)
 
     def table(self, rows, dtype, reuse=None):
         # Host rows: ``launch`` copies them asynchronously on the step's stream when they differ

@@ -370,3 +370,116 @@ def test_errors_on_the_gpu(cupy):
             other = cupy.ones(10, cupy.float32)
         with pytest.raises(ValueError, match="params are on GPU 0 but grads are on GPU 1"):
             flatopt.Adam().step(p, other)
+
+
+# --- streams: what the caller queued on the params' stream comes first ------------------------
+# The params live on a torch side stream (torch makes its streams non-blocking: they do not wait
+# for the legacy default stream, CuPy's, nor it for them).  A long sleep queued ahead of the work
+# under test leaves a wide window: work put on the wrong stream runs inside it and reads or writes
+# too early, reliably, not by chance.
+SLEEP_CYCLES = 400_000_000  # about 0.2 s of a 2 GHz GPU
+
+
+def _warm_torch(torch):
+    """Load torch's kernels that the tests queue behind the sleep: CUDA loads a kernel's module
+    at its first launch, and the load waits for the whole device (the sleep too), which would
+    order the streams by itself (seen on an H200: the race below then did not show)."""
+    t = torch.ones(8, device="cuda")
+    torch.cuda._sleep(1)
+    t.mul_(2).clone().copy_(torch.full((8,), 3.0, device="cuda"))
+    torch.cuda.synchronize()
+
+
+def _warm_on(stream, make, torch):
+    """Compile and load the kernels, and size the stream's scalar table, before the real test:
+    a first launch's module load or allocation could order the streams by itself."""
+    _warm_torch(torch)
+    with torch.cuda.stream(stream):
+        opt, p = make(), torch.ones(N, device="cuda")
+        for _ in range(2):
+            opt.step(p, torch.ones(N, device="cuda"))
+    torch.cuda.synchronize()
+
+
+def test_new_state_is_zero_before_a_side_streams_kernel_reads_it(torch, cupy):
+    """A buffer first needed mid-run (amsgrad switched on: ``max_exp_avg_sq``) is CuPy zeros,
+    written on CuPy's current stream, here a non-blocking one kept busy; the step's kernel reads
+    it on the params' stream.  Its memory held 7.0 last (CuPy's pool hands it out again).  The
+    optimizer has stepped before, so nothing else of the step (a new plan's synchronous upload,
+    an allocation) orders the two streams by itself."""
+    _warm_torch(torch)
+    p0, grads = data(dtype=np.float32, steps=3)
+    opt, cpu, pc = flatopt.Adam(lr=0.01), flatopt.Adam(lr=0.01), p0.copy()
+    side, busy = torch.cuda.Stream(), cupy.cuda.Stream(non_blocking=True)
+    p = torch.from_numpy(p0).cuda()
+    with torch.cuda.stream(side), busy:
+        for g in grads[:2]:
+            opt.step(p, torch.from_numpy(g).cuda())
+            cpu.step(pc, g)
+        poison = cupy.full(N, 7.0, cupy.float32)
+        del poison
+        g = torch.from_numpy(grads[2]).cuda()
+    torch.cuda.synchronize()
+    opt.amsgrad = cpu.amsgrad = True
+    cpu.step(pc, grads[2])
+    with torch.cuda.stream(torch.cuda.ExternalStream(busy.ptr)):
+        torch.cuda._sleep(SLEEP_CYCLES)
+    with torch.cuda.stream(side), busy:
+        opt.step(p, g)
+    torch.cuda.synchronize()
+    assert_same(cupy.asnumpy(opt.state["max_exp_avg_sq"]), cpu.state["max_exp_avg_sq"])
+    assert_same(p.cpu().numpy(), pc)
+
+
+def test_lookahead_copies_the_params_after_the_callers_work_on_their_stream(torch, cupy):
+    """Lookahead's first step copies the params into its slow weights (CuPy memory): after the
+    side stream's write of the params, and before the sync kernel (k=1) reads the copy."""
+    p0, grads = data(dtype=np.float32, steps=2)
+
+    def make():
+        return flatopt.Lookahead(flatopt.Adam(lr=0.01), k=1, alpha=0.5)
+
+    _, expected = cpu_run(make, p0, grads)
+    side = torch.cuda.Stream()
+    _warm_on(side, make, torch)
+    p, written = torch.full((N,), 3.0, device="cuda"), torch.from_numpy(p0).cuda()
+    gs = [torch.from_numpy(g).cuda() for g in grads]
+    opt = make()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        p.copy_(written)
+        for g in gs:
+            opt.step(p, g)
+    torch.cuda.synchronize()
+    assert_same(p.cpu().numpy(), expected)
+    assert_same(cupy.asnumpy(opt.slow), expected)  # k=1: a sync ends every step, fast = slow
+
+
+def test_lookahead_slow_weights_on_a_side_stream(torch, cupy):
+    """``slow_weights()`` keeps the fast weights as the side stream last wrote them, shows the
+    slow ones inside the block, and puts the fast ones back, all in the stream's order."""
+    p0, grads = data(dtype=np.float32, steps=1)
+
+    def make():
+        return flatopt.Lookahead(flatopt.Adam(lr=0.01), k=2, alpha=0.5)
+
+    ref, fast = cpu_run(make, p0, grads)
+    fast = fast * 2  # the side stream doubles the params (exactly) before looking at the slow ones
+    side = torch.cuda.Stream()
+    _warm_on(side, make, torch)
+    opt, p = make(), torch.from_numpy(p0).cuda()
+    with torch.cuda.stream(side):
+        opt.step(p, torch.from_numpy(grads[0]).cuda())
+    torch.cuda.synchronize()
+    spare = cupy.empty(N, cupy.float32)
+    del spare  # the fast weights' copy takes it: an allocation from the device would order the streams
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(SLEEP_CYCLES)
+        p.mul_(2)
+        with opt.slow_weights(p):
+            inside = p.clone()
+        after = p.clone()
+    torch.cuda.synchronize()
+    assert_same(inside.cpu().numpy(), ref.slow)
+    assert_same(after.cpu().numpy(), fast)
