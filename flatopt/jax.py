@@ -121,18 +121,19 @@ def as_optax(opt):
             raise ValueError(f"grads' leaf shapes {shapes} do not match params'")
         _check_state(template, state, n, dtype)
         like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (flat_params, state))
+        lrs = _scheduled_lrs(template, state)
 
-        def on_host(grads, state, params):  # the flat buffers above; on the CPU path XLA drops them unused
+        def on_host(grads, state, params, lrs):  # the flat buffers above; on the CPU path XLA drops them unused
             flat_result, new_state = jax.pure_callback(_on_numpy(functools.partial(host_steps, new_params=new_params)),
-                                                       like, flat_grads.astype(dtype), state, flat_params,
+                                                       like, flat_grads.astype(dtype), state, flat_params, lrs,
                                                        vmap_method="sequential")
             return (unravel(flat_result) if new_params else _unravel_updates(flat_result, params)), new_state
 
         in_kernel = _kernel_update(template, params, dtype, new_params)
         if in_kernel is None:
-            return on_host(grads, state, params)
+            return on_host(grads, state, params, lrs)
         # XLA's CPU runs the kernel on its own buffers; other platforms hand them to the host
-        return jax.lax.platform_dependent(grads, state, params, cpu=in_kernel, default=on_host)
+        return jax.lax.platform_dependent(grads, state, params, lrs, cpu=in_kernel, default=on_host)
 
     def update(grads, state, params=None):
         if params is None:
@@ -192,7 +193,7 @@ def _kernel_update(template, params, dtype, new_params=False):
     with jax.ensure_compile_time_eval():  # an lr schedule of jnp operations gives numbers, not tracers
         active, segments = probe._active(sum(sizes))
     if not active:  # every group frozen: a step changes nothing and counts nothing
-        return None if lookahead else lambda grads, state, params: (
+        return None if lookahead else lambda grads, state, params, lrs: (
             params if new_params else jax.tree_util.tree_map(jnp.zeros_like, params), state)
     row_length = len(probe._row(active[0][1], active[0][0], dtype.type))
     calls = []  # per FFI call: (first leaf, stop leaf, chunks, threaded)
@@ -212,12 +213,12 @@ def _kernel_update(template, params, dtype, new_params=False):
     table_like = jax.ShapeDtypeStruct((len(active) + lookahead, row_length), dtype)
     control_like = jax.ShapeDtypeStruct((len(calls), 8), jnp.uint32)  # per call four int64s
 
-    def update(grads, state, params):
+    def update(grads, state, params, lrs):
         inner_state = state.inner if lookahead else state
         counts = (inner_state.counters, state.step_count if lookahead else None)
         counts_like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), counts)
         table, control, (counters, step_count) = jax.pure_callback(
-            _on_numpy(plans), (table_like, control_like, counts_like), counts, vmap_method="sequential")
+            _on_numpy(plans), (table_like, control_like, counts_like), counts, lrs, vmap_method="sequential")
         empty = jnp.zeros((0,), dtype)
         slots = [inner_state.buffers.get(name, empty) for name in inner.state_names]
         slots += [empty] * (xla.STATE_ARGS - 1 - len(slots)) + [state.slow if lookahead else empty]
@@ -276,13 +277,14 @@ class _HostPlans:
                                 np.int64)
         self.kept = threading.local()
 
-    def __call__(self, counts):
+    def __call__(self, counts, lrs):
         from flatopt.kernels.xla import SLOW_FROM_PARAMS, SYNC
 
         counters, step_count = counts
         worker = getattr(self.kept, "worker", None)
         if worker is None:
             worker = self.kept.worker = copy.deepcopy(self.inner)
+        _set_lrs(worker, lrs)
         worker.group_state = _group_state(self.base, counters)
         active, _ = worker._active(self.n)
         rows = [worker._row(hp, group_state, self.dtype.type) for group_state, hp in active]
@@ -338,6 +340,51 @@ def _fresh_state(opt, n, dtype):
     counters = {key: jnp.full(len(opt.group_state), int(value), jnp.int32)
                 for key, value in opt._new_group_state().items()}
     return FlatoptState(counters, {name: jnp.zeros(n, dtype) for name in opt.state_names if name in needs})
+
+
+def _scheduled_lrs(template, state):
+    """Per param group, the value of an ``lr`` schedule made of JAX operations at the group's
+    step count, computed here in the traced update, as optax computes its schedules (else
+    ``None``).  The host callbacks take these values: a JAX operation evaluated inside a
+    callback can deadlock XLA's CPU client (see :func:`_on_numpy`), which an optax schedule
+    run there did with several threads updating at once.  A schedule of Python arithmetic
+    runs on the host as in ``opt.step``.  The count is given as JAX's default integer type,
+    as a Python int is taken (int64 with ``jax_enable_x64``)."""
+    opt = template.inner if isinstance(template, Lookahead) else template
+    counts = (state.inner if isinstance(template, Lookahead) else state).counters["step"]
+    lrs = [opt.lr] if opt.param_groups is None else [group.get("lr", opt.lr) for group in opt.param_groups]
+    index = jax.dtypes.canonicalize_dtype(np.int64)
+    values = []
+    for i, lr in enumerate(lrs):
+        if callable(lr):
+            with jax.ensure_compile_time_eval():
+                traceable = isinstance(lr(0), jax.Array)
+            try:
+                values.append(jnp.reshape(lr(counts[i].astype(index)), ()) if traceable else None)
+            except jax.errors.ConcretizationTypeError:  # Python control flow on the count: on the host
+                values.append(None)
+        else:
+            values.append(None)
+    return tuple(values)
+
+
+def _set_lrs(opt, lrs):
+    """The schedules' values :func:`_scheduled_lrs` computed, as ``opt``'s (a worker copy's)
+    lr, taken as optax takes them: not refused for their sign.  XLA computes the end of
+    ``optax.linear_schedule(1e-2, 0.0, 10)`` as -1.5e-10, not 0 (it divides by the constant
+    step count as a product with its reciprocal), which optax applies and the check of a
+    given lr would refuse.  (A NaN is refused still.)"""
+    if all(value is None for value in lrs):
+        return
+    if "_check" not in opt.__dict__:
+        check = opt._check
+        opt.__dict__["_check"] = lambda hp: check(dict(hp, lr=abs(hp["lr"])))
+    for i, value in enumerate(lrs):
+        if value is not None:
+            if opt.param_groups is None:
+                opt.lr = float(value)
+            else:
+                opt.param_groups[i]["lr"] = float(value)
 
 
 def _needed_buffers(opt):
@@ -397,7 +444,7 @@ class _HostSteps:
         self.base = template.state_dict()  # hyperparameters and groups; the state comes with each update
         self.kept = threading.local()
 
-    def __call__(self, grads, state, params, new_params=False):
+    def __call__(self, grads, state, params, lrs, new_params=False):
         key = (params.size, params.dtype)
         kept = getattr(self.kept, "value", None)
         if kept is None or kept[0] != key or not _refill(kept[1], self.base, state):
@@ -405,6 +452,7 @@ class _HostSteps:
             worker.load_state_dict(_checkpoint(self.base, state))  # checks, then copies the buffers
             kept = self.kept.value = (key, worker, np.empty_like(params))
         _, worker, stepped = kept
+        _set_lrs(worker.inner if isinstance(worker, Lookahead) else worker, lrs)
         np.copyto(stepped, params)
         worker.step(stepped, grads)
         return stepped if new_params else np.subtract(stepped, params, out=stepped), _read_state(worker, state)

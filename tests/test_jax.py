@@ -621,11 +621,59 @@ def test_state_of_another_transformation_is_refused(make, make_state, match, jit
     (jax.jit(step) if jit else step)(grads, tx.init(params), params)  # while its own state is taken
 
 
+SCHEDULES = {"linear": optax.linear_schedule(1e-2, 1e-3, 10), "cosine": optax.cosine_decay_schedule(1e-2, 8),
+             "warmup-cosine": optax.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 10, 1e-4)}
+
+
 @pytest.mark.parametrize("api", ["update", "update_and_apply"])
-@pytest.mark.parametrize("schedule", [optax.linear_schedule(1e-2, 0.0, 10), optax.cosine_decay_schedule(1e-2, 8)],
-                         ids=["linear", "cosine"])
+@pytest.mark.parametrize("schedule", list(SCHEDULES.values()), ids=list(SCHEDULES))
 def test_optax_schedule_as_lr_equals_core_step_bitwise(schedule, api, path):
+    """An lr schedule of JAX operations is evaluated in the update, on the step count, as optax
+    evaluates its schedules (XLA may round it otherwise than the same operations run eagerly):
+    the core step with those values gives the same numbers, bit for bit."""
     params, grads_list = tree(0), [tree(s, 0.1) for s in range(1, 13)]  # past the schedules' ends
+    tx = as_optax(flatopt.Adam(lr=schedule))
+    fused = api == "update_and_apply"
+    step = jax.jit(functools.partial(update_and_apply, tx) if fused else tx.update)
+    traced = jax.jit(lambda count: schedule(count))
+    core, state = flatopt.Adam(lr=lambda count: traced(np.int32(count))), tx.init(params)
+    for grads in grads_list:
+        before = flat(params).copy()
+        core_params = before.copy()
+        core.step(core_params, flat(grads))
+        result, state = step(grads, state, params)
+        np.testing.assert_array_equal(flat(result), core_params if fused else core_params - before)
+        params = result if fused else optax.apply_updates(params, result)
+    assert [int(c) for c in state.counters["step"]] == [12]
+
+
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
+def test_schedule_past_its_end_runs_as_optax(api, path):
+    """XLA computes the end of ``optax.linear_schedule(1e-2, 0.0, 10)`` as -1.5e-10, which
+    optax applies; flatopt takes it too (a given lr below 0 is refused), and tracks optax's Adam."""
+    schedule = optax.linear_schedule(1e-2, 0.0, 10)
+    assert float(jax.jit(schedule)(np.int32(11))) < 0  # what this test is about
+    params, grads_list = tree(0), [tree(s, 0.1) for s in range(1, 15)]
+    tx, ref = as_optax(flatopt.Adam(lr=schedule)), optax.adam(schedule)
+    state, ref_state, ref_params = tx.init(params), ref.init(params), params
+    fused = api == "update_and_apply"
+    step = jax.jit(functools.partial(update_and_apply, tx) if fused else tx.update)
+    for grads in grads_list:
+        result, state = step(grads, state, params)
+        params = result if fused else optax.apply_updates(params, result)
+        updates, ref_state = jax.jit(ref.update)(grads, ref_state, ref_params)
+        ref_params = optax.apply_updates(ref_params, updates)
+    np.testing.assert_allclose(flat(params), flat(ref_params), rtol=0, atol=2e-5)  # as test_as_optax_matches_optax_float32
+
+
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
+def test_python_schedule_runs_on_the_host_as_in_opt_step(api, path):
+    """A schedule of Python arithmetic (no JAX operation) is called on the host with the step
+    count, as ``opt.step`` calls it: the same numbers bit for bit, and Python control flow on
+    the count works."""
+    def schedule(count):
+        return 1e-2 if count < 4 else 1e-2 * 0.8 ** (count - 3)
+    params, grads_list = tree(0), [tree(s, 0.1) for s in range(1, 9)]
     tx = as_optax(flatopt.Adam(lr=schedule))
     fused = api == "update_and_apply"
     step = jax.jit(functools.partial(update_and_apply, tx) if fused else tx.update)
@@ -637,7 +685,6 @@ def test_optax_schedule_as_lr_equals_core_step_bitwise(schedule, api, path):
         result, state = step(grads, state, params)
         np.testing.assert_array_equal(flat(result), core_params if fused else core_params - before)
         params = result if fused else optax.apply_updates(params, result)
-    assert [int(c) for c in state.counters["step"]] == [12]
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])

@@ -5,7 +5,9 @@ import ctypes
 import functools
 import mmap
 import re
+import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -26,6 +28,10 @@ from flatopt.kernels import xla  # noqa: E402
 from test_jax import PATHS, assert_state_is_core, flat, on_path  # noqa: E402
 
 jax_core = pytest.importorskip("jax._src.core")  # EvalTrace: where an eager JAX operation is evaluated
+# What these tests read off the compiled update (the FFI call) is JAX's CPU path: with a GPU as JAX's default
+# backend the update takes the host path (seen on an H200)
+on_jax_cpu = pytest.mark.skipif(jax.default_backend() != "cpu",
+                                reason=f"JAX's default backend is {jax.default_backend()}: the FFI step is the CPU's")
 
 
 def leaves_tree(sizes, seed, scale=1.0, dtype=np.float32):
@@ -55,6 +61,7 @@ def check_against_core(make_opt, sizes, steps=4, dtype=np.float32, donate=False,
         params = result if apply else optax.apply_updates(params, result)
 
 
+@on_jax_cpu
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_the_cpu_runs_the_ffi_step(lookahead):
     opt = flatopt.Adam(lr=1e-2)
@@ -142,6 +149,7 @@ def test_update_and_apply_steps_donated_params_in_place_and_leaves_others_untouc
                        apply=True)
 
 
+@on_jax_cpu
 def test_update_and_apply_makes_one_ffi_call_and_update_one_per_call_bytes(monkeypatch):
     monkeypatch.setattr(xla, "CALL_BYTES", 150_000)
     tx = as_optax(flatopt.Adam(lr=1e-2))
@@ -152,6 +160,7 @@ def test_update_and_apply_makes_one_ffi_call_and_update_one_per_call_bytes(monke
         assert hlo.count("flatopt_cpu_step_float32") == calls
 
 
+@on_jax_cpu
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_update_and_apply_aliases_at_most_aliased_leaves_per_call(lookahead, monkeypatch):
     """One call aliasing every leaf to its result took XLA a time growing as the cube of the
@@ -166,6 +175,7 @@ def test_update_and_apply_aliases_at_most_aliased_leaves_per_call(lookahead, mon
     check_against_core(make, sizes, steps=5, apply=True)
 
 
+@on_jax_cpu
 def test_update_and_apply_on_donated_buffers_compiles_without_a_copy():
     """Each params leaf's result aliased to it: with params and state donated, XLA copies no
     array (without the alias it would step into a new buffer and copy that into the donated one)."""
@@ -210,7 +220,9 @@ def test_callbacks_evaluate_no_jax_operation(path, api, lookahead, monkeypatch):
     A JAX operation evaluated inside a callback needs an XLA worker while it holds one: from
     several Python threads at once that deadlocked (each callback on an XLA worker, waiting
     for another; seen in about one run in 15 of the threaded test, on 2 cores).  Every
-    primitive evaluated with flatopt.jax's callback on the stack is recorded."""
+    primitive evaluated with flatopt.jax's callback on the stack is recorded.  (Not those of
+    a jitted function called again, which JAX dispatches without Python: lr schedules have
+    tests of their own below.)"""
     opt = flatopt.AdamW(lr=1e-2)
     tx = as_optax(flatopt.Lookahead(opt, k=2) if lookahead else opt)
     params, grads = leaves_tree([300, 7], 0), leaves_tree([300, 7], 1, 0.1)
@@ -232,6 +244,67 @@ def test_callbacks_evaluate_no_jax_operation(path, api, lookahead, monkeypatch):
         for _ in range(3):  # Lookahead: its first step, a step between syncs and a sync
             result, state = jax.block_until_ready(step(grads, state, params))
     assert not evaluated
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_a_jax_schedule_is_evaluated_in_the_update_not_in_the_callback(path, api, lookahead):
+    """An lr schedule of JAX operations is called while the update is traced, on the traced
+    step count, and never from the host callback: there its operations deadlocked XLA's CPU
+    client with several threads updating at once (six threads hung in every run)."""
+    calls = []
+
+    def schedule(count):
+        calls.append(type(count).__name__)
+        return optax.cosine_decay_schedule(1e-2, 8)(count)
+
+    opt = flatopt.AdamW(lr=schedule)
+    tx = as_optax(flatopt.Lookahead(opt, k=2) if lookahead else opt)
+    params, grads = leaves_tree([300, 7], 0), leaves_tree([300, 7], 1, 0.1)
+    with on_path(path):
+        state = tx.init(params)
+        step = jax.jit(tx.update if api == "update" else functools.partial(update_and_apply, tx))
+        jax.block_until_ready(step(grads, state, params))  # traced and compiled: its calls are done
+        calls.clear()
+        for _ in range(3):
+            _, state = jax.block_until_ready(step(grads, state, params))
+    assert calls == []
+
+
+def test_updates_with_a_jax_schedule_from_several_threads():
+    """Six threads updating at once with an optax schedule as lr: each finishes (they hung
+    while the callback evaluated the schedule) with the numbers of one thread alone."""
+    code = """
+        import functools, threading, numpy as np, jax, jax.numpy as jnp, optax, flatopt
+        from jax.flatten_util import ravel_pytree
+        from flatopt.jax import as_optax, update_and_apply
+        tx = as_optax(flatopt.AdamW(lr=optax.cosine_decay_schedule(1e-2, 20)))
+        update, apply = jax.jit(tx.update), jax.jit(functools.partial(update_and_apply, tx))
+        def run(seed, out):
+            rng = np.random.default_rng(seed)
+            params = {"a": jnp.asarray(rng.standard_normal(20_000), jnp.float32), "b": jnp.ones(17)}
+            state = tx.init(params)
+            for t in range(24):
+                grads = jax.tree_util.tree_map(lambda x: 0.1 * x + t, params)
+                if t % 2:
+                    params, state = apply(grads, state, params)
+                else:
+                    updates, state = update(grads, state, params)
+                    params = optax.apply_updates(params, updates)
+            out[seed] = np.asarray(ravel_pytree(params)[0])
+        alone, together = {}, {}
+        run(0, alone)
+        threads = [threading.Thread(target=run, args=(s % 2, together)) for s in range(6)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        run(1, alone)
+        print(all(np.array_equal(alone[s], together[s]) for s in (0, 1)))
+    """
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["True"]
 
 
 def test_updates_from_several_threads_on_numbas_workqueue_layer():
