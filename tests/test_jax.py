@@ -631,12 +631,19 @@ def test_optax_schedule_as_lr_equals_core_step_bitwise(schedule, api, path):
     """An lr schedule of JAX operations is evaluated in the update, on the step count, as optax
     evaluates its schedules (XLA may round it otherwise than the same operations run eagerly):
     the core step with those values gives the same numbers, bit for bit."""
-    params, grads_list = tree(0), [tree(s, 0.1) for s in range(1, 13)]  # past the schedules' ends
-    tx = as_optax(flatopt.Adam(lr=schedule))
+    traced = jax.jit(lambda count: schedule(count))
+    state = _steps_as_core(schedule, lambda count: traced(np.int32(count)), api, steps=12)  # past the ends
+    assert [int(c) for c in state.counters["step"]] == [12]
+
+
+def _steps_as_core(lr, core_lr, api, steps):
+    """``steps`` updates of ``as_optax(Adam(lr))`` equal to the core step with ``core_lr``, bit
+    for bit; the state after them."""
+    params, grads_list = tree(0), [tree(s, 0.1) for s in range(1, steps + 1)]
+    tx = as_optax(flatopt.Adam(lr=lr))
     fused = api == "update_and_apply"
     step = jax.jit(functools.partial(update_and_apply, tx) if fused else tx.update)
-    traced = jax.jit(lambda count: schedule(count))
-    core, state = flatopt.Adam(lr=lambda count: traced(np.int32(count))), tx.init(params)
+    core, state = flatopt.Adam(lr=core_lr), tx.init(params)
     for grads in grads_list:
         before = flat(params).copy()
         core_params = before.copy()
@@ -644,7 +651,7 @@ def test_optax_schedule_as_lr_equals_core_step_bitwise(schedule, api, path):
         result, state = step(grads, state, params)
         np.testing.assert_array_equal(flat(result), core_params if fused else core_params - before)
         params = result if fused else optax.apply_updates(params, result)
-    assert [int(c) for c in state.counters["step"]] == [12]
+    return state
 
 
 @pytest.mark.parametrize("api", ["update", "update_and_apply"])
@@ -663,7 +670,7 @@ def test_schedule_past_its_end_runs_as_optax(api, path):
         params = result if fused else optax.apply_updates(params, result)
         updates, ref_state = jax.jit(ref.update)(grads, ref_state, ref_params)
         ref_params = optax.apply_updates(ref_params, updates)
-    np.testing.assert_allclose(flat(params), flat(ref_params), rtol=0, atol=2e-5)  # as test_as_optax_matches_optax_float32
+    np.testing.assert_allclose(flat(params), flat(ref_params), rtol=0, atol=2e-5)  # as against optax elsewhere
 
 
 @pytest.mark.parametrize("api", ["update", "update_and_apply"])
@@ -673,18 +680,7 @@ def test_python_schedule_runs_on_the_host_as_in_opt_step(api, path):
     the count works."""
     def schedule(count):
         return 1e-2 if count < 4 else 1e-2 * 0.8 ** (count - 3)
-    params, grads_list = tree(0), [tree(s, 0.1) for s in range(1, 9)]
-    tx = as_optax(flatopt.Adam(lr=schedule))
-    fused = api == "update_and_apply"
-    step = jax.jit(functools.partial(update_and_apply, tx) if fused else tx.update)
-    core, state = flatopt.Adam(lr=schedule), tx.init(params)
-    for grads in grads_list:
-        before = flat(params).copy()
-        core_params = before.copy()
-        core.step(core_params, flat(grads))
-        result, state = step(grads, state, params)
-        np.testing.assert_array_equal(flat(result), core_params if fused else core_params - before)
-        params = result if fused else optax.apply_updates(params, result)
+    _steps_as_core(schedule, schedule, api, steps=8)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
