@@ -361,7 +361,7 @@ def _scheduled_lrs(template, state):
                 traceable = isinstance(lr(0), jax.Array)
             try:
                 values.append(jnp.reshape(lr(counts[i].astype(index)), ()) if traceable else None)
-            except jax.errors.ConcretizationTypeError:  # Python control flow on the count: on the host
+            except jax.errors.JAXTypeError:  # Python control flow on the count, or NumPy of it: on the host
                 values.append(None)
         else:
             values.append(None)

@@ -677,10 +677,19 @@ def test_schedule_past_its_end_runs_as_optax(api, path):
 def test_python_schedule_runs_on_the_host_as_in_opt_step(api, path):
     """A schedule of Python arithmetic (no JAX operation) is called on the host with the step
     count, as ``opt.step`` calls it: the same numbers bit for bit, and Python control flow on
-    the count works."""
+    the count works.  So is one of JAX operations that cannot be traced (control flow on the
+    count, NumPy of it)."""
     def schedule(count):
         return 1e-2 if count < 4 else 1e-2 * 0.8 ** (count - 3)
-    _steps_as_core(schedule, schedule, api, steps=8)
+
+    def jax_schedule_with_python_control_flow(count):
+        return jnp.asarray(1e-2) if count < 4 else 1e-2 * jnp.exp(-0.1 * (count - 3))
+
+    def jax_schedule_of_numpy(count):
+        return jnp.asarray(1e-2 * np.cos(np.asarray(count) / 10.0))
+
+    for lr in (schedule, jax_schedule_with_python_control_flow, jax_schedule_of_numpy):
+        _steps_as_core(lr, lr, api, steps=8)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
