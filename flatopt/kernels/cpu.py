@@ -179,16 +179,16 @@ def adam_chunk(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, row, n):
 
 
 # --- ADOPT (Taniguchi et al., 2024; the authors' implementation) ----------------------
-# row: lr, 1 - b1, (1 - b1) - 1, b2, 1 - b2, eps, weight_decay, 1 - lr*wd, clip, decouple,
+# row: lr, 1 - b1, (1 - b1) - 1, b2, 1 - b2, eps, weight_decay, -lr*wd, clip, decouple,
 #      maximize, first_step
 #   first step: v <- g^2 only.  Later, with t earlier steps:
-#   p <- p*(1 - lr*wd) (decouple) | g <- g + wd*p;   n <- clip(g / max(sqrt(v), eps), t^0.25)
+#   p <- p + (-lr*wd)*p (decouple: the authors' add(alpha=), one FMA) | g <- g + wd*p;   n <- clip(g / max(sqrt(v), eps), t^0.25)
 #   m <- lerp(m, n, 1 - b1);  p <- p - lr*m;  v <- b2*v + (1 - b2)*g^2
 def adopt_chunk(p, g, exp_avg, exp_avg_sq, _unused, row, n):
     p, g, exp_avg, exp_avg_sq = carray(p, n), carray(g, n), carray(exp_avg, n), carray(exp_avg_sq, n)
     row = carray(row, 12)
     lr, w1, w1_m1, beta2, w2, eps = row[0], row[1], row[2], row[3], row[4], row[5]
-    weight_decay, decay_factor, clip = row[6], row[7], row[8]
+    weight_decay, neg_lr_wd, clip = row[6], row[7], row[8]
     decouple, maximize, first = row[9] != 0, row[10] != 0, row[11] != 0
     neg_lr = -lr
     for i in range(n):
@@ -200,7 +200,7 @@ def adopt_chunk(p, g, exp_avg, exp_avg_sq, _unused, row, n):
             exp_avg_sq[i] = gi * gi
             continue
         if weight_decay != 0 and decouple:
-            pi = pi * decay_factor
+            pi = fma(neg_lr_wd, pi, pi)
         v = exp_avg_sq[i]
         sqrt_v = np.sqrt(v)
         normed = gi / (eps if sqrt_v < eps else sqrt_v)

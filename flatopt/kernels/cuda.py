@@ -323,18 +323,18 @@ def _build(dtype):
                         max_exp_avg_sq[j] = x1
                 i = j + step
 
-    # --- ADOPT: row lr, 1 - b1, (1 - b1) - 1, b2, 1 - b2, eps, weight_decay, 1 - lr*wd, clip,
+    # --- ADOPT: row lr, 1 - b1, (1 - b1) - 1, b2, 1 - b2, eps, weight_decay, -lr*wd, clip,
     #     decouple, maximize, first_step
     @device
-    def adopt_update(p, g, m, v, neg_lr, w1, w1_m1, beta2, w2, eps, weight_decay, decay_factor, clip, decouple,
+    def adopt_update(p, g, m, v, neg_lr, w1, w1_m1, beta2, w2, eps, weight_decay, neg_lr_wd, clip, decouple,
                      maximize, first):
         g = -g if maximize else g
         if weight_decay != ZERO and not decouple:
             g = cu.fma(weight_decay, p, g)
         if first:  # v <- g^2 and nothing else
             return p, m, mul(g, g)
-        if weight_decay != ZERO and decouple:
-            p = mul(p, decay_factor)
+        if weight_decay != ZERO and decouple:  # the authors' p.add_(p, alpha=-lr*wd)
+            p = cu.fma(neg_lr_wd, p, p)
         sqrt_v = sqrt(v)
         normed = div(g, eps if sqrt_v < eps else sqrt_v)
         normed = -clip if normed < -clip else normed  # torch.clamp: NaN stays
@@ -351,7 +351,7 @@ def _build(dtype):
             c += cuda.gridDim.x
             neg_lr, w1, w1_m1, beta2, w2, eps = -table[s, 0], table[s, 1], table[s, 2], table[s, 3], table[s, 4], \
                 table[s, 5]
-            weight_decay, decay_factor, clip = table[s, 6], table[s, 7], table[s, 8]
+            weight_decay, neg_lr_wd, clip = table[s, 6], table[s, 7], table[s, 8]
             decouple, maximize, first = table[s, 9] != ZERO, table[s, 10] != ZERO, table[s, 11] != ZERO
             step = cuda.blockDim.x
             i = lo + cuda.threadIdx.x
@@ -365,13 +365,13 @@ def _build(dtype):
                     p1, g1, v1 = p[j], g[j], exp_avg_sq[j]
                     m1 = ZERO if first else exp_avg[j]
                 p0, m0, v0 = adopt_update(p0, g0, m0, v0, neg_lr, w1, w1_m1, beta2, w2, eps, weight_decay,
-                                          decay_factor, clip, decouple, maximize, first)
+                                          neg_lr_wd, clip, decouple, maximize, first)
                 exp_avg_sq[i] = v0
                 if not first:
                     p[i], exp_avg[i] = p0, m0
                 if two:
                     p1, m1, v1 = adopt_update(p1, g1, m1, v1, neg_lr, w1, w1_m1, beta2, w2, eps, weight_decay,
-                                              decay_factor, clip, decouple, maximize, first)
+                                              neg_lr_wd, clip, decouple, maximize, first)
                     exp_avg_sq[j] = v1
                     if not first:
                         p[j], exp_avg[j] = p1, m1
