@@ -87,6 +87,10 @@ class LookaheadState(NamedTuple):
 def as_optax(opt):
     """``opt`` (a flatopt optimizer or ``Lookahead``) as an optax ``GradientTransformation``.
 
+    An ``optax.GradientTransformationExtraArgs``, as optax's own optimizers are: ``update``
+    takes and ignores extra keyword arguments (``value=loss``, which generic training loops
+    pass to every transformation).
+
     ``update(grads, state, params)`` returns ``updates = new_params - params`` in the
     parameters' dtype, where ``new_params`` is what ``opt.step`` computes from a flat copy
     of ``params`` (one kernel call), and the new state.  ``params`` is required (flatopt's
@@ -135,7 +139,7 @@ def as_optax(opt):
         # XLA's CPU runs the kernel on its own buffers; other platforms hand them to the host
         return jax.lax.platform_dependent(grads, state, params, lrs, cpu=in_kernel, default=on_host)
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, **extra_args):  # (extra args, such as value=loss: unused, as in optax's adam)
         if params is None:
             raise ValueError("flatopt's optax transformation needs params: tx.update(grads, state, params)")
         return traced_update(grads, state, params, new_params=False)
@@ -146,7 +150,7 @@ def as_optax(opt):
     except ImportError:
         from types import SimpleNamespace
         return SimpleNamespace(init=init, update=update)
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
 
 
 def update_and_apply(tx, grads, state, params):
@@ -348,19 +352,19 @@ def _scheduled_lrs(template, state):
     ``None``).  The host callbacks take these values: a JAX operation evaluated inside a
     callback can deadlock XLA's CPU client (see :func:`_on_numpy`), which an optax schedule
     run there did with several threads updating at once.  A schedule of Python arithmetic
-    runs on the host as in ``opt.step``.  The count is given as JAX's default integer type,
-    as a Python int is taken (int64 with ``jax_enable_x64``)."""
+    runs on the host as in ``opt.step``.  The count is an int32, as optax's own count: with
+    ``jax_enable_x64`` an int64 count rounds a linear schedule otherwise (in float64, where
+    optax's int32 count gives float32 values)."""
     opt = template.inner if isinstance(template, Lookahead) else template
     counts = (state.inner if isinstance(template, Lookahead) else state).counters["step"]
     lrs = [opt.lr] if opt.param_groups is None else [group.get("lr", opt.lr) for group in opt.param_groups]
-    index = jax.dtypes.canonicalize_dtype(np.int64)
     values = []
     for i, lr in enumerate(lrs):
         if callable(lr):
             with jax.ensure_compile_time_eval():
                 traceable = isinstance(lr(0), jax.Array)
             try:
-                values.append(jnp.reshape(lr(counts[i].astype(index)), ()) if traceable else None)
+                values.append(jnp.reshape(lr(counts[i].astype(jnp.int32)), ()) if traceable else None)
             except jax.errors.JAXTypeError:  # Python control flow on the count, or NumPy of it: on the host
                 values.append(None)
         else:

@@ -673,6 +673,39 @@ def test_schedule_past_its_end_runs_as_optax(api, path):
     np.testing.assert_allclose(flat(params), flat(ref_params), rtol=0, atol=2e-5)  # as against optax elsewhere
 
 
+@pytest.mark.parametrize("schedule", [SCHEDULES["linear"], optax.polynomial_schedule(1e-2, 1e-4, 2.0, 9)],
+                         ids=["linear", "polynomial"])
+def test_schedule_with_x64_tracks_optax_in_float64(schedule, path):
+    """With jax_enable_x64 the schedule gets optax's int32 count: float64 params track
+    ``optax.adamw`` with the same schedule to float64 rounding (an int64 count, as until
+    2026-11-27, gave a linear schedule other values: 1e-9 apart after six steps)."""
+    with jax.enable_x64(True):
+        params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((6, 5))), "b": jnp.ones(5, jnp.float64)}
+        grads_list = [jax.tree_util.tree_map(lambda x, s=s: 0.1 * jnp.sin(s * x + 1.0), params) for s in range(1, 13)]
+        results = []
+        for tx in (as_optax(flatopt.AdamW(lr=schedule, weight_decay=0.1)), optax.adamw(schedule, weight_decay=0.1)):
+            p, state = params, tx.init(params)
+            for grads in grads_list:
+                updates, state = jax.jit(tx.update)(grads, state, p)
+                p = optax.apply_updates(p, updates)
+            results.append(flat(p))
+    assert results[0].dtype == np.float64
+    np.testing.assert_allclose(results[0], results[1], rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_update_takes_extra_args_as_optax_adam(jit):
+    """A training loop that passes ``value=loss`` to every transformation, as optax's own
+    optimizers accept (GradientTransformationExtraArgs)."""
+    params, grads = tree(0), tree(1, 0.1)
+    tx = as_optax(flatopt.Adam(lr=1e-2))
+    assert isinstance(tx, optax.GradientTransformationExtraArgs)
+    update = jax.jit(tx.update) if jit else tx.update
+    with_value, _ = update(grads, tx.init(params), params, value=jnp.asarray(1.0))
+    without, _ = update(grads, tx.init(params), params)
+    np.testing.assert_array_equal(flat(with_value), flat(without))
+
+
 @pytest.mark.parametrize("api", ["update", "update_and_apply"])
 def test_python_schedule_runs_on_the_host_as_in_opt_step(api, path):
     """A schedule of Python arithmetic (no JAX operation) is called on the host with the step
