@@ -693,6 +693,17 @@ def test_schedule_with_x64_tracks_optax_in_float64(schedule, path):
     np.testing.assert_allclose(results[0], results[1], rtol=1e-14, atol=1e-15)
 
 
+def test_inject_hyperparams_under_jit_is_refused_with_a_clear_error():
+    """optax.inject_hyperparams passes its hyperparameters traced under jit: the error names
+    the hyperparameter and says what to do, where it was JAX's array-conversion error."""
+    params, grads = tree(0), tree(1, 0.1)
+    tx = optax.inject_hyperparams(lambda learning_rate: as_optax(flatopt.Adam(lr=learning_rate)))(learning_rate=1e-2)
+    with pytest.raises(TypeError, match=r"lr is a value JAX is tracing .*give the schedule to flatopt"):
+        jax.jit(tx.update)(grads, tx.init(params), params)
+    with pytest.raises(TypeError, match=r"betas is a value JAX is tracing"):
+        jax.jit(lambda b: flatopt.Adam(betas=(b, 0.999)))(jnp.float32(0.9))
+
+
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_update_takes_extra_args_as_optax_adam(jit):
     """A training loop that passes ``value=loss`` to every transformation, as optax's own

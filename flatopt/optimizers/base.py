@@ -32,7 +32,7 @@ class Optimizer:
     defaults = {}
 
     def __init__(self, param_groups=None, **hyperparameters):
-        self.__dict__.update((name, _plain(value)) for name, value in hyperparameters.items())
+        self.__dict__.update((name, _plain(value, name)) for name, value in hyperparameters.items())
         self._check(self._resolve(None, 0))
         self.param_groups = param_groups
         self.state = {}
@@ -43,7 +43,7 @@ class Optimizer:
         # arithmetic of the step (e.g. lr / (1 - beta1**t)) run in float32, not in double as torch's.
         if name == "state":
             value = _StateBuffers(self, value)
-        object.__setattr__(self, name, _plain(value) if name in self.defaults else value)
+        object.__setattr__(self, name, _plain(value, name) if name in self.defaults else value)
         # Whatever changed (hyperparameters, groups, state, group_state), the next step
         # validates and prepares everything again.
         self.__dict__["_ready"] = None
@@ -64,9 +64,9 @@ class Optimizer:
         """Effective hyperparameters of ``group`` (``None``: the defaults) at ``step``."""
         hp = {name: self.__dict__[name] for name in self.defaults}
         if group is not None:  # a group dict may have been edited in place since it was checked
-            hp.update((k, _plain(v)) for k, v in group.items() if k in hp)
+            hp.update((k, _plain(v, k)) for k, v in group.items() if k in hp)
         if callable(hp["lr"]):
-            hp["lr"] = _plain(hp["lr"](step))
+            hp["lr"] = _plain(hp["lr"](step), "lr (the schedule's value)")
         return hp
 
     @property
@@ -101,7 +101,7 @@ class Optimizer:
             raise ValueError(f"param group {i} has unknown keys {sorted(unknown)}; allowed: "
                              f"{sorted(set(GROUP_KEYS) | set(self.defaults))}")
         _check_range(i, group)
-        group = {k: _plain(v) if k in self.defaults else v for k, v in group.items()}
+        group = {k: _plain(v, k) if k in self.defaults else v for k, v in group.items()}
         group.setdefault("frozen", False)
         self._check(self._resolve(group, 0))
         return group
@@ -232,7 +232,7 @@ class Optimizer:
     def _resolve_default(self):
         hp = self.__dict__
         if callable(hp["lr"]):
-            hp = dict(hp, lr=_plain(hp["lr"](self.group_state[0]["step"])))
+            hp = dict(hp, lr=_plain(hp["lr"](self.group_state[0]["step"]), "lr (the schedule's value)"))
         return hp
 
     def _advance(self, hp, group_state):
@@ -295,7 +295,7 @@ class Optimizer:
             raise ValueError(f"state_dict keys {sorted(sd)} do not match the expected {sorted(expected)}")
         if sd["optimizer"] != type(self).__name__:
             raise ValueError(f"state_dict is for {sd['optimizer']}, not {type(self).__name__}")
-        hyper = {k: _plain(v) for k, v in dict(sd["hyperparameters"]).items()}
+        hyper = {k: _plain(v, k) for k, v in dict(sd["hyperparameters"]).items()}
         unknown = set(hyper) - set(self.defaults)
         if unknown:
             raise ValueError(f"state_dict has unknown hyperparameters {sorted(unknown)}")
@@ -393,18 +393,27 @@ def one_minus_product(a, b):
 _PLAIN_TYPES = frozenset((float, int, bool, type(None)))
 
 
-def _plain(value):
+def _plain(value, name):
     """NumPy scalars as the Python scalars they hold; a list or tuple (betas) as a tuple of
     them, which cannot change behind the step's back (checked values are not checked again).
     An array (NumPy, JAX, torch) of one element is its scalar, as torch takes a tensor lr; a
-    1-D one of more (betas) a tuple of its scalars."""
+    1-D one of more (betas) a tuple of its scalars.  ``name`` names the hyperparameter in the
+    error for an array that cannot be read (a JAX tracer)."""
     if type(value) in _PLAIN_TYPES:
         return value
-    if type(value) in (tuple, list):
-        return tuple(map(_scalar, value))
-    if len(getattr(value, "shape", ())) == 1 and value.shape[0] != 1 and hasattr(value, "__array__"):
-        return tuple(np.asarray(value).tolist())
-    return _scalar(value)
+    try:
+        if type(value) in (tuple, list):
+            return tuple(map(_scalar, value))
+        if len(getattr(value, "shape", ())) == 1 and value.shape[0] != 1 and hasattr(value, "__array__"):
+            return tuple(np.asarray(value).tolist())
+        return _scalar(value)
+    except Exception as error:
+        if "Tracer" not in type(error).__name__:
+            raise
+        raise TypeError(f"{name} is a value JAX is tracing ({type(value).__name__}), not a number: flatopt takes "
+                        "its hyperparameters as numbers, and lr also as a schedule (a callable of the step count), "
+                        "which flatopt.jax evaluates inside the update. Under jax.jit, optax.inject_hyperparams "
+                        "passes its hyperparameters traced: give the schedule to flatopt instead") from error
 
 
 def _scalar(value):
