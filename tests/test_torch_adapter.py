@@ -821,6 +821,18 @@ def test_whole_model_step_follows_schedulers_tensor_lr_and_group_edits():
     assert lrs[0] == lrs[1] == pytest.approx(1e-2 / (1 + STEPS), rel=1e-6)  # a float32 tensor
 
 
+def test_betas_as_one_tensor_of_two_as_torch():
+    """torch takes ``betas=torch.tensor([b1, b2])`` (two 0-d tensors after its own unpacking);
+    flatopt.torch's step read such a tensor with ``.item()`` and failed."""
+    models = []
+    for cls, extra in ((ft.Adam, {}), (torch.optim.Adam, dict(fused=True))):
+        m = Net()
+        o = cls(_used(m), lr=1e-2, betas=torch.tensor([0.875, 0.99609375]), **extra)
+        train(m, o, data(n=6))
+        models.append(m)
+    assert_same(*models)
+
+
 @pytest.mark.parametrize("kind", ["list", "tensor", "tensor lr"])
 def test_group_values_edited_in_place_reach_the_next_step(kind):
     """torch reads a group's values at every step, so a list or a tensor edited in place (no

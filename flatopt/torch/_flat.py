@@ -34,10 +34,11 @@ def public(cls):
 
 
 def _number(value):
-    """A hyperparameter as the core takes it, read now: torch allows tensors (an lr, betas)
-    and a group may hold a list; both can be edited in place between steps."""
+    """A hyperparameter as the core takes it, read now: torch allows tensors (an lr, betas,
+    also betas as one tensor of two) and a group may hold a list; both can be edited in place
+    between steps."""
     if isinstance(value, torch.Tensor):
-        return value.item()
+        return value.item() if value.numel() == 1 else tuple(value.tolist())
     if type(value) in (tuple, list):
         return tuple(map(_number, value))
     return value
