@@ -139,7 +139,7 @@ def as_optax(opt):
         # XLA's CPU runs the kernel on its own buffers; other platforms hand them to the host
         return jax.lax.platform_dependent(grads, state, params, lrs, cpu=in_kernel, default=on_host)
 
-    def update(grads, state, params=None, **extra_args):  # (extra args, such as value=loss: unused, as in optax's adam)
+    def update(grads, state, params=None, **extra_args):  # extra args (value=loss) unused, as by optax's adam
         if params is None:
             raise ValueError("flatopt's optax transformation needs params: tx.update(grads, state, params)")
         return traced_update(grads, state, params, new_params=False)

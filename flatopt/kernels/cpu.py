@@ -182,7 +182,8 @@ def adam_chunk(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, row, n):
 # row: lr, 1 - b1, (1 - b1) - 1, b2, 1 - b2, eps, weight_decay, -lr*wd, clip, decouple,
 #      maximize, first_step
 #   first step: v <- g^2 only.  Later, with t earlier steps:
-#   p <- p + (-lr*wd)*p (decouple: the authors' add(alpha=), one FMA) | g <- g + wd*p;   n <- clip(g / max(sqrt(v), eps), t^0.25)
+#   p <- p + (-lr*wd)*p (decouple: the authors' add(alpha=), one FMA) | g <- g + wd*p
+#   n <- clip(g / max(sqrt(v), eps), t^0.25)
 #   m <- lerp(m, n, 1 - b1);  p <- p - lr*m;  v <- b2*v + (1 - b2)*g^2
 def adopt_chunk(p, g, exp_avg, exp_avg_sq, _unused, row, n):
     p, g, exp_avg, exp_avg_sq = carray(p, n), carray(g, n), carray(exp_avg, n), carray(exp_avg_sq, n)
