@@ -66,6 +66,10 @@ def check_fits(buffer, n, dtype, name, size_says, dtype_of):
 def backend_for(params, grads):
     """The backend that owns both buffers; TypeError if they live in different places."""
     if isinstance(params, np.ndarray) and isinstance(grads, np.ndarray):
+        for name, arr in (("params", params), ("grads", grads)):
+            if isinstance(arr, np.ma.MaskedArray):  # the kernels read every element, masked or not
+                raise TypeError(f"{name} is a masked array; flatopt reads every element of its buffers, masked or "
+                                f"not: pass {name}.data" + (" or grads.filled(0)" if name == "grads" else ""))
         return CPU
     if is_cuda_array(params) and is_cuda_array(grads):
         from flatopt.kernels.cuda_backend import CUDA

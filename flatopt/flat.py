@@ -79,7 +79,7 @@ class FlatParams:
             extra = dict(overrides.get(name, {}))
             if stop == start:
                 continue
-            if groups and groups[-1][1] == extra and groups[-1][0]["stop"] == start:
+            if groups and _same_overrides(groups[-1][1], extra) and groups[-1][0]["stop"] == start:
                 groups[-1][0]["stop"] = stop
             else:
                 groups.append(({"start": start, "stop": stop, **extra}, extra))
@@ -88,6 +88,13 @@ class FlatParams:
     def __repr__(self):
         shapes = ", ".join(f"{name}: {shape}" for name, shape in self.shapes.items())
         return f"FlatParams({len(self.params)} x {self.params.dtype}; {shapes})"
+
+
+def _same_overrides(a, b):
+    """Whether two arrays' overrides are equal, array values (betas) compared element by element."""
+    return a.keys() == b.keys() and all(
+        np.array_equal(a[k], b[k]) if isinstance(a[k], np.ndarray) or isinstance(b[k], np.ndarray) else a[k] == b[k]
+        for k in a)
 
 
 def _array_module(array):

@@ -1,4 +1,5 @@
 """Lookahead (Zhang et al., 2019) around any flat-buffer optimizer."""
+import copy
 import numbers
 from contextlib import contextmanager
 
@@ -142,10 +143,11 @@ class Lookahead:
 
     def __getstate__(self):
         """pickle and copy.deepcopy: the slow weights as a host array (placed next to the
-        parameters again at the next step, as after ``load_state_dict``); the plan is made anew."""
+        parameters again at the next step, as after ``load_state_dict``); the plan is made anew.
+        copy.copy too, as the optimizers' own: nothing shared (the inner optimizer is copied)."""
         slow = self.slow
         return dict(self.__dict__, slow=None if slow is None else backend_for(slow, slow).to_host(slow),
-                    _plan_key=None, _plan=None)
+                    _plan_key=None, _plan=None, inner=copy.copy(self.inner))
 
     def __repr__(self):
         return f"Lookahead({self.inner!r}, k={self.k}, alpha={self.alpha})"

@@ -85,6 +85,8 @@ def bad_inputs(n):
         ("None grads", lambda: (p, None), TypeError, "grads"),
         ("other length than the state", lambda: (rand(n + 3), rand(n + 3, seed=1)), ValueError, "state|slow weights"),
         ("other dtype than the state", lambda: (p.astype(np.float64), g.astype(np.float64)), TypeError, "dtype"),
+        ("masked grads", lambda: (p, np.ma.masked_array(g, mask=np.arange(n) % 2)), TypeError, "grads is a masked"),
+        ("masked params", lambda: (np.ma.masked_array(p), g), TypeError, "params is a masked"),
     ]
 
 
@@ -120,6 +122,80 @@ def test_bad_buffers_raise_and_modify_nothing(name):
             np.testing.assert_array_equal(p, p_before)
         if g_before is not None:
             np.testing.assert_array_equal(g, g_before)
+
+
+def test_masked_arrays_are_refused_before_any_state_is_made(tmp_path):
+    """A masked array passed the checks: in a fresh process Numba refused it after the state
+    buffers were made (sized to it), and after any other ndarray subclass (a memmap) had been
+    stepped it was taken, its masked values (a NaN) read into the parameters."""
+    code = textwrap.dedent(f"""
+        import numpy as np, flatopt
+        mm = np.memmap({str(tmp_path / "p.dat")!r}, dtype=np.float64, mode="w+", shape=(8,))
+        for first in (False, True):
+            if first:
+                flatopt.SGD(lr=0.1).step(mm, np.ones(8))  # a subclass stepped first
+            opt, p = flatopt.Adam(lr=0.1), np.ones(8)
+            g = np.ma.masked_array([1.0, np.nan] * 4, mask=[0, 1] * 4)
+            try:
+                opt.step(p, g)
+                raise SystemExit("masked grads were taken: " + repr(p))
+            except TypeError as error:
+                assert "grads is a masked array" in str(error), error
+            assert opt.state == {{}} and (p == 1).all()
+            opt.step(np.ones(16), np.ones(16))  # and the next step is not held to its size
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=240)
+
+
+def test_shallow_copy_of_lookahead_shares_nothing():
+    """copy.copy of a Lookahead copies its inner optimizer too (it shared it, and its state)."""
+    import copy
+    la = flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2, alpha=0.5)
+    p, g = rand(10), rand(10, seed=1)
+    la.step(p, g)
+    snap = copy.copy(la)
+    assert snap.inner is not la.inner and snap.slow is not la.slow
+    la.step(p.copy(), g)
+    assert snap.inner.group_state == [{"step": 1}]
+    q = p.copy()
+    snap.step(q, g)  # the copy steps on from where it was copied
+    assert snap.inner.group_state == [{"step": 2}]
+
+
+def test_param_groups_none_after_an_empty_list():
+    opt = flatopt.SGD(lr=0.1, param_groups=[])
+    opt.step(rand(4), rand(4, seed=1))
+    opt.param_groups = None  # raised IndexError
+    p = rand(4)
+    opt.step(p, rand(4, seed=1))
+    assert opt.group_state == [{"step": 1, "momentum_started": False}]
+
+
+@pytest.mark.parametrize("kw", [dict(momentum=0.9, dampening=0.5), dict(momentum=0.9, nesterov=True),
+                                dict(momentum=0.5, weight_decay=0.1)], ids=str)
+@pytest.mark.parametrize("how", ["del", "assign", "clear"])
+def test_sgd_momentum_buffer_removed_starts_again_as_the_gradient(kw, how):
+    """As torch's SGD: a step without a momentum buffer starts it as the gradient (with dampening
+    it restarted at zero, (1 - dampening) * g, 30% off torch's here)."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    p0, grads = rng.standard_normal(5), rng.standard_normal((5, 5))
+    p, opt = p0.copy(), flatopt.SGD(lr=0.1, **kw)
+    tp = torch.nn.Parameter(torch.tensor(p0.copy()))
+    topt = torch.optim.SGD([tp], lr=0.1, foreach=False, **kw)
+    for s, g in enumerate(grads):
+        if s == 2:
+            if how == "del":
+                del opt.state["momentum_buffer"]
+            elif how == "assign":
+                opt.state = {}
+            else:
+                opt.state.clear()
+            del topt.state[tp]["momentum_buffer"]
+        opt.step(p, g.copy())
+        tp.grad = torch.tensor(g.copy())
+        topt.step()
+    np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-12, atol=0)
 
 
 def test_readonly_grads_are_fine():

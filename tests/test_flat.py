@@ -61,6 +61,17 @@ def test_neighbours_with_equal_overrides_merge():
     assert merged == [{"start": 0, "stop": 45}, {"start": 45, "stop": 63, "lr": 0.1}]
 
 
+def test_neighbours_with_array_overrides_merge_by_value():
+    """Array values (betas, which the optimizers take as arrays) are compared element by element:
+    ``==`` on them raised NumPy's "truth value of an array is ambiguous"."""
+    flat = flatopt.FlatParams({"W": np.ones((3, 2)), "b": np.zeros(2), "c": np.ones(2)})
+    same = flat.param_groups({"W": {"betas": np.array([0.9, 0.99])}, "b": {"betas": (0.9, 0.99)}})
+    assert [(g["start"], g["stop"]) for g in same] == [(0, 8), (8, 10)]
+    other = flat.param_groups({"W": {"betas": np.array([0.9, 0.99])}, "b": {"betas": np.array([0.5, 0.9])}})
+    assert [(g["start"], g["stop"]) for g in other] == [(0, 6), (6, 8), (8, 10)]
+    flatopt.Adam(param_groups=other).step(flat.params, flat.grads)
+
+
 def test_list_input_dtype_argument_and_errors():
     flat = flatopt.FlatParams([np.ones(3), np.zeros((2, 2))], dtype=np.float32)
     assert flat.params.dtype == np.float32 and list(flat) == [0, 1]

@@ -82,7 +82,7 @@ class Optimizer:
         old, old_groups = getattr(self, "group_state", None), getattr(self, "_groups", None)
         if groups is None:
             # One group over the whole buffer: it keeps the groups' count if they all had one.
-            same = old is not None and all(s == old[0] for s in old)
+            same = bool(old) and all(s == old[0] for s in old)
             self._groups, self.group_state = None, [dict(old[0]) if same else self._new_group_state()]
             self._plan_key = None
             return

@@ -49,6 +49,12 @@ class SGD(Optimizer):
     def _set_step_entries(self, row, hp, group_state):
         row[6] = hp["momentum"] != 0 and not group_state["momentum_started"]  # the buffer starts as g
 
+    def _state_replaced(self):
+        super()._state_replaced()
+        if "momentum_buffer" not in self.state:  # removed: as in torch, the next buffer starts as g again
+            for group_state in self.group_state:
+                group_state["momentum_started"] = False
+
     def _check_group_state(self, group_state):
         super()._check_group_state(group_state)
         if "momentum_started" not in group_state:
