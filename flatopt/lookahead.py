@@ -143,11 +143,17 @@ class Lookahead:
 
     def __getstate__(self):
         """pickle and copy.deepcopy: the slow weights as a host array (placed next to the
-        parameters again at the next step, as after ``load_state_dict``); the plan is made anew.
-        copy.copy too, as the optimizers' own: nothing shared (the inner optimizer is copied)."""
+        parameters again at the next step, as after ``load_state_dict``); the plan is made anew."""
         slow = self.slow
         return dict(self.__dict__, slow=None if slow is None else backend_for(slow, slow).to_host(slow),
-                    _plan_key=None, _plan=None, inner=copy.copy(self.inner))
+                    _plan_key=None, _plan=None)
+
+    def __copy__(self):
+        """copy.copy shares nothing, as the optimizers' own copies: the inner optimizer is copied
+        too (pickle and deepcopy copy it anyway)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__getstate__(), inner=copy.copy(self.inner))
+        return new
 
     def __repr__(self):
         return f"Lookahead({self.inner!r}, k={self.k}, alpha={self.alpha})"
