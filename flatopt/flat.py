@@ -4,6 +4,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from flatopt.backend import SUPPORTED_DTYPES
+from flatopt.optimizers.base import _plain
 
 
 class FlatParams:
@@ -91,10 +92,9 @@ class FlatParams:
 
 
 def _same_overrides(a, b):
-    """Whether two arrays' overrides are equal, array values (betas) compared element by element."""
-    return a.keys() == b.keys() and all(
-        np.array_equal(a[k], b[k]) if isinstance(a[k], np.ndarray) or isinstance(b[k], np.ndarray) else a[k] == b[k]
-        for k in a)
+    """Whether two arrays' overrides are equal, each value read as the optimizers read it (an
+    array of betas as the tuple of its values: ``==`` on arrays has no single truth value)."""
+    return a.keys() == b.keys() and all(_plain(a[k], k) == _plain(b[k], k) for k in a)
 
 
 def _array_module(array):
