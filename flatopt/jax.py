@@ -333,6 +333,11 @@ def _fresh_checkpoint(opt):
     return dict(sd, group_state=[opt._new_group_state() for _ in sd["group_state"]], state={})
 
 
+def _inner(obj):
+    """The optimizer a ``Lookahead`` wraps, or the inner state of a ``LookaheadState``; else ``obj``."""
+    return obj.inner if isinstance(obj, (Lookahead, LookaheadState)) else obj
+
+
 def _fresh_state(opt, n, dtype):
     """init's state: zero buffers (those the hyperparameters need) and fresh counters."""
     if isinstance(opt, Lookahead):
@@ -355,8 +360,7 @@ def _scheduled_lrs(template, state):
     runs on the host as in ``opt.step``.  The count is an int32, as optax's own count: with
     ``jax_enable_x64`` an int64 count rounds a linear schedule otherwise (in float64, where
     optax's int32 count gives float32 values)."""
-    opt = template.inner if isinstance(template, Lookahead) else template
-    counts = (state.inner if isinstance(template, Lookahead) else state).counters["step"]
+    opt, counts = _inner(template), _inner(state).counters["step"]
     lrs = [opt.lr] if opt.param_groups is None else [group.get("lr", opt.lr) for group in opt.param_groups]
     values = []
     for i, lr in enumerate(lrs):
@@ -403,8 +407,7 @@ def _check_state(opt, state, n, dtype):
     kind = LookaheadState if isinstance(opt, Lookahead) else FlatoptState
     if not isinstance(state, kind):
         raise TypeError(f"state must be the {kind.__name__} tx.init(params) returned, got {type(state).__name__}")
-    inner = state.inner if isinstance(state, LookaheadState) else state
-    base = opt.inner if isinstance(opt, Lookahead) else opt
+    inner, base = _inner(state), _inner(opt)
     # The kernel reads and writes every buffer the rule uses: one missing would be an empty one.
     missing = sorted(_needed_buffers(base) - set(inner.buffers), key=base.state_names.index)
     unknown = sorted(set(inner.buffers) - set(base.state_names))
@@ -456,7 +459,7 @@ class _HostSteps:
             worker.load_state_dict(_checkpoint(self.base, state))  # checks, then copies the buffers
             kept = self.kept.value = (key, worker, np.empty_like(params))
         _, worker, stepped = kept
-        _set_lrs(worker.inner if isinstance(worker, Lookahead) else worker, lrs)
+        _set_lrs(_inner(worker), lrs)
         np.copyto(stepped, params)
         worker.step(stepped, grads)
         return stepped if new_params else np.subtract(stepped, params, out=stepped), _read_state(worker, state)
@@ -577,7 +580,7 @@ class TreeOptimizer:
             return None
         starts = np.array([h.__array_interface__["data"][0] for h in host], np.uint64)
         ends = starts + self._nbytes
-        core = self.opt.inner if isinstance(self.opt, Lookahead) else self.opt
+        core = _inner(self.opt)
         for first, end in [host_span(self.master)] + [host_span(a) for a in core.state.values()]:
             if np.any((starts < end) & (ends > first) & (ends > starts)):
                 return None
