@@ -1548,6 +1548,10 @@ def test_another_optimizers_checkpoint_is_refused_before_anything_changes(src_mo
     *[pytest.param(n, dict(betas=(torch.tensor([0.9, 0.8]), torch.tensor(0.999))), id=f"{n}-betas vector")
       for n in ("Adam", "AdamW")],
     *[pytest.param(n, dict(fused=True, foreach=True), id=f"{n}-fused and foreach") for n in ("Adam", "AdamW", "SGD")],
+    *[pytest.param(n, dict(lr=torch.tensor(1e-2), foreach=True), id=f"{n}-tensor lr with foreach")
+      for n in ("Adam", "AdamW")],
+    *[pytest.param(n, dict(betas=(torch.tensor(0.9), torch.tensor(0.999)), foreach=True),
+                   id=f"{n}-tensor betas with foreach") for n in ("Adam", "AdamW")],
 ])
 def test_constructor_errors_match_torchs_type_and_message(name, kw):
     errors = []
@@ -1556,6 +1560,41 @@ def test_constructor_errors_match_torchs_type_and_message(name, kw):
             getattr(mod, name)(_tensors([(3,)]), **kw)
         errors.append((type(info.value), str(info.value)))
     assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_a_tensor_lr_in_a_foreach_group_is_refused_at_the_step_as_torch_refuses_it(name):
+    """torch's Adam checks each group at its step: a tensor lr set after the build, with
+    ``foreach=True``, raises there; flatopt.torch raises the same, before anything changes."""
+    errors = []
+    for mod in (ft, torch.optim):
+        ps = _tensors([(3,), (4,)])
+        opt = getattr(mod, name)(ps, lr=1e-2, foreach=True)
+        for p, g in zip(ps, _grads(ps, 1)):
+            p.grad = g
+        opt.step()
+        before = [p.detach().clone() for p in ps]
+        opt.param_groups[0]["lr"] = torch.tensor(1e-2)
+        with pytest.raises(Exception) as info:
+            opt.step()
+        errors.append((type(info.value), str(info.value)))
+        _assert_same_tensors(before, [p.detach() for p in ps])
+    assert errors[0] == errors[1]
+    assert errors[0][0] is RuntimeError
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop"])
+def test_a_tensor_lr_with_foreach_is_taken_where_torch_takes_it(name):
+    ps, refs = _tensors([(3,), (4,)]), _tensors([(3,), (4,)])
+    opts = [getattr(ft, name)(ps, lr=torch.tensor(1e-2), foreach=True),
+            getattr(torch.optim, name)(refs, lr=torch.tensor(1e-2), foreach=True)]
+    for _ in range(3):
+        for group, opt in zip((ps, refs), opts):
+            for p, g in zip(group, _grads(group, 1)):
+                p.grad = g
+            opt.step()
+    for p, r in zip(ps, refs):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=0)
 
 
 # --- a gradient view whose memory is replaced ---------------------------------------------------

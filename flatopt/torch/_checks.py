@@ -15,10 +15,24 @@ def check_flags(group):
                          "which a CUDA graph cannot capture")
 
 
-def check_tensor_lr(lr):
-    """torch's check of a tensor lr, made before the others (the core's take its value)."""
-    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-        raise ValueError("Tensor lr must be 1-element")
+_TENSOR_WITH_FOREACH = "{} as a Tensor is not supported for capturable=False and foreach=True"
+
+
+def check_tensor_lr(lr, foreach_refused=False):
+    """torch's check of a tensor lr, made before the others (the core's take its value).
+    ``foreach_refused``: torch's Adam and AdamW refuse a tensor lr with ``foreach=True``
+    (flatopt's step would take it: torch's message, for code that must run on both)."""
+    if isinstance(lr, torch.Tensor):
+        if foreach_refused:
+            raise ValueError(_TENSOR_WITH_FOREACH.format("lr"))
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+
+
+def check_foreach_tensor_lr(group):
+    """torch's Adam and AdamW at a step: a group with ``foreach=True`` and a tensor lr."""
+    if group.get("foreach") and isinstance(group["lr"], torch.Tensor):
+        raise RuntimeError(_TENSOR_WITH_FOREACH.format("lr"))
 
 
 def check_betas_types(betas):
@@ -28,6 +42,13 @@ def check_betas_types(betas):
         return  # the core has refused it
     if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, torch.Tensor) for b in betas)):
         raise ValueError("betas must be either both floats or both Tensors")
+
+def check_foreach_tensor_betas(betas):
+    """torch's Adam and AdamW after the types, where ``foreach=True``: no tensor betas (the
+    core's range check has refused those of more than one element)."""
+    for i, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor):
+            raise ValueError(_TENSOR_WITH_FOREACH.format(f"betas[{i}]"))
 
 
 def check_fused_foreach(group):

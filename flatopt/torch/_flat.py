@@ -12,7 +12,8 @@ import torch
 import torch.optim.optimizer as _torch_optimizer
 
 from flatopt.backend import Gather, aligned_zeros, backend_for, host_span
-from flatopt.torch._checks import (NP_DTYPES, check_betas_types, check_disjoint, check_flags, check_fused_foreach,
+from flatopt.torch._checks import (NP_DTYPES, check_betas_types, check_disjoint, check_flags,
+                                   check_foreach_tensor_betas, check_foreach_tensor_lr, check_fused_foreach,
                                    check_param, check_tensor_lr, check_unique, moved_error)
 from flatopt.torch._edits import Edits, ParamList, ParamState, State, unchanged
 
@@ -217,16 +218,22 @@ class FlatOptimizer(torch.optim.Optimizer):
     _gather_min = 1 << 18
     # the group keys of every checkpoint of the optimizer (torch's __setstate__ fills in the others)
     _saved_keys = ("lr",)
+    # torch's Adam and AdamW refuse tensor hyperparameters with foreach=True (its foreach path
+    # cannot take them); flatopt's step could, but code written for both gets torch's error
+    _foreach_refuses_tensors = False
 
     def __init__(self, params, defaults):
         """``defaults``: the group defaults in torch's order, the core's hyperparameters and
         torch's implementation flags (the subclasses take torch's signatures)."""
         core_args = inspect.signature(self._core_cls).parameters
         self._core_kwargs = {k: v for k, v in defaults.items() if k in core_args}
-        check_tensor_lr(defaults["lr"])
+        foreach_refused = self._foreach_refuses_tensors and bool(defaults.get("foreach"))
+        check_tensor_lr(defaults["lr"], foreach_refused)
         proto = self._core_cls(**self._core_kwargs)  # validates with torch's messages
         if "betas" in defaults:
             check_betas_types(defaults["betas"])
+            if foreach_refused:
+                check_foreach_tensor_betas(defaults["betas"])
         hp = proto.hyperparameters()
         if callable(hp["lr"]):
             raise TypeError("flatopt.torch optimizers take a number as lr; use a torch lr_scheduler for schedules")
@@ -278,6 +285,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         core = self._core_cls(**self._core_kwargs)
         core._check(core._resolve({k: _number(group[k]) for k in self._hp_names}, 0))
         check_flags(group)
+        if self._foreach_refuses_tensors:
+            check_foreach_tensor_lr(group)
 
     def _groups_edited(self):
         """Whether a group's ``params`` list was edited or replaced, or a group was added or
@@ -716,6 +725,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             pg = self.param_groups
             values = [tuple(map(pg[gi].__getitem__, self._hp_names)) for gi, *_ in runs]
             if b.volatile or b.core_groups_key is None or values != b.group_values:
+                if self._foreach_refuses_tensors:
+                    for gi, *_ in runs:
+                        check_foreach_tensor_lr(pg[gi])
                 hps = [tuple(map(_number, v)) for v in values]
                 if hps != b.core_groups_key:
                     self._configure_core(b, runs, hps)

@@ -37,6 +37,7 @@ class Adam(FlatOptimizer):
     """``torch.optim.Adam``'s rule (see :class:`flatopt.Adam`), one kernel per (device, dtype)."""
     _core_cls = flatopt.Adam
     _saved_keys = ("lr", "betas", "eps", "weight_decay")
+    _foreach_refuses_tensors = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
@@ -52,6 +53,7 @@ class AdamW(FlatOptimizer):
     """``torch.optim.AdamW``'s rule (see :class:`flatopt.AdamW`), one kernel per (device, dtype)."""
     _core_cls = flatopt.AdamW
     _saved_keys = ("lr", "betas", "eps", "weight_decay")
+    _foreach_refuses_tensors = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
