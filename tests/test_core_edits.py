@@ -421,6 +421,18 @@ def test_lookahead_load_refuses_what_its_step_would_refuse(edit, error):
     assert_same(snapshot(la), before)
 
 
+def test_lookahead_load_refuses_slow_weights_of_another_dtype_than_the_inner_state():
+    """The next step would refuse them (the parameters match one or the other): the load does."""
+    la = flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2)
+    p, g = rand(8, np.float64), rand(8, np.float64, seed=1)
+    la.step(p, g)
+    sd, before = la.state_dict(), snapshot(la)
+    sd["slow"] = sd["slow"].astype(np.float32)
+    with pytest.raises(TypeError, match="slow weights' dtype float32 does not match the inner state's float64"):
+        la.load_state_dict(sd)
+    assert_same(snapshot(la), before)
+
+
 def test_a_flag_removed_from_the_group_state_is_named_on_the_fast_path_too():
     opt = flatopt.SGD(lr=0.1, momentum=0.9)
     p, g = rand(8, np.float64), rand(8, np.float64, seed=1)

@@ -1,5 +1,6 @@
 """flatopt.torch: torch.optim.Optimizer subclasses on flat buffers, against torch.optim."""
 import copy
+import fractions
 import io
 import subprocess
 import sys
@@ -1422,6 +1423,129 @@ def test_lookahead_follows_group_list_edits_of_a_flatopt_optimizer(edit):
             la.step()
         results.append(ps)
     _assert_same_tensors(*results)
+
+
+def _lookahead_with_a_removed_param(kind):
+    """k = 1 around an lr-0 SGD (only the pulls move weights): after one step slow(a) = 0 and
+    slow(b) = 10; then ``a`` leaves the group's list, which the next step takes in."""
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.full((2,), 10.0))
+    inner = (ft.SGD if kind == "flatopt inner" else torch.optim.SGD)([a, b], lr=0.0)
+    la = ft.Lookahead(inner, k=1, alpha=0.5)
+    a.grad, b.grad = torch.zeros(2), torch.zeros(2)
+    la.step()
+    inner.param_groups[0]["params"].remove(a)
+    with torch.no_grad():
+        b.fill_(20.0)  # its fast weight moves; its slow weight stays 10
+    return b, la
+
+
+@pytest.mark.parametrize("kind", ["flatopt inner", "torch inner"])
+def test_lookahead_matches_slow_weights_by_parameter_before_the_step_after_an_edit(kind):
+    """Between a group list edit and the next step the slow weights are each parameter's own
+    (they were matched by position: b showed a's, and a new group's pull mixed them up)."""
+    b, la = _lookahead_with_a_removed_param(kind)
+    with la.slow_weights():
+        assert b.tolist() == [10.0, 10.0]
+    assert b.tolist() == [20.0, 20.0]
+    saved = la.state_dict()["slow"]
+    assert list(saved) == [0] and saved[0].tolist() == [10.0, 10.0]
+    c = torch.nn.Parameter(torch.full((2,), 4.0))
+    la.add_param_group({"params": [c]})  # its slow weight starts at 4
+    with torch.no_grad():
+        c.fill_(8.0)
+    b.grad, c.grad = torch.zeros(2), torch.zeros(2)
+    la.step()  # pulls: b = (20 + 10) / 2, c = (8 + 4) / 2
+    assert b.tolist() == [15.0, 15.0] and c.tolist() == [6.0, 6.0]
+
+
+@pytest.mark.parametrize("kind", ["flatopt inner", "torch inner"])
+def test_lookahead_checkpoint_taken_between_an_edit_and_the_step_continues_the_run(kind):
+    b, la = _lookahead_with_a_removed_param(kind)
+    sd = copy.deepcopy(la.state_dict())
+    b2, la2 = _lookahead_with_a_removed_param(kind)
+    with torch.no_grad():
+        b2.fill_(20.0)
+    la2.load_state_dict(sd)
+    la.load_state_dict(sd)  # into itself too (it was refused: 2 slow weights for 1 parameter)
+    for p in (b, b2):
+        p.grad = torch.ones(2)
+    la.step()
+    la2.step()
+    assert b.tolist() == b2.tolist() == [15.0, 15.0]
+
+
+@pytest.mark.parametrize("alpha", [np.array(0.5), fractions.Fraction(1, 2), torch.tensor(0.5)],
+                         ids=["0-d array", "Fraction", "tensor"])
+def test_lookahead_alpha_of_another_number_type_acts_as_its_float(alpha):
+    """It passed the check and then failed in the pull, after the inner step had run."""
+    runs = []
+    for a in (alpha, 0.5):
+        ps = _tensors([(3,), (5,)])
+        la = ft.Lookahead(ft.Adam(ps, lr=0.1), k=2, alpha=a)
+        for t in range(4):
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            la.step()
+        runs.append(ps)
+    _assert_same_tensors(*runs)
+
+
+@pytest.mark.parametrize("edit", [
+    dict(k=2.7), dict(k=True), dict(step_count=2.9), dict(step_count=-3), dict(step_count=True),
+    dict(slow="arrays"), dict(slow="keys"),
+], ids=lambda e: ", ".join(f"{k}={v}" for k, v in e.items()))
+def test_lookahead_load_refuses_a_bad_checkpoint_before_anything_changes(edit):
+    """k and the count were made ints before the checks (2.7 loaded as 2, -3 was taken); NumPy
+    slow weights failed after the inner state and the count had been loaded."""
+    ps = _tensors([(3,), (5,)])
+    la = ft.Lookahead(ft.Adam(ps, lr=0.1), k=2, alpha=0.5)
+    for t in range(3):
+        for p, g in zip(ps, _grads(ps, t)):
+            p.grad = g
+        la.step()
+    sd = la.state_dict()
+    bad = dict(sd, **edit)
+    if edit.get("slow") == "arrays":
+        bad["slow"] = {i: q.numpy() for i, q in sd["slow"].items()}
+    elif edit.get("slow") == "keys":
+        bad["slow"] = {i + 1: q for i, q in sd["slow"].items()}
+    bad["inner"] = copy.deepcopy(sd["inner"])
+    bad["inner"]["state"][0]["exp_avg"] += 1  # a load that got as far as the inner state shows
+    before = copy.deepcopy(sd)
+    with pytest.raises((TypeError, ValueError)):
+        la.load_state_dict(bad)
+    after = la.state_dict()
+    assert (after["k"], after["step_count"]) == (before["k"], before["step_count"])
+    _assert_same_tensors(after["slow"].values(), before["slow"].values())
+    _assert_same_tensors(after["inner"]["state"][0].values(), before["inner"]["state"][0].values())
+
+
+@pytest.mark.parametrize("kind", ["flatopt inner", "torch inner"])
+def test_lookahead_step_refused_by_the_inner_optimizer_takes_no_slow_weights(kind):
+    """The slow weights start from the parameters before the first step that runs."""
+    runs = []
+    for refuse_first in (True, False):
+        ps = _tensors([(3,), (5,)])
+        inner = (ft.SGD if kind == "flatopt inner" else torch.optim.SGD)(ps, lr=0.1)
+        la = ft.Lookahead(inner, k=2, alpha=0.5)
+        for p, g in zip(ps, _grads(ps, 0)):
+            p.grad = g
+        if refuse_first:  # flatopt.torch refuses a negative lr at the step; torch's SGD runs the closure first
+            inner.param_groups[0]["lr"] = -0.1 if kind == "flatopt inner" else 0.1
+
+            def closure():
+                raise RuntimeError("the closure failed")
+            with pytest.raises((ValueError, RuntimeError), match="Invalid learning rate|the closure failed"):
+                la.step(None if kind == "flatopt inner" else closure)
+            assert la.state_dict()["slow"] is None and la.step_count == 0
+            inner.param_groups[0]["lr"] = 0.1
+        with torch.no_grad():
+            for p in ps:
+                p.fill_(5.0)
+        for _ in range(2):
+            la.step()
+        runs.append(ps)
+    _assert_same_tensors(*runs)
 
 
 def test_state_replaced_by_a_copy_then_cleared_as_in_torch():

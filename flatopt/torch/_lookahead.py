@@ -1,5 +1,7 @@
 """Lookahead around any torch optimizer; around a flatopt.torch one, on its flat buffers."""
+import numbers
 from collections import OrderedDict
+from collections.abc import Mapping
 from contextlib import contextmanager
 from operator import is_
 
@@ -49,27 +51,31 @@ class Lookahead(torch.optim.Optimizer):
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     @torch.no_grad()
-    def _make_slow(self, params, values=None):
-        """Slow weights as copies of ``values`` (default: the parameters).  Around a flatopt.torch
-        optimizer they are views of one flat buffer per (device, dtype), mirroring its layout,
-        so that the pull is two tensor ops per buffer; otherwise one tensor per parameter."""
-        values = [p.detach() for p in params] if values is None else values
-        self._flat_pairs = None
-        self._slow_params = list(params)  # whose slow weight each of self.slow is
+    def _slow_copies(self, params, values):
+        """``(slow, slow_params, flat_pairs)``: slow weights for ``params``, copies of
+        ``values``, for the caller to take (a step takes them only once its inner step has
+        succeeded).  Around a flatopt.torch optimizer they are views of one flat buffer per
+        (device, dtype), mirroring its layout, so that the pull is two tensor ops per buffer
+        (``flat_pairs``); otherwise one tensor per parameter."""
         inner = self.optimizer
-        if isinstance(inner, FlatOptimizer):
-            where = {}
-            pairs = []
-            for b in inner._buckets.values():
-                buf = torch.empty_like(b.flat)
-                pairs.append((b.flat, buf))
-                for i, p in enumerate(b.params):
-                    where[id(p)] = b.shaped(buf, i)
-            self.slow = [where[id(p)] for p in params]
-            torch._foreach_copy_(self.slow, values)
-            self._flat_pairs = pairs
-        else:
-            self.slow = [v.clone() for v in values]
+        if not isinstance(inner, FlatOptimizer):
+            return [v.clone() for v in values], list(params), None
+        where, pairs = {}, []
+        for b in inner._buckets.values():
+            buf = torch.empty_like(b.flat)
+            pairs.append((b.flat, buf))
+            for i, p in enumerate(b.params):
+                where[id(p)] = b.shaped(buf, i)
+        slow = [where[id(p)] for p in params]
+        torch._foreach_copy_(slow, values)
+        return slow, list(params), pairs
+
+    def _matched_slow(self, params):
+        """Each parameter's slow weight, matched by identity (its value now where it has none
+        yet: a parameter added to a group's list since the last step, whose slow weight the
+        next step takes from its value then)."""
+        kept = {id(p): q for p, q in zip(self._slow_params, self.slow)}
+        return [kept.get(id(p), p.detach()) for p in params]
 
     def _flat_current(self):
         """The flat pairs, if the inner optimizer's buffers are still the ones mirrored."""
@@ -97,29 +103,32 @@ class Lookahead(torch.optim.Optimizer):
 
     def _step(self, closure=None):
         check_k_alpha(self.k, self.alpha)
+        alpha = float(self.alpha)  # (an array or a Fraction passes the check; torch's ops take a float)
         if isinstance(self.optimizer, FlatOptimizer):
             self.optimizer._take_edits()  # a group edit lays the inner buffers out again: first
         params = self._params()
+        made = None  # slow weights taken before the inner step, kept only if it succeeds
         if self.slow is None:
-            self._make_slow(params)
+            made = self._slow_copies(params, [p.detach() for p in params])
         elif (len(params) != len(self._slow_params) or not all(map(is_, params, self._slow_params))
               or (self._flat_pairs is not None and self._flat_current() is None)):
             # the groups' lists were edited: each parameter keeps its slow weight, a new one starts
             # from its value now (as the slow weights of the first step)
-            kept = {id(p): q for p, q in zip(self._slow_params, self.slow)}
-            self._make_slow(params, [kept.get(id(p), p.detach()) for p in params])
+            made = self._slow_copies(params, self._matched_slow(params))
         loss = self.optimizer.step(closure)
+        if made is not None:
+            self.slow, self._slow_params, self._flat_pairs = made
         self.step_count += 1
         if self.step_count % self.k == 0:
             with torch.no_grad():
                 pairs = self._flat_current()
                 if pairs is not None:  # the inner step synced every .data into the flat buffers
                     for fast, slow in pairs:
-                        fast.mul_(self.alpha).add_(slow, alpha=1 - self.alpha)
+                        fast.mul_(alpha).add_(slow, alpha=1 - alpha)
                         slow.copy_(fast)
                 else:
                     for p, q in zip(params, self.slow):
-                        p.mul_(self.alpha).add_(q, alpha=1 - self.alpha)
+                        p.mul_(alpha).add_(q, alpha=1 - alpha)
                         q.copy_(p)
         return loss
 
@@ -132,9 +141,9 @@ class Lookahead(torch.optim.Optimizer):
     @outside_dynamo
     def add_param_group(self, param_group):
         self.optimizer.add_param_group(param_group)
-        if self.slow is not None:
-            self._make_slow(self._params(), list(self.slow) + [
-                p.detach() for p in self.optimizer.param_groups[-1]["params"]])
+        if self.slow is not None:  # the new parameters' slow weights start from their values now
+            params = self._params()
+            self.slow, self._slow_params, self._flat_pairs = self._slow_copies(params, self._matched_slow(params))
 
     @contextmanager
     def slow_weights(self):
@@ -145,7 +154,7 @@ class Lookahead(torch.optim.Optimizer):
         params = self._params()
         with torch.no_grad():
             fast = [p.detach().clone() for p in params]
-            for p, q in zip(params, self.slow):
+            for p, q in zip(params, self._matched_slow(params)):
                 p.copy_(q)
         try:
             yield
@@ -165,7 +174,7 @@ class Lookahead(torch.optim.Optimizer):
             "k": self.k,
             "alpha": self.alpha,
             "step_count": self.step_count,
-            "slow": None if self.slow is None else {i: q.clone() for i, q in enumerate(self.slow)},
+            "slow": None if self.slow is None else {i: q.clone() for i, q in enumerate(self._matched_slow(self._params()))},
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
@@ -189,20 +198,26 @@ class Lookahead(torch.optim.Optimizer):
         params = self._params()
         slow = state_dict["slow"]
         if slow is not None:
-            if len(slow) != len(params):
-                raise ValueError(f"state_dict has {len(slow)} slow weights for {len(params)} parameters")
+            if not isinstance(slow, Mapping) or set(slow) != set(range(len(params))):
+                raise ValueError(f"state_dict's slow weights must be a dict of the {len(params)} parameters' "
+                                 f"indices, got {type(slow).__name__} of {len(slow)}")
             for i, p in enumerate(params):
+                if not isinstance(slow[i], torch.Tensor):
+                    raise TypeError(f"slow weight {i} must be a tensor, got {type(slow[i]).__name__}")
                 if slow[i].shape != p.shape:
                     raise ValueError(f"slow weight {i} has shape {tuple(slow[i].shape)}, its parameter "
                                      f"{tuple(p.shape)}")
-        k, alpha, count = int(state_dict["k"]), float(state_dict["alpha"]), int(state_dict["step_count"])
+        k, alpha, count = state_dict["k"], state_dict["alpha"], state_dict["step_count"]
         check_k_alpha(k, alpha)
+        float(alpha)  # what a step takes
+        if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"invalid step_count {count!r}")
         self.optimizer.load_state_dict(state_dict["inner"])
-        self.k, self.alpha, self.step_count = k, alpha, count
-        self.slow = self._flat_pairs = None
+        self.k, self.alpha, self.step_count = k, alpha, int(count)
+        self.slow, self._slow_params, self._flat_pairs = None, (), None
         if slow is not None:
-            self._make_slow(params, [slow[i].detach().to(device=p.device, dtype=p.dtype)
-                                     for i, p in enumerate(params)])
+            self.slow, self._slow_params, self._flat_pairs = self._slow_copies(
+                params, [slow[i].detach().to(device=p.device, dtype=p.dtype) for i, p in enumerate(params)])
 
     def __repr__(self):
         return f"Lookahead({self.optimizer!r}, k={self.k}, alpha={self.alpha})"
