@@ -315,12 +315,13 @@ class CudaBackend:
         return arr
 
     def to_host(self, buffer):
-        info = self._view(buffer)
+        info = self._info(buffer)
+        strided = info.view is None or not info.contiguous  # (a buffer assigned as a strided view)
         if SIMULATOR:
-            return info.view.copy_to_host()
+            return self._strided_to_host(buffer) if strided else info.view.copy_to_host()
         with self._on(info.device):
             cuda.synchronize()  # finish the steps queued on any stream before reading
-            return info.view.copy_to_host()
+            return self._strided_to_host(buffer) if strided else info.view.copy_to_host()
 
     def _strided_to_host(self, obj):
         """A host copy of a CUDA array that is not contiguous (slow weights or a state buffer

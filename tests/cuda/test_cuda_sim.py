@@ -962,6 +962,41 @@ def test_a_strided_device_array_assigned_as_state_is_copied_in():
     assert_states_same(cpu, gpu)
 
 
+@pytest.mark.parametrize("strided", ["Numba array", pytest.param("interface", marks=sim_only)])
+def test_a_strided_device_array_assigned_as_state_is_checkpointed_before_the_step(strided):
+    """state_dict(), pickle and a step on host params bring device buffers to the host: a strided
+    one was refused there ("not contiguous"), where the step on the device copies it in."""
+    p0, grads = data(dtype=np.float32)
+    avg = np.linspace(0, 1, 2 * len(p0)).astype(np.float32)
+    expected = avg[::2].copy()
+
+    def strided_on_device():
+        return cuda.to_device(avg)[::2] if strided == "Numba array" else FakeCAI(avg.copy()[::2])
+    cpu, gpu = flatopt.Adam(lr=0.1), flatopt.Adam(lr=0.1)
+    pc, pd = p0.copy(), cuda.to_device(p0)
+    step_both(cpu, gpu, pc, pd, grads[:1])
+    cpu.state["exp_avg"], gpu.state["exp_avg"] = expected.copy(), strided_on_device()
+    assert_same(gpu.state_dict()["state"]["exp_avg"], expected)
+    gpu = pickle.loads(pickle.dumps(gpu))
+    step_both(cpu, gpu, pc, pd, grads[1:])
+    assert_same(pd.copy_to_host(), pc)
+    assert_states_same(cpu, gpu)
+
+    on_host, reference = flatopt.Adam(lr=0.1), flatopt.Adam(lr=0.1)  # host params, a device state buffer
+    ph, pr = p0.copy(), p0.copy()
+    on_host.step(ph, grads[0])
+    reference.step(pr, grads[0])
+    on_host.state["exp_avg"], reference.state["exp_avg"] = strided_on_device(), expected.copy()
+    on_host.step(ph, grads[1])
+    reference.step(pr, grads[1])
+    assert_same(ph, pr)
+
+    la = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2)
+    la.step(cuda.to_device(p0), cuda.to_device(grads[0]))
+    la.slow = strided_on_device()
+    assert_same(la.state_dict()["slow"], expected)
+
+
 def test_lookahead_with_slow_weights_on_the_device_pickles_and_goes_on():
     p0, grads = data(dtype=np.float32, steps=5)
     cpu, gpu = flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2), flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2)
