@@ -196,6 +196,10 @@ class CpuBackend:
         """Whether the kernels can read and write ``buffer`` in place (else ``place`` copies it)."""
         return isinstance(buffer, np.ndarray) and buffer.flags.c_contiguous and buffer.flags.writeable
 
+    def check_beside(self, buffer, like):
+        """Refuses a placed state buffer the kernels cannot reach from ``like`` (the params):
+        on the CPU every one can."""
+
     def zeros(self, n, dtype):
         return np.zeros(n, dtype=dtype)
 

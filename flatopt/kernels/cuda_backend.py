@@ -72,6 +72,12 @@ class Plan:
         return f"Plan({self.nchunks} chunks, grid={self.grid}, block={self.block})"
 
 
+def _check_same_gpu(info, params):
+    if info.device is not None and params.device is not None and info.device != params.device:
+        raise ValueError(f"a buffer of this step is on GPU {info.device} but params are on GPU {params.device}; "
+                         "move optimizer state with state_dict() / load_state_dict()")
+
+
 class CudaBackend:
     """Buffers on a GPU, Numba CUDA kernels."""
 
@@ -282,6 +288,11 @@ class CudaBackend:
         return info.view is not None and info.contiguous and info.writeable and (
             info.device is None or beside.device is None or info.device == beside.device)
 
+    def check_beside(self, buffer, like):
+        """Refuses a placed state buffer on another GPU than ``like`` (the params) before the
+        step allocates the buffers it first needs (else a refused step would add them)."""
+        _check_same_gpu(self._info(buffer), self._described(like))
+
     def owns(self, buffer):
         return is_cuda_array(buffer)
 
@@ -429,7 +440,10 @@ class CudaBackend:
             if checked is None or not (_is(checked[0], params) and _is(checked[1], grads)):
                 return self.launch(kernel, params, grads, states, plan, table)
             p, g = checked[2], checked[3]
-            key = (p.ptr, g.ptr, p.shape, g.shape, p.dtype, g.dtype, p.device, g.device, p.stream, id(table))
+            # (and the thread: a replay uploads into the device table of the thread that recorded it,
+            # which that thread's other optimizers share; see _table_entry)
+            key = (p.ptr, g.ptr, p.shape, g.shape, p.dtype, g.dtype, p.device, g.device, p.stream, id(table),
+                   threading.get_ident())
             replay = replays.get(key)
             if replay is None:
                 replay = self.launch(kernel, params, grads, states, plan, table, replayable=True)
@@ -451,9 +465,7 @@ class CudaBackend:
         infos += [self._view(s) for s in states]
         p = infos[0]
         for info in infos[1:]:
-            if info.device is not None and p.device is not None and info.device != p.device:
-                raise ValueError(f"a buffer of this step is on GPU {info.device} but params are on GPU {p.device}; "
-                                 "move optimizer state with state_dict() / load_state_dict()")
+            _check_same_gpu(info, p)
         if plan.nchunks == 0:
             return None
         fn = kernels.get_kernel(kernel, p.dtype)

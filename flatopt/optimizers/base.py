@@ -176,7 +176,7 @@ class Optimizer:
             if unknown:
                 raise ValueError(f"optimizer state has unknown buffers {sorted(unknown)}; "
                                  f"{type(self).__name__} keeps {list(self.state_names)}")
-            self._check_state_fits(backend, n, dtype)
+            self._check_state_fits(backend, params, n, dtype)
         active, segments = self._active(n)
         if not active:
             return
@@ -238,16 +238,18 @@ class Optimizer:
     def _advance(self, hp, group_state):
         group_state["step"] += 1
 
-    def _check_state_fits(self, backend, n, dtype):
+    def _check_state_fits(self, backend, params, n, dtype):
         if self._backend is not None and self._backend is not backend:
             raise TypeError(f"the optimizer state lives on {self._backend.name} but params are on "
                             f"{backend.name}; move it with state_dict() / load_state_dict()")
         # Placed buffers were checked together; assigned or loaded ones are checked one by one
-        # (the kernel reads n elements of each).
+        # (the kernel reads n elements of each) and placed beside the params by the step.
         buffers = self.state if self._state_args is None else dict([next(iter(self.state.items()))])
         for name, buf in buffers.items():
             check_fits(buf, n, dtype, f"optimizer state '{name}'", "the optimizer state was made for",
                        "the optimizer state's")
+            if self._state_args is not None:
+                backend.check_beside(buf, params)
 
     def _states(self, backend, n, dtype, active):
         """The kernel's state arguments, allocating (zeros) the buffers first needed now."""

@@ -541,6 +541,35 @@ def test_cuda_array_interface_errors(monkeypatch):
         opt.step(c, d)
 
 
+@sim_only
+@pytest.mark.parametrize("needs_more", [
+    ("Adam", {}, dict(amsgrad=True)), ("RMSprop", dict(momentum=0.5), dict(centered=True)),
+    ("RMSprop", {}, dict(momentum=0.5)),
+], ids=["Adam amsgrad", "RMSprop centered", "RMSprop momentum"])
+def test_a_step_refused_for_params_on_another_gpu_adds_no_state(needs_more, monkeypatch):
+    """The buffers a step first needs were allocated (on the refused params' GPU) before the
+    launch refused them: the refused step added state, and a step back on the state's GPU was
+    then refused in turn."""
+    name, kwargs, switch = needs_more
+    monkeypatch.setattr(CUDA, "_pointer_device", lambda obj, ptr: obj.device_id)
+    zeros = CudaBackend.zeros
+    monkeypatch.setattr(CudaBackend, "zeros",  # as on real GPUs: made where the last checked params are
+                        lambda self, n, dtype: FakeCAI(CUDA.to_host(zeros(self, n, dtype)),
+                                                       device_id=self._device or 0))
+    on = {gpu: (FakeCAI(np.ones(10, np.float32), device_id=gpu), FakeCAI(np.ones(10, np.float32), device_id=gpu))
+          for gpu in (0, 1)}
+    opt = getattr(flatopt, name)(lr=0.1, **kwargs)
+    opt.step(*on[0])
+    for k, v in switch.items():
+        setattr(opt, k, v)
+    before = sorted(opt.state), [dict(s) for s in opt.group_state]
+    with pytest.raises(ValueError, match="on GPU 0 but params are on GPU 1"):
+        opt.step(*on[1])
+    assert (sorted(opt.state), [dict(s) for s in opt.group_state]) == before
+    opt.step(*on[0])  # back beside its state: the new buffer is made there
+    assert len(opt.state) == len(before[0]) + 1
+
+
 def test_backend_interface():
     assert CUDA.name == "cuda"
     z = CUDA.zeros(37, np.float64)

@@ -207,6 +207,43 @@ def test_ready_steps_replay_the_dispatchers_launch(cupy, monkeypatch):
     assert_same(cupy.asnumpy(dev.state["exp_avg_sq"]), cpu.state["exp_avg_sq"])
 
 
+def test_a_replay_runs_only_in_the_thread_that_recorded_it(cupy, monkeypatch):
+    """A replay uploads its table into the recording thread's device table, which that thread's
+    other optimizers share: stepped from another thread, the optimizer goes through the
+    dispatcher once and records a replay of its own there."""
+    import threading
+
+    from numba.cuda import dispatcher as numba_dispatcher
+
+    from flatopt.kernels import cuda as kernels
+    if not hasattr(numba_dispatcher, "launch"):
+        pytest.skip("this numba-cuda does not launch through cuda.core: every step uses the dispatcher")
+    dispatched = []
+    real = kernels.get_kernel
+    monkeypatch.setattr(kernels, "get_kernel", lambda *a: (dispatched.append(a), real(*a))[1])
+    p0, grads = data(steps=8)
+    cpu, dev = flatopt.Adam(lr=1e-2), flatopt.Adam(lr=1e-2)
+    pc, pd, gd = p0.copy(), cupy.asarray(p0), cupy.empty(len(p0), cupy.float32)
+
+    def step(g):
+        cpu.step(pc, g)
+        gd.set(g)
+        dev.step(pd, gd)
+        return len(dispatched)
+
+    def in_thread(gs):
+        counts = []
+        worker = threading.Thread(target=lambda: counts.extend(step(g) for g in gs))
+        worker.start()
+        worker.join()
+        return counts
+
+    assert [step(g) for g in grads[:3]] == [1, 2, 2]  # recorded in this thread, then replayed
+    assert in_thread(grads[3:5]) == [3, 3]  # recorded anew in the other thread, then replayed there
+    assert [step(g) for g in grads[5:8]] == [4, 4, 4]
+    assert_same(cupy.asnumpy(pd), pc)
+
+
 def test_cupy_non_default_stream(cupy):
     p0, grads = data(dtype=np.float32)
     _, expected = cpu_run(OPTIMIZERS["adamw"], p0, grads)
