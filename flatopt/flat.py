@@ -34,6 +34,7 @@ class FlatParams:
                 raise TypeError(f"FlatParams: {name!r} is not an array (got {type(value).__name__})")
             if _array_module(value) is not xp:
                 raise TypeError("FlatParams: mix of host and GPU arrays")
+            _check_kind(name, value, converting=dtype is not None)
         dtype = np.dtype(dtype) if dtype is not None else np.result_type(*(v.dtype for _, v in items))
         if dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"FlatParams: dtype {dtype}; flatopt supports float32 and float64")
@@ -43,12 +44,24 @@ class FlatParams:
         self.grads = xp.zeros(int(bounds[-1]), dtype=dtype)
         self.slices = {name: (int(a), int(b)) for name, a, b in zip(names, bounds[:-1], bounds[1:])}
         self.shapes = {name: tuple(v.shape) for name, v in items}
-        self.views, self.grad_views = {}, {}
         for name, value in items:
             a, b = self.slices[name]
             self.params[a:b] = xp.asarray(value, dtype=dtype).reshape(-1)
-            self.views[name] = self.params[a:b].reshape(self.shapes[name])
-            self.grad_views[name] = self.grads[a:b].reshape(self.shapes[name])
+        self._make_views()
+
+    def _make_views(self):
+        self.views = {name: self.params[a:b].reshape(self.shapes[name]) for name, (a, b) in self.slices.items()}
+        self.grad_views = {name: self.grads[a:b].reshape(self.shapes[name]) for name, (a, b) in self.slices.items()}
+
+    def __getstate__(self):
+        """pickle and copy.deepcopy: the flat buffers and the layout; the named arrays are made
+        again as views of the copies (copied one by one, they were arrays of their own, which
+        no step updates)."""
+        return {"params": self.params, "grads": self.grads, "slices": self.slices, "shapes": self.shapes}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._make_views()
 
     def __getitem__(self, name):
         """The parameter array ``name``: a view into ``params``."""
@@ -75,6 +88,14 @@ class FlatParams:
         unknown = set(overrides) - set(self.slices)
         if unknown:
             raise KeyError(f"FlatParams has no arrays named {sorted(unknown, key=str)}")
+        for name, extra in overrides.items():
+            if not isinstance(extra, Mapping):
+                raise TypeError(f"FlatParams: the overrides of {name!r} must be a dict of hyperparameters, "
+                                f"got {type(extra).__name__}")
+            ranged = sorted({"start", "stop"} & extra.keys())
+            if ranged:
+                raise ValueError(f"FlatParams: the overrides of {name!r} set {ranged}; a group's range is its "
+                                 "arrays' place in the buffer")
         groups = []
         for name, (start, stop) in self.slices.items():
             extra = dict(overrides.get(name, {}))
@@ -89,6 +110,20 @@ class FlatParams:
     def __repr__(self):
         shapes = ", ".join(f"{name}: {shape}" for name, shape in self.shapes.items())
         return f"FlatParams({len(self.params)} x {self.params.dtype}; {shapes})"
+
+
+def _check_kind(name, value, converting):
+    """Real floating-point arrays, or with an explicit ``dtype`` integer and boolean ones too:
+    an integer array among floats would otherwise make the whole buffer float64 (NumPy's
+    promotion), and a complex one lose its imaginary part."""
+    if isinstance(value, np.ma.MaskedArray):  # its masked values would be packed and optimized
+        raise TypeError(f"FlatParams: {name!r} is a masked array; flatopt does not support masked arrays")
+    kind = np.dtype(value.dtype).kind
+    if kind == "f" or converting and kind in "iub":
+        return
+    hint = " (give dtype=... to convert it)" if kind in "iub" else ""
+    raise TypeError(f"FlatParams: {name!r} is {np.dtype(value.dtype)}; flatopt optimizes real floating-point "
+                    f"arrays{hint}")
 
 
 def _same_overrides(a, b):

@@ -274,6 +274,40 @@ def test_adding_a_group_keeps_the_counts_of_unchanged_ranges():
     np.testing.assert_array_equal(p2[20:], fresh_tail)
 
 
+@pytest.mark.parametrize("name", ["Adam", "SGD", "ADOPT"])
+@pytest.mark.parametrize("before, after", [
+    (None, [dict(start=0, stop=10), dict(start=10, stop=30, lr=0.05)]),  # groups cut out of the whole buffer
+    ([dict(start=0, stop=30)], [dict(start=0, stop=12), dict(start=12, stop=30, lr=0.05)]),  # one group split
+    ([dict(start=0, stop=10), dict(start=10, stop=20), dict(start=20, stop=30)],
+     [dict(start=0, stop=20), dict(start=20, stop=30, lr=0.05)]),  # neighbours at one count merged
+], ids=["whole buffer cut", "split", "merged"])
+def test_regrouping_keeps_each_elements_count(name, before, after):
+    """Each element goes on with its own step count, as each torch parameter keeps its own: the
+    regrouped optimizer steps as one that had the new layout from the start, its lr changed in
+    place (new groups restarted at step 0 with the state buffers kept, so that Adam's bias
+    correction started over on warm moments)."""
+    kw = dict(lr=0.01, momentum=0.9) if name == "SGD" else dict(lr=0.01)
+    g = grads_for(30, count=6)
+    regrouped = getattr(flatopt, name)(**kw, param_groups=before)
+    laid_out = getattr(flatopt, name)(**kw, param_groups=[dict(start=a["start"], stop=a["stop"]) for a in after])
+    p1, p2 = steps(regrouped, rand(30, np.float64), g[:3]), steps(laid_out, rand(30, np.float64), g[:3])
+    np.testing.assert_array_equal(p1, p2)
+    regrouped.param_groups = after
+    laid_out.param_groups[1]["lr"] = 0.05
+    assert regrouped.group_state == laid_out.group_state
+    steps(regrouped, p1, g[3:])
+    steps(laid_out, p2, g[3:])
+    np.testing.assert_array_equal(p1, p2)
+
+
+def test_a_group_over_elements_of_different_counts_or_none_starts_over():
+    opt = flatopt.Adam(lr=0.1, param_groups=[dict(start=0, stop=4), dict(start=4, stop=8, frozen=True),
+                                             dict(start=8, stop=12)])
+    steps(opt, rand(16, np.float64), grads_for(16, count=2))
+    opt.param_groups = [dict(start=0, stop=8), dict(start=8, stop=16)]  # counts 2 and 0; elements in no group
+    assert opt.group_state == [{"step": 0}, {"step": 0}]
+
+
 def test_dropping_groups_for_the_whole_buffer_keeps_a_shared_count():
     opt = flatopt.SGD(lr=0.1, momentum=0.9, param_groups=[dict(start=0, stop=4), dict(start=4, stop=8)])
     steps(opt, rand(8, np.float64), grads_for(8, count=2))

@@ -1,4 +1,7 @@
 """FlatParams: named views over one flat parameter buffer and one flat gradient buffer."""
+import copy
+import pickle
+
 import numpy as np
 import pytest
 
@@ -80,6 +83,72 @@ def test_list_input_dtype_argument_and_errors():
     with pytest.raises(TypeError, match="not an array"):
         flatopt.FlatParams({"a": [1.0, 2.0]})
     with pytest.raises(TypeError, match="float32 and float64"):
-        flatopt.FlatParams({"a": np.ones(3, np.int64)})
+        flatopt.FlatParams({"a": np.ones(3, np.float16)})
     with pytest.raises(KeyError, match="nope"):
         flat.param_groups({"nope": {}})
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "copy"])
+def test_a_copied_flatparams_names_views_of_its_own_buffers(how):
+    """pickle and deepcopy copied each named array as an array of its own: gradients written
+    through grad(name) never reached the copy's grads, and its steps never reached its arrays."""
+    flat = flatopt.FlatParams(arrays(np.float64))
+    twin = {"pickle": lambda f: pickle.loads(pickle.dumps(f)), "deepcopy": copy.deepcopy, "copy": copy.copy}[how](flat)
+    for name in twin:
+        assert np.shares_memory(twin[name], twin.params) and np.shares_memory(twin.grad(name), twin.grads)
+        twin.grad(name)[...] = 1.0
+    flatopt.SGD(lr=0.5).step(twin.params, twin.grads)
+    for name in twin:
+        np.testing.assert_array_equal(twin[name], arrays(np.float64)[name] - 0.5)
+    assert np.shares_memory(twin.params, flat.params) == (how == "copy")
+
+
+@pytest.mark.parametrize("overrides, error, words", [
+    ({"b1": {"start": 0}}, ValueError, r"overrides of 'b1' set \['start'\]"),
+    ({"W2": {"stop": 7, "lr": 0.1}}, ValueError, r"overrides of 'W2' set \['stop'\]"),
+    ({"b1": 0.1}, TypeError, "overrides of 'b1' must be a dict"),
+])
+def test_overrides_that_are_not_hyperparameters_are_refused_naming_the_array(overrides, error, words):
+    """A range in the overrides replaced the array's own: part of it was in no group, never updated."""
+    with pytest.raises(error, match=words):
+        flatopt.FlatParams(arrays()).param_groups(overrides)
+
+
+def test_an_override_changed_later_leaves_the_other_arrays_trajectory_alone():
+    """Giving one array its own lr splits the group it shared with its neighbours: they go on
+    with their step counts (Adam's bias correction restarted for them, on warm moments)."""
+    runs = []
+    for change in (False, True):
+        flat = flatopt.FlatParams(arrays(np.float64))
+        opt = flatopt.Adam(lr=1e-3, param_groups=flat.param_groups())
+        rng = np.random.default_rng(1)
+        for t in range(8):
+            flat.grads[:] = rng.standard_normal(len(flat.grads))
+            if t == 4 and change:
+                opt.param_groups = flat.param_groups({"b2": {"lr": 1e-2}})
+            opt.step(flat.params, flat.grads)
+        runs.append(flat)
+    for name in ("W1", "b1", "W2"):
+        np.testing.assert_array_equal(runs[1][name], runs[0][name])
+    assert not np.array_equal(runs[1]["b2"], runs[0]["b2"])
+
+
+@pytest.mark.parametrize("value, words", [
+    (np.zeros(3, np.int64), "'b' is int64; .* \\(give dtype=... to convert it\\)"),
+    (np.zeros(3, bool), "'b' is bool"),
+    (np.zeros(3, np.complex64), "'b' is complex64"),
+    (np.ma.masked_array(np.zeros(3), mask=[0, 1, 0]), "'b' is a masked array"),
+])
+def test_arrays_that_are_not_real_floats_are_refused_naming_the_array(value, words):
+    """An integer bias made the whole model float64 (NumPy's promotion); a masked array's hidden
+    values were packed and optimized."""
+    with pytest.raises(TypeError, match=words):
+        flatopt.FlatParams({"W": np.ones((2, 3), np.float32), "b": value})
+
+
+def test_integer_arrays_are_converted_where_a_dtype_is_given():
+    flat = flatopt.FlatParams({"W": np.ones((2, 3), np.float32), "b": np.arange(3)}, dtype=np.float32)
+    assert flat.params.dtype == np.float32
+    np.testing.assert_array_equal(flat["b"], np.arange(3, dtype=np.float32))
+    with pytest.raises(TypeError, match="'b' is complex128"):
+        flatopt.FlatParams({"b": np.zeros(3, complex)}, dtype=np.float64)

@@ -485,18 +485,24 @@ def _check_ranges(groups):
 
 def _continued(i, group, old, old_groups, count):
     """The step count (and flags) that assigned group ``i`` of ``count`` carries on, if any:
-    those of the group that had its range; else, where the number of groups is unchanged,
-    those of the group in its place if their ranges overlap (a moved boundary, which an
-    in-place edit of ``start``/``stop`` keeps too).  Any other group starts at step 0, as a
-    torch param group added with fresh parameters does.  The state buffers are kept either way."""
-    if old_groups is None:  # one group over the whole buffer
-        return old[0] if count == 1 else None
-    for g, s in zip(old_groups, old):
-        if (g["start"], g["stop"]) == (group["start"], group["stop"]):
-            return s
+    those of the groups that held its elements, where they held all of them and agree (the
+    group had its range, is part of one, or joins neighbours at one count: each element goes on
+    with its own count, as each of torch's parameters keeps its own); else, where the number of
+    groups is unchanged, those of the group in its place if their ranges overlap (a moved
+    boundary, which an in-place edit of ``start``/``stop`` keeps too).  Any other group starts
+    at step 0, as a torch param group added with fresh parameters does.  The state buffers are
+    kept either way."""
+    if old_groups is None:  # one group over the whole buffer held every element
+        return old[0]
+    start, stop = group["start"], group["stop"]
+    held = [(g, s) for g, s in zip(old_groups, old) if g["start"] < stop and start < g["stop"]]
+    if (held and held[0][0]["start"] <= start and held[-1][0]["stop"] >= stop
+            and all(a["stop"] == b["start"] for (a, _), (b, _) in zip(held, held[1:]))
+            and all(s == held[0][1] for _, s in held)):
+        return held[0][1]
     if count == len(old_groups) == len(old):
         placed = old_groups[i]
-        if placed["start"] < group["stop"] and group["start"] < placed["stop"]:
+        if placed["start"] < stop and start < placed["stop"]:
             return old[i]
     return None
 
