@@ -132,10 +132,10 @@ def split_sizes(n, parts):
 def torch_impls(torch, params, grads, notes):
     torch.set_num_threads(int(os.environ.get("FLATOPT_BENCH_TORCH_THREADS", len(os.sched_getaffinity(0)))))
     impls = {}
-    one = torch.nn.Parameter(torch.from_numpy(params.copy()))
-    one.grad = torch.from_numpy(grads.copy())
     for label, kw in (("foreach=False", dict(foreach=False)), ("foreach=True", dict(foreach=True)),
                       ("fused=True", dict(fused=True))):
+        one = torch.nn.Parameter(torch.from_numpy(params.copy()))  # each peer its own tensors
+        one.grad = torch.from_numpy(grads.copy())
         opt = torch.optim.Adam([one], lr=1e-3, **kw)
         impls[f"torch Adam {label}"] = opt.step
     sizes = split_sizes(len(params), MODEL_TENSORS)
@@ -143,7 +143,8 @@ def torch_impls(torch, params, grads, notes):
     many = [torch.nn.Parameter(torch.from_numpy(params[a:b].copy())) for a, b in zip(offsets[:-1], offsets[1:])]
     for p, a, b in zip(many, offsets[:-1], offsets[1:]):
         p.grad = torch.from_numpy(grads[a:b].copy())
-    impls[f"torch Adam fused=True, {len(many)} tensors"] = torch.optim.Adam(many, lr=1e-3, fused=True).step
+    # (named for the model at every size: below MODEL_TENSORS elements it has fewer, and a note says so)
+    impls[f"torch Adam fused=True, {MODEL_TENSORS} tensors"] = torch.optim.Adam(many, lr=1e-3, fused=True).step
     try:
         import flatopt.torch as ft
     except ImportError as error:

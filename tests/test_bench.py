@@ -129,3 +129,17 @@ def test_bench_says_when_the_many_tensor_models_are_smaller_than_their_names(cap
     from flatopt import bench
     bench.main(["--sizes", "10", "--rounds", "1"])
     assert "the 200-tensor and 200-leaf models have 10 tensors of one element at this size" in capsys.readouterr().out
+
+
+def test_bench_rows_keep_their_names_at_every_size_and_peers_own_their_tensors():
+    """The plot joins rows by name: below 200 elements torch's many-tensor row was named for
+    the tensors it had, a series of its own.  And the single-tensor torch peers shared one
+    parameter, each stepping the others' weights."""
+    pytest.importorskip("torch")
+    from flatopt import bench
+    names = [list(bench.implementations(n, np.random.default_rng(0))[0]) for n in (100, 1000)]
+    assert names[0] == names[1] and "torch Adam fused=True, 200 tensors" in names[0]
+    impls, _ = bench.implementations(1000, np.random.default_rng(0))
+    steps = [impls[f"torch Adam {label}"] for label in ("foreach=False", "foreach=True", "fused=True")]
+    weights = [step.__self__.param_groups[0]["params"][0] for step in steps]
+    assert len({w.data_ptr() for w in weights}) == 3 and len({w.grad.data_ptr() for w in weights}) == 3
