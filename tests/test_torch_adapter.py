@@ -919,6 +919,14 @@ def _both(name, shapes, edit=None, edit_at=3, steps=6, listed=None, **kw):
     return out
 
 
+def _step_through(opt, params, seeds):
+    """A step per seed, each with the gradients ``_grads(params, seed)``."""
+    for seed in seeds:
+        for p, g in zip(params, _grads(params, seed)):
+            p.grad = g
+        opt.step()
+
+
 def _assert_same_tensors(a, b):
     for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y), (x - y).abs().max().item()
@@ -1482,10 +1490,7 @@ def test_lookahead_alpha_of_another_number_type_acts_as_its_float(alpha):
     for a in (alpha, 0.5):
         ps = _tensors([(3,), (5,)])
         la = ft.Lookahead(ft.Adam(ps, lr=0.1), k=2, alpha=a)
-        for t in range(4):
-            for p, g in zip(ps, _grads(ps, t)):
-                p.grad = g
-            la.step()
+        _step_through(la, ps, range(4))
         runs.append(ps)
     _assert_same_tensors(*runs)
 
@@ -1499,10 +1504,7 @@ def test_lookahead_load_refuses_a_bad_checkpoint_before_anything_changes(edit):
     slow weights failed after the inner state and the count had been loaded."""
     ps = _tensors([(3,), (5,)])
     la = ft.Lookahead(ft.Adam(ps, lr=0.1), k=2, alpha=0.5)
-    for t in range(3):
-        for p, g in zip(ps, _grads(ps, t)):
-            p.grad = g
-        la.step()
+    _step_through(la, ps, range(3))
     sd = la.state_dict()
     bad = dict(sd, **edit)
     if edit.get("slow") == "arrays":

@@ -168,20 +168,26 @@ def test_cupy_state_assigned_between_steps(cupy):
         dev.step(pd, cupy.asarray(grads[0]))
 
 
-@pytest.mark.filterwarnings("error::DeprecationWarning")
-def test_ready_steps_replay_the_dispatchers_launch(cupy, monkeypatch):
-    """Steps with the buffers, stream and table of the last launch replay it without Numba's
-    dispatcher (flatopt.kernels.cuda_backend._Replay); any of those changed goes through the
-    dispatcher once more, and every step stays bitwise equal to the CPU kernels.  The replay
-    hands cuda.core a stream of its own type (a Numba stream is deprecated there)."""
+@pytest.fixture
+def dispatched(monkeypatch):
+    """The launches that went through Numba's dispatcher (the others were replayed), one entry each."""
     from numba.cuda import dispatcher as numba_dispatcher
 
     from flatopt.kernels import cuda as kernels
     if not hasattr(numba_dispatcher, "launch"):
         pytest.skip("this numba-cuda does not launch through cuda.core: every step uses the dispatcher")
-    dispatched = []
+    calls = []
     real = kernels.get_kernel
-    monkeypatch.setattr(kernels, "get_kernel", lambda *a: (dispatched.append(a), real(*a))[1])
+    monkeypatch.setattr(kernels, "get_kernel", lambda *a: (calls.append(a), real(*a))[1])
+    return calls
+
+
+@pytest.mark.filterwarnings("error::DeprecationWarning")
+def test_ready_steps_replay_the_dispatchers_launch(cupy, dispatched):
+    """Steps with the buffers, stream and table of the last launch replay it without Numba's
+    dispatcher (flatopt.kernels.cuda_backend._Replay); any of those changed goes through the
+    dispatcher once more, and every step stays bitwise equal to the CPU kernels.  The replay
+    hands cuda.core a stream of its own type (a Numba stream is deprecated there)."""
     p0, grads = data(steps=12)
     cpu, dev = flatopt.Adam(lr=1e-2, weight_decay=0.1), flatopt.Adam(lr=1e-2, weight_decay=0.1)
     pc, pd, gd = p0.copy(), cupy.asarray(p0), cupy.empty(len(p0), cupy.float32)
@@ -207,20 +213,12 @@ def test_ready_steps_replay_the_dispatchers_launch(cupy, monkeypatch):
     assert_same(cupy.asnumpy(dev.state["exp_avg_sq"]), cpu.state["exp_avg_sq"])
 
 
-def test_a_replay_runs_only_in_the_thread_that_recorded_it(cupy, monkeypatch):
+def test_a_replay_runs_only_in_the_thread_that_recorded_it(cupy, dispatched):
     """A replay uploads its table into the recording thread's device table, which that thread's
     other optimizers share: stepped from another thread, the optimizer goes through the
     dispatcher once and records a replay of its own there."""
     import threading
 
-    from numba.cuda import dispatcher as numba_dispatcher
-
-    from flatopt.kernels import cuda as kernels
-    if not hasattr(numba_dispatcher, "launch"):
-        pytest.skip("this numba-cuda does not launch through cuda.core: every step uses the dispatcher")
-    dispatched = []
-    real = kernels.get_kernel
-    monkeypatch.setattr(kernels, "get_kernel", lambda *a: (dispatched.append(a), real(*a))[1])
     p0, grads = data(steps=8)
     cpu, dev = flatopt.Adam(lr=1e-2), flatopt.Adam(lr=1e-2)
     pc, pd, gd = p0.copy(), cupy.asarray(p0), cupy.empty(len(p0), cupy.float32)
