@@ -308,6 +308,32 @@ def test_a_group_over_elements_of_different_counts_or_none_starts_over():
     assert opt.group_state == [{"step": 0}, {"step": 0}]
 
 
+def test_groups_assigned_after_a_range_was_edited_into_no_range_are_taken():
+    """The rule compared every old group's range: one edited in place into None raised in the
+    middle of the assignment, which had already taken the new groups but not their counts,
+    and every later step was refused."""
+    opt = flatopt.Adam(lr=0.1, param_groups=[dict(start=0, stop=5), dict(start=5, stop=10)])
+    steps(opt, rand(10, np.float64), grads_for(10, count=2))
+    opt.param_groups[1]["start"] = None
+    opt.param_groups = [dict(start=0, stop=5), dict(start=5, stop=10)]
+    assert opt.group_state == [{"step": 2}, {"step": 0}]
+    p = rand(10, np.float64)
+    opt.step(p, rand(10, np.float64, seed=1))
+    assert opt.group_state == [{"step": 3}, {"step": 1}]
+
+
+def test_sgd_groups_merged_at_one_count_with_and_without_momentum_keep_the_count_and_restart_momentum():
+    """A flat group has one momentum flag: joined, elements whose momentum had started and
+    elements whose had not start it again (buf = g); the step count, which a schedule reads,
+    goes on."""
+    opt = flatopt.SGD(lr=lambda step: 0.1 / (1 + step), momentum=0.9,
+                      param_groups=[dict(start=0, stop=5), dict(start=5, stop=10, momentum=0.0)])
+    steps(opt, rand(10, np.float64), grads_for(10, count=3))
+    assert [s["momentum_started"] for s in opt.group_state] == [True, False]
+    opt.param_groups = [dict(start=0, stop=10)]
+    assert opt.group_state == [{"step": 3, "momentum_started": False}]
+
+
 def test_dropping_groups_for_the_whole_buffer_keeps_a_shared_count():
     opt = flatopt.SGD(lr=0.1, momentum=0.9, param_groups=[dict(start=0, stop=4), dict(start=4, stop=8)])
     steps(opt, rand(8, np.float64), grads_for(8, count=2))

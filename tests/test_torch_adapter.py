@@ -1688,25 +1688,43 @@ def test_constructor_errors_match_torchs_type_and_message(name, kw):
     assert errors[0] == errors[1]
 
 
+@pytest.mark.parametrize("edit", [dict(lr=torch.tensor(1e-2)), dict(betas=(torch.tensor(0.9), torch.tensor(0.99))),
+                                  dict(betas=torch.tensor([0.9, 0.99]))], ids=["lr", "betas", "betas vector"])
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
-def test_a_tensor_lr_in_a_foreach_group_is_refused_at_the_step_as_torch_refuses_it(name):
-    """torch's Adam checks each group at its step: a tensor lr set after the build, with
-    ``foreach=True``, raises there; flatopt.torch raises the same, before anything changes."""
+def test_tensor_hyperparameters_in_a_foreach_group_are_refused_at_the_step_as_torch_refuses_them(name, edit):
+    """torch's Adam checks each group with gradients at its step: a tensor lr or tensor betas
+    set after the build, with ``foreach=True``, raise there; flatopt.torch raises the same,
+    before anything changes."""
     errors = []
     for mod in (ft, torch.optim):
         ps = _tensors([(3,), (4,)])
         opt = getattr(mod, name)(ps, lr=1e-2, foreach=True)
-        for p, g in zip(ps, _grads(ps, 1)):
-            p.grad = g
-        opt.step()
+        _step_through(opt, ps, [1])
         before = [p.detach().clone() for p in ps]
-        opt.param_groups[0]["lr"] = torch.tensor(1e-2)
+        opt.param_groups[0].update(edit)
         with pytest.raises(Exception) as info:
             opt.step()
         errors.append((type(info.value), str(info.value)))
         _assert_same_tensors(before, [p.detach() for p in ps])
     assert errors[0] == errors[1]
-    assert errors[0][0] is RuntimeError
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_a_foreach_group_with_a_tensor_lr_is_taken_until_a_step_updates_it(name):
+    """torch takes such a group at the build and in add_param_group, and steps while it has no
+    gradients; the step that would update it raises."""
+    errors = []
+    for mod in (ft, torch.optim):
+        a, b, c = _tensors([(3,), (4,), (2,)])
+        opt = getattr(mod, name)([{"params": [a]}, {"params": [b], "lr": torch.tensor(1e-2)}], lr=1e-2, foreach=True)
+        opt.add_param_group({"params": [c], "lr": torch.tensor(1e-3)})
+        a.grad = torch.ones(3)
+        opt.step()
+        b.grad = torch.ones(4)
+        with pytest.raises(Exception) as info:
+            opt.step()
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1] and errors[0][0] is RuntimeError
 
 
 @pytest.mark.parametrize("name", ["SGD", "RMSprop"])

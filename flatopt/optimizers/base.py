@@ -88,9 +88,9 @@ class Optimizer:
             return
         groups = [self._checked_group(i, g) for i, g in enumerate(groups)]
         _check_ranges(groups)
-        self._groups = groups
-        self.group_state = [dict(old and _continued(i, g, old, old_groups, len(groups)) or self._new_group_state())
-                            for i, g in enumerate(groups)]
+        group_state = [dict(old and _continued(i, g, old, old_groups, len(groups)) or self._new_group_state())
+                       for i, g in enumerate(groups)]
+        self._groups, self.group_state = groups, group_state
         self._plan_key = None
 
     def _checked_group(self, i, group):
@@ -485,26 +485,35 @@ def _check_ranges(groups):
 
 def _continued(i, group, old, old_groups, count):
     """The step count (and flags) that assigned group ``i`` of ``count`` carries on, if any:
-    those of the groups that held its elements, where they held all of them and agree (the
-    group had its range, is part of one, or joins neighbours at one count: each element goes on
-    with its own count, as each of torch's parameters keeps its own); else, where the number of
-    groups is unchanged, those of the group in its place if their ranges overlap (a moved
-    boundary, which an in-place edit of ``start``/``stop`` keeps too).  Any other group starts
-    at step 0, as a torch param group added with fresh parameters does.  The state buffers are
-    kept either way."""
+    those of the groups that held its elements, where they held all of them at one count (the
+    group had its range, is part of one, or joins neighbours at one count: each element goes
+    on with its own count, as each of torch's parameters keeps its own); a flag they differ on
+    (SGD's ``momentum_started``) is False, so what it names starts again for the whole group,
+    which has one.  Else, where the number of groups is unchanged, those of the group in its
+    place if their ranges overlap (a moved boundary, which an in-place edit of
+    ``start``/``stop`` keeps too).  Any other group starts at step 0, as a torch param group
+    added with fresh parameters does.  The state buffers are kept either way.  Old groups
+    whose ranges were edited in place into something that is not a range are passed over."""
     if old_groups is None:  # one group over the whole buffer held every element
         return old[0]
     start, stop = group["start"], group["stop"]
-    held = [(g, s) for g, s in zip(old_groups, old) if g["start"] < stop and start < g["stop"]]
+    ranged = [(g, s) for g, s in zip(old_groups, old) if _is_range(g)]
+    held = [(g, s) for g, s in ranged if g["start"] < stop and start < g["stop"]]
     if (held and held[0][0]["start"] <= start and held[-1][0]["stop"] >= stop
             and all(a["stop"] == b["start"] for (a, _), (b, _) in zip(held, held[1:]))
-            and all(s == held[0][1] for _, s in held)):
-        return held[0][1]
-    if count == len(old_groups) == len(old):
+            and all(s.get("step") == held[0][1].get("step") for _, s in held)):
+        first = held[0][1]
+        return {k: v if k == "step" or all(s.get(k) == v for _, s in held) else False for k, v in first.items()}
+    if count == len(old_groups) == len(old) and _is_range(old_groups[i]):
         placed = old_groups[i]
         if placed["start"] < stop and start < placed["stop"]:
             return old[i]
     return None
+
+
+def _is_range(group):
+    return all(isinstance(group.get(k), numbers.Integral) and not isinstance(group.get(k), bool)
+               for k in ("start", "stop"))
 
 
 def _unwrap(value):

@@ -29,10 +29,19 @@ def check_tensor_lr(lr, foreach_refused=False):
             raise ValueError("Tensor lr must be 1-element")
 
 
-def check_foreach_tensor_lr(group):
-    """torch's Adam and AdamW at a step: a group with ``foreach=True`` and a tensor lr."""
-    if group.get("foreach") and isinstance(group["lr"], torch.Tensor):
+def check_foreach_tensors(group):
+    """torch's Adam and AdamW at a step, in a group with ``foreach=True`` whose params have
+    gradients: no tensor lr (its _init_group's RuntimeError), no tensor betas (its foreach
+    function's ValueError)."""
+    if not group.get("foreach"):
+        return
+    if isinstance(group["lr"], torch.Tensor):
         raise RuntimeError(_TENSOR_WITH_FOREACH.format("lr"))
+    betas = group["betas"]
+    if isinstance(betas, (tuple, list, torch.Tensor)) and len(betas) == 2:  # (else the core's check names it)
+        for name, beta in zip(("beta1", "beta2"), betas):
+            if isinstance(beta, torch.Tensor):
+                raise ValueError(_TENSOR_WITH_FOREACH.format(name))
 
 
 def check_betas_types(betas):

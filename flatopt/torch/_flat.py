@@ -13,7 +13,7 @@ import torch.optim.optimizer as _torch_optimizer
 
 from flatopt.backend import Gather, aligned_zeros, backend_for, host_span
 from flatopt.torch._checks import (NP_DTYPES, check_betas_types, check_disjoint, check_flags,
-                                   check_foreach_tensor_betas, check_foreach_tensor_lr, check_fused_foreach,
+                                   check_foreach_tensor_betas, check_foreach_tensors, check_fused_foreach,
                                    check_param, check_tensor_lr, check_unique, moved_error)
 from flatopt.torch._edits import Edits, ParamList, ParamState, State, unchanged
 
@@ -285,8 +285,6 @@ class FlatOptimizer(torch.optim.Optimizer):
         core = self._core_cls(**self._core_kwargs)
         core._check(core._resolve({k: _number(group[k]) for k in self._hp_names}, 0))
         check_flags(group)
-        if self._foreach_refuses_tensors:
-            check_foreach_tensor_lr(group)
 
     def _groups_edited(self):
         """Whether a group's ``params`` list was edited or replaced, or a group was added or
@@ -725,9 +723,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             pg = self.param_groups
             values = [tuple(map(pg[gi].__getitem__, self._hp_names)) for gi, *_ in runs]
             if b.volatile or b.core_groups_key is None or values != b.group_values:
-                if self._foreach_refuses_tensors:
+                if self._foreach_refuses_tensors:  # (torch: at a step, in groups with gradients)
                     for gi, *_ in runs:
-                        check_foreach_tensor_lr(pg[gi])
+                        check_foreach_tensors(pg[gi])
                 hps = [tuple(map(_number, v)) for v in values]
                 if hps != b.core_groups_key:
                     self._configure_core(b, runs, hps)

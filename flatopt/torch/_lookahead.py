@@ -199,8 +199,9 @@ class Lookahead(torch.optim.Optimizer):
         slow = state_dict["slow"]
         if slow is not None:
             if not isinstance(slow, Mapping) or set(slow) != set(range(len(params))):
-                raise ValueError(f"state_dict's slow weights must be a dict of the {len(params)} parameters' "
-                                 f"indices, got {type(slow).__name__} of {len(slow)}")
+                got = f"{len(slow)} entries" if isinstance(slow, Mapping) else type(slow).__name__
+                raise ValueError(f"state_dict's slow weights must be a dict keyed by the {len(params)} "
+                                 f"parameters' indices, got {got}")
             for i, p in enumerate(params):
                 if not isinstance(slow[i], torch.Tensor):
                     raise TypeError(f"slow weight {i} must be a tensor, got {type(slow[i]).__name__}")
