@@ -364,11 +364,15 @@ class FlatOptimizer(torch.optim.Optimizer):
         # The parameters move in one by one, each one's old memory freed as it goes (where
         # nothing else holds it), into a buffer whose pages the OS hands out as they are first
         # written: building the optimizer needs about one model's memory more, not two.  The
-        # gradient buffer costs nothing until gradients arrive (NumPy's calloc'd zeros), as
-        # torch's own .grads; torch.zeros would write all of it at once.
-        b.flat = torch.empty(total, dtype=dtype, device=device)
-        b.gflat = (torch.from_numpy(aligned_zeros(total, NP_DTYPES[dtype])) if device.type == "cpu"
-                   else torch.zeros(total, dtype=dtype, device=device))
+        # gradient buffer costs nothing until gradients arrive, as torch's own .grads; torch.zeros
+        # would write all of it at once.  On the CPU both are NumPy's calloc'd zeros, which NumPy
+        # asks the OS to back with huge pages from 4 MiB (torch's allocator does not): at 10^7
+        # parameters a step streams them 2-3% faster (five probes, 2026-11-27).
+        if device.type == "cpu":
+            b.flat, b.gflat = (torch.from_numpy(aligned_zeros(total, NP_DTYPES[dtype])) for _ in range(2))
+        else:
+            b.flat = torch.empty(total, dtype=dtype, device=device)
+            b.gflat = torch.zeros(total, dtype=dtype, device=device)
         b.steps = np.zeros(len(b.params), np.float32)
         b.started = np.zeros(len(b.params), bool)
         b.installed = [None] * len(b.params)
