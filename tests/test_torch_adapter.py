@@ -1727,6 +1727,34 @@ def test_a_foreach_group_with_a_tensor_lr_is_taken_until_a_step_updates_it(name)
     assert errors[0] == errors[1] and errors[0][0] is RuntimeError
 
 
+@pytest.mark.parametrize("value", [dict(lr=torch.tensor(0.05)), dict(betas=(torch.tensor(0.9), torch.tensor(0.99)))],
+                         ids=["lr", "betas"])
+def test_a_number_replaced_by_a_tensor_of_the_same_value_is_read_again(value):
+    """``0.05 == torch.tensor(0.05)`` is a true tensor: the step took the groups as unchanged,
+    kept the double 0.05 where the tensor holds 0.0500000007, and took a foreach group's tensor
+    lr that torch refuses."""
+    runs = []
+    for replacement in (value, {k: (float(v) if not isinstance(v, tuple) else tuple(map(float, v)))
+                                for k, v in value.items()}):
+        ps = _tensors([(30,), (20,)])
+        opt = ft.Adam(ps, lr=0.05, betas=(0.9, 0.99))
+        _step_through(opt, ps, range(2))
+        opt.param_groups[0].update(replacement)  # the tensor's values, or the floats they hold
+        _step_through(opt, ps, range(2, 8))
+        runs.append(ps)
+    _assert_same_tensors(*runs)
+    errors = []
+    for mod in (ft, torch.optim):
+        ps = _tensors([(3,)])
+        opt = mod.Adam(ps, lr=0.05, betas=(0.9, 0.99), foreach=True)
+        _step_through(opt, ps, range(2))
+        opt.param_groups[0].update(value)
+        with pytest.raises(Exception) as info:
+            _step_through(opt, ps, [2])
+        errors.append((type(info.value), str(info.value)))
+    assert errors[0] == errors[1]
+
+
 @pytest.mark.parametrize("name", ["SGD", "RMSprop"])
 def test_a_tensor_lr_with_foreach_is_taken_where_torch_takes_it(name):
     ps, refs = _tensors([(3,), (4,)]), _tensors([(3,), (4,)])

@@ -51,6 +51,13 @@ def _volatile(value):
     return isinstance(value, (torch.Tensor, list)) or (type(value) is tuple and any(map(_volatile, value)))
 
 
+def _kinds(values):
+    """The types of the groups' values (a tuple's items' too): a number replaced by a tensor of
+    the same value compares equal to it (``==`` gives a one-element tensor, which is true), and
+    would go unseen."""
+    return [tuple(tuple(map(type, x)) if type(x) is tuple else type(x) for x in v) for v in values]
+
+
 def global_hooks_or_profiler():
     """Whether torch.optim's global step hooks or a profiler want to see every step (if a
     torch release moves the hook registries, every step takes torch's own path)."""
@@ -153,6 +160,7 @@ class _Bucket:
         self.runs = self.spans = ()  # see _layout
         self.core_groups_key = None  # the hyperparameters the core has, one tuple per run
         self.group_values = None  # the torch groups' values they were read from
+        self.group_kinds = None  # and their types (see _kinds)
         self.volatile = False  # whether those values must be read again every step
         self.state_args = None  # the core's state arguments self.state was last pointed at
         self.gstorage = None  # the flat gradient buffer's storage (its _cdata), and the number of
@@ -726,7 +734,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         if runs:
             pg = self.param_groups
             values = [tuple(map(pg[gi].__getitem__, self._hp_names)) for gi, *_ in runs]
-            if b.volatile or b.core_groups_key is None or values != b.group_values:
+            if b.volatile or b.core_groups_key is None or values != b.group_values or _kinds(values) != b.group_kinds:
                 if self._foreach_refuses_tensors:  # (torch: at a step, in groups with gradients)
                     for gi, *_ in runs:
                         check_foreach_tensors(pg[gi])
@@ -734,7 +742,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if hps != b.core_groups_key:
                     self._configure_core(b, runs, hps)
                     b.core_groups_key = hps
-                b.group_values, b.volatile = values, any(map(_volatile, (x for v in values for x in v)))
+                b.group_values, b.group_kinds = values, _kinds(values)
+                b.volatile = any(map(_volatile, (x for v in values for x in v)))
         return runs
 
     def _step_bucket(self, b, runs, gather=None):
