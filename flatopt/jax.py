@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from flatopt.backend import Gather, aligned_zeros, host_span
+from flatopt.backend import Gather, aligned_zeros, check_fits, host_span
 from flatopt.lookahead import Lookahead
 from flatopt.optimizers import Optimizer
 
@@ -333,6 +333,19 @@ def _fresh_checkpoint(opt):
     return dict(sd, group_state=[opt._new_group_state() for _ in sd["group_state"]], state={})
 
 
+def _check_fits_master(opt, master):
+    """What a step of ``opt`` on ``master`` would refuse of its loaded state: buffers of another
+    size or dtype, groups that reach past its end."""
+    n, dtype = len(master), master.dtype
+    if isinstance(opt, Lookahead) and opt.slow is not None:
+        check_fits(opt.slow, n, dtype, "slow weights", "the slow weights have", "the slow weights'")
+    core = _inner(opt)
+    for name, buffer in core.state.items():
+        check_fits(buffer, n, dtype, f"optimizer state '{name}'", "the optimizer state was made for",
+                   "the optimizer state's")
+    core._groups_for(n)
+
+
 def _inner(obj):
     """The optimizer a ``Lookahead`` wraps, or the inner state of a ``LookaheadState``; else ``obj``."""
     return obj.inner if isinstance(obj, (Lookahead, LookaheadState)) else obj
@@ -597,9 +610,14 @@ class TreeOptimizer:
         return {"params": self.master.copy(), "optimizer": self.opt.state_dict()}
 
     def load_state_dict(self, state_dict):
+        """Everything the next step would refuse is refused first, nothing changed: the
+        optimizer's checkpoint is tried on a copy, against the master copy's size and dtype."""
         params = np.asarray(state_dict["params"])
         if params.shape != self.master.shape or params.dtype != self.master.dtype:
             raise ValueError(f"checkpoint params {params.shape} {params.dtype} do not match "
                              f"{self.master.shape} {self.master.dtype}")
+        trial = copy.deepcopy(self.opt)
+        trial.load_state_dict(state_dict["optimizer"])
+        _check_fits_master(trial, self.master)
         self.opt.load_state_dict(state_dict["optimizer"])
         self.master[:] = params

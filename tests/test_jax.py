@@ -4,6 +4,7 @@ and against the core optimizer on the same flat buffer; as_optax as a pure optax
 as_optax both ways: the XLA FFI kernel (the CPU default) and the host callback (other
 platforms, Lookahead, and a JAX that refuses the FFI handler)."""
 import contextlib
+import copy
 import functools
 from unittest import mock
 
@@ -437,6 +438,50 @@ def test_tree_optimizer_checkpoint_round_trip():
     for g in grads_list[4:]:
         got = second.step(g)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _assert_same_checkpoint(a, b):
+    assert type(a) is type(b)
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same_checkpoint(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same_checkpoint(x, y)
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("make, edit, error", [
+    (lambda: flatopt.Adam(lr=1e-2), lambda sd: sd["state"].update(exp_avg=sd["state"]["exp_avg"][:3],
+                                                                   exp_avg_sq=sd["state"]["exp_avg_sq"][:3]), ValueError),
+    (lambda: flatopt.Adam(lr=1e-2), lambda sd: sd["state"].update({k: v.astype(np.float64)
+                                                                   for k, v in sd["state"].items()}), TypeError),
+    (lambda: flatopt.Lookahead(flatopt.SGD(lr=1e-2), k=2), lambda sd: sd.update(slow=sd["slow"][:3]), ValueError),
+    (lambda: flatopt.Adam(lr=1e-2), lambda sd: sd.update(param_groups=[dict(start=0, stop=10**6)],
+                                                         group_state=[{"step": 1}]), ValueError),
+], ids=["state of another size", "state of another dtype", "slow weights of another size", "groups past the end"])
+def test_tree_optimizer_refuses_a_checkpoint_its_next_step_would_refuse(make, edit, error):
+    """The core's load checks its buffers against each other only: the checkpoint replaced a
+    good state, and the next step refused it."""
+    params, grads = tree(0), tree(1, 0.1)
+    tree_opt = TreeOptimizer(make(), params)
+    tree_opt.step(grads)
+    good = tree_opt.state_dict()
+    bad = copy.deepcopy(good)
+    edit(bad["optimizer"])
+    with pytest.raises(error):
+        tree_opt.load_state_dict(bad)
+    _assert_same_checkpoint(tree_opt.state_dict(), good)
+    expected = TreeOptimizer(make(), params)
+    expected.load_state_dict(good)
+    for a, b in zip(jax.tree_util.tree_leaves(tree_opt.step(grads)), jax.tree_util.tree_leaves(expected.step(grads))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
