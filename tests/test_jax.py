@@ -441,6 +441,15 @@ def test_tree_optimizer_checkpoint_round_trip():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("leaf", [jnp.zeros(3, jnp.int32), jnp.zeros(3, jnp.bfloat16)], ids=["int32", "bfloat16"])
+def test_tree_optimizer_refuses_params_of_another_dtype_when_built_as_init_does(leaf):
+    """It took them and refused them at the first step."""
+    with pytest.raises(TypeError, match="flatopt supports float32 and float64"):
+        as_optax(flatopt.Adam(lr=1e-2)).init({"w": leaf})
+    with pytest.raises(TypeError, match="flatopt supports float32 and float64"):
+        TreeOptimizer(flatopt.Adam(lr=1e-2), {"w": leaf})
+
+
 def _assert_same_checkpoint(a, b):
     assert type(a) is type(b)
     if isinstance(a, dict):
