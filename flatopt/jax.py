@@ -53,6 +53,7 @@ from jax.flatten_util import ravel_pytree
 from flatopt.backend import Gather, aligned_zeros, check_fits, host_span
 from flatopt.lookahead import Lookahead
 from flatopt.optimizers import Optimizer
+from flatopt.optimizers.base import _unwrap
 
 
 # Bytes above which glibc maps every allocation afresh (the ceiling of its mmap threshold), so that
@@ -337,17 +338,23 @@ def _fresh_checkpoint(opt):
     return dict(sd, group_state=[opt._new_group_state() for _ in sd["group_state"]], state={})
 
 
-def _check_fits_master(opt, master):
-    """What a step of ``opt`` on ``master`` would refuse of its loaded state: buffers of another
-    size or dtype, groups that reach past its end."""
+def _check_fits_master(checkpoint, master):
+    """What a step on ``master`` would refuse of an optimizer's checkpoint (``state_dict()``'s,
+    also through ``np.savez``): buffers or slow weights of another size or dtype, groups that
+    reach past its end.  What is malformed is left to the optimizer's own load to name."""
     n, dtype = len(master), master.dtype
-    if isinstance(opt, Lookahead) and opt.slow is not None:
-        check_fits(opt.slow, n, dtype, "slow weights", "the slow weights have", "the slow weights'")
-    core = _inner(opt)
-    for name, buffer in core.state.items():
-        check_fits(buffer, n, dtype, f"optimizer state '{name}'", "the optimizer state was made for",
+    sd = {k: _unwrap(v) for k, v in dict(_unwrap(checkpoint)).items()}
+    if sd.get("optimizer") == "Lookahead":
+        if sd.get("slow") is not None:
+            check_fits(np.asarray(sd["slow"]), n, dtype, "slow weights", "the slow weights have",
+                       "the slow weights'")
+        return _check_fits_master(sd.get("inner", {}), master)
+    for name, buffer in dict(_unwrap(sd.get("state") or {})).items():
+        check_fits(np.asarray(buffer), n, dtype, f"optimizer state '{name}'", "the optimizer state was made for",
                    "the optimizer state's")
-    core._groups_for(n)
+    stops = [g.get("stop") for g in sd.get("param_groups") or () if isinstance(g, dict)]
+    if stops and isinstance(stops[-1], int) and stops[-1] > n:
+        raise ValueError(f"param groups reach element {stops[-1]} but the buffer has {n} elements")
 
 
 def _inner(obj):
@@ -616,13 +623,13 @@ class TreeOptimizer:
 
     def load_state_dict(self, state_dict):
         """Everything the next step would refuse is refused first, nothing changed: the
-        optimizer's checkpoint is tried on a copy, against the master copy's size and dtype."""
+        optimizer's checkpoint is checked against the master copy's size and dtype, which the
+        optimizer's own load cannot know."""
         params = np.asarray(state_dict["params"])
         if params.shape != self.master.shape or params.dtype != self.master.dtype:
             raise ValueError(f"checkpoint params {params.shape} {params.dtype} do not match "
                              f"{self.master.shape} {self.master.dtype}")
-        trial = copy.deepcopy(self.opt)
-        trial.load_state_dict(state_dict["optimizer"])
-        _check_fits_master(trial, self.master)
-        self.opt.load_state_dict(state_dict["optimizer"])
+        checkpoint = _unwrap(state_dict["optimizer"])  # (np.savez keeps a dict as a 0-d array)
+        _check_fits_master(checkpoint, self.master)
+        self.opt.load_state_dict(checkpoint)  # checks the rest before it changes anything
         self.master[:] = params

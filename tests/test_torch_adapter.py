@@ -1755,6 +1755,24 @@ def test_a_number_replaced_by_a_tensor_of_the_same_value_is_read_again(value):
     assert errors[0] == errors[1]
 
 
+def test_numpy_array_betas_are_read_at_every_step_as_torchs():
+    """Replaced by an equal new array, they failed the step ("truth value of an array ...
+    is ambiguous"); edited in place, they were not read again."""
+    runs = []
+    for make in (lambda ps: ft.Adam(ps, lr=0.05, betas=np.array([0.9, 0.999])),
+                 lambda ps: torch.optim.Adam(ps, lr=0.05, betas=np.array([0.9, 0.999]), fused=True)):
+        ps = _tensors([(16,), (32,)])
+        opt = make(ps)
+        for t in range(6):
+            if t == 2:
+                opt.param_groups[0]["betas"] = np.array([0.9, 0.999])
+            if t == 4:
+                opt.param_groups[0]["betas"][0] = 0.8
+            _step_through(opt, ps, [t])
+        runs.append(ps)
+    _assert_same_tensors(*runs)
+
+
 @pytest.mark.parametrize("name", ["SGD", "RMSprop"])
 def test_a_tensor_lr_with_foreach_is_taken_where_torch_takes_it(name):
     ps, refs = _tensors([(3,), (4,)]), _tensors([(3,), (4,)])

@@ -40,15 +40,17 @@ def _number(value):
     between steps."""
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else tuple(value.tolist())
+    if isinstance(value, np.ndarray):  # (as torch takes them)
+        return value.item() if value.size == 1 else tuple(value.tolist())
     if type(value) in (tuple, list):
         return tuple(map(_number, value))
     return value
 
 
 def _volatile(value):
-    """Whether a hyperparameter can change with no assignment to its group: a tensor or a
-    list (edited in place), also inside a tuple."""
-    return isinstance(value, (torch.Tensor, list)) or (type(value) is tuple and any(map(_volatile, value)))
+    """Whether a hyperparameter can change with no assignment to its group: a tensor, a NumPy
+    array or a list (edited in place), also inside a tuple."""
+    return isinstance(value, (torch.Tensor, np.ndarray, list)) or (type(value) is tuple and any(map(_volatile, value)))
 
 
 def _kinds(values):
@@ -734,7 +736,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         if runs:
             pg = self.param_groups
             values = [tuple(map(pg[gi].__getitem__, self._hp_names)) for gi, *_ in runs]
-            if b.volatile or b.core_groups_key is None or values != b.group_values or _kinds(values) != b.group_kinds:
+            # (the types first: values of other types may not compare, as a NumPy array with a tuple)
+            if b.volatile or b.core_groups_key is None or _kinds(values) != b.group_kinds or values != b.group_values:
                 if self._foreach_refuses_tensors:  # (torch: at a step, in groups with gradients)
                     for gi, *_ in runs:
                         check_foreach_tensors(pg[gi])
