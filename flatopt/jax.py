@@ -42,7 +42,9 @@ time on first touches of new pages, not on the step (at 10^7 elements on this pr
 """
 import copy
 import functools
+import numbers
 import threading
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import jax
@@ -338,23 +340,32 @@ def _fresh_checkpoint(opt):
     return dict(sd, group_state=[opt._new_group_state() for _ in sd["group_state"]], state={})
 
 
-def _check_fits_master(checkpoint, master):
-    """What a step on ``master`` would refuse of an optimizer's checkpoint (``state_dict()``'s,
-    also through ``np.savez``): buffers or slow weights of another size or dtype, groups that
-    reach past its end.  What is malformed is left to the optimizer's own load to name."""
+def _check_fits_master(opt, checkpoint, master):
+    """What a step of ``opt`` on ``master`` would refuse of its checkpoint (``state_dict()``'s,
+    also through ``np.savez``), which its own load cannot know: its buffers or slow weights of
+    another size or dtype, groups that reach past the master's end.  What is malformed (a
+    buffer of another name, say) is left to the optimizer's own load to name."""
     n, dtype = len(master), master.dtype
-    sd = {k: _unwrap(v) for k, v in dict(_unwrap(checkpoint)).items()}
-    if sd.get("optimizer") == "Lookahead":
+    checkpoint = _unwrap(checkpoint)
+    if not isinstance(checkpoint, Mapping):
+        return
+    sd = {k: _unwrap(v) for k, v in checkpoint.items()}
+    if sd.get("optimizer") == "Lookahead" and isinstance(opt, Lookahead):
         if sd.get("slow") is not None:
             check_fits(np.asarray(sd["slow"]), n, dtype, "slow weights", "the slow weights have",
                        "the slow weights'")
-        return _check_fits_master(sd.get("inner", {}), master)
-    for name, buffer in dict(_unwrap(sd.get("state") or {})).items():
-        check_fits(np.asarray(buffer), n, dtype, f"optimizer state '{name}'", "the optimizer state was made for",
-                   "the optimizer state's")
-    stops = [g.get("stop") for g in sd.get("param_groups") or () if isinstance(g, dict)]
-    if stops and isinstance(stops[-1], int) and stops[-1] > n:
-        raise ValueError(f"param groups reach element {stops[-1]} but the buffer has {n} elements")
+        return _check_fits_master(opt.inner, sd.get("inner", {}), master)
+    known = set(getattr(opt, "state_names", ()))
+    state = _unwrap(sd.get("state"))
+    for name, buffer in (state.items() if isinstance(state, Mapping) else ()):
+        if name in known:
+            check_fits(np.asarray(buffer), n, dtype, f"optimizer state '{name}'", "the optimizer state was made for",
+                       "the optimizer state's")
+    groups = sd.get("param_groups")
+    stops = [g.get("stop") for g in (() if groups is None else groups) if isinstance(g, dict)]
+    last = stops[-1] if stops else None
+    if isinstance(last, numbers.Integral) and not isinstance(last, bool) and last > n:
+        raise ValueError(f"param groups reach element {last} but the buffer has {n} elements")
 
 
 def _inner(obj):
@@ -630,6 +641,6 @@ class TreeOptimizer:
             raise ValueError(f"checkpoint params {params.shape} {params.dtype} do not match "
                              f"{self.master.shape} {self.master.dtype}")
         checkpoint = _unwrap(state_dict["optimizer"])  # (np.savez keeps a dict as a 0-d array)
-        _check_fits_master(checkpoint, self.master)
+        _check_fits_master(self.opt, checkpoint, self.master)
         self.opt.load_state_dict(checkpoint)  # checks the rest before it changes anything
         self.master[:] = params

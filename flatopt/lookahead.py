@@ -136,10 +136,11 @@ class Lookahead:
             buffers = [np.asarray(v) for v in dict(_unwrap(inner_state)).values()]
             sizes, dtypes = {len(b) for b in buffers}, {b.dtype for b in buffers}
             if sizes and sizes != {len(slow)}:
-                raise ValueError(f"slow weights have {len(slow)} elements but the inner state has {sizes.pop()}")
+                raise ValueError(f"slow weights have {len(slow)} elements but the inner state has "
+                                 f"{max(sizes - {len(slow)})}")
             if dtypes and dtypes != {slow.dtype}:  # the next step would refuse one or the other
                 raise TypeError(f"the slow weights' dtype {slow.dtype} does not match the inner state's "
-                                f"{dtypes.pop()}")
+                                f"{(dtypes - {slow.dtype}).pop()}")
         self.inner.load_state_dict(sd["inner"])  # checks everything before changing anything
         self.k, self.alpha, self.step_count = sd["k"], sd["alpha"], int(sd["step_count"])
         self.slow = None if slow is None else np.array(slow, copy=True)

@@ -425,7 +425,7 @@ def test_init_errors():
 
 # --- TreeOptimizer --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("through", ["np.savez", "a schedule that cannot be copied"])
+@pytest.mark.parametrize("through", ["np.savez", "the optimizer's own np.savez", "a schedule that cannot be copied"])
 def test_tree_optimizer_loads_its_checkpoint_through_savez_and_with_any_schedule(through, tmp_path):
     """``np.load`` gives the optimizer's part back as a 0-d array; and the load must not copy the
     optimizer (a deep copy of a schedule holding a lock raised)."""
@@ -439,17 +439,25 @@ def test_tree_optimizer_loads_its_checkpoint_through_savez_and_with_any_schedule
             return 1e-2 / (1 + step)
 
     params, grads_list = tree(0), [tree(s, 0.1) for s in range(1, 7)]
-    straight = TreeOptimizer(flatopt.Adam(lr=Schedule()), params)
+    n = ravel_pytree(params)[0].size
+    groups = [dict(start=0, stop=n // 2), dict(start=n // 2, stop=n, weight_decay=0.1)]  # (np.load: an array of dicts)
+
+    def make():
+        return flatopt.Adam(lr=Schedule(), param_groups=[dict(g) for g in groups])
+    straight = TreeOptimizer(make(), params)
     for g in grads_list:
         expected = straight.step(g)
-    first = TreeOptimizer(flatopt.Adam(lr=Schedule()), params)
+    first = TreeOptimizer(make(), params)
     for g in grads_list[:3]:
         first.step(g)
     checkpoint = first.state_dict()
     if through == "np.savez":
         np.savez(tmp_path / "ckpt.npz", **checkpoint)
         checkpoint = np.load(tmp_path / "ckpt.npz", allow_pickle=True)
-    second = TreeOptimizer(flatopt.Adam(lr=Schedule()), params)
+    elif through == "the optimizer's own np.savez":
+        np.savez(tmp_path / "opt.npz", **checkpoint["optimizer"])
+        checkpoint = dict(checkpoint, optimizer=np.load(tmp_path / "opt.npz", allow_pickle=True))
+    second = TreeOptimizer(make(), params)
     second.load_state_dict(checkpoint)
     for g in grads_list[3:]:
         got = second.step(g)
@@ -507,7 +515,11 @@ def _assert_same_checkpoint(a, b):
     (lambda: flatopt.Lookahead(flatopt.SGD(lr=1e-2), k=2), lambda sd: sd.update(slow=sd["slow"][:3]), ValueError),
     (lambda: flatopt.Adam(lr=1e-2), lambda sd: sd.update(param_groups=[dict(start=0, stop=10**6)],
                                                          group_state=[{"step": 1}]), ValueError),
-], ids=["state of another size", "state of another dtype", "slow weights of another size", "groups past the end"])
+    (lambda: flatopt.SGD(lr=1e-2), lambda sd: sd.update(param_groups=[dict(start=np.int64(0), stop=np.int64(10**6))],
+                                                        group_state=[{"step": 1, "momentum_started": False}]),
+     ValueError),
+], ids=["state of another size", "state of another dtype", "slow weights of another size", "groups past the end",
+        "groups past the end, NumPy ints, no state"])
 def test_tree_optimizer_refuses_a_checkpoint_its_next_step_would_refuse(make, edit, error):
     """The core's load checks its buffers against each other only: the checkpoint replaced a
     good state, and the next step refused it."""
