@@ -52,10 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from flatopt.backend import Gather, aligned_zeros, check_fits, host_span
-from flatopt.lookahead import Lookahead
+from flatopt.backend import Gather, aligned_zeros, host_span
+from flatopt.lookahead import Lookahead, check_slow_fits
 from flatopt.optimizers import Optimizer
-from flatopt.optimizers.base import _unwrap
+from flatopt.optimizers.base import _unwrap, check_reach, check_state_fits
 
 
 # Bytes above which glibc maps every allocation afresh (the ceiling of its mmap threshold), so that
@@ -352,20 +352,18 @@ def _check_fits_master(opt, checkpoint, master):
     sd = {k: _unwrap(v) for k, v in checkpoint.items()}
     if sd.get("optimizer") == "Lookahead" and isinstance(opt, Lookahead):
         if sd.get("slow") is not None:
-            check_fits(np.asarray(sd["slow"]), n, dtype, "slow weights", "the slow weights have",
-                       "the slow weights'")
+            check_slow_fits(np.asarray(sd["slow"]), n, dtype)
         return _check_fits_master(opt.inner, sd.get("inner", {}), master)
     known = set(getattr(opt, "state_names", ()))
     state = _unwrap(sd.get("state"))
     for name, buffer in (state.items() if isinstance(state, Mapping) else ()):
         if name in known:
-            check_fits(np.asarray(buffer), n, dtype, f"optimizer state '{name}'", "the optimizer state was made for",
-                       "the optimizer state's")
+            check_state_fits(name, np.asarray(buffer), n, dtype)
     groups = sd.get("param_groups")
     stops = [g.get("stop") for g in (() if groups is None else groups) if isinstance(g, dict)]
     last = stops[-1] if stops else None
-    if isinstance(last, numbers.Integral) and not isinstance(last, bool) and last > n:
-        raise ValueError(f"param groups reach element {last} but the buffer has {n} elements")
+    if isinstance(last, numbers.Integral) and not isinstance(last, bool):
+        check_reach(last, n)
 
 
 def _inner(obj):

@@ -18,6 +18,11 @@ def check_k_alpha(k, alpha):
         raise ValueError(f"Invalid alpha: {alpha!r}; Lookahead needs 0 <= alpha <= 1")
 
 
+def check_slow_fits(slow, n, dtype):
+    """That slow weights are ones the sync kernel can take beside ``n`` params of ``dtype``."""
+    check_fits(slow, n, dtype, "slow weights", "the slow weights have", "the slow weights'")
+
+
 class Lookahead:
     r"""Keeps slow weights beside the parameters the inner optimizer updates (the fast
     weights).  Slow weights start as a copy of the parameters, taken before the first inner
@@ -80,7 +85,7 @@ class Lookahead:
 
     def _check_slow_fits(self, backend, params, n):
         """Before the inner step: slow weights the sync kernel can read and write."""
-        check_fits(self.slow, n, backend.dtype(params), "slow weights", "the slow weights have", "the slow weights'")
+        check_slow_fits(self.slow, n, backend.dtype(params))
         if not backend.usable(self.slow, params):  # loaded, or assigned (strided, read-only, elsewhere): a copy
             self.slow = backend.place(self.slow, params)
 

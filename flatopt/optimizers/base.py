@@ -133,9 +133,7 @@ class Optimizer:
                 self._checked_group(i, group)  # says what is wrong
                 _check_ranges(self._groups)
             stop = group["stop"]
-        last = self._groups[-1]["stop"] if self._groups else 0
-        if last > n:
-            raise ValueError(f"param groups reach element {last} but the buffer has {n} elements")
+        check_reach(self._groups[-1]["stop"] if self._groups else 0, n)
         return self._groups
 
     # --- the step -----------------------------------------------------------------------
@@ -246,8 +244,7 @@ class Optimizer:
         # (the kernel reads n elements of each) and placed beside the params by the step.
         buffers = self.state if self._state_args is None else dict([next(iter(self.state.items()))])
         for name, buf in buffers.items():
-            check_fits(buf, n, dtype, f"optimizer state '{name}'", "the optimizer state was made for",
-                       "the optimizer state's")
+            check_state_fits(name, buf, n, dtype)
             if self._state_args is not None:
                 backend.check_beside(buf, params)
 
@@ -509,6 +506,18 @@ def _continued(i, group, old, old_groups, count):
         if placed["start"] < stop and start < placed["stop"]:
             return old[i]
     return None
+
+
+def check_state_fits(name, buffer, n, dtype):
+    """That state buffer ``name`` is one a step on ``n`` elements of ``dtype`` can take."""
+    check_fits(buffer, n, dtype, f"optimizer state '{name}'", "the optimizer state was made for",
+               "the optimizer state's")
+
+
+def check_reach(last, n):
+    """That groups ending at element ``last`` fit a buffer of ``n`` elements."""
+    if last > n:
+        raise ValueError(f"param groups reach element {last} but the buffer has {n} elements")
 
 
 def _is_range(group):

@@ -52,6 +52,7 @@ def check_betas_types(betas):
     if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, torch.Tensor) for b in betas)):
         raise ValueError("betas must be either both floats or both Tensors")
 
+
 def check_foreach_tensor_betas(betas):
     """torch's Adam and AdamW after the types, where ``foreach=True``: no tensor betas (the
     core's range check has refused those of more than one element)."""

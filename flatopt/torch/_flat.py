@@ -736,8 +736,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         if runs:
             pg = self.param_groups
             values = [tuple(map(pg[gi].__getitem__, self._hp_names)) for gi, *_ in runs]
+            kinds = _kinds(values)
             # (the types first: values of other types may not compare, as a NumPy array with a tuple)
-            if b.volatile or b.core_groups_key is None or _kinds(values) != b.group_kinds or values != b.group_values:
+            if b.volatile or b.core_groups_key is None or kinds != b.group_kinds or values != b.group_values:
                 if self._foreach_refuses_tensors:  # (torch: at a step, in groups with gradients)
                     for gi, *_ in runs:
                         check_foreach_tensors(pg[gi])
@@ -745,7 +746,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if hps != b.core_groups_key:
                     self._configure_core(b, runs, hps)
                     b.core_groups_key = hps
-                b.group_values, b.group_kinds = values, _kinds(values)
+                b.group_values, b.group_kinds = values, kinds
                 b.volatile = any(map(_volatile, (x for v in values for x in v)))
         return runs
 

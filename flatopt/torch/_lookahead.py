@@ -174,7 +174,8 @@ class Lookahead(torch.optim.Optimizer):
             "k": self.k,
             "alpha": self.alpha,
             "step_count": self.step_count,
-            "slow": None if self.slow is None else {i: q.clone() for i, q in enumerate(self._matched_slow(self._params()))},
+            "slow": None if self.slow is None else {
+                i: q.clone() for i, q in enumerate(self._matched_slow(self._params()))},
         }
         for hook in self._optimizer_state_dict_post_hooks.values():
             result = hook(self, state_dict)
