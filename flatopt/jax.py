@@ -411,7 +411,7 @@ def _scheduled_lrs(template, state):
 
 def _set_lrs(opt, lrs):
     """The schedules' values :func:`_scheduled_lrs` computed, as ``opt``'s (a worker copy's)
-    lr, taken as optax takes them: not refused for their sign.  XLA computes the end of
+    lr, taken as optax takes them: not refused for their sign.  XLA on the CPU computes the end of
     ``optax.linear_schedule(1e-2, 0.0, 10)`` as -1.5e-10, not 0 (it divides by the constant
     step count as a product with its reciprocal), which optax applies and the check of a
     given lr would refuse.  (A NaN is refused still.)"""
