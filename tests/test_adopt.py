@@ -328,9 +328,13 @@ def test_nan_and_inf_gradients_match_transcription(dtype):
     assert np.isnan(p).any() and np.isfinite(p).any()
 
 
-def authors_step(p, g, m, v, t, *, lr, betas, eps, weight_decay, decouple, clip):
+def authors_step(p, g, m, v, t, *, lr, betas, eps, weight_decay, decouple, clip, maximize=False, sqrt=None):
     """One call of the authors' single-tensor PyTorch code, operation by operation, on torch
-    tensors (updated in place): torch's rounding of each operation is the reference's."""
+    tensors (updated in place): torch's rounding of each operation is the reference's.  ``sqrt``
+    replaces torch's own square root (MKL-VML's on the CPU, not correctly rounded); ``maximize``
+    negates the gradient first, as torch.optim's optimizers do."""
+    if maximize:
+        g = -g
     if weight_decay != 0 and not decouple:
         g = g.add(p, alpha=weight_decay)
     if t == 0:
@@ -338,8 +342,9 @@ def authors_step(p, g, m, v, t, *, lr, betas, eps, weight_decay, decouple, clip)
         return
     if weight_decay != 0 and decouple:
         p.add_(p, alpha=-lr * weight_decay)
-    n = g.div(v.sqrt().clamp(min=eps))
-    n.clamp_(-clip(t), clip(t))
+    n = g.div((v.sqrt() if sqrt is None else sqrt(v)).clamp(min=eps))
+    if clip is not None:
+        n.clamp_(-clip(t), clip(t))
     m.lerp_(n, 1 - betas[0])
     p.add_(m, alpha=-lr)
     v.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
@@ -368,6 +373,43 @@ def test_float32_follows_the_authors_torch_code(weight_decay, decouple):
     ulps = np.max(np.abs(params[finite] - want[finite])) / np.spacing(np.max(np.abs(want[finite])))
     record("ADOPT float32 vs the authors' torch code [ulp of the largest weight]", float(ulps))
     assert ulps <= 4, ulps
+
+
+def tight_clip(t):
+    return 0.1 * t**0.5
+
+
+AUTHORS_CASES = [
+    dict(betas=(0.9, 0.9999), weight_decay=0.0, decouple=False, maximize=False, clip="default"),
+    dict(betas=(0.9, 0.999), weight_decay=0.1, decouple=False, maximize=True, clip="default"),
+    dict(betas=(0.9, 0.99), weight_decay=0.1, decouple=True, maximize=False, clip="tight"),
+    dict(betas=(0.5, 0.9), weight_decay=0.05, decouple=True, maximize=False, clip="none"),
+    dict(betas=(0.3, 0.9), weight_decay=0.0, decouple=False, maximize=False, clip="tight"),  # lerp weight > 1/2
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("case", AUTHORS_CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_bitwise_equal_to_the_authors_torch_code_with_a_correctly_rounded_sqrt(case, dtype):
+    """Parameters and both moments bitwise equal to the authors' code given the same square
+    root, call by call: pins the rounding of the decoupled decay, of ``p - lr*m``, of ``v``'s
+    update and of the lerp's ``w - 1``, which the tolerances above let pass."""
+    torch = pytest.importorskip("torch")
+    clip = {"default": default_clip, "tight": tight_clip, "none": None}[case["clip"]]
+    hp = dict(lr=3e-3, eps=1e-6, **{k: v for k, v in case.items() if k != "clip"})
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(37).astype(dtype)
+    grads = [rng.standard_normal(37).astype(dtype) for _ in range(40)]
+    opt, params = flatopt.ADOPT(clip_lambda=clip, **hp), p0.copy()
+    p = torch.from_numpy(p0.copy())
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    sqrt = lambda t: torch.from_numpy(np.sqrt(t.numpy()))  # noqa: E731 - correctly rounded, as flatopt's
+    for t, g in enumerate(grads):
+        opt.step(params, g)
+        authors_step(p, torch.from_numpy(g.copy()), m, v, t, clip=clip, sqrt=sqrt, **hp)
+        np.testing.assert_array_equal(params, p.numpy(), err_msg=f"params after call {t + 1}")
+        np.testing.assert_array_equal(opt.state["exp_avg"], m.numpy(), err_msg=f"m after call {t + 1}")
+        np.testing.assert_array_equal(opt.state["exp_avg_sq"], v.numpy(), err_msg=f"v after call {t + 1}")
 
 
 # ============================================================================== (b) optax

@@ -213,6 +213,12 @@ TORCH_MESSAGES = [
     (flatopt.RMSprop, dict(alpha=-0.1), "Invalid alpha value: -0.1"),
     (flatopt.RMSprop, dict(eps=-1.0), "Invalid epsilon value: -1.0"),
     (flatopt.RMSprop, dict(momentum=-1.0), "Invalid momentum value: -1.0"),
+    (flatopt.RMSprop, dict(lr=-1.0), "Invalid learning rate: -1.0"),
+    (flatopt.RMSprop, dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+    (flatopt.Momentum, dict(lr=-0.1), "Invalid learning rate: -0.1"),  # (not in torch: flatopt's own check)
+    (flatopt.Momentum, dict(beta=1.0), "Invalid beta value: 1.0"),  # v would stay 0: 0 <= beta < 1
+    (flatopt.Momentum, dict(beta=-0.5), "Invalid beta value: -0.5"),
+    (flatopt.Momentum, dict(weight_decay=-1e-3), "Invalid weight_decay value: -0.001"),
     (flatopt.Adam, dict(lr=-1.0), "Invalid learning rate: -1.0"),
     (flatopt.Adam, dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
     (flatopt.Adam, dict(betas=(0.9, 1.0)), "Invalid beta parameter at index 1: 1.0"),
@@ -245,6 +251,22 @@ def test_bad_hyperparameter_set_between_steps_modifies_nothing(cls, kwargs, mess
         opt.step(params, grads)
     assert_same(snapshot(opt), before)
     np.testing.assert_array_equal(params, p_before)
+
+
+@pytest.mark.parametrize("cls", [flatopt.Adam, flatopt.ADOPT])
+@pytest.mark.parametrize("betas", [(0.9,), (0.9, 0.99, 0.5), 0.9])
+def test_betas_must_be_a_pair(cls, betas):
+    """torch.optim.Adam takes three betas at construction and fails at its first step
+    (``beta1, beta2 = group["betas"]``); flatopt refuses them up front."""
+    with pytest.raises(ValueError, match="betas must be a pair"):
+        cls(betas=betas)
+
+
+@pytest.mark.parametrize("clip", [3, 0.5, "t**0.25"])
+def test_adopt_clip_lambda_must_be_callable_or_none(clip):
+    """A number is refused at construction, not at the second call (``clip(t)`` on a number)."""
+    with pytest.raises(TypeError, match="clip_lambda must be a callable"):
+        flatopt.ADOPT(clip_lambda=clip)
 
 
 def test_bad_group_override_and_negative_callable_lr_modify_nothing():
@@ -930,3 +952,53 @@ def test_pickled_or_copied_optimizer_continues_bit_identically(name, how):
     assert cloned_inner.group_state == inner.group_state
     for key, buf in inner.state.items():
         np.testing.assert_array_equal(cloned_inner.state[key], buf)
+
+
+def _assert_checkpoints_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], dict):
+            _assert_checkpoints_equal(a[key], b[key])
+        elif isinstance(a[key], np.ndarray):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        else:
+            assert a[key] == b[key], key
+
+
+@pytest.mark.parametrize("make", [lambda: flatopt.Adam(lr=0.1, amsgrad=True),
+                                  lambda: flatopt.SGD(lr=0.1, momentum=0.9),
+                                  lambda: flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2)],
+                         ids=["Adam(amsgrad)", "SGD(momentum)", "Lookahead(Adam)"])
+def test_a_checkpoint_is_a_snapshot_and_a_load_takes_a_copy(make):
+    """A checkpoint taken, then more steps: the checkpoint does not change (buffers, step
+    counts, slow weights).  A checkpoint loaded, then edited: the loaded optimizer does not see
+    the edit."""
+    import copy
+    opt, params = make(), rand(12, np.float64)
+    grads = [rand(12, np.float64, seed=s) for s in range(1, 7)]
+    for g in grads[:3]:
+        opt.step(params, g)
+    checkpoint = opt.state_dict()
+    kept = copy.deepcopy(checkpoint)
+    for g in grads[3:]:
+        opt.step(params, g)
+    _assert_checkpoints_equal(checkpoint, kept)
+    loaded, twin = make(), make()
+    loaded.load_state_dict(checkpoint)
+    twin.load_state_dict(kept)
+    inner = checkpoint["inner"] if "inner" in checkpoint else checkpoint
+    for value in [*inner["state"].values(), *([checkpoint["slow"]] if "slow" in checkpoint else [])]:
+        value[:] = 1e6  # an edit of the checkpoint after the load
+    p1, p2 = params.copy(), params.copy()
+    for g in grads[3:]:
+        loaded.step(p1, g)
+        twin.step(p2, g)
+    np.testing.assert_array_equal(p1, p2)
+
+
+def test_lookahead_load_restores_k_and_alpha():
+    lookahead, params = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=3, alpha=0.3), rand(8, np.float64)
+    lookahead.step(params, rand(8, np.float64, seed=1))
+    other = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=5, alpha=0.8)
+    other.load_state_dict(lookahead.state_dict())
+    assert (other.k, other.alpha, other.step_count) == (3, 0.3, 1)

@@ -7,6 +7,8 @@ Exactness expected and asserted:
   of 16 (torch's fused CPU kernel rounds its last ``n % 16`` elements on a scalar path).
   Against ``foreach=False`` they differ only through torch's MKL-VML ``sqrt``, which is not
   correctly rounded: a few ulps.
+* RMSprop: bitwise equal to torch's single-tensor rule run with a correctly rounded square
+  root (torch's own CPU ``sqrt``, MKL-VML's, is not: against it, a few ulps).
 * Lookahead(SGD): bitwise equal to the seed's reference wrapper.
 """
 import math
@@ -129,6 +131,60 @@ def test_rmsprop_matches_torch(n, centered, momentum, weight_decay, alpha, maxim
         assert max_ulp(got, ref) <= 64, max_ulp(got, ref)
 
 
+def ieee_sqrt(t):
+    """A correctly rounded square root of a CPU tensor, as flatopt's kernels take it (torch's own
+    is MKL-VML's, which is not)."""
+    return torch.from_numpy(np.sqrt(t.numpy()))
+
+
+def torch_rmsprop_step(p, g, state, *, lr, alpha, eps, weight_decay, momentum, centered, maximize):
+    """torch.optim.RMSprop's single-tensor rule, operation by operation on torch tensors (torch
+    rounds every operation), with a correctly rounded square root."""
+    grad = -g if maximize else g
+    if weight_decay != 0:
+        grad = grad.add(p, alpha=weight_decay)
+    square_avg = state["square_avg"]
+    square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+    if centered:
+        grad_avg = state["grad_avg"]
+        grad_avg.lerp_(grad, 1 - alpha)
+        avg = ieee_sqrt(square_avg.addcmul(grad_avg, grad_avg, value=-1))
+    else:
+        avg = ieee_sqrt(square_avg)
+    avg = avg.add_(eps)
+    if momentum > 0:
+        buf = state["momentum_buffer"]
+        buf.mul_(momentum).addcdiv_(grad, avg)
+        p.add_(buf, alpha=-lr)
+    else:
+        p.addcdiv_(grad, avg, value=-lr)
+
+
+RMSPROP_CASES = [dict(centered=c, momentum=m, weight_decay=wd, maximize=mx)
+                 for c in (False, True) for m in (0.0, 0.9) for wd in (0.0, 0.1) for mx in (False, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("options", RMSPROP_CASES, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_rmsprop_bitwise_equal_to_torch_ops_with_a_correctly_rounded_sqrt(options, dtype):
+    """Parameters and every state buffer bitwise equal to torch's rule given the same square
+    root: pins the rounding of ``sqrt(v - ga^2)``, of the momentum buffer and of
+    ``p - lr * g / avg``, which the tolerances above (torch's own sqrt) let pass."""
+    n, steps = 37, 40
+    hp = dict(lr=1e-2, alpha=0.9, eps=1e-8, **options)
+    p0, grads = data(n, steps, dtype)
+    opt, params = flatopt.RMSprop(**hp), p0.copy()
+    tp = torch.from_numpy(p0.copy())
+    tstate = {k: torch.zeros(n, dtype=tp.dtype) for k in ("square_avg", "grad_avg", "momentum_buffer")}
+    for i, g in enumerate(grads):
+        opt.lr = hp["lr"] = 1e-2 * (1 + (i % 5))
+        opt.step(params, g)
+        torch_rmsprop_step(tp, torch.from_numpy(g.copy()), tstate, **hp)
+        np.testing.assert_array_equal(params, tp.numpy(), err_msg=f"params after step {i + 1}")
+    for name, buf in opt.state.items():
+        np.testing.assert_array_equal(buf, tstate[name].numpy(), err_msg=name)
+
+
 # --- NaN / Inf propagate as in torch ---------------------------------------------------------
 @pytest.mark.parametrize("make, torch_cls, kw", [
     (lambda: flatopt.SGD(lr=0.1, momentum=0.9), torch.optim.SGD, dict(lr=0.1, momentum=0.9, foreach=False)),
@@ -153,6 +209,54 @@ def test_nan_and_inf_propagate_like_torch(make, torch_cls, kw):
     np.testing.assert_array_equal(np.isnan(params), np.isnan(ref))
     np.testing.assert_array_equal(np.isinf(params), np.isinf(ref))
     assert np.isnan(params).any()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+def test_amsgrad_nan_in_a_loaded_running_maximum_propagates_like_torch(dtype):
+    """A checkpoint whose ``max_exp_avg_sq`` holds NaN where ``exp_avg_sq`` is finite: torch's
+    ``maximum`` gives NaN, and so does the parameter.  (From the optimizer's own steps the
+    running maximum is NaN only where ``exp_avg_sq`` is, so only a loaded state tells a maximum
+    that drops NaN apart.)"""
+    rng = np.random.default_rng(7)
+    p0, g = rng.standard_normal(20).astype(dtype), rng.standard_normal(20).astype(dtype)
+    m, v = rng.standard_normal(20).astype(dtype) * 0.1, rng.random(20).astype(dtype) * 0.1
+    vmax = v + dtype(0.01)
+    vmax[[2, 11]] = np.nan
+    opt = flatopt.Adam(lr=1e-2, amsgrad=True)
+    checkpoint = opt.state_dict()
+    checkpoint["group_state"] = [{"step": 3}]
+    checkpoint["state"] = {"exp_avg": m.copy(), "exp_avg_sq": v.copy(), "max_exp_avg_sq": vmax.copy()}
+    opt.load_state_dict(checkpoint)
+    params = p0.copy()
+    opt.step(params, g)
+    tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    topt = torch.optim.Adam([tp], lr=1e-2, amsgrad=True, foreach=False)
+    topt.state[tp] = {"step": torch.tensor(3.0), "exp_avg": torch.from_numpy(m.copy()),
+                      "exp_avg_sq": torch.from_numpy(v.copy()), "max_exp_avg_sq": torch.from_numpy(vmax.copy())}
+    tp.grad = torch.from_numpy(g.copy())
+    topt.step()
+    np.testing.assert_array_equal(np.isnan(params), np.isnan(tp.detach().numpy()))
+    assert np.isnan(params[[2, 11]]).all()
+    np.testing.assert_array_equal(np.isnan(opt.state["max_exp_avg_sq"]),
+                                  np.isnan(topt.state[tp]["max_exp_avg_sq"].numpy()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dampening", [0.0, 0.5])
+def test_sgd_momentum_switched_off_and_on_keeps_its_buffer_like_torch(dampening, dtype):
+    """torch keeps ``momentum_buffer`` through steps with momentum 0 and goes on from it when
+    momentum comes back (``buf = momentum * buf + (1 - dampening) * g``, not ``buf = g``)."""
+    p0, grads = data(19, 6, dtype, seed=4)
+    opt, params = flatopt.SGD(lr=0.05, momentum=0.9, dampening=dampening), p0.copy()
+    tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    topt = torch.optim.SGD([tp], lr=0.05, momentum=0.9, dampening=dampening, foreach=False)
+    for i, g in enumerate(grads):
+        opt.momentum = topt.param_groups[0]["momentum"] = 0.0 if i in (2, 3) else 0.9
+        opt.step(params, g)
+        tp.grad = torch.from_numpy(g.copy())
+        topt.step()
+        np.testing.assert_array_equal(params, tp.detach().numpy(), err_msg=f"step {i + 1}")
+    np.testing.assert_array_equal(opt.state["momentum_buffer"], topt.state[tp]["momentum_buffer"].numpy())
 
 
 # --- Param groups and frozen segments against torch with several tensors --------------------------
