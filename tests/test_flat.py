@@ -152,3 +152,38 @@ def test_integer_arrays_are_converted_where_a_dtype_is_given():
     np.testing.assert_array_equal(flat["b"], np.arange(3, dtype=np.float32))
     with pytest.raises(TypeError, match="'b' is complex128"):
         flatopt.FlatParams({"b": np.zeros(3, complex)}, dtype=np.float64)
+
+
+def test_mixed_float_arrays_pack_in_numpys_promoted_dtype_without_rounding():
+    """The buffer's dtype is NumPy's promotion of the arrays' dtypes (a float64
+    array after a float32 one is not rounded to float32)."""
+    rng = np.random.default_rng(0)
+    source = {"a": rng.standard_normal(4).astype(np.float32), "b": rng.standard_normal(3)}  # float64
+    flat = flatopt.FlatParams(source)
+    assert flat.params.dtype == np.result_type(np.float32, np.float64) == np.float64
+    assert flat.grads.dtype == np.float64
+    for name, value in source.items():
+        np.testing.assert_array_equal(flat[name], value.astype(np.float64))
+
+
+def test_empty_arrays_with_their_own_overrides_give_no_empty_groups():
+    """An array of no elements covers nothing: no group of its own (the core
+    refuses start == stop), whatever its overrides; the step equals separate core steps."""
+    rng = np.random.default_rng(1)
+    source = {"none": np.zeros((0, 3)), "w": rng.standard_normal(6), "b": np.zeros(0), "v": rng.standard_normal(2)}
+    flat = flatopt.FlatParams(source)
+    groups = flat.param_groups({"none": {"weight_decay": 0.0}, "b": {"lr": 0.5}, "v": {"weight_decay": 0.0}})
+    assert [(g["start"], g["stop"]) for g in groups] == [(0, 6), (6, 8)]
+    opt = flatopt.AdamW(lr=1e-2, weight_decay=0.1, param_groups=groups)
+    ref = {"w": (flatopt.AdamW(lr=1e-2, weight_decay=0.1), source["w"].copy()),
+           "v": (flatopt.AdamW(lr=1e-2, weight_decay=0.0), source["v"].copy())}
+    for _ in range(3):
+        flat.grads[:] = rng.standard_normal(len(flat.grads))
+        for name, (core, buf) in ref.items():
+            core.step(buf, flat.grad(name).copy())
+        opt.step(flat.params, flat.grads)
+    for name, (_, buf) in ref.items():
+        np.testing.assert_array_equal(flat[name], buf)
+
+
+# --- as_optax: the state-fit checks ------------------------------------------------------------

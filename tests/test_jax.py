@@ -892,3 +892,219 @@ def test_tree_optimizer_takes_low_precision_grads_as_float32(grad_dtype, large, 
         assert_trees_equal(got, ravel_pytree(params)[1](jnp.asarray(master)))
         tx_params, state = fused(grads, state, tx_params)
         assert_trees_equal(tx_params, got)
+
+
+# --- from a mutation audit of flatopt/jax.py (2026-11-27): cases the tests above let a change through
+def _bad_slow(state, n):
+    return state._replace(slow=jnp.zeros(n + 1, jnp.float32))
+
+
+def _slow_of_float64(state, n):
+    return state._replace(slow=jnp.zeros(n, jnp.float64))
+
+
+def _buffers_of_float64(state, n):
+    inner = state.inner if hasattr(state, "inner") else state
+    inner = inner._replace(buffers={k: v.astype(jnp.float64) for k, v in inner.buffers.items()})
+    return state._replace(inner=inner) if hasattr(state, "inner") else inner
+
+
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
+@pytest.mark.parametrize("path", ["xla", "host"])
+@pytest.mark.parametrize("make, edit, error", [
+    (lambda: flatopt.Lookahead(flatopt.Adam(lr=1e-2)), _bad_slow, ValueError),
+    (lambda: flatopt.Lookahead(flatopt.Adam(lr=1e-2)), _slow_of_float64, TypeError),
+    (lambda: flatopt.Adam(lr=1e-2), _buffers_of_float64, TypeError),
+    (lambda: flatopt.Lookahead(flatopt.Adam(lr=1e-2)), _buffers_of_float64, TypeError),
+], ids=["lookahead-slow-of-another-size", "lookahead-slow-of-float64", "adam-buffers-of-float64",
+        "lookahead-inner-buffers-of-float64"])
+def test_state_buffers_that_do_not_fit_the_params_are_refused_when_traced(make, edit, error, path, api):
+    """jax.py:462-468: every flat buffer of the state (Lookahead's slow weights too) must have
+    the params' size and dtype; refused while the update is traced (lowered only here, so a
+    missed refusal never runs the kernel on a buffer it would read past or misread)."""
+    with jax.enable_x64(True):
+        params, grads = {"w": jnp.ones(8, jnp.float32)}, {"w": jnp.full(8, 0.5, jnp.float32)}
+        with on_path(path):
+            tx = as_optax(make())
+            step = tx.update if api == "update" else functools.partial(update_and_apply, tx)
+            state = edit(tx.init(params), 8)
+            with pytest.raises(error, match="call tx.init"):
+                jax.jit(step).lower(grads, state, params)
+            jax.jit(step).lower(grads, tx.init(params), params)  # its own state is taken
+
+
+# --- as_optax: lr schedules per param group ----------------------------------------------------
+
+LINEAR, COSINE = optax.linear_schedule(1e-2, 1e-3, 10), optax.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 10, 1e-4)
+
+
+def _jitted(schedule):
+    """The schedule as optax evaluates it in a jitted update: traced on an int32 count."""
+    traced = jax.jit(schedule)
+    return lambda count: traced(np.int32(count))
+
+
+GROUP_CASES = {  # (opt's lr, groups' lrs (absent: the opt's)), each schedule of JAX operations
+    "schedule-then-constant": (1e-3, [LINEAR, 3e-3]),
+    "constant-then-schedule": (1e-3, [3e-3, COSINE]),
+    "two-schedules": (1e-3, [COSINE, LINEAR]),
+    "the-opts-schedule-in-groups-without-lr": (LINEAR, [None, None]),
+    "frozen-then-schedule": (1e-3, ["frozen", LINEAR]),  # the frozen group's count stays 0
+}
+
+
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
+@pytest.mark.parametrize("path", ["xla", "host"])
+@pytest.mark.parametrize("case", list(GROUP_CASES))
+def test_schedules_per_param_group_equal_the_core_step_bitwise(case, path, api):
+    """jax.py:412-428, 640-660: each group's lr schedule (or the optimizer's, for a group
+    without an lr) is evaluated in the update on that group's count, as optax evaluates
+    schedules, and given to that group; the core step with those values (and the constant
+    lrs) gives the same numbers, bit for bit."""
+    opt_lr, lrs = GROUP_CASES[case]
+    bounds = [(0, 40), (40, 64)]
+
+    def groups(as_core):
+        made = []
+        for (start, stop), lr, wd in zip(bounds, lrs, (0.1, 0.0)):
+            group = {"start": start, "stop": stop, "weight_decay": wd}
+            if lr == "frozen":
+                group["frozen"] = True
+            elif lr is not None:
+                group["lr"] = _jitted(lr) if as_core and callable(lr) else lr
+            made.append(group)
+        return made
+
+    core_opt_lr = _jitted(opt_lr) if callable(opt_lr) else opt_lr
+    params, grads_list = tree(0), [tree(s, 0.1) for s in range(1, 13)]  # past the schedules' ends
+    with on_path(path):
+        tx = as_optax(flatopt.AdamW(lr=opt_lr, param_groups=groups(False)))
+        fused = api == "update_and_apply"
+        step = jax.jit(functools.partial(update_and_apply, tx) if fused else tx.update)
+        core, state = flatopt.AdamW(lr=core_opt_lr, param_groups=groups(True)), tx.init(params)
+        for grads in grads_list:
+            before = flat(params).copy()
+            core_params = before.copy()
+            core.step(core_params, flat(grads))
+            result, state = step(grads, state, params)
+            np.testing.assert_array_equal(flat(result), core_params if fused else core_params - before)
+            params = result if fused else optax.apply_updates(params, result)
+    assert [int(c) for c in state.counters["step"]] == [0 if lr == "frozen" else 12 for lr in lrs]
+
+
+@pytest.mark.parametrize("where", ["group", "optimizer"])
+@pytest.mark.parametrize("path", ["xla", "host"])
+def test_a_groups_schedule_past_its_end_is_applied_as_optax_applies_it(path, where):
+    """jax.py:418: one group's schedule of JAX operations, the other's lr a constant.  XLA's CPU
+    computes the end of ``linear_schedule(1e-2, 0.0, 10)`` as -1.5e-10 (see
+    test_schedule_past_its_end_runs_as_optax); optax's Adam applies it, so must this group,
+    where that value evaluated eagerly (0.0) would leave it still.  The same for the optimizer's
+    schedule in a group that gives no lr of its own (jax.py:651)."""
+    schedule = optax.linear_schedule(1e-2, 0.0, 10)
+    rng = np.random.default_rng(0)
+    with jax.enable_x64(True), on_path(path):  # float64: an update of 1e-10 shows on parameters of 1
+        if jax.default_backend() == "cpu":
+            assert float(jax.jit(schedule)(np.int32(11))) < 0 and float(schedule(11)) == 0.0  # what this is about
+        params = {"a": jnp.asarray(rng.standard_normal(40)), "b": jnp.asarray(rng.standard_normal(24))}
+        grads_list = [jax.tree_util.tree_map(lambda x, s=s: 0.1 * jnp.sin(s * x + 1.0), params) for s in range(1, 13)]
+        first = {"start": 0, "stop": 40, "lr": schedule} if where == "group" else {"start": 0, "stop": 40}
+        tx = as_optax(flatopt.Adam(lr=schedule if where == "optimizer" else 1e-3,
+                                   param_groups=[first, {"start": 40, "stop": 64, "lr": 3e-3}]))
+        ref = optax.adam(schedule)
+        state, ref_state, ref_params = tx.init(params), ref.init(params["a"]), params["a"]
+        for i, grads in enumerate(grads_list):
+            updates, state = jax.jit(tx.update)(grads, state, params)
+            ref_updates, ref_state = jax.jit(ref.update)(grads["a"], ref_state, ref_params)
+            np.testing.assert_allclose(np.asarray(updates["a"]), np.asarray(ref_updates), rtol=1e-6, atol=1e-15)
+            if i >= 10:
+                assert np.all(np.asarray(updates["a"]) != 0)
+            params, ref_params = optax.apply_updates(params, updates), optax.apply_updates(ref_params, ref_updates)
+
+
+def test_python_arithmetic_schedule_runs_on_the_host_as_in_opt_step():
+    """jax.py:654: a schedule of Python arithmetic without control flow is called on the host,
+    as ``opt.step`` calls it (in Python floats), not traced (in float32): the core step with
+    the same schedule gives the same numbers, bit for bit, on both paths."""
+    def schedule(count):
+        return 1e-2 * 0.93 ** count + 1e-3 / (1 + count)
+
+    for path in ("xla", "host"):
+        with on_path(path):
+            params, grads_list = tree(0), [tree(s, 0.1) for s in range(1, 13)]
+            tx, core = as_optax(flatopt.Adam(lr=schedule)), flatopt.Adam(lr=schedule)
+            state = tx.init(params)
+            for grads in grads_list:
+                before = flat(params).copy()
+                core_params = before.copy()
+                core.step(core_params, flat(grads))
+                updates, state = jax.jit(tx.update)(grads, state, params)
+                np.testing.assert_array_equal(flat(updates), core_params - before)
+                params = optax.apply_updates(params, updates)
+
+
+def test_one_transformation_on_two_models_on_the_host_path():
+    """jax.py:490: the host path keeps one optimizer per thread; alternating between models of
+    two sizes, each update equals the core step on that model's own flat buffer.
+    (tests/test_jax.py's test_one_transformation_on_two_models meant this, but its Lookahead
+    now takes the XLA path.)"""
+    with on_path("host"):
+        for make in (lambda: flatopt.Lookahead(flatopt.Adam(lr=1e-2), k=2), lambda: flatopt.SGD(lr=0.1)):
+            tx = as_optax(make())
+            small = tree(0)
+            large = {"w": jnp.asarray(np.random.default_rng(1).standard_normal(300), jnp.float32)}
+            models = {"small": [small, tx.init(small), make()], "large": [large, tx.init(large), make()]}
+            for s in range(6):  # alternating: the host's kept buffers switch sizes every update
+                for key in ("small", "large"):
+                    params, state, core = models[key]
+                    grads = jax.tree_util.tree_map(lambda x: 0.1 * x + s, params)
+                    before = flat(params).copy()
+                    core_params = before.copy()
+                    core.step(core_params, flat(grads))
+                    updates, state = tx.update(grads, state, params)
+                    np.testing.assert_array_equal(flat(updates), core_params - before)
+                    models[key] = [optax.apply_updates(params, updates), state, core]
+
+
+def _assert_same_checkpoint(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same_checkpoint(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same_checkpoint(x, y)
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)
+        assert a.dtype == b.dtype
+    else:
+        assert a == b
+
+
+@pytest.mark.parametrize("make, edit, error", [
+    (lambda: flatopt.Adam(lr=1e-2), lambda sd: sd.update(params=sd["params"].astype(np.float64)), ValueError),
+    (lambda: flatopt.SGD(lr=1e-2),  # no state buffers: the core's load has nothing to check the groups against
+     lambda sd: sd["optimizer"].update(param_groups=[dict(start=0, stop=10), dict(start=10, stop=10**6)],
+                                      group_state=[{"step": 1, "momentum_started": False}] * 2), ValueError),
+    (lambda: flatopt.Adam(lr=1e-2),
+     lambda sd: (sd.update(params=sd["params"] + 1.0), sd["optimizer"]["state"].update(bogus=sd["params"].copy())),
+     ValueError),
+], ids=["params of float64 for a float32 master", "the last of two groups past the end",
+        "other params and a buffer the optimizer does not know"])
+def test_tree_optimizer_refuses_more_checkpoints_its_next_step_would_refuse(make, edit, error):
+    """jax.py:638 and _check_fits_master: params of another dtype (which the master copy would
+    silently round), and a last group reaching past the master's end, are refused with nothing
+    changed; the next step equals that of a TreeOptimizer that loaded the good checkpoint."""
+    params, grads = tree(0), tree(1, 0.1)
+    tree_opt = TreeOptimizer(make(), params)
+    tree_opt.step(grads)
+    good = tree_opt.state_dict()
+    bad = copy.deepcopy(good)
+    edit(bad)
+    with pytest.raises(error):
+        tree_opt.load_state_dict(bad)
+    _assert_same_checkpoint(tree_opt.state_dict(), good)
+    expected = TreeOptimizer(make(), params)
+    expected.load_state_dict(good)
+    for a, b in zip(jax.tree_util.tree_leaves(tree_opt.step(grads)), jax.tree_util.tree_leaves(expected.step(grads))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
