@@ -919,7 +919,7 @@ def _buffers_of_float64(state, n):
 ], ids=["lookahead-slow-of-another-size", "lookahead-slow-of-float64", "adam-buffers-of-float64",
         "lookahead-inner-buffers-of-float64"])
 def test_state_buffers_that_do_not_fit_the_params_are_refused_when_traced(make, edit, error, path, api):
-    """jax.py:462-468: every flat buffer of the state (Lookahead's slow weights too) must have
+    """Every flat buffer of the state (Lookahead's slow weights too) must have
     the params' size and dtype; refused while the update is traced (lowered only here, so a
     missed refusal never runs the kernel on a buffer it would read past or misread)."""
     with jax.enable_x64(True):
@@ -957,7 +957,7 @@ GROUP_CASES = {  # (opt's lr, groups' lrs (absent: the opt's)), each schedule of
 @pytest.mark.parametrize("path", ["xla", "host"])
 @pytest.mark.parametrize("case", list(GROUP_CASES))
 def test_schedules_per_param_group_equal_the_core_step_bitwise(case, path, api):
-    """jax.py:412-428, 640-660: each group's lr schedule (or the optimizer's, for a group
+    """Each group's lr schedule (or the optimizer's, for a group
     without an lr) is evaluated in the update on that group's count, as optax evaluates
     schedules, and given to that group; the core step with those values (and the constant
     lrs) gives the same numbers, bit for bit."""
@@ -995,15 +995,16 @@ def test_schedules_per_param_group_equal_the_core_step_bitwise(case, path, api):
 @pytest.mark.parametrize("where", ["group", "optimizer"])
 @pytest.mark.parametrize("path", ["xla", "host"])
 def test_a_groups_schedule_past_its_end_is_applied_as_optax_applies_it(path, where):
-    """jax.py:418: one group's schedule of JAX operations, the other's lr a constant.  XLA's CPU
+    """One group's schedule of JAX operations, the other's lr a constant.  XLA's CPU
     computes the end of ``linear_schedule(1e-2, 0.0, 10)`` as -1.5e-10 (see
     test_schedule_past_its_end_runs_as_optax); optax's Adam applies it, so must this group,
     where that value evaluated eagerly (0.0) would leave it still.  The same for the optimizer's
-    schedule in a group that gives no lr of its own (jax.py:651)."""
+    schedule in a group that gives no lr of its own."""
     schedule = optax.linear_schedule(1e-2, 0.0, 10)
     rng = np.random.default_rng(0)
     with jax.enable_x64(True), on_path(path):  # float64: an update of 1e-10 shows on parameters of 1
-        if jax.default_backend() == "cpu":
+        on_cpu = jax.default_backend() == "cpu"  # (XLA on an H200's GPU computed the end as 0)
+        if on_cpu:
             assert float(jax.jit(schedule)(np.int32(11))) < 0 and float(schedule(11)) == 0.0  # what this is about
         params = {"a": jnp.asarray(rng.standard_normal(40)), "b": jnp.asarray(rng.standard_normal(24))}
         grads_list = [jax.tree_util.tree_map(lambda x, s=s: 0.1 * jnp.sin(s * x + 1.0), params) for s in range(1, 13)]
@@ -1016,13 +1017,13 @@ def test_a_groups_schedule_past_its_end_is_applied_as_optax_applies_it(path, whe
             updates, state = jax.jit(tx.update)(grads, state, params)
             ref_updates, ref_state = jax.jit(ref.update)(grads["a"], ref_state, ref_params)
             np.testing.assert_allclose(np.asarray(updates["a"]), np.asarray(ref_updates), rtol=1e-6, atol=1e-15)
-            if i >= 10:
+            if i >= 10 and on_cpu:
                 assert np.all(np.asarray(updates["a"]) != 0)
             params, ref_params = optax.apply_updates(params, updates), optax.apply_updates(ref_params, ref_updates)
 
 
 def test_python_arithmetic_schedule_runs_on_the_host_as_in_opt_step():
-    """jax.py:654: a schedule of Python arithmetic without control flow is called on the host,
+    """A schedule of Python arithmetic without control flow is called on the host,
     as ``opt.step`` calls it (in Python floats), not traced (in float32): the core step with
     the same schedule gives the same numbers, bit for bit, on both paths."""
     def schedule(count):
@@ -1043,7 +1044,7 @@ def test_python_arithmetic_schedule_runs_on_the_host_as_in_opt_step():
 
 
 def test_one_transformation_on_two_models_on_the_host_path():
-    """jax.py:490: the host path keeps one optimizer per thread; alternating between models of
+    """The host path keeps one optimizer per thread; alternating between models of
     two sizes, each update equals the core step on that model's own flat buffer.
     (tests/test_jax.py's test_one_transformation_on_two_models meant this, but its Lookahead
     now takes the XLA path.)"""
@@ -1065,22 +1066,6 @@ def test_one_transformation_on_two_models_on_the_host_path():
                     models[key] = [optax.apply_updates(params, updates), state, core]
 
 
-def _assert_same_checkpoint(a, b):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _assert_same_checkpoint(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same_checkpoint(x, y)
-    elif isinstance(a, np.ndarray):
-        np.testing.assert_array_equal(a, b)
-        assert a.dtype == b.dtype
-    else:
-        assert a == b
-
-
 @pytest.mark.parametrize("make, edit, error", [
     (lambda: flatopt.Adam(lr=1e-2), lambda sd: sd.update(params=sd["params"].astype(np.float64)), ValueError),
     (lambda: flatopt.SGD(lr=1e-2),  # no state buffers: the core's load has nothing to check the groups against
@@ -1092,7 +1077,7 @@ def _assert_same_checkpoint(a, b):
 ], ids=["params of float64 for a float32 master", "the last of two groups past the end",
         "other params and a buffer the optimizer does not know"])
 def test_tree_optimizer_refuses_more_checkpoints_its_next_step_would_refuse(make, edit, error):
-    """jax.py:638 and _check_fits_master: params of another dtype (which the master copy would
+    """Params of another dtype (which the master copy would
     silently round), and a last group reaching past the master's end, are refused with nothing
     changed; the next step equals that of a TreeOptimizer that loaded the good checkpoint."""
     params, grads = tree(0), tree(1, 0.1)
