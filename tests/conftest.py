@@ -96,6 +96,14 @@ def dtype_name(dtype):
     return np.dtype(dtype).name
 
 
+def correctly_rounded_sqrt(t):
+    """The square root of a CPU tensor, correctly rounded as flatopt's kernels take it (torch's
+    own is MKL-VML's, which is not): for references that replay torch's rules operation by
+    operation."""
+    import torch
+    return torch.from_numpy(np.sqrt(t.numpy()))
+
+
 def ulp(x, dtype):
     """Spacing of float ``x`` in ``dtype`` (the gap to the next representable number)."""
     return float(np.spacing(np.asarray(abs(x), dtype=dtype)))

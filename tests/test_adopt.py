@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 import flatopt
 from conftest import (DTYPES, SMALL_SIZES, assert_close64, assert_f32_like_plain_float32, assert_same_nonfinite,
-                      assert_ulp_close, dtype_name, make_problem, max_ulp_diff, record, sweep)
+                      assert_ulp_close, correctly_rounded_sqrt, dtype_name, make_problem, max_ulp_diff, record, sweep)
 
 STEPS = 60
 ADOPT_F32_ULP_K = 32  # float32 trajectory vs float64 reference, well-conditioned (measured max 16)
@@ -403,10 +403,9 @@ def test_bitwise_equal_to_the_authors_torch_code_with_a_correctly_rounded_sqrt(c
     opt, params = flatopt.ADOPT(clip_lambda=clip, **hp), p0.copy()
     p = torch.from_numpy(p0.copy())
     m, v = torch.zeros_like(p), torch.zeros_like(p)
-    sqrt = lambda t: torch.from_numpy(np.sqrt(t.numpy()))  # noqa: E731 - correctly rounded, as flatopt's
     for t, g in enumerate(grads):
         opt.step(params, g)
-        authors_step(p, torch.from_numpy(g.copy()), m, v, t, clip=clip, sqrt=sqrt, **hp)
+        authors_step(p, torch.from_numpy(g.copy()), m, v, t, clip=clip, sqrt=correctly_rounded_sqrt, **hp)
         np.testing.assert_array_equal(params, p.numpy(), err_msg=f"params after call {t + 1}")
         np.testing.assert_array_equal(opt.state["exp_avg"], m.numpy(), err_msg=f"m after call {t + 1}")
         np.testing.assert_array_equal(opt.state["exp_avg_sq"], v.numpy(), err_msg=f"v after call {t + 1}")

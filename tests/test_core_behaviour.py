@@ -51,16 +51,16 @@ def snapshot(opt):
 
 
 def assert_same(a, b):
+    """Equal snapshots or checkpoints: the same keys, arrays equal element for element, nested
+    dicts (a Lookahead's inner checkpoint) alike."""
     assert a.keys() == b.keys()
     for key in a:
-        if key == "state":
-            assert a[key].keys() == b[key].keys()
-            for name in a[key]:
-                np.testing.assert_array_equal(a[key][name], b[key][name])
-        elif key == "slow" and a[key] is not None:
-            np.testing.assert_array_equal(a[key], b[key])
+        if isinstance(a[key], dict):
+            assert_same(a[key], b[key])
+        elif isinstance(a[key], np.ndarray):
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
         else:
-            assert a[key] == b[key]
+            assert a[key] == b[key], key
 
 
 # --- bad input: a clear error, nothing modified --------------------------------------------------
@@ -954,17 +954,6 @@ def test_pickled_or_copied_optimizer_continues_bit_identically(name, how):
         np.testing.assert_array_equal(cloned_inner.state[key], buf)
 
 
-def _assert_checkpoints_equal(a, b):
-    assert a.keys() == b.keys()
-    for key in a:
-        if isinstance(a[key], dict):
-            _assert_checkpoints_equal(a[key], b[key])
-        elif isinstance(a[key], np.ndarray):
-            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-        else:
-            assert a[key] == b[key], key
-
-
 @pytest.mark.parametrize("make", [lambda: flatopt.Adam(lr=0.1, amsgrad=True),
                                   lambda: flatopt.SGD(lr=0.1, momentum=0.9),
                                   lambda: flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2)],
@@ -982,7 +971,7 @@ def test_a_checkpoint_is_a_snapshot_and_a_load_takes_a_copy(make):
     kept = copy.deepcopy(checkpoint)
     for g in grads[3:]:
         opt.step(params, g)
-    _assert_checkpoints_equal(checkpoint, kept)
+    assert_same(checkpoint, kept)
     loaded, twin = make(), make()
     loaded.load_state_dict(checkpoint)
     twin.load_state_dict(kept)

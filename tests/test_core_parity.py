@@ -22,6 +22,7 @@ import flatopt
 
 torch = pytest.importorskip("torch")
 from seed_lookahead import SeedLookahead  # noqa: E402 - the seed's reference wrapper, needs torch
+from conftest import correctly_rounded_sqrt  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
 SWEEP = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -131,12 +132,6 @@ def test_rmsprop_matches_torch(n, centered, momentum, weight_decay, alpha, maxim
         assert max_ulp(got, ref) <= 64, max_ulp(got, ref)
 
 
-def ieee_sqrt(t):
-    """A correctly rounded square root of a CPU tensor, as flatopt's kernels take it (torch's own
-    is MKL-VML's, which is not)."""
-    return torch.from_numpy(np.sqrt(t.numpy()))
-
-
 def torch_rmsprop_step(p, g, state, *, lr, alpha, eps, weight_decay, momentum, centered, maximize):
     """torch.optim.RMSprop's single-tensor rule, operation by operation on torch tensors (torch
     rounds every operation), with a correctly rounded square root."""
@@ -148,9 +143,9 @@ def torch_rmsprop_step(p, g, state, *, lr, alpha, eps, weight_decay, momentum, c
     if centered:
         grad_avg = state["grad_avg"]
         grad_avg.lerp_(grad, 1 - alpha)
-        avg = ieee_sqrt(square_avg.addcmul(grad_avg, grad_avg, value=-1))
+        avg = correctly_rounded_sqrt(square_avg.addcmul(grad_avg, grad_avg, value=-1))
     else:
-        avg = ieee_sqrt(square_avg)
+        avg = correctly_rounded_sqrt(square_avg)
     avg = avg.add_(eps)
     if momentum > 0:
         buf = state["momentum_buffer"]
