@@ -71,7 +71,6 @@ class Toolchain:
             pytest.fail(f"numba-cuda is needed to compile the CUDA kernels ({exc}); "
                         f'pip install "numba-cuda[cu13]", or set FLATOPT_SKIP_PTX=1 to skip', pytrace=False)
         self.cuda, self.kernels = cuda, kernels
-        self.tmp = Path(tempfile.mkdtemp(prefix="flatopt-ptx-"))
         self._ptx, self._asm = {}, {}
         probe = self.ptx("lookahead", "float32", (9, 0))
         self.ptx_version = re.search(r"^\.version\s+(\S+)", probe, re.M).group(1)
@@ -102,14 +101,16 @@ class Toolchain:
                 found.append(path)
         return found
 
-    def _assemble(self, ptxas, ptx, cc):
-        src = self.tmp / f"k{abs(hash(ptx))}_{cc[0]}{cc[1]}.ptx"
-        src.write_text(ptx)
-        try:
-            proc = subprocess.run([ptxas, "-v", f"-arch=sm_{cc[0]}{cc[1]}", str(src), "-o", os.devnull],
-                                  capture_output=True, text=True, timeout=120)
-        except OSError as exc:
-            return False, str(exc)
+    @staticmethod
+    def _assemble(ptxas, ptx, cc):
+        with tempfile.TemporaryDirectory(prefix="flatopt-ptx-") as tmp:
+            src = Path(tmp) / "kernel.ptx"
+            src.write_text(ptx)
+            try:
+                proc = subprocess.run([ptxas, "-v", f"-arch=sm_{cc[0]}{cc[1]}", str(src), "-o", os.devnull],
+                                      capture_output=True, text=True, timeout=120)
+            except OSError as exc:
+                return False, str(exc)
         return proc.returncode == 0, proc.stdout + proc.stderr
 
     def ptx(self, name, dtype, cc, fma=None):
