@@ -1,6 +1,7 @@
 """flatopt.torch: torch.optim.Optimizer subclasses on flat buffers, against torch.optim."""
 import copy
 import fractions
+import inspect
 import io
 import subprocess
 import sys
@@ -494,6 +495,23 @@ def test_a_compiled_training_step_runs_the_optimizer_as_it_is(name):
     for x, y in batches:
         train_step(x, y)
     assert_same(m_ref, m)
+    assert not _frames_dynamo_compiled(ft), "dynamo compiled flatopt.torch's own frames"
+
+
+def _frames_dynamo_compiled(package):
+    """The functions of ``package``'s modules (their methods too) whose code dynamo compiled."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as compiled
+    found = []
+    for name, module in list(sys.modules.items()):
+        if name != package.__name__ and not name.startswith(package.__name__ + "."):
+            continue
+        for owner in [module] + [c for c in vars(module).values() if inspect.isclass(c) and c.__module__ == name]:
+            for attr, value in vars(owner).items():
+                for fn in (value, getattr(value, "__wrapped__", None)):  # a decorated method, and what it wraps
+                    code = getattr(fn, "__code__", None)
+                    if code is not None and compiled(code):
+                        found.append(f"{name}.{getattr(owner, '__name__', '')}.{attr}")
+    return found
 
 
 def test_add_param_group():

@@ -5,6 +5,7 @@ import functools
 import inspect
 import warnings
 from collections import defaultdict
+from itertools import chain
 from operator import attrgetter, is_
 
 import numpy as np
@@ -53,35 +54,72 @@ def _volatile(value):
     return isinstance(value, (torch.Tensor, np.ndarray, list)) or (type(value) is tuple and any(map(_volatile, value)))
 
 
-def _kinds(values):
-    """The types of the groups' values (a tuple's items' too): a number replaced by a tensor of
-    the same value compares equal to it (``==`` gives a one-element tensor, which is true), and
-    would go unseen."""
-    return [tuple(tuple(map(type, x)) if type(x) is tuple else type(x) for x in v) for v in values]
+def _same_objects(values, seen):
+    """Whether every hyperparameter is the object it was.  Identity, not ``==``: a number
+    replaced by a tensor of the same value compares equal to it (``==`` gives a one-element
+    tensor, which is true) and would go unseen.  (What can change in place, a tensor, array or
+    list, is read again at every step: ``_volatile``.)"""
+    return seen is not None and len(values) == len(seen) and all(map(is_, chain.from_iterable(values),
+                                                                     chain.from_iterable(seen)))
+
+
+_optimizer_globals = vars(_torch_optimizer)
+_autograd_profiler = torch.autograd.profiler
+_profiler_enabled = torch.autograd._profiler_enabled
 
 
 def global_hooks_or_profiler():
     """Whether torch.optim's global step hooks or a profiler want to see every step (if a
     torch release moves the hook registries, every step takes torch's own path)."""
-    return bool(getattr(_torch_optimizer, "_global_optimizer_pre_hooks", True)
-                or getattr(_torch_optimizer, "_global_optimizer_post_hooks", True)
-                or torch.autograd.profiler._is_profiler_enabled or torch.autograd._profiler_enabled())
+    return bool(_optimizer_globals.get("_global_optimizer_pre_hooks", True)
+                or _optimizer_globals.get("_global_optimizer_post_hooks", True)
+                or _autograd_profiler._is_profiler_enabled or _profiler_enabled())
+
+
+def _dynamo_hooks():
+    """torch's C functions that read dynamo's frame callback and set how it treats a code
+    object, or ``None`` where a torch release lacks them (private to torch; imported from its
+    C extension, so that dynamo's Python package stays unimported)."""
+    try:
+        from torch._C._dynamo import eval_frame
+        skip_this_frame_only = eval_frame._FrameExecStrategy(eval_frame._FrameAction.SKIP,
+                                                             eval_frame._FrameAction.DEFAULT)
+        return eval_frame.get_eval_frame_callback, eval_frame.set_code_exec_strategy, skip_this_frame_only
+    except (ImportError, AttributeError, TypeError):
+        return None
+
+
+_DYNAMO_HOOKS = _dynamo_hooks()
 
 
 def outside_dynamo(fn):
     """``fn``, which dynamo (torch.compile) does not trace: a compiled caller runs it as it is,
     between its graphs, as it runs torch.optim.Optimizer's own methods.  Traced, a step's NumPy
     bookkeeping would become torch operations, some of which torch lacks (uint64 comparisons),
-    and its Numba kernel cannot be traced at all.  The disabled function is made at the first
-    call, as torch.optim makes its own: ``torch.compiler.disable`` imports dynamo."""
+    and its Numba kernel cannot be traced at all.
+
+    Dynamo sees a frame only through the callback that a running compiled function installs.
+    With none installed (eager code: every step outside torch.compile) ``fn`` is called as it
+    is; otherwise through ``torch.compiler.disable``, which removes the callback for the call
+    and costs as much again as a small model's step.  The wrapper itself is marked as disabled
+    (a traced caller does not inline it) and its frame as one dynamo skips (run as it is, not
+    traced), so the check runs outside any trace.  The disabled function is made at its first
+    use, as torch.optim makes its own: ``torch.compiler.disable`` imports dynamo."""
     disabled = None
+    callback = _DYNAMO_HOOKS[0] if _DYNAMO_HOOKS else None
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         nonlocal disabled
+        if callback is not None and callback() is None:
+            return fn(*args, **kwargs)
         if disabled is None:
             disabled = torch.compiler.disable(fn)
         return disabled(*args, **kwargs)
+
+    run._torchdynamo_disable = True
+    if _DYNAMO_HOOKS:
+        _DYNAMO_HOOKS[1](run.__code__, _DYNAMO_HOOKS[2])
     return run
 
 
@@ -162,7 +200,6 @@ class _Bucket:
         self.runs = self.spans = ()  # see _layout
         self.core_groups_key = None  # the hyperparameters the core has, one tuple per run
         self.group_values = None  # the torch groups' values they were read from
-        self.group_kinds = None  # and their types (see _kinds)
         self.volatile = False  # whether those values must be read again every step
         self.state_args = None  # the core's state arguments self.state was last pointed at
         self.gstorage = None  # the flat gradient buffer's storage (its _cdata), and the number of
@@ -734,11 +771,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             b.layout_key, b.core_groups_key = active, None
         runs = b.runs
         if runs:
-            pg = self.param_groups
-            values = [tuple(map(pg[gi].__getitem__, self._hp_names)) for gi, *_ in runs]
-            kinds = _kinds(values)
-            # (the types first: values of other types may not compare, as a NumPy array with a tuple)
-            if b.volatile or b.core_groups_key is None or kinds != b.group_kinds or values != b.group_values:
+            pg, names = self.param_groups, self._hp_names
+            values = [tuple(map(pg[run[0]].__getitem__, names)) for run in runs]
+            if b.volatile or b.core_groups_key is None or not _same_objects(values, b.group_values):
                 if self._foreach_refuses_tensors:  # (torch: at a step, in groups with gradients)
                     for gi, *_ in runs:
                         check_foreach_tensors(pg[gi])
@@ -746,7 +781,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if hps != b.core_groups_key:
                     self._configure_core(b, runs, hps)
                     b.core_groups_key = hps
-                b.group_values, b.group_kinds = values, kinds
+                b.group_values = values
                 b.volatile = any(map(_volatile, (x for v in values for x in v)))
         return runs
 
