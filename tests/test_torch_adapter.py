@@ -1,8 +1,10 @@
 """flatopt.torch: torch.optim.Optimizer subclasses on flat buffers, against torch.optim."""
+import collections
 import copy
 import fractions
 import inspect
 import io
+import os
 import subprocess
 import sys
 import textwrap
@@ -486,6 +488,8 @@ def test_a_compiled_training_step_runs_the_optimizer_as_it_is(name):
     train(m_ref, reference(m_ref.parameters()), batches)
     m = Net()
     opt = ours(m.parameters())
+    import torch._dynamo as dynamo
+    dynamo.reset()  # (a run where earlier tests compiled steps: a fresh recompile limit)
 
     @torch.compile(backend="aot_eager")  # (no C++ compiler needed)
     def train_step(x, y):
@@ -495,21 +499,50 @@ def test_a_compiled_training_step_runs_the_optimizer_as_it_is(name):
     for x, y in batches:
         train_step(x, y)
     assert_same(m_ref, m)
-    assert not _frames_dynamo_compiled(ft), "dynamo compiled flatopt.torch's own frames"
+    assert not _flatopt_code_dynamo_compiled(), "dynamo compiled flatopt.torch's own code"
 
 
-def _frames_dynamo_compiled(package):
-    """The functions of ``package``'s modules (their methods too) whose code dynamo compiled."""
+@pytest.mark.parametrize("make", [lambda p: ft.SGD(p, lr=0.1, momentum=0.9), lambda p: ft.Adam(p, lr=0.1),
+                                  lambda p: ft.Lookahead(ft.Adam(p, lr=0.1), k=1)], ids=["sgd", "adam", "lookahead"])
+def test_a_method_compiled_with_fullgraph_is_refused_before_it_runs(make):
+    """``torch.compile(opt.step, fullgraph=True)`` cannot make one graph of a flatopt step (nor
+    of torch.optim's on the CPU): dynamo refuses it while tracing, before the step has changed
+    anything, as it refuses torch's, so that a caller who falls back to an eager step steps once."""
+    import torch._dynamo as dynamo
+    from torch._dynamo.exc import Unsupported
+    dynamo.reset()  # (every wrapped method shares the wrapper's code, and its recompile limit)
+    p = torch.nn.Parameter(torch.ones(4))
+    p.grad = torch.full((4,), 0.5)
+    opt = make([p])
+    for method in (opt.step, opt.zero_grad):
+        with pytest.raises(Unsupported):
+            torch.compile(method, backend="eager", fullgraph=True)()
+    assert torch.equal(p.detach(), torch.ones(4)) and torch.equal(p.grad, torch.full((4,), 0.5))
+    assert not opt.state and opt.state_dict().get("step_count", 0) == 0
+    with pytest.raises(Unsupported):  # (torch's own, for comparison)
+        torch.compile(torch.optim.SGD([torch.nn.Parameter(torch.ones(4))], lr=0.1).step, backend="eager",
+                      fullgraph=True)()
+
+
+def _flatopt_code_dynamo_compiled():
+    """flatopt.torch's functions (methods too) whose code dynamo compiled, but for the wrapper
+    that keeps dynamo out (``outside_dynamo``), whose frame dynamo traces up to its call of the
+    disabled method, a graph break.  Code of torch's that flatopt.torch only holds (such as
+    torch's hook wrapper, whose code every torch optimizer shares) is not flatopt's."""
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as compiled
+    from flatopt.torch._flat import outside_dynamo
+    package = os.path.dirname(ft.__file__)
+    wrapper = outside_dynamo(lambda: None).__code__
     found = []
     for name, module in list(sys.modules.items()):
-        if name != package.__name__ and not name.startswith(package.__name__ + "."):
+        if not (name == ft.__name__ or name.startswith(ft.__name__ + ".")):
             continue
         for owner in [module] + [c for c in vars(module).values() if inspect.isclass(c) and c.__module__ == name]:
             for attr, value in vars(owner).items():
                 for fn in (value, getattr(value, "__wrapped__", None)):  # a decorated method, and what it wraps
                     code = getattr(fn, "__code__", None)
-                    if code is not None and compiled(code):
+                    if (code is not None and code is not wrapper and code.co_filename.startswith(package)
+                            and compiled(code)):
                         found.append(f"{name}.{getattr(owner, '__name__', '')}.{attr}")
     return found
 
@@ -796,8 +829,9 @@ def test_step_hooks_and_the_profiler_see_every_step():
         assert len(seen) == 4
         with torch.profiler.profile() as prof:
             opt.step()
-        assert "Optimizer.step#Adam.step" in {e.name for e in prof.events()}
-        assert opt.state[m.l1.weight]["step"].item() == 3
+            opt.zero_grad(set_to_none=False)
+        assert {"Optimizer.step#Adam.step", "Optimizer.zero_grad#Adam.zero_grad"} <= {e.name for e in prof.events()}
+        assert opt.state[m.l1.weight]["step"].item() == 3 and not m.l1.weight.grad.any()
     finally:
         for handle in handles:
             handle.remove()
@@ -1334,7 +1368,9 @@ def test_lookahead_runs_its_step_hooks():
     assert seen == [("pre", la), ("post", la)]
     with torch.profiler.profile() as prof:
         la.step()
-    assert "Optimizer.step#Lookahead.step" in {e.name for e in prof.events()}
+        la.zero_grad()
+    assert {"Optimizer.step#Lookahead.step", "Optimizer.zero_grad#Lookahead.zero_grad"} <= {e.name for e in prof.events()}
+    assert p.grad is None
 
 
 def test_state_dict_post_hook_may_add_non_tensor_values():
@@ -1794,6 +1830,23 @@ def test_numpy_array_betas_are_read_at_every_step_as_torchs():
                 opt.param_groups[0]["betas"] = np.array([0.9, 0.999])
             if t == 4:
                 opt.param_groups[0]["betas"][0] = 0.8
+            _step_through(opt, ps, [t])
+        runs.append(ps)
+    _assert_same_tensors(*runs)
+
+
+def test_namedtuple_betas_of_tensors_are_read_at_every_step_as_torchs():
+    """A tuple subclass holding tensors edited in place: only plain tuples were looked into,
+    so the edit went unread."""
+    betas = collections.namedtuple("Betas", "beta1 beta2")
+    runs = []
+    for make in (lambda ps: ft.Adam(ps, lr=0.05), lambda ps: torch.optim.Adam(ps, lr=0.05, fused=True)):
+        ps = _tensors([(16,), (32,)])
+        opt = make(ps)
+        opt.param_groups[0]["betas"] = betas(torch.tensor(0.9), torch.tensor(0.999))
+        for t in range(6):
+            if t in (2, 4):
+                opt.param_groups[0]["betas"].beta1.fill_(0.9 - 0.05 * t)
             _step_through(opt, ps, [t])
         runs.append(ps)
     _assert_same_tensors(*runs)

@@ -43,7 +43,7 @@ def _number(value):
         return value.item() if value.numel() == 1 else tuple(value.tolist())
     if isinstance(value, np.ndarray):  # (as torch takes them)
         return value.item() if value.size == 1 else tuple(value.tolist())
-    if type(value) in (tuple, list):
+    if isinstance(value, (tuple, list)):  # (a namedtuple too)
         return tuple(map(_number, value))
     return value
 
@@ -51,7 +51,7 @@ def _number(value):
 def _volatile(value):
     """Whether a hyperparameter can change with no assignment to its group: a tensor, a NumPy
     array or a list (edited in place), also inside a tuple."""
-    return isinstance(value, (torch.Tensor, np.ndarray, list)) or (type(value) is tuple and any(map(_volatile, value)))
+    return isinstance(value, (torch.Tensor, np.ndarray, list)) or (isinstance(value, tuple) and any(map(_volatile, value)))
 
 
 def _same_objects(values, seen):
@@ -68,28 +68,51 @@ _autograd_profiler = torch.autograd.profiler
 _profiler_enabled = torch.autograd._profiler_enabled
 
 
+def profiling():
+    """Whether a profiler records (torch.profiler's or torch.autograd.profiler's)."""
+    return _autograd_profiler._is_profiler_enabled or _profiler_enabled()
+
+
 def global_hooks_or_profiler():
     """Whether torch.optim's global step hooks or a profiler want to see every step (if a
     torch release moves the hook registries, every step takes torch's own path)."""
     return bool(_optimizer_globals.get("_global_optimizer_pre_hooks", True)
-                or _optimizer_globals.get("_global_optimizer_post_hooks", True)
-                or _autograd_profiler._is_profiler_enabled or _profiler_enabled())
+                or _optimizer_globals.get("_global_optimizer_post_hooks", True) or profiling())
 
 
-def _dynamo_hooks():
-    """torch's C functions that read dynamo's frame callback and set how it treats a code
-    object, or ``None`` where a torch release lacks them (private to torch; imported from its
-    C extension, so that dynamo's Python package stays unimported)."""
+def labelled_zero_grad(zero_grad):
+    """``zero_grad``, labelled for a recording profiler as torch.optim labels its own
+    (``Optimizer.zero_grad#Adam.zero_grad``); unlabelled otherwise, where the label would cost
+    more than the call."""
+    @functools.wraps(zero_grad)
+    def run(self, set_to_none=True):
+        if not profiling():
+            return zero_grad(self, set_to_none)
+        with torch.autograd.profiler.record_function(f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"):
+            return zero_grad(self, set_to_none)
+    return run
+
+
+def _frame_callback_reader():
+    """torch's C function that returns dynamo's frame callback, or ``None`` where a torch
+    release lacks it (private to torch; imported from its C extension, so that dynamo's Python
+    package stays unimported)."""
     try:
-        from torch._C._dynamo import eval_frame
-        skip_this_frame_only = eval_frame._FrameExecStrategy(eval_frame._FrameAction.SKIP,
-                                                             eval_frame._FrameAction.DEFAULT)
-        return eval_frame.get_eval_frame_callback, eval_frame.set_code_exec_strategy, skip_this_frame_only
-    except (ImportError, AttributeError, TypeError):
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+    except ImportError:
         return None
+    return get_eval_frame_callback
 
 
-_DYNAMO_HOOKS = _dynamo_hooks()
+_frame_callback = _frame_callback_reader()
+
+
+def _eager():
+    """Whether no torch.compile'd function is running.  Dynamo folds ``is_compiling()`` to
+    True where it traces the call; a compiled function that runs code between its graphs, or
+    a frame it chose not to trace, keeps its frame callback installed, and would trace the
+    frames called from there."""
+    return not torch.compiler.is_compiling() and _frame_callback is not None and _frame_callback() is None
 
 
 def outside_dynamo(fn):
@@ -98,28 +121,22 @@ def outside_dynamo(fn):
     bookkeeping would become torch operations, some of which torch lacks (uint64 comparisons),
     and its Numba kernel cannot be traced at all.
 
-    Dynamo sees a frame only through the callback that a running compiled function installs.
-    With none installed (eager code: every step outside torch.compile) ``fn`` is called as it
-    is; otherwise through ``torch.compiler.disable``, which removes the callback for the call
-    and costs as much again as a small model's step.  The wrapper itself is marked as disabled
-    (a traced caller does not inline it) and its frame as one dynamo skips (run as it is, not
-    traced), so the check runs outside any trace.  The disabled function is made at its first
-    use, as torch.optim makes its own: ``torch.compiler.disable`` imports dynamo."""
+    In eager code (every call outside torch.compile) ``fn`` is called as it is; else through
+    ``torch.compiler.disable``, which removes dynamo's frame callback for the call and costs as
+    much again as a small model's step.  Traced, the wrapper breaks the graph where it calls
+    the disabled function, before ``fn`` runs (an error under ``fullgraph=True``, with nothing
+    changed).  The disabled function is made at its first use, as torch.optim makes its own:
+    ``torch.compiler.disable`` imports dynamo."""
     disabled = None
-    callback = _DYNAMO_HOOKS[0] if _DYNAMO_HOOKS else None
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         nonlocal disabled
-        if callback is not None and callback() is None:
+        if _eager():
             return fn(*args, **kwargs)
         if disabled is None:
             disabled = torch.compiler.disable(fn)
         return disabled(*args, **kwargs)
-
-    run._torchdynamo_disable = True
-    if _DYNAMO_HOOKS:
-        _DYNAMO_HOOKS[1](run.__code__, _DYNAMO_HOOKS[2])
     return run
 
 
@@ -827,6 +844,7 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     # --- zero_grad ---------------------------------------------------------------------
     @outside_dynamo
+    @labelled_zero_grad
     def zero_grad(self, set_to_none=True):
         """``True`` (torch's default): every ``.grad`` becomes None (the flat gradient buffer
         is kept).  ``False``: one ``zero_()`` over each flat gradient buffer; other gradient

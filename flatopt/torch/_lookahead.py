@@ -8,7 +8,7 @@ from operator import is_
 import torch
 
 from flatopt.lookahead import check_k_alpha
-from flatopt.torch._flat import FlatOptimizer, global_hooks_or_profiler, outside_dynamo, public
+from flatopt.torch._flat import FlatOptimizer, global_hooks_or_profiler, labelled_zero_grad, outside_dynamo, public
 
 
 @public
@@ -135,6 +135,7 @@ class Lookahead(torch.optim.Optimizer):
     _step_with_hooks = torch.optim.Optimizer.profile_hook_step(_step)
 
     @outside_dynamo
+    @labelled_zero_grad
     def zero_grad(self, set_to_none=True):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
