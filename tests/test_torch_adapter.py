@@ -1369,7 +1369,8 @@ def test_lookahead_runs_its_step_hooks():
     with torch.profiler.profile() as prof:
         la.step()
         la.zero_grad()
-    assert {"Optimizer.step#Lookahead.step", "Optimizer.zero_grad#Lookahead.zero_grad"} <= {e.name for e in prof.events()}
+    labels = {e.name for e in prof.events()}
+    assert {"Optimizer.step#Lookahead.step", "Optimizer.zero_grad#Lookahead.zero_grad"} <= labels
     assert p.grad is None
 
 

@@ -51,7 +51,8 @@ def _number(value):
 def _volatile(value):
     """Whether a hyperparameter can change with no assignment to its group: a tensor, a NumPy
     array or a list (edited in place), also inside a tuple."""
-    return isinstance(value, (torch.Tensor, np.ndarray, list)) or (isinstance(value, tuple) and any(map(_volatile, value)))
+    return (isinstance(value, (torch.Tensor, np.ndarray, list))
+            or (isinstance(value, tuple) and any(map(_volatile, value))))
 
 
 def _same_objects(values, seen):
