@@ -812,8 +812,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         newly = False
         sgd = not self._step_in_state
         for gi, i0, i1 in b.spans:
-            # (float32 with float32, and ``item``: NumPy's handling of a Python int operand, as in
-            # ``steps[i0:i1] += 1``, cost 13-15% of a 200-tensor step at 10^5 with cold caches)
+            # (float32 with float32, and ``item``: ``steps[i0:i1] += 1`` with a Python int, and
+            # ``steps[i0] == 0``, cost 13-15% of a 200-tensor step at 10^5 with cold caches)
             if steps.item(i0) == 0.0:
                 newly = True
             span = steps[i0:i1]
