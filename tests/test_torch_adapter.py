@@ -2062,8 +2062,8 @@ def test_loading_a_checkpoint_without_a_params_state_restarts_it_as_torch():
 
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_zero_grad_after_a_group_list_edit_zeroes_the_new_params_gradient(set_to_none):
-    """torch's zero_grad zeroes the gradients of the params the groups list now.  Mutant M36:
-    zero_grad without taking in the group edit."""
+    """torch's zero_grad zeroes the gradients of the params the groups list now.  Guards against
+    zero_grad not taking in the group edit."""
     out = []
     for make in (lambda ps: ft.SGD(ps, lr=0.1), lambda ps: torch.optim.SGD(ps, lr=0.1, foreach=False)):
         p, r = _tensors([(4,), (3,)])

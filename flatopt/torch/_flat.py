@@ -90,7 +90,7 @@ def labelled_zero_grad(zero_grad):
     def run(self, set_to_none=True):
         if not profiling():
             return zero_grad(self, set_to_none)
-        with torch.autograd.profiler.record_function(f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"):
+        with _autograd_profiler.record_function(f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"):
             return zero_grad(self, set_to_none)
     return run
 
@@ -801,7 +801,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                     self._configure_core(b, runs, hps)
                     b.core_groups_key = hps
                 b.group_values = values
-                b.volatile = any(map(_volatile, (x for v in values for x in v)))
+                b.volatile = any(map(_volatile, chain.from_iterable(values)))
         return runs
 
     def _step_bucket(self, b, runs, gather=None):
