@@ -530,7 +530,7 @@ def _flatopt_code_dynamo_compiled():
     disabled method, a graph break.  Code of torch's that flatopt.torch only holds (such as
     torch's hook wrapper, whose code every torch optimizer shares) is not flatopt's."""
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as compiled
-    from flatopt.torch._flat import outside_dynamo
+    from flatopt.torch._hooks import outside_dynamo
     package = os.path.dirname(ft.__file__)
     wrapper = outside_dynamo(lambda: None).__code__
     found = []
@@ -1893,8 +1893,8 @@ def test_a_gradient_whose_memory_is_replaced_is_followed_as_torch_follows_it(nam
                for _ in range(6)]
     runs, kept = [], []
     if replace.endswith("without the holder count"):  # a torch without _storage_Use_Count: each view is looked at
-        import flatopt.torch._flat as flat_module
-        monkeypatch.setattr(flat_module, "_storage_use_count", None)
+        import flatopt.torch._bucket as bucket_module
+        monkeypatch.setattr(bucket_module, "_storage_use_count", None)
     for make in (getattr(ft, name), lambda ps: getattr(torch.optim, name)(ps, lr=0.05, foreach=False)):
         model = ConvNet()
         opt = make(model.parameters()) if make is not getattr(ft, name) else make(model.parameters(), lr=0.05)

@@ -95,10 +95,12 @@ CUDA parameters go to the core as tensors (its backend reads ``__cuda_array_inte
 are tested on a real GPU (``tests/gpu/test_gpu_torch.py``).  Not supported: sparse gradients,
 complex and half dtypes.
 
-The package's modules: ``_flat`` (the flat layout, the state views and the step, shared by
-every optimizer), ``_edits`` (``opt.state`` and the groups' ``params`` lists, which note
-edits), ``_checks`` (what a parameter or group must be), ``_optimizers`` (the classes with
-torch's signatures) and ``_lookahead``.
+The package's modules: ``_flat`` (the layout, the state views and the step, shared by every
+optimizer), ``_bucket`` (one flat buffer of parameters and one of gradients, and the checks
+that the views are still in them), ``_hooks`` (torch.compile, step hooks and profilers),
+``_edits`` (``opt.state`` and the groups' ``params`` lists, which note edits), ``_checks``
+(what a parameter or group must be), ``_optimizers`` (the classes with torch's signatures) and
+``_lookahead``.
 """
 from flatopt.torch._lookahead import Lookahead
 from flatopt.torch._optimizers import ADOPT, SGD, Adam, AdamW, RMSprop

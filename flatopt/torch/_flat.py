@@ -1,6 +1,7 @@
 """The flat layout under every flatopt.torch optimizer: parameters, gradients and state as
-views of one flat buffer per (device, dtype), ``opt.state`` kept in step with them, and the
-step that checks what changed since the last one and runs one core kernel per buffer."""
+views of one flat buffer per (device, dtype) (a :class:`~flatopt.torch._bucket.Bucket` each),
+``opt.state`` kept in step with them, and the step that checks what changed since the last one
+and runs one core kernel per buffer."""
 import functools
 import inspect
 import warnings
@@ -10,20 +11,17 @@ from operator import attrgetter, is_
 
 import numpy as np
 import torch
-import torch.optim.optimizer as _torch_optimizer
 
 from flatopt.backend import Gather, aligned_zeros, backend_for, host_span
+from flatopt.torch._bucket import Bucket, as_tensor, byte_spans, data_ptr, dense_strides, starts_inside, unaliased
 from flatopt.torch._checks import (NP_DTYPES, check_betas_types, check_disjoint, check_flags,
                                    check_foreach_tensor_betas, check_foreach_tensors, check_fused_foreach,
                                    check_param, check_tensor_lr, check_unique, moved_error)
 from flatopt.torch._edits import Edits, ParamList, ParamState, State, unchanged
+from flatopt.torch._hooks import global_hooks_or_profiler, labelled_zero_grad, outside_dynamo
 
-_data_ptr = torch.Tensor.data_ptr
 _ONE = np.float32(1)  # a step, as the per-param step counts (float32, as torch's state["step"]) count it
 _grad_of = attrgetter("grad")
-# The number of tensors holding a storage: O(1), where a check of every gradient view's memory
-# costs a data_ptr() per tensor.  (A private function of torch's; without it, that check.)
-_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 _DUPLICATE_WARNING = "optimizer contains a parameter group with duplicate parameters"
 PUBLIC = set()  # the classes flatopt.torch exports
 
@@ -65,131 +63,6 @@ def _same_objects(values, seen):
                                                                      chain.from_iterable(seen)))
 
 
-_optimizer_globals = vars(_torch_optimizer)
-_autograd_profiler = torch.autograd.profiler
-_profiler_enabled = torch.autograd._profiler_enabled
-
-
-def profiling():
-    """Whether a profiler records (torch.profiler's or torch.autograd.profiler's)."""
-    return _autograd_profiler._is_profiler_enabled or _profiler_enabled()
-
-
-def global_hooks_or_profiler():
-    """Whether torch.optim's global step hooks or a profiler want to see every step (if a
-    torch release moves the hook registries, every step takes torch's own path)."""
-    return bool(_optimizer_globals.get("_global_optimizer_pre_hooks", True)
-                or _optimizer_globals.get("_global_optimizer_post_hooks", True) or profiling())
-
-
-def labelled_zero_grad(zero_grad):
-    """``zero_grad``, labelled for a recording profiler as torch.optim labels its own
-    (``Optimizer.zero_grad#Adam.zero_grad``); unlabelled otherwise, where the label would cost
-    more than the call."""
-    @functools.wraps(zero_grad)
-    def run(self, set_to_none=True):
-        if not profiling():
-            return zero_grad(self, set_to_none)
-        with _autograd_profiler.record_function(f"Optimizer.zero_grad#{type(self).__name__}.zero_grad"):
-            return zero_grad(self, set_to_none)
-    return run
-
-
-def _frame_callback_reader():
-    """torch's C function that returns dynamo's frame callback, or ``None`` where a torch
-    release lacks it (private to torch; imported from its C extension, so that dynamo's Python
-    package stays unimported)."""
-    try:
-        from torch._C._dynamo.eval_frame import get_eval_frame_callback
-    except ImportError:
-        return None
-    return get_eval_frame_callback
-
-
-_frame_callback = _frame_callback_reader()
-
-
-def _eager():
-    """Whether no torch.compile'd function is running.  Dynamo folds ``is_compiling()`` to
-    True where it traces the call; a compiled function that runs code between its graphs, or
-    a frame it chose not to trace, keeps its frame callback installed, and would trace the
-    frames called from there."""
-    return not torch.compiler.is_compiling() and _frame_callback is not None and _frame_callback() is None
-
-
-def outside_dynamo(fn):
-    """``fn``, which dynamo (torch.compile) does not trace: a compiled caller runs it as it is,
-    between its graphs, as it runs torch.optim.Optimizer's own methods.  Traced, a step's NumPy
-    bookkeeping would become torch operations, some of which torch lacks (uint64 comparisons),
-    and its Numba kernel cannot be traced at all.
-
-    In eager code (every call outside torch.compile) ``fn`` is called as it is; else through
-    ``torch.compiler.disable``, which removes dynamo's frame callback for the call and costs as
-    much again as a small model's step.  Traced, the wrapper breaks the graph where it calls
-    the disabled function, before ``fn`` runs (an error under ``fullgraph=True``, with nothing
-    changed).  The disabled function is made at its first use, as torch.optim makes its own:
-    ``torch.compiler.disable`` imports dynamo."""
-    disabled = None
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        nonlocal disabled
-        if _eager():
-            return fn(*args, **kwargs)
-        if disabled is None:
-            disabled = torch.compiler.disable(fn)
-        return disabled(*args, **kwargs)
-    return run
-
-
-def dense_strides(t):
-    """``t``'s strides where its elements fill their span of memory without gaps or overlaps
-    (contiguous, channels_last, transposed, ...), else row-major ones: the layout its view in a
-    flat buffer takes, so that a parameter keeps its memory format (its gradients and its state
-    follow it, as torch's ``preserve_format`` does).  A tensor of no elements keeps its own."""
-    if not t.numel():
-        return tuple(t.stride())
-    expected = 1
-    for size, stride in sorted(((n, st) for n, st in zip(t.shape, t.stride()) if n != 1), key=lambda d: d[1]):
-        if stride != expected:
-            break
-        expected *= size
-    else:
-        return tuple(t.stride())
-    strides, step = [], 1
-    for n in reversed(t.shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
-
-
-def _memory(bufs):
-    """The (first, end) byte addresses of each flat buffer in ``bufs``."""
-    return [(buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()) for buf in bufs]
-
-
-def _inside(ptrs, memory):
-    """Which of the addresses ``ptrs`` lie in one of the buffers ``memory`` (see :func:`_memory`).
-    A tensor that shares a buffer's bytes starts inside it, also one NumPy made (a storage of
-    its own, the same bytes); none starts before a buffer and reaches into it, each buffer
-    being an allocation of its own."""
-    ptrs = np.array(ptrs, dtype=np.uint64)
-    inside = np.zeros(len(ptrs), bool)
-    for first, end in memory:
-        inside |= (ptrs >= first) & (ptrs < end)
-    return inside
-
-
-def _unaliased(sources, ptrs, memory):
-    """``sources`` (with their ``data_ptr()``s), each cloned if it starts inside one of the flat
-    buffers (``memory``): they are about to be copied into those buffers, and a copy between
-    overlapping memory is refused or reads what it already wrote."""
-    inside = _inside(ptrs, memory)
-    if not inside.any():
-        return sources
-    return [src.clone() if clone else src for src, clone in zip(sources, inside.tolist())]
-
-
 @functools.lru_cache(maxsize=None)
 def _torch_defaults(cls):
     """The defaults of the flatopt.torch class's ``__init__`` that ``cls`` is or derives from:
@@ -199,81 +72,8 @@ def _torch_defaults(cls):
             if p.default is not inspect.Parameter.empty}
 
 
-class _Bucket:
-    """The parameters of one (device, dtype): flat buffers, layout and one core optimizer."""
-
-    def __init__(self, core, device, dtype):
-        self.core, self.device, self.dtype = core, device, dtype
-        self.params, self.offsets, self.sizes, self.groups = [], [], [], []
-        self.strides = []  # per param: the strides of its views (dense_strides)
-        self.flat = self.gflat = self.flat_np = self.gflat_np = None
-        self.views, self.gviews, self.ptrs, self.gptrs = [], [], [], []  # ptrs: the views' data_ptr()s
-        self.memory = []  # (first, end) byte addresses of the flat parameter and gradient buffers
-        self.offsets_np = None  # self.offsets as an array (a Gather's offsets)
-        self.steps = np.zeros(0, np.float32)   # per-param step counts (torch's state["step"])
-        self.steps_t = None
-        self.started = np.zeros(0, bool)       # SGD: the momentum buffer exists
-        self.installed = []  # per param: the dict this optimizer put in opt.state, or None
-        self.entries = []  # per param: the entries it put there (to see which were replaced)
-        self.layout_key = None
-        self.runs = self.spans = ()  # see _layout
-        self.core_groups_key = None  # the hyperparameters the core has, one tuple per run
-        self.group_values = None  # the torch groups' values they were read from
-        self.volatile = False  # whether those values must be read again every step
-        self.state_args = None  # the core's state arguments self.state was last pointed at
-        self.gstorage = None  # the flat gradient buffer's storage (its _cdata), and the number of
-        self.guses = None     # tensors holding it when the gradient views were last known intact
-
-    def shaped(self, buf, i):
-        """Parameter ``i``'s view of a flat buffer of this bucket (parameters, gradients, state)."""
-        return buf[self.offsets[i]:].as_strided(self.params[i].shape, self.strides[i])
-
-    def read_addresses(self):
-        """What is derived from where the flat buffers' memory lies: the buffers as the core
-        takes them (NumPy views on the CPU; CUDA tensors, read through
-        ``__cuda_array_interface__``), the views' ``data_ptr()``s and the buffers' byte spans.
-        Made with the layout, and again when that memory moves under its storage
-        (``model.share_memory()``, or one of its tensors sent through torch.multiprocessing):
-        the views move with it, NumPy views and kept addresses would not."""
-        if self.device.type == "cpu":
-            self.flat_np, self.gflat_np = self.flat.detach().numpy(), self.gflat.numpy()
-        else:
-            self.flat_np, self.gflat_np = self.flat.detach(), self.gflat
-        self.ptrs = [v.data_ptr() for v in self.views]
-        self.gptrs = [gv.data_ptr() for gv in self.gviews]
-        self.memory = _memory((self.flat, self.gflat))
-        self.gstorage = self.gflat.untyped_storage()._cdata
-        self.note_gviews_intact()
-
-    def _gholders(self):
-        return None if _storage_use_count is None else _storage_use_count(self.gstorage)
-
-    def note_gviews_intact(self):
-        self.guses = self._gholders()
-
-    def gviews_intact(self):
-        """Whether every gradient view still lies in the flat gradient buffer: ``p.grad.data =
-        t``, ``p.grad.set_(t)`` or ``model.to(memory_format=...)`` (which does the former) move a
-        view's memory out of it while ``p.grad`` stays the same tensor.  Each such move drops a
-        holder of the buffer's storage.  Where the count differs (a view a user keeps adds one),
-        every view is looked at, and the count taken again.  (A view kept and a gradient moved
-        between the same two steps would cancel out: that pair goes unseen, where a look at every
-        view at every step would cost 10 µs on 200 tensors, a quarter of such a step.)"""
-        uses = self._gholders()
-        if uses is not None and uses == self.guses:
-            return True
-        if list(map(_data_ptr, self.gviews)) != self.gptrs:
-            return False
-        self.guses = uses  # all in place: the holders now (a view kept) are the count to compare with
-        return True
-
-
-def _as_tensor(buf, device):
-    return torch.from_numpy(buf) if isinstance(buf, np.ndarray) else torch.as_tensor(buf, device=device)
-
-
 class FlatOptimizer(torch.optim.Optimizer):
-    """A ``torch.optim.Optimizer`` over flat buffers: one :class:`_Bucket` (and one core
+    """A ``torch.optim.Optimizer`` over flat buffers: one :class:`Bucket` (and one core
     optimizer, ``_core_cls``) per (device, dtype).  A subclass gives torch's signature and
     the core class; everything else (layout, ``opt.state``, checkpoints, the step) is here."""
     _core_cls = None
@@ -420,7 +220,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         state of the parameters ``prev`` (the old bucket of this key) had."""
         device, dtype = key
         core = prev.core if prev is not None else self._core_cls(**self._core_kwargs)
-        b = _Bucket(core, device, dtype)
+        b = Bucket(core, device, dtype)
         b.params = [p for p, _ in entries]
         b.groups = [gi for _, gi in entries]
         b.sizes = [p.numel() for p in b.params]
@@ -499,7 +299,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             if not force and b.core._state_args is b.state_args:
                 continue
             b.state_args = b.core._state_args
-            tstate = {k: _as_tensor(v, b.device) for k, v in b.core.state.items()}
+            tstate = {k: as_tensor(v, b.device) for k, v in b.core.state.items()}
             uses = [b.core._needs({k: _number(g[k]) for k in self._hp_names}) for g in self.param_groups]
             for i, p in enumerate(b.params):
                 inst = b.installed[i]
@@ -583,8 +383,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 zeros = np.zeros(len(b.flat), NP_DTYPES[b.dtype])
                 state[name] = zeros if b.device.type == "cpu" else torch.as_tensor(zeros, device=b.device)
             self._install_state(b, state)
-        tstate = {k: _as_tensor(v, b.device) for k, v in core.state.items()}
-        memory = _memory(tstate.values())
+        tstate = {k: as_tensor(v, b.device) for k, v in core.state.items()}
+        memory = byte_spans(tstate.values())
         writes, counts = [], []
         with torch.no_grad():
             # Every source read first, cloned if it is a view of the flat state (state swapped
@@ -597,7 +397,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                         continue  # this optimizer's own view, untouched
                     src = None if value is None else torch.as_tensor(value).detach().reshape(b.params[i].shape)
                     if src is not None:
-                        src = _unaliased([src], [src.data_ptr()], memory)[0]
+                        src = unaliased([src], [src.data_ptr()], memory)[0]
                     writes.append((b.shaped(buf, i), src))
                 if self._step_in_state:
                     step = entries.get("step")
@@ -625,7 +425,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         The copies of one step go in one ``torch._foreach_copy_`` call.
         """
         params = b.params
-        if (all(map(is_, map(_grad_of, params), b.gviews)) and list(map(_data_ptr, params)) == b.ptrs
+        if (all(map(is_, map(_grad_of, params), b.gviews)) and list(map(data_ptr, params)) == b.ptrs
                 and b.gflat.data_ptr() == b.memory[1][0] and b.gviews_intact()):
             return b.all_synced  # the common zero-copy case: nothing to pull in
         with torch.no_grad():
@@ -691,7 +491,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         if gather:
             addresses, kept = list(gptrs), []
             memory = b.memory + [host_span(a) for a in b.core.state.values()]
-            inside = _inside([ptr for _, _, ptr in candidates], memory)
+            inside = starts_inside([ptr for _, _, ptr in candidates], memory)
             for (i, g, gptr), copy in zip(candidates, inside.tolist()):
                 if copy:  # in this optimizer's own buffers, which the step writes
                     dst.append(gviews[i])
@@ -701,7 +501,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                     addresses[i] = gptr
                     kept.append(g)
         if dst:
-            torch._foreach_copy_(dst, _unaliased(src, src_ptrs, b.memory))
+            torch._foreach_copy_(dst, unaliased(src, src_ptrs, b.memory))
         for p, view in repoint_data:
             p.data = view
         if not self._grads_dropped:

@@ -8,7 +8,8 @@ from operator import is_
 import torch
 
 from flatopt.lookahead import check_k_alpha
-from flatopt.torch._flat import FlatOptimizer, global_hooks_or_profiler, labelled_zero_grad, outside_dynamo, public
+from flatopt.torch._flat import FlatOptimizer, public
+from flatopt.torch._hooks import global_hooks_or_profiler, labelled_zero_grad, outside_dynamo
 
 
 @public
