@@ -512,3 +512,135 @@ def test_array_betas_and_a_one_element_array_lr_act_as_their_numbers():
     expected = steps(flatopt.Adam(lr=0.01, betas=(0.8, 0.99)), rand(20, np.float64), g)
     got = steps(flatopt.Adam(lr=np.array([0.01]), betas=np.array([0.8, 0.99])), rand(20, np.float64), g)
     np.testing.assert_array_equal(got, expected)
+
+
+# --- a new lr between steps: the prepared step takes it ------------------------------------------
+# A step after a full one reuses what that one checked and prepared until something other than
+# the lr changes; a new lr (a schedule's value, a number assigned, a group's lr edited in place)
+# is checked and written into the step's scalars there.  These tests hold that path to the full
+# step's results (which test_core_parity holds to torch) and to its refusals.
+LR_MAKERS = {
+    "SGD-momentum": lambda **kw: flatopt.SGD(momentum=0.9, weight_decay=1e-2, **kw),
+    "Momentum": lambda **kw: flatopt.Momentum(beta=0.8, **kw),
+    "RMSprop-centered": lambda **kw: flatopt.RMSprop(centered=True, momentum=0.5, **kw),
+    "Adam-amsgrad": lambda **kw: flatopt.Adam(amsgrad=True, weight_decay=1e-2, **kw),
+    "AdamW": lambda **kw: flatopt.AdamW(weight_decay=0.1, **kw),
+    "ADOPT-decouple": lambda **kw: flatopt.ADOPT(decouple=True, weight_decay=0.1, **kw),
+}
+GROUPS = [dict(start=0, stop=24), dict(start=24, stop=40, weight_decay=0.0), dict(start=44, stop=64, lr=5e-3)]
+
+
+def _lrs(t):
+    return 1e-2 * (1.0 + 0.5 * math.sin(0.7 * t + 1.0))  # another lr at every step
+
+
+def _run_with_lrs(name, how, dtype, *, full):
+    """Twelve steps whose lr changes before each; ``full``: every step takes the full path."""
+    groups = copy.deepcopy(GROUPS) if "groups" in how else None
+    opt = LR_MAKERS[name](lr=_lrs if how.startswith("schedule") else 1e-2, param_groups=groups)
+    p, grads = rand(64, dtype), grads_for(64, 12, dtype)
+    for t, g in enumerate(grads):
+        if how.startswith("assigned"):
+            opt.lr = _lrs(t)  # (groups: those without an lr of their own)
+        elif how == "group lr edited, groups":
+            opt.param_groups[2]["lr"] = _lrs(t) / 2
+        if full:
+            opt.__dict__["_ready"] = None
+        opt.step(p, g)
+    return p, opt
+
+
+@pytest.mark.parametrize("name", list(LR_MAKERS))
+@pytest.mark.parametrize("how", ["assigned", "schedule", "assigned, groups", "schedule, groups",
+                                 "group lr edited, groups"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_new_lr_at_every_step_takes_the_prepared_step_bit_for_bit(name, how, dtype, monkeypatch):
+    expected, full = _run_with_lrs(name, how, dtype, full=True)
+    calls = []
+    active = type(full)._active
+    monkeypatch.setattr(type(full), "_active", lambda self, n: calls.append(n) or active(self, n))
+    got, opt = _run_with_lrs(name, how, dtype, full=False)
+    np.testing.assert_array_equal(got, expected)
+    assert_same(snapshot(opt), snapshot(full))
+    assert calls == [64], "only the first step takes the full path"
+
+
+@pytest.mark.parametrize("name", list(LR_MAKERS))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lr_entries_are_every_row_entry_that_changes_with_the_lr(name, dtype):
+    """A step whose lr changed writes only ``_set_lr_entries`` and ``_set_step_entries`` into its
+    prepared row: every entry that differs between two lrs must be one of theirs, at the row's
+    value."""
+    opt = LR_MAKERS[name](lr=1e-3)
+    dt, state = np.dtype(dtype).type, dict(opt._new_group_state(), step=3)
+    if "momentum_started" in state:
+        state["momentum_started"] = True
+    unset = object()
+    rows, written = [], set()
+    for lr in (1e-3, 0.0, 3e-7, 0.5, 123.0):
+        hp = dict(opt._resolve(None, 3), lr=lr)
+        row = opt._row(hp, state, dt)
+        probe = [unset] * len(row)
+        opt._set_lr_entries(probe, hp)
+        opt._set_step_entries(probe, hp, state)
+        entries = {i for i, v in enumerate(probe) if v is not unset}
+        assert all(probe[i] == row[i] for i in entries)
+        written |= entries
+        rows.append(row)
+    changed = {i for row in rows for i in range(len(row)) if row[i] != rows[0][i]}
+    assert changed and changed <= written
+
+
+@pytest.mark.parametrize("edit, error, words", [
+    ("assigned", ValueError, "Invalid learning rate: -0.5"),
+    ("assigned nan", ValueError, "Invalid learning rate: nan"),
+    ("assigned text", TypeError, "'<=' not supported"),
+    ("group lr edited", ValueError, "Invalid learning rate: -0.5"),
+    ("schedule", ValueError, "Invalid learning rate: -0.5"),
+])
+def test_a_bad_lr_on_the_prepared_step_is_refused_and_changes_nothing(edit, error, words):
+    """As the full step refuses it (torch's message), with nothing changed; the optimizer then
+    steps on as one that never saw it."""
+    def make():
+        schedule = (lambda t: -0.5 if t == 2 else 1e-2) if edit == "schedule" else 1e-2
+        return flatopt.Adam(lr=schedule, param_groups=[dict(start=0, stop=8), dict(start=8, stop=16, lr=1e-2)])
+    opt, reference = make(), make()
+    p, ref, grads = rand(16, np.float64), rand(16, np.float64), grads_for(16, 4)
+    steps(opt, p, grads[:2])
+    steps(reference, ref, grads[:2])
+    good = opt.param_groups[1]["lr"]
+    if edit.startswith("assigned"):
+        opt.lr = {"assigned": -0.5, "assigned nan": math.nan, "assigned text": "0.1"}[edit]
+    elif edit == "group lr edited":
+        opt.param_groups[1]["lr"] = -0.5
+    before, p_before = snapshot(opt), p.copy()
+    with pytest.raises(error, match=words):
+        opt.step(p, grads[2])
+    np.testing.assert_array_equal(p, p_before)
+    assert_same(snapshot(opt), before)
+    if edit == "schedule":
+        reference.lr = opt.lr = 1e-2  # (both step on with a number)
+    else:
+        opt.lr, opt.param_groups[1]["lr"] = 1e-2, good
+    steps(opt, p, grads[2:])
+    steps(reference, ref, grads[2:])
+    np.testing.assert_array_equal(p, ref)
+
+
+def test_a_step_refused_after_its_lr_changed_leaves_no_scalars_of_that_lr():
+    """The refused step had written the new lr's scalars into its prepared row before it found
+    the group state broken; with the old lr back, the next step must not use them."""
+    opt, reference = flatopt.SGD(lr=0.1, momentum=0.9), flatopt.SGD(lr=0.1, momentum=0.9)
+    p, ref, grads = rand(8, np.float64), rand(8, np.float64), grads_for(8, 4)
+    steps(opt, p, grads[:2])
+    steps(reference, ref, grads[:2])
+    lr = opt.lr
+    opt.lr = 0.5
+    del opt.group_state[0]["momentum_started"]
+    with pytest.raises(ValueError, match="'momentum_started'"):
+        opt.step(p, grads[2])
+    opt.group_state[0]["momentum_started"] = True
+    opt.lr = lr  # the very object the prepared step checked
+    steps(opt, p, grads[2:])
+    steps(reference, ref, grads[2:])
+    np.testing.assert_array_equal(p, ref)

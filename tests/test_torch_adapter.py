@@ -195,6 +195,37 @@ def test_one_cycle_schedule_rewrites_lr_and_momentum_every_step(name):
     assert opts[0].param_groups[0][key] == opts[1].param_groups[0][key] != kw.get(key, (0.9, 0.999))
 
 
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "RMSprop"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["one group", "decay and no-decay groups"])
+def test_a_scheduler_that_sets_every_step_s_lr_keeps_the_prepared_step(name, grouped, monkeypatch):
+    """A LambdaLR (one lambda a group) sets a new lr before every step.  Each step takes it as
+    torch's does (bitwise; RMSprop in float64 to 1e-11, as in the test above), and hands it to
+    the core's prepared step: neither the core's full step nor a reconfiguration of the core
+    runs after the first step."""
+    rmsprop = name == "RMSprop"
+    kw = dict(lr=1e-2, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=1e-2)
+    ref_kw = dict(fused=True) if name.startswith("Adam") else dict(foreach=False)
+    dtype = torch.float64 if rmsprop else torch.float32
+    lambdas = [lambda t: 1.0 / (1 + t), lambda t: 0.97 ** t] if grouped else lambda t: 1.0 / (1 + t)
+    models, opts, calls = [], [], []
+    for cls, extra in ((getattr(ft, name), {}), (getattr(torch.optim, name), ref_kw)):
+        m = Net(dtype=dtype)
+        params = ([{"params": [m.l1.weight, m.l2.weight], "weight_decay": 1e-2},
+                   {"params": [m.l1.bias, m.l2.bias], "weight_decay": 0.0}] if grouped else _used(m))
+        o = cls(params, **kw, **extra)
+        if cls is getattr(ft, name):
+            (b,) = o._buckets.values()
+            for owner, method in ((type(b.core), "_active"), (type(o), "_configure_core")):
+                original = getattr(owner, method)
+                monkeypatch.setattr(owner, method, lambda *a, _f=original, _m=method: calls.append(_m) or _f(*a))
+        train(m, o, data(dtype), sched=torch.optim.lr_scheduler.LambdaLR(o, lambdas))
+        models.append(m)
+        opts.append(o)
+    assert_same(*models, exact=not rmsprop, rtol=1e-11, atol=1e-13)
+    assert calls == ["_configure_core", "_active"], "the first step configures the core; no step after it"
+    assert [g["lr"] for g in opts[0].param_groups] == [g["lr"] for g in opts[1].param_groups]
+
 # --- zero copy, zero_grad, replaced tensors --------------------------------------------
 
 def _inside(ptr, buf):

@@ -52,12 +52,15 @@ class Adam(Optimizer):
         return ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] else ())
 
     def _row(self, hp, group_state, dt):
-        (beta1, beta2), lr = hp["betas"], hp["lr"]
+        beta1, beta2 = hp["betas"]
         row = [None, 1 - beta1, lerp_weight_minus_one(1 - beta1, dt), beta2, 1 - beta2, None, hp["eps"],
-               hp["weight_decay"], one_minus_product(lr, hp["weight_decay"]), bool(hp["decoupled_weight_decay"]),
-               bool(hp["amsgrad"]), bool(hp["maximize"])]
+               hp["weight_decay"], None, bool(hp["decoupled_weight_decay"]), bool(hp["amsgrad"]), bool(hp["maximize"])]
+        self._set_lr_entries(row, hp)
         self._set_step_entries(row, hp, group_state)
         return tuple(row)
+
+    def _set_lr_entries(self, row, hp):
+        row[8] = one_minus_product(hp["lr"], hp["weight_decay"])  # (AdamW's decay factor)
 
     def _set_step_entries(self, row, hp, group_state):
         (beta1, beta2), t = hp["betas"], group_state["step"] + 1

@@ -51,12 +51,15 @@ class ADOPT(Optimizer):
         return self.state_names
 
     def _row(self, hp, group_state, dt):
-        (beta1, beta2), lr = hp["betas"], hp["lr"]
-        row = [lr, 1 - beta1, lerp_weight_minus_one(1 - beta1, dt), beta2, 1 - beta2, hp["eps"],
-               hp["weight_decay"], -lr * hp["weight_decay"], None, bool(hp["decouple"]),
-               bool(hp["maximize"]), None]
+        beta1, beta2 = hp["betas"]
+        row = [None, 1 - beta1, lerp_weight_minus_one(1 - beta1, dt), beta2, 1 - beta2, hp["eps"],
+               hp["weight_decay"], None, None, bool(hp["decouple"]), bool(hp["maximize"]), None]
+        self._set_lr_entries(row, hp)
         self._set_step_entries(row, hp, group_state)
         return tuple(row)
+
+    def _set_lr_entries(self, row, hp):
+        row[0], row[7] = hp["lr"], -hp["lr"] * hp["weight_decay"]
 
     def _set_step_entries(self, row, hp, group_state):
         t, clip = group_state["step"], hp["clip_lambda"]

@@ -13,11 +13,15 @@ A subclass supplies the math's inputs only:
 * ``_needs(hp)``: which state buffers a group with these hyperparameters uses;
 * ``_set_step_entries(row, hp, group_state)``: writes the row entries that change from one
   step to the next (bias corrections, first-step flags); ``_row`` calls it, and between two
-  steps with unchanged hyperparameters it is all that runs in Python.
+  steps with unchanged hyperparameters it is all that runs in Python;
+* ``_set_lr_entries(row, hp)``: writes every other row entry that depends on ``lr``; ``_row``
+  calls it, and so does a step whose lr changed (a schedule's, every step) while the other
+  hyperparameters stayed as they were.
 """
 import functools
 import math
 import numbers
+from operator import is_
 
 import numpy as np
 
@@ -44,9 +48,11 @@ class Optimizer:
         if name == "state":
             value = _StateBuffers(self, value)
         object.__setattr__(self, name, _plain(value, name) if name in self.defaults else value)
-        # Whatever changed (hyperparameters, groups, state, group_state), the next step
-        # validates and prepares everything again.
-        self.__dict__["_ready"] = None
+        # Whatever else changed (hyperparameters, groups, state, group_state), the next step
+        # validates and prepares everything again; a new lr (as a schedule sets one every
+        # step) is checked and written into the step's scalars by the steps that follow.
+        if name != "lr":
+            self.__dict__["_ready"] = None
         if name == "state":
             self._state_replaced()
 
@@ -150,25 +156,30 @@ class Optimizer:
         n = len(params) if backend is CPU else backend.length(params)  # (a CUDA exporter need not define len)
         dtype = backend.dtype(params)  # a NumPy dtype, also for torch tensors
         ready = self._ready
-        if ready is not None and ready[0] is backend and ready[1] == n and ready[2] == dtype:
-            # Same buffer length, dtype, hyperparameters and state as the last step, which
-            # checked them all: only the row entries that depend on the step are new.
-            launch, table, row = ready[3:]
-            group_state = self.group_state[0]
-            step = group_state.get("step")
-            if type(step) is not int or step < 0:  # edited in place since
-                self._check_group_state(group_state)
-            try:
-                self._set_step_entries(row, self.__dict__, group_state)  # rounded as a full table build rounds
-            except KeyError:  # an entry removed since
-                self._check_group_state(group_state)  # says which
-                raise
-            if _gather is None:
-                launch(params, grads, table)
-            else:
-                launch(params, grads, table, _gather)
-            self._advance(self.__dict__, group_state)
-            return
+        if ready is not None and ready.backend is backend and ready.n == n and ready.dtype == dtype:
+            solo = ready.solo
+            if solo is not None and self.__dict__["lr"] is solo.lr_source:
+                # The common case: one group over the whole buffer, its lr the one checked.  Only
+                # the entries that depend on the step are new.
+                group_state = self.group_state[0]
+                step = group_state.get("step")
+                if type(step) is not int or step < 0:  # edited in place since
+                    self._check_group_state(group_state)
+                try:
+                    self._set_step_entries(solo.row, solo.hp, group_state)  # rounded as a full table build rounds
+                except KeyError:  # an entry removed since
+                    self._check_group_state(group_state)  # says which
+                    raise
+                if _gather is None:
+                    ready.launch(params, grads, ready.table)
+                else:
+                    ready.launch(params, grads, ready.table, _gather)
+                self._advance(solo.hp, group_state)
+                return
+            rows = self._ready_rows(ready)
+            if rows is not None:
+                ready.step(self, rows, params, grads, _gather)
+                return
         if self.state:
             unknown = self.state.keys() - set(self.state_names)
             if unknown:
@@ -190,11 +201,63 @@ class Optimizer:
             backend.launch(self.kernel, params, grads, states, self._plan, table, _gather)
         for group_state, hp in active:
             self._advance(hp, group_state)
-        if self._groups is None and not callable(self.lr):
-            # The next steps reuse all of this until an attribute is assigned (__setattr__).
-            table = backend.table(rows, dtype)  # the ready path's own: it writes into it
-            launch = backend.launcher(self.kernel, self._plan, dtype, states)
-            self.__dict__["_ready"] = (backend, n, dtype, launch, table, table[0])
+        # The next steps reuse all of this until an attribute other than lr is assigned
+        # (__setattr__) or a group is edited in another way than its lr (_ready_rows).
+        table = backend.table(rows, dtype)  # the ready path's own: it writes into it
+        launch = backend.launcher(self.kernel, self._plan, dtype, states)
+        indices = [0] if self._groups is None else [i for i, g in enumerate(self._groups) if not g.get("frozen", False)]
+        self.__dict__["_ready"] = _Ready(self, backend, n, dtype, launch, table, active, indices)
+
+    def _ready_rows(self, ready):
+        """A step on what ``ready`` holds: its rows, each with the hyperparameters and group
+        state the step uses, after every check of the full step; ``None`` where a group was
+        edited in another way than its lr since (the full step then runs).
+
+        Between two steps only three things can change without an assignment that drops
+        ``ready``: the group states (edited in place: checked here as ``_active`` checks them),
+        the groups (edited in place: compared with what was checked, object by object) and the
+        lr (a schedule's value, a number assigned, or a group's lr edited): the lr is resolved
+        and checked again wherever it is another object than the one checked."""
+        groups, states, top_lr = self._groups, self.group_state, self.__dict__["lr"]
+        if len(states) != ready.n_states or (groups is None) != (ready.groups is None):
+            return None
+        if groups is not None:
+            if not (len(groups) == len(ready.groups) and all(map(is_, groups, ready.groups))):
+                return None
+            for i, (group, keys, values) in enumerate(zip(groups, ready.keys, ready.values)):
+                if len(group) != len(values) or not all(map(is_, group.values(), values)):
+                    if tuple(group) != keys or not all(
+                            v is w or k == "lr" for k, v, w in zip(keys, group.values(), values)):
+                        return None
+                    ready.values[i] = tuple(group.values())  # only its lr: resolved below
+        for group_state in states:
+            if type(group_state) is not dict or type(group_state.get("step")) is not int or group_state["step"] < 0:
+                self._check_group_state(group_state)  # refuses what the full step refuses
+        rows = []
+        for entry in ready.rows:
+            group = None if groups is None else groups[entry.index]
+            source = group["lr"] if group is not None and "lr" in group else top_lr
+            group_state = states[entry.index]
+            hp = entry.hp
+            if source is not entry.lr_source or callable(source):
+                hp = self._with_lr(hp, source, group_state["step"])
+            rows.append((entry, hp, source, group_state))
+        return rows
+
+    def _check_step(self, n):
+        """Refuses what a step on ``n`` elements would refuse before it changes anything, and
+        changes nothing (flatopt.torch checks every buffer's step before the first one runs)."""
+        ready = self._ready
+        if ready is None or ready.n != n or self._ready_rows(ready) is None:
+            self._active(n)
+
+    def _with_lr(self, hp, lr, step):
+        """``hp`` with ``lr`` (a number, or a schedule of the step count) resolved in it and
+        checked, as the full step's ``_resolve`` and ``_check`` do."""
+        value = _plain(lr(step), "lr (the schedule's value)") if callable(lr) else _plain(lr, "lr")
+        hp = dict(hp, lr=value)
+        self._check(hp)
+        return hp
 
     def _active(self, n):
         """The groups this step updates, checked: ``[(group_state, hp)]``, and their segments of
@@ -216,6 +279,9 @@ class Optimizer:
         return active, tuple(segments)
 
     def _set_step_entries(self, row, hp, group_state):
+        pass
+
+    def _set_lr_entries(self, row, hp):
         pass
 
     def _table(self, backend, dtype, rows):
@@ -357,6 +423,66 @@ class Optimizer:
         return f"{type(self).__name__}({args})"
 
 
+class _Row:
+    """One row of a prepared step's table: the group it steps, its hyperparameters as checked
+    (with the lr resolved from ``lr_source``), and the table row its scalars go to."""
+    __slots__ = ("index", "hp", "lr_source", "row")
+
+    def __init__(self, index, hp, lr_source, row):
+        self.index, self.hp, self.lr_source, self.row = index, hp, lr_source, row
+
+
+class _Ready:
+    """What a full step checked and prepared, for the steps after it: the buffers' backend,
+    length and dtype, the bound kernel launch, and the table with one :class:`_Row` a group
+    stepped.  A step on it resolves the lr again where it changed, writes the rows' entries that
+    depend on it and on the step count, and launches (see ``Optimizer._ready_rows``).  Of the
+    groups (frozen ones too) it keeps each dict, its keys and its values, as they were checked."""
+    __slots__ = ("backend", "n", "dtype", "launch", "table", "rows", "solo", "groups", "keys", "values", "n_states")
+
+    def __init__(self, opt, backend, n, dtype, launch, table, active, indices):
+        self.backend, self.n, self.dtype, self.launch, self.table = backend, n, dtype, launch, table
+        groups = opt._groups
+        self.groups = None if groups is None else tuple(groups)
+        self.keys = None if groups is None else [tuple(g) for g in groups]
+        self.values = None if groups is None else [tuple(g.values()) for g in groups]
+        self.n_states = len(opt.group_state)
+        top_lr = opt.__dict__["lr"]
+        self.rows = []
+        for (_, hp), i, row in zip(active, indices, table):
+            group = None if groups is None else groups[i]
+            source = group["lr"] if group is not None and "lr" in group else top_lr
+            # (only the hyperparameters: ``hp`` is the optimizer's own __dict__ where no group or schedule is)
+            self.rows.append(_Row(i, {name: hp[name] for name in opt.defaults}, source, row))
+        # where one group steps the whole buffer with a number as lr, the steps after this one
+        # need only look at that lr and the step count (see ``Optimizer.step``)
+        self.solo = self.rows[0] if groups is None and not callable(top_lr) and self.n_states == 1 else None
+
+    def step(self, opt, rows, params, grads, gather):
+        """Launch the kernel on ``rows`` (``Optimizer._ready_rows``): nothing before this has
+        changed anything."""
+        try:
+            for entry, hp, source, group_state in rows:
+                if hp is not entry.hp:  # its lr is new
+                    opt._set_lr_entries(entry.row, hp)
+                try:
+                    opt._set_step_entries(entry.row, hp, group_state)  # rounded as a full table build rounds
+                except KeyError:  # an entry removed since
+                    opt._check_group_state(group_state)  # says which
+                    raise
+            if gather is None:
+                self.launch(params, grads, self.table)
+            else:
+                self.launch(params, grads, self.table, gather)
+        except BaseException:
+            opt.__dict__["_ready"] = None  # rows written for an lr not taken: the next step builds them anew
+            raise
+        for entry, hp, source, group_state in rows:
+            opt._advance(hp, group_state)
+            if hp is not entry.hp and not callable(source):  # (a schedule's value is resolved at every step)
+                entry.hp, entry.lr_source = hp, source
+
+
 def _unplaced():
     """The attributes of an optimizer whose state is host arrays (new, loaded or unpickled):
     no backend holds it yet, and nothing the steps prepare is kept."""
@@ -371,13 +497,16 @@ def lerp_weight_minus_one(weight, dt):
     return float(dt(weight)) - 1.0
 
 
+_fma = getattr(math, "fma", None)  # Python >= 3.13
+
+
 @functools.lru_cache(maxsize=64)
 def one_minus_product(a, b):
     """``1 - a*b`` rounded once, as a fused multiply-add computes it (torch's fused Adam
     kernels are compiled with FMA contraction).  Cached: lr changes at most once a step."""
     a, b = float(a), float(b)  # NumPy scalars too
-    if hasattr(math, "fma"):  # Python >= 3.13
-        return math.fma(-a, b, 1.0)
+    if _fma is not None:
+        return _fma(-a, b, 1.0)
     if not (math.isfinite(a) and math.isfinite(b)):
         return 1.0 - a * b
     # Exact in integers, then one correct rounding (Python's int / int is correctly rounded);

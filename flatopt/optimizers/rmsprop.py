@@ -44,5 +44,10 @@ class RMSprop(Optimizer):
 
     def _row(self, hp, group_state, dt):
         w = 1 - hp["alpha"]
-        return (hp["lr"], hp["alpha"], w, lerp_weight_minus_one(w, dt), hp["eps"], hp["weight_decay"],
-                hp["momentum"], bool(hp["centered"]), bool(hp["maximize"]))
+        row = [None, hp["alpha"], w, lerp_weight_minus_one(w, dt), hp["eps"], hp["weight_decay"], hp["momentum"],
+               bool(hp["centered"]), bool(hp["maximize"])]
+        self._set_lr_entries(row, hp)
+        return tuple(row)
+
+    def _set_lr_entries(self, row, hp):
+        row[0] = hp["lr"]

@@ -41,10 +41,14 @@ class SGD(Optimizer):
         return {"step": 0, "momentum_started": False}
 
     def _row(self, hp, group_state, dt):
-        row = [hp["lr"], hp["momentum"], 1 - hp["dampening"], hp["weight_decay"], bool(hp["nesterov"]),
+        row = [None, hp["momentum"], 1 - hp["dampening"], hp["weight_decay"], bool(hp["nesterov"]),
                bool(hp["maximize"]), None, hp["momentum"] != 0]
+        self._set_lr_entries(row, hp)
         self._set_step_entries(row, hp, group_state)
         return tuple(row)
+
+    def _set_lr_entries(self, row, hp):
+        row[0] = hp["lr"]
 
     def _set_step_entries(self, row, hp, group_state):
         row[6] = hp["momentum"] != 0 and not group_state["momentum_started"]  # the buffer starts as g
@@ -96,7 +100,9 @@ class Momentum(SGD):
 
     def _row(self, hp, group_state, dt):
         # buffered even at beta = 0: v = g must still be stored for when beta is raised
-        return (hp["lr"], hp["beta"], 1 - hp["beta"], hp["weight_decay"], False, bool(hp["maximize"]), False, True)
+        row = [None, hp["beta"], 1 - hp["beta"], hp["weight_decay"], False, bool(hp["maximize"]), False, True]
+        self._set_lr_entries(row, hp)
+        return tuple(row)
 
     def _advance(self, hp, group_state):
         group_state["step"] += 1

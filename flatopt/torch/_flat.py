@@ -22,6 +22,7 @@ from flatopt.torch._hooks import global_hooks_or_profiler, labelled_zero_grad, o
 
 _ONE = np.float32(1)  # a step, as the per-param step counts (float32, as torch's state["step"]) count it
 _grad_of = attrgetter("grad")
+_SCALARS = frozenset((float, int, bool, type(None)))
 _DUPLICATE_WARNING = "optimizer contains a parameter group with duplicate parameters"
 PUBLIC = set()  # the classes flatopt.torch exports
 
@@ -38,6 +39,8 @@ def _number(value):
     """A hyperparameter as the core takes it, read now: torch allows tensors (an lr, betas,
     also betas as one tensor of two) and a group may hold a list; both can be edited in place
     between steps."""
+    if type(value) in _SCALARS:  # (first: a scheduler's lr at every step)
+        return value
     if isinstance(value, torch.Tensor):
         return value.item() if value.numel() == 1 else tuple(value.tolist())
     if isinstance(value, np.ndarray):  # (as torch takes them)
@@ -50,6 +53,8 @@ def _number(value):
 def _volatile(value):
     """Whether a hyperparameter can change with no assignment to its group: a tensor, a NumPy
     array or a list (edited in place), also inside a tuple."""
+    if type(value) in _SCALARS:
+        return False
     return (isinstance(value, (torch.Tensor, np.ndarray, list))
             or (isinstance(value, tuple) and any(map(_volatile, value))))
 
@@ -61,6 +66,10 @@ def _same_objects(values, seen):
     list, is read again at every step: ``_volatile``.)"""
     return seen is not None and len(values) == len(seen) and all(map(is_, chain.from_iterable(values),
                                                                      chain.from_iterable(seen)))
+
+
+def _apart_from(values, at):
+    return values[:at] + values[at + 1:]
 
 
 @functools.lru_cache(maxsize=None)
@@ -569,8 +578,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             synced = [self._sync(b) for b in buckets]
             runs = [self._configure(b, active) for b, (active, _) in zip(buckets, synced)]
             for b, bucket_runs in zip(buckets, runs):
-                if bucket_runs and b.core._ready is None:  # (ready: checked, and nothing assigned since)
-                    b.core._active(len(b.flat_np))  # what its step would refuse
+                if bucket_runs:
+                    b.core._check_step(len(b.flat_np))
             for b, bucket_runs, (_, gather) in zip(buckets, runs, synced):
                 self._step_bucket(b, bucket_runs, gather)
         else:  # (without the list: a step of a small model is mostly Python)
@@ -586,23 +595,56 @@ class FlatOptimizer(torch.optim.Optimizer):
         """The bucket's runs for this step's ``active`` params, handed to its core with their
         groups' hyperparameters where they changed; returns the runs."""
         if active is not b.layout_key and active != b.layout_key:
-            b.runs, b.spans = self._layout(b, active)
-            b.layout_key, b.core_groups_key = active, None
+            runs, b.spans = self._layout(b, active)
+            if runs != b.runs:  # (the same runs after a first step: the core's counts advanced with them)
+                b.runs, b.core_groups_key = runs, None
+            b.layout_key = active
         runs = b.runs
         if runs:
             pg, names = self.param_groups, self._hp_names
             values = [tuple(map(pg[run[0]].__getitem__, names)) for run in runs]
-            if b.volatile or b.core_groups_key is None or not _same_objects(values, b.group_values):
+            if (b.volatile or b.core_groups_key is None or not _same_objects(values, b.group_values)) \
+                    and not self._took_new_lrs(b, values):
                 if self._foreach_refuses_tensors:  # (torch: at a step, in groups with gradients)
                     for gi, *_ in runs:
                         check_foreach_tensors(pg[gi])
                 hps = [tuple(map(_number, v)) for v in values]
                 if hps != b.core_groups_key:
-                    self._configure_core(b, runs, hps)
+                    at, old = names.index("lr"), b.core_groups_key
+                    if old is not None and len(old) == len(hps) and all(
+                            _apart_from(new, at) == _apart_from(was, at) for new, was in zip(hps, old)):
+                        self._hand_lrs(b, [hp[at] for hp in hps])
+                    else:
+                        self._configure_core(b, runs, hps)
                     b.core_groups_key = hps
                 b.group_values = values
                 b.volatile = any(map(_volatile, chain.from_iterable(values)))
         return runs
+
+    def _took_new_lrs(self, b, values):
+        """Where the runs' groups hold the objects they held at the last step but for their lrs,
+        each now a number (a scheduler's step), hands the core the new lrs; ``False`` where
+        anything else changed."""
+        seen, at = b.group_values, self._hp_names.index("lr")
+        if b.volatile or b.core_groups_key is None or seen is None or len(seen) != len(values):
+            return False
+        for new, was in zip(values, seen):
+            if type(new[at]) not in _SCALARS or not all(map(is_, _apart_from(new, at), _apart_from(was, at))):
+                return False
+        lrs = [v[at] for v in values]
+        self._hand_lrs(b, lrs)
+        b.core_groups_key = [hp[:at] + (lr,) + hp[at + 1:] for hp, lr in zip(b.core_groups_key, lrs)]
+        b.group_values = values
+        return True
+
+    def _hand_lrs(self, b, lrs):
+        """The core's prepared step takes new lrs as they are (see ``Optimizer._ready_rows``)."""
+        core = b.core
+        if core.param_groups is None:
+            core.lr = lrs[0]
+        else:
+            for group, lr in zip(core.param_groups, lrs):
+                group["lr"] = lr
 
     def _step_bucket(self, b, runs, gather=None):
         if runs:
@@ -628,7 +670,7 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _configure_core(self, b, runs, hps):
         """Hand the runs to the core as its param groups, each with its torch group's
         hyperparameters and its step count; the core advances those counts itself, in step
-        with ``b.steps``, until the runs or the hyperparameters change."""
+        with ``b.steps``, until the runs or a hyperparameter other than the lr change."""
         core, names = b.core, self._hp_names
         if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == len(b.flat_np):
             # The whole buffer is one run (the common case): the core's groupless path,
