@@ -4,6 +4,7 @@ Every timed benchmark runs a few steps in ``setup`` and asv's ``warmup_time`` st
 before timing (an idle thread pool costs milliseconds on its next call on these VMs), on
 fresh random data.
 """
+import itertools
 import os
 import shutil
 import subprocess
@@ -61,6 +62,34 @@ class Step(Timed):
     def peakmem_step(self, name, dtype, n):
         self.opt.step(self.params_, self.grads)
 
+
+
+class LrChanges(Timed):
+    """One step where the lr changes before every step (a schedule given as ``lr``, or a number
+    assigned), or the buffer has param groups (AdamW's decay and no-decay halves): the step that
+    reuses what an earlier step checked serves these as it serves a constant lr and one group."""
+
+    params = (["schedule", "assigned", "two groups", "two groups, schedule"], ["Adam", "AdamW", "SGD momentum"],
+              [10**3, 10**5])
+    param_names = ["lr", "optimizer", "n"]
+
+    def setup(self, lr, name, n):
+        rng = np.random.default_rng(0)
+        self.params_ = rng.standard_normal(n).astype(np.float32)
+        self.grads = (1e-3 * rng.standard_normal(n)).astype(np.float32)
+        cls, kwargs = {"Adam": (flatopt.Adam, {}), "AdamW": (flatopt.AdamW, {}),
+                       "SGD momentum": (flatopt.SGD, dict(momentum=0.9))}[name]
+        groups = [dict(start=0, stop=n // 2), dict(start=n // 2, stop=n, weight_decay=0.0)] if "groups" in lr else None
+        schedule = (lambda t: 1e-3 / (1 + 1e-3 * t)) if "schedule" in lr else 1e-3
+        self.opt = cls(lr=schedule, param_groups=groups, **kwargs)
+        self.lrs = itertools.cycle(np.geomspace(1e-3, 1e-6, 1000).tolist()) if lr == "assigned" else None
+        for _ in range(5):
+            self.time_step(lr, name, n)
+
+    def time_step(self, lr, name, n):
+        if self.lrs is not None:
+            self.opt.lr = next(self.lrs)
+        self.opt.step(self.params_, self.grads)
 
 class CudaStep(Timed):
     """One step on a GPU, waited for: flatopt on CuPy buffers and torch's fused Adam on one CUDA
@@ -151,6 +180,39 @@ class TorchAdapter(Timed):
 
     track_step_after_zero_grad.unit = "seconds"
 
+
+
+class ScheduledTorchAdapter(Timed):
+    """A training loop's ``opt.step(); scheduler.step()`` with AdamW on a 200-tensor model in two
+    param groups (decay and no-decay) and a LambdaLR that sets a new lr in both before every
+    step: flatopt.torch.AdamW against torch's fused AdamW (each with its scheduler's step)."""
+
+    params = ([10**5, 10**6], ["flatopt.torch", "torch fused"])
+    param_names = ["n", "implementation"]
+
+    def setup(self, n, implementation):
+        try:
+            import torch
+            import flatopt.torch as flat_torch
+        except ImportError:
+            raise NotImplementedError("torch or flatopt.torch not available")
+        sizes = [n // 200 + (i < n % 200) for i in range(200)]
+        gen = torch.Generator().manual_seed(0)
+        model = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in sizes]
+        groups = [{"params": model[0::2]}, {"params": model[1::2], "weight_decay": 0.0}]
+        if implementation == "torch fused":
+            self.opt = torch.optim.AdamW(groups, lr=1e-3, fused=True)
+        else:
+            self.opt = flat_torch.AdamW(groups, lr=1e-3)
+        for p in model:
+            p.grad = 1e-3 * torch.randn(p.shape, generator=gen)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda t: 1 / (1 + 1e-3 * t))
+        for _ in range(3):
+            self.time_step(n, implementation)
+
+    def time_step(self, n, implementation):
+        self.opt.step()
+        self.schedule.step()
 
 class JaxAdapter(Timed):
     """flatopt.jax on a 200-leaf pytree (TreeOptimizer; as_optax and update_and_apply in a
