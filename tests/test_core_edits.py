@@ -644,3 +644,84 @@ def test_a_step_refused_after_its_lr_changed_leaves_no_scalars_of_that_lr():
     steps(opt, p, grads[2:])
     steps(reference, ref, grads[2:])
     np.testing.assert_array_equal(p, ref)
+
+
+def _rename(key, new):
+    def edit(opt):
+        group = opt.param_groups[0]
+        group[new] = group.pop(key)
+    return edit
+
+
+def _edits_between_steps():
+    """(make, {step: edit}) pairs, each an edit the prepared step must see as the full one does.
+    (The renamed key is the last: its value stays where it was among the values.)"""
+    lr, array, betas = 0.1, np.array(0.1), [0.9, 0.999]
+    one_group = [dict(start=0, stop=8)]
+
+    def put(key, value):
+        return lambda opt: opt.param_groups[0].__setitem__(key, value)
+
+    def set_array(value):
+        return lambda opt: array.__setitem__(..., value)
+
+    def drop_flag(opt):
+        del opt.group_state[0]["momentum_started"]
+
+    return {
+        "lr: a number, a schedule, the first number again": (
+            lambda: flatopt.SGD(lr=lr),
+            {1: lambda o: setattr(o, "lr", lambda t: 0.5), 2: lambda o: setattr(o, "lr", lr)}),
+        "a group key renamed, its value kept": (
+            lambda: flatopt.SGD(lr=0.1, param_groups=[dict(start=0, stop=8, frozen=False, momentum=0.9)]),
+            {2: _rename("momentum", "dampening")}),
+        "a group key renamed to an unknown one": (
+            lambda: flatopt.SGD(lr=0.1, param_groups=[dict(start=0, stop=8, frozen=False, momentum=0.9)]),
+            {2: _rename("momentum", "bogus")}),
+        "a group lr as an array, edited in place": (
+            lambda: flatopt.SGD(lr=0.1, param_groups=one_group), {0: put("lr", array), 2: set_array(0.7)}),
+        "a group lr as an array, edited in place to a bad lr": (
+            lambda: flatopt.SGD(lr=0.1, param_groups=one_group), {0: put("lr", array), 2: set_array(-1.0)}),
+        "a group lr replaced by an array after the first step, then edited": (
+            lambda: flatopt.SGD(lr=0.1, param_groups=[dict(start=0, stop=8, lr=0.1)]),
+            {1: put("lr", array), 2: set_array(0.7)}),
+        "group betas as a list, edited in place": (
+            lambda: flatopt.Adam(lr=0.1, param_groups=one_group),
+            {0: put("betas", betas), 2: lambda o: betas.__setitem__(0, 0.5)}),
+        "SGD without momentum, in a group, its group state's flag removed": (
+            lambda: flatopt.SGD(lr=0.1, param_groups=one_group), {2: drop_flag}),
+        "Momentum in a group, its group state's flag removed": (
+            lambda: flatopt.Momentum(lr=0.1, param_groups=one_group), {2: drop_flag}),
+        "SGD without momentum, its group state's flag removed": (lambda: flatopt.SGD(lr=0.1), {2: drop_flag}),
+        "a group state replaced by a number": (
+            lambda: flatopt.SGD(lr=0.1), {2: lambda o: o.group_state.__setitem__(0, 5)}),
+        "a bad group state appended": (
+            lambda: flatopt.SGD(lr=0.1), {2: lambda o: o.group_state.append({"step": -1, "momentum_started": False})}),
+    }, (array, betas)
+
+
+@pytest.mark.parametrize("case", list(_edits_between_steps()[0]))
+def test_an_edit_between_steps_acts_on_the_prepared_step_as_on_the_full_one(case):
+    """The same edits, one optimizer taking the prepared step and one forced onto the full step
+    (which re-reads and re-checks everything): the same parameters, or the same error with the
+    parameters unchanged."""
+    outcomes = []
+    for full in (False, True):
+        cases, (array, betas) = _edits_between_steps()
+        make, edits = cases[case]
+        opt, p = make(), np.linspace(-1.0, 1.0, 8)
+        outcome = None
+        for t in range(4):
+            if t in edits:
+                edits[t](opt)
+            if full:
+                opt.__dict__["_ready"] = None
+            before = p.copy()
+            try:
+                opt.step(p, np.full(8, 0.5) + t)
+            except Exception as error:  # noqa: BLE001 - the error is the outcome compared
+                np.testing.assert_array_equal(p, before, err_msg="a refused step changed the parameters")
+                outcome = (type(error), str(error))
+                break
+        outcomes.append(outcome or p.tobytes())
+    assert outcomes[0] == outcomes[1]

@@ -158,11 +158,11 @@ class Optimizer:
         ready = self._ready
         if ready is not None and ready.backend is backend and ready.n == n and ready.dtype == dtype:
             solo = ready.solo
-            if solo is not None and self.__dict__["lr"] is solo.lr_source:
+            if solo is not None and self.__dict__["lr"] is solo.lr_source and len(self.group_state) == 1:
                 # The common case: one group over the whole buffer, its lr the one checked.  Only
                 # the entries that depend on the step are new.
                 group_state = self.group_state[0]
-                step = group_state.get("step")
+                step = group_state.get("step") if type(group_state) is dict else None
                 if type(step) is not int or step < 0:  # edited in place since
                     self._check_group_state(group_state)
                 try:
@@ -202,10 +202,16 @@ class Optimizer:
         for group_state, hp in active:
             self._advance(hp, group_state)
         # The next steps reuse all of this until an attribute other than lr is assigned
-        # (__setattr__) or a group is edited in another way than its lr (_ready_rows).
+        # (__setattr__) or a group is edited in another way than its lr (_ready_rows); not where
+        # a group holds a value that can change in place (an array, a list), which only the full
+        # step reads again at every step.
+        groups = self._groups
+        if groups is not None and not all(map(_fixed, (v for g in groups for v in g.values()))):
+            self.__dict__["_ready"] = None
+            return
         table = backend.table(rows, dtype)  # the ready path's own: it writes into it
         launch = backend.launcher(self.kernel, self._plan, dtype, states)
-        indices = [0] if self._groups is None else [i for i, g in enumerate(self._groups) if not g.get("frozen", False)]
+        indices = [0] if groups is None else [i for i, g in enumerate(groups) if not g.get("frozen", False)]
         self.__dict__["_ready"] = _Ready(self, backend, n, dtype, launch, table, active, indices)
 
     def _ready_rows(self, ready):
@@ -225,11 +231,13 @@ class Optimizer:
             if not (len(groups) == len(ready.groups) and all(map(is_, groups, ready.groups))):
                 return None
             for i, (group, keys, values) in enumerate(zip(groups, ready.keys, ready.values)):
-                if len(group) != len(values) or not all(map(is_, group.values(), values)):
-                    if tuple(group) != keys or not all(
-                            v is w or k == "lr" for k, v, w in zip(keys, group.values(), values)):
-                        return None
-                    ready.values[i] = tuple(group.values())  # only its lr: resolved below
+                if len(group) == len(values) and all(map(is_, group, keys)) and all(map(is_, group.values(), values)):
+                    continue
+                lr_only = tuple(group) == keys and all(
+                    v is w or k == "lr" for k, v, w in zip(keys, group.values(), values))
+                if not (lr_only and _fixed(group["lr"])):
+                    return None
+                ready.values[i] = tuple(group.values())  # only its lr: resolved below
         for group_state in states:
             if type(group_state) is not dict or type(group_state.get("step")) is not int or group_state["step"] < 0:
                 self._check_group_state(group_state)  # refuses what the full step refuses
@@ -423,6 +431,9 @@ class Optimizer:
         return f"{type(self).__name__}({args})"
 
 
+_RESOLVED_EVERY_STEP = object()  # a _Row's lr_source while a schedule gives its lr
+
+
 class _Row:
     """One row of a prepared step's table: the group it steps, its hyperparameters as checked
     (with the lr resolved from ``lr_source``), and the table row its scalars go to."""
@@ -479,8 +490,15 @@ class _Ready:
             raise
         for entry, hp, source, group_state in rows:
             opt._advance(hp, group_state)
-            if hp is not entry.hp and not callable(source):  # (a schedule's value is resolved at every step)
-                entry.hp, entry.lr_source = hp, source
+            if hp is not entry.hp:  # the row now holds this lr's entries (a schedule's: resolved at every step)
+                entry.hp, entry.lr_source = hp, _RESOLVED_EVERY_STEP if callable(source) else source
+
+
+def _fixed(value):
+    """Whether a group's value can change only by an assignment (not an array or a list, which
+    can be edited in place): then the prepared step sees every change of it."""
+    return (type(value) in _PLAIN_TYPES or type(value) is str or isinstance(value, np.generic) or callable(value)
+            or (type(value) is tuple and all(map(_fixed, value))))
 
 
 def _unplaced():

@@ -51,7 +51,9 @@ class SGD(Optimizer):
         row[0] = hp["lr"]
 
     def _set_step_entries(self, row, hp, group_state):
-        row[6] = hp["momentum"] != 0 and not group_state["momentum_started"]  # the buffer starts as g
+        # (the flag read whatever the momentum: a group state without it is refused before the kernel runs)
+        started = group_state["momentum_started"]
+        row[6] = hp["momentum"] != 0 and not started  # the buffer starts as g
 
     def _state_replaced(self):
         super()._state_replaced()
@@ -96,7 +98,9 @@ class Momentum(SGD):
         return ("momentum_buffer",)
 
     def _set_step_entries(self, row, hp, group_state):
-        pass  # the buffer starts at zero: no first step to mark
+        # The buffer starts at zero: no first step to mark.  The flag is read all the same, so
+        # that a group state without it is refused (KeyError, then its check) before the kernel runs.
+        group_state["momentum_started"]
 
     def _row(self, hp, group_state, dt):
         # buffered even at beta = 0: v = g must still be stored for when beta is raised
