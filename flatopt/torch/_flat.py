@@ -302,7 +302,8 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _refresh_state(self, force=False):
         """Point ``self.state[p]`` at views of the flat state, for the params that have state:
-        torch's names, only the buffers their group uses (or used: torch keeps them)."""
+        torch's names, only the buffers their group uses (or used, or a loaded dict held: torch
+        keeps them)."""
         for b in self._buckets.values():
             # The core rebuilds its list of state arguments whenever it (re)places a buffer.
             if not force and b.core._state_args is b.state_args:
@@ -320,13 +321,16 @@ class FlatOptimizer(torch.optim.Optimizer):
                     continue
                 n = b.sizes[i]
                 entries = {"step": b.steps_t[i]} if self._step_in_state else {}
+                current = dict.get(self.state, p)
+                # (a dict put in place of ours, loaded or copied, had its buffers adopted into the flat state)
+                put = current if not mine and isinstance(current, dict) else {}
                 for name in b.core.state_names:
-                    if name in uses[b.groups[i]] or (inst is not None and name in inst):
+                    if (name in uses[b.groups[i]] or (inst is not None and name in inst)
+                            or put.get(name) is not None):
                         if name in tstate:
                             entries[name] = b.shaped(tstate[name], i)
                         elif n == 0:  # a bucket of zero-size params: no step allocated the buffer
                             entries[name] = p.detach().new_zeros(p.shape)
-                current = dict.get(self.state, p)
                 own = self._own_names(b)
                 # A user's entries stay, as in torch: those of the dict we installed, and those of
                 # a dict put in its place, loaded or copied (its own entries are in the flat state now).
