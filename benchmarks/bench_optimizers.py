@@ -132,6 +132,19 @@ class CudaStep(Timed):
         self.sync()
 
 
+def torch_model(n):
+    """torch, flatopt.torch, a seeded generator and a model of 200 tensors holding ``n``
+    parameters in all (the benchmark is skipped where torch is missing)."""
+    try:
+        import torch
+        import flatopt.torch as flat_torch
+    except ImportError:
+        raise NotImplementedError("torch or flatopt.torch not available")
+    sizes = [n // 200 + (i < n % 200) for i in range(200)]
+    gen = torch.Generator().manual_seed(0)
+    return torch, flat_torch, gen, [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in sizes]
+
+
 class TorchAdapter(Timed):
     """flatopt.torch.Adam on a 200-tensor model, against torch's fused Adam on the same model."""
 
@@ -139,14 +152,7 @@ class TorchAdapter(Timed):
     param_names = ["n", "implementation"]
 
     def setup(self, n, implementation):
-        try:
-            import torch
-            import flatopt.torch as flat_torch
-        except ImportError:
-            raise NotImplementedError("torch or flatopt.torch not available")
-        sizes = [n // 200 + (i < n % 200) for i in range(200)]
-        gen = torch.Generator().manual_seed(0)
-        self.model = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in sizes]
+        torch, flat_torch, gen, self.model = torch_model(n)
         if implementation == "torch fused":
             self.opt = torch.optim.Adam(self.model, lr=1e-3, fused=True)
         else:
@@ -191,14 +197,7 @@ class ScheduledTorchAdapter(Timed):
     param_names = ["n", "implementation"]
 
     def setup(self, n, implementation):
-        try:
-            import torch
-            import flatopt.torch as flat_torch
-        except ImportError:
-            raise NotImplementedError("torch or flatopt.torch not available")
-        sizes = [n // 200 + (i < n % 200) for i in range(200)]
-        gen = torch.Generator().manual_seed(0)
-        model = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in sizes]
+        torch, flat_torch, gen, model = torch_model(n)
         groups = [{"params": model[0::2]}, {"params": model[1::2], "weight_decay": 0.0}]
         if implementation == "torch fused":
             self.opt = torch.optim.AdamW(groups, lr=1e-3, fused=True)

@@ -160,7 +160,8 @@ class Optimizer:
             solo = ready.solo
             if solo is not None and self.__dict__["lr"] is solo.lr_source and len(self.group_state) == 1:
                 # The common case: one group over the whole buffer, its lr the one checked.  Only
-                # the entries that depend on the step are new.
+                # the entries that depend on the step are new.  (_Ready.step, written out: at 10^3
+                # elements a call more is 2% of the step.)
                 group_state = self.group_state[0]
                 step = group_state.get("step") if type(group_state) is dict else None
                 if type(step) is not int or step < 0:  # edited in place since
