@@ -71,8 +71,7 @@ class Optimizer:
         hp = {name: self.__dict__[name] for name in self.defaults}
         if group is not None:  # a group dict may have been edited in place since it was checked
             hp.update((k, _plain(v, k)) for k, v in group.items() if k in hp)
-        if callable(hp["lr"]):
-            hp["lr"] = _plain(hp["lr"](step), "lr (the schedule's value)")
+        hp["lr"] = _lr_at(hp["lr"], step)
         return hp
 
     @property
@@ -263,8 +262,7 @@ class Optimizer:
     def _with_lr(self, hp, lr, step):
         """``hp`` with ``lr`` (a number, or a schedule of the step count) resolved in it and
         checked, as the full step's ``_resolve`` and ``_check`` do."""
-        value = _plain(lr(step), "lr (the schedule's value)") if callable(lr) else _plain(lr, "lr")
-        hp = dict(hp, lr=value)
+        hp = dict(hp, lr=_plain(_lr_at(lr, step), "lr"))  # (a group's lr may be edited in unconverted)
         self._check(hp)
         return hp
 
@@ -305,7 +303,7 @@ class Optimizer:
     def _resolve_default(self):
         hp = self.__dict__
         if callable(hp["lr"]):
-            hp = dict(hp, lr=_plain(hp["lr"](self.group_state[0]["step"]), "lr (the schedule's value)"))
+            hp = dict(hp, lr=_lr_at(hp["lr"], self.group_state[0]["step"]))
         return hp
 
     def _advance(self, hp, group_state):
@@ -430,6 +428,11 @@ class Optimizer:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyperparameters().items())
         return f"{type(self).__name__}({args})"
+
+
+def _lr_at(lr, step):
+    """``lr`` at a step: a schedule's value (a callable of the step count), or ``lr`` itself."""
+    return _plain(lr(step), "lr (the schedule's value)") if callable(lr) else lr
 
 
 _RESOLVED_EVERY_STEP = object()  # a _Row's lr_source while a schedule gives its lr
