@@ -31,6 +31,13 @@ def rounds_for(n, quick):
     return max(5, base * 100 if n <= 10**3 else base * 20 if n <= 10**5 else base * 12 if n <= 10**6 else base * 3)
 
 
+def jax_rounds_for(n, quick):
+    """Rounds of the JAX adapter's table: its steps take half a millisecond or more at every size
+    (JAX's dispatch of 200 leaves), whose medians settle in as few rounds at 10^3 as at 10^5; the
+    main table's count at 10^3, set for steps of microseconds, took a third of a ``--quick`` run."""
+    return rounds_for(max(n, 10**5), quick)
+
+
 def implementations(n, rng):
     """name -> zero-argument callable doing one step, on fresh random data of n elements."""
     params, grads = rng.standard_normal(n, dtype=np.float32), 1e-3 * rng.standard_normal(n, dtype=np.float32)
@@ -317,7 +324,7 @@ def main(argv=None):
         except ImportError:
             print("  note: jax/optax not installed: flatopt.jax skipped")
         else:
-            jax_rows = summarize(measure(impls, rounds, args.seed))
+            jax_rows = summarize(measure(impls, args.rounds or jax_rounds_for(n, args.quick), args.seed))
             del impls
             print()
             print(format_table(n, jax_rows, args.markdown, f"the JAX adapter on a {MODEL_TENSORS}-leaf model, "

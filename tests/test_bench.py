@@ -143,3 +143,24 @@ def test_bench_rows_keep_their_names_at_every_size_and_peers_own_their_tensors()
     steps = [impls[f"torch Adam {label}"] for label in ("foreach=False", "foreach=True", "fused=True")]
     weights = [step.__self__.param_groups[0]["params"][0] for step in steps]
     assert len({w.data_ptr() for w in weights}) == 3 and len({w.grad.data_ptr() for w in weights}) == 3
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_bench_the_jax_table_takes_no_more_rounds_at_10_3_than_at_10_5(monkeypatch, quick):
+    """Its steps take half a millisecond or more at every size: with the main table's count at
+    10^3 (set for steps of microseconds) it took a third of a ``--quick`` run.  ``--rounds`` sets both."""
+    from flatopt import bench
+    taken = []  # (the table's implementations, rounds)
+    real_measure = bench.measure
+    monkeypatch.setattr(bench, "implementations", lambda n, rng: ({bench.FLOOR: lambda: None, "main": lambda: None}, []))
+    monkeypatch.setattr(bench, "jax_adapter_implementations", lambda n, rng: {bench.FLOOR: lambda: None, "jax": lambda: None})
+    monkeypatch.setattr(bench, "measure", lambda impls, rounds, seed=0: (
+        taken.append(("jax" in impls, rounds)), real_measure(impls, 1, seed))[1])
+    options = ["--sizes", "1000,100000"] + (["--quick"] if quick else [])
+    bench.main(options)
+    main_1e3, jax_1e3, main_1e5, jax_1e5 = (rounds for _, rounds in taken)
+    assert [jax for jax, _ in taken] == [False, True, False, True]
+    assert main_1e3 > main_1e5 and jax_1e3 == jax_1e5 == main_1e5
+    taken.clear()
+    bench.main(options + ["--rounds", "4"])
+    assert [rounds for _, rounds in taken] == [4, 4, 4, 4]
