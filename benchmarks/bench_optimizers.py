@@ -63,7 +63,6 @@ class Step(Timed):
         self.opt.step(self.params_, self.grads)
 
 
-
 class LrChanges(Timed):
     """One step where the lr changes before every step (a schedule given as ``lr``, or a number
     assigned), or the buffer has param groups (AdamW's decay and no-decay halves): the step that
@@ -90,6 +89,7 @@ class LrChanges(Timed):
         if self.lrs is not None:
             self.opt.lr = next(self.lrs)
         self.opt.step(self.params_, self.grads)
+
 
 class CudaStep(Timed):
     """One step on a GPU, waited for: flatopt on CuPy buffers and torch's fused Adam on one CUDA
@@ -187,7 +187,6 @@ class TorchAdapter(Timed):
     track_step_after_zero_grad.unit = "seconds"
 
 
-
 class ScheduledTorchAdapter(Timed):
     """A training loop's ``opt.step(); scheduler.step()`` with AdamW on a 200-tensor model in two
     param groups (decay and no-decay) and a LambdaLR that sets a new lr in both before every
@@ -212,6 +211,7 @@ class ScheduledTorchAdapter(Timed):
     def time_step(self, n, implementation):
         self.opt.step()
         self.schedule.step()
+
 
 class JaxAdapter(Timed):
     """flatopt.jax on a 200-leaf pytree (TreeOptimizer; as_optax and update_and_apply in a

@@ -195,7 +195,6 @@ def test_one_cycle_schedule_rewrites_lr_and_momentum_every_step(name):
     assert opts[0].param_groups[0][key] == opts[1].param_groups[0][key] != kw.get(key, (0.9, 0.999))
 
 
-
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD", "RMSprop"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["one group", "decay and no-decay groups"])
 def test_a_scheduler_that_sets_every_step_s_lr_keeps_the_prepared_step(name, grouped, monkeypatch):
@@ -225,6 +224,7 @@ def test_a_scheduler_that_sets_every_step_s_lr_keeps_the_prepared_step(name, gro
     assert_same(*models, exact=not rmsprop, rtol=1e-11, atol=1e-13)
     assert calls == ["_configure_core", "_active"], "the first step configures the core; no step after it"
     assert [g["lr"] for g in opts[0].param_groups] == [g["lr"] for g in opts[1].param_groups]
+
 
 # --- zero copy, zero_grad, replaced tensors --------------------------------------------
 
