@@ -233,7 +233,9 @@ class CpuBackend:
                 try:
                     _packer(dtype.char, len(values)).pack_into(reuse, 0, *values)
                     return reuse
-                except OverflowError:  # a finite value beyond float32's range: NumPy rounds it to inf
+                except (OverflowError, struct.error):
+                    # a finite value beyond float32's range (NumPy rounds it to inf), or an int beyond
+                    # float's, which struct reports as a wrong type and NumPy, as torch does, as an OverflowError
                     pass
         return np.array(rows, dtype=dtype)
 

@@ -627,6 +627,31 @@ def test_a_bad_lr_on_the_prepared_step_is_refused_and_changes_nothing(edit, erro
     np.testing.assert_array_equal(p, ref)
 
 
+@pytest.mark.parametrize("make", [flatopt.SGD, flatopt.RMSprop, flatopt.Adam, flatopt.AdamW, flatopt.ADOPT])
+@pytest.mark.parametrize("groups", [False, True])
+@pytest.mark.parametrize("when", ["at construction", "between steps"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_an_int_lr_beyond_float_range_is_an_overflow_error_and_changes_nothing(make, groups, when, dtype):
+    """torch.optim raises OverflowError for such an lr at its step.  SGD's and RMSprop's tables
+    take the lr as it is, and a step with groups once refused it as ``struct.error: required
+    argument is not a float``."""
+    huge = 10**400
+    opt = make(lr=huge if when == "at construction" else 1e-2,
+               param_groups=[dict(start=0, stop=8), dict(start=8, stop=16)] if groups else None)
+    p, grads = rand(16, dtype), grads_for(16, 2, dtype)
+    if when == "between steps":
+        opt.step(p, grads[0])
+        if groups:
+            opt.param_groups[1]["lr"] = huge
+        else:
+            opt.lr = huge
+    before, p_before = snapshot(opt), p.copy()
+    with pytest.raises(OverflowError, match="int too large to convert to float"):
+        opt.step(p, grads[1])
+    np.testing.assert_array_equal(p, p_before)
+    assert_same(snapshot(opt), before)
+
+
 def test_a_step_refused_after_its_lr_changed_leaves_no_scalars_of_that_lr():
     """The refused step had written the new lr's scalars into its prepared row before it found
     the group state broken; with the old lr back, the next step must not use them."""
