@@ -254,7 +254,10 @@ class Optimizer:
 
     def _check_step(self, n):
         """Refuses what a step on ``n`` elements would refuse before it changes anything, and
-        changes nothing (flatopt.torch checks every buffer's step before the first one runs)."""
+        changes nothing a step reads (flatopt.torch checks every buffer's step before the first
+        one runs).  It may note in the prepared step that a group's only edit is its lr: the
+        step resolves and checks that lr all the same, its source being another object than
+        the one checked."""
         ready = self._ready
         if ready is None or ready.n != n or self._ready_rows(ready) is None:
             self._active(n)
