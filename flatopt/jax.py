@@ -131,6 +131,7 @@ def as_optax(opt):
         if shapes != [jnp.shape(x) for x in jax.tree_util.tree_leaves(params)]:
             raise ValueError(f"grads' leaf shapes {shapes} do not match params'")
         _check_state(template, state, n, dtype)
+        _convert_scalars(_inner(template), dtype)
         like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (flat_params, state))
         lrs = _scheduled_lrs(template, state)
 
@@ -433,6 +434,19 @@ def _needed_buffers(opt):
     schedule is evaluated at step 0 here, eagerly where this runs while JAX traces.)"""
     with jax.ensure_compile_time_eval():
         return {name for group in (opt.param_groups or [None]) for name in opt._needs(opt._resolve(group, 0))}
+
+
+def _convert_scalars(opt, dtype):
+    """Refuses, when the update is traced, a hyperparameter the step's scalars cannot be
+    converted from (an int beyond float's range, a complex number), as ``opt.step`` refuses it:
+    the host converts them inside a callback, whose error would reach the caller as XLA's
+    INTERNAL error.  (Whether a group's lr schedule gives such a value shows only where the
+    update computes it.)"""
+    for group, group_state in zip(opt.param_groups or [None], opt.group_state):
+        if group is not None and group.get("frozen", False):
+            continue  # (never resolved: no step reads it)
+        if not callable(opt.lr if group is None else group.get("lr", opt.lr)):
+            np.array([opt._row(opt._resolve(group, 0), group_state, dtype.type)], dtype)
 
 
 def _check_state(opt, state, n, dtype):

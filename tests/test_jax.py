@@ -6,6 +6,7 @@ platforms, Lookahead, and a JAX that refuses the FFI handler)."""
 import contextlib
 import copy
 import functools
+import re
 from unittest import mock
 
 import numpy as np
@@ -413,6 +414,31 @@ def test_update_needs_params_and_matching_sizes():
         jax.jit(tx.update)({"x": jnp.ones(3)}, state, params)
     with pytest.raises(TypeError, match="LookaheadState"):
         as_optax(flatopt.Lookahead(flatopt.Adam())).update(params, state, params)
+
+
+UNCONVERTIBLE = {
+    "int lr beyond float": lambda: flatopt.SGD(lr=10**400),
+    "complex dampening": lambda: flatopt.SGD(lr=0.1, momentum=0.9, dampening=1j),
+    "a group's lr": lambda: flatopt.Adam(param_groups=[dict(start=0, stop=60), dict(start=60, stop=64, lr=10**400)]),
+    "Lookahead's inner lr": lambda: flatopt.Lookahead(flatopt.RMSprop(lr=10**400)),
+}
+
+
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("make", list(UNCONVERTIBLE.values()), ids=list(UNCONVERTIBLE))
+def test_a_hyperparameter_no_table_takes_is_refused_as_the_core_step_refuses_it(make, jit, api, path):
+    """Such a value (valid by torch's checks: torch too refuses it only at its step) once failed
+    inside the host callback, and reached the caller as XLA's INTERNAL error around it."""
+    params, grads = tree(0), tree(1, 0.1)
+    p, g = np.array(flat(params)), flat(grads)
+    with pytest.raises(Exception) as core_error:
+        make().step(p, g)
+    assert type(core_error.value) in (OverflowError, TypeError)
+    tx = as_optax(make())
+    step = tx.update if api == "update" else functools.partial(update_and_apply, tx)
+    with pytest.raises(type(core_error.value), match=re.escape(str(core_error.value))):
+        (jax.jit(step) if jit else step)(grads, tx.init(params), params)
 
 
 def test_init_errors():
