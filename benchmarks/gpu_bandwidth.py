@@ -234,7 +234,8 @@ def main(argv=None):
     parser.add_argument("--min-blocks-per-sm", type=int, default=None,
                         help="fewest blocks per SM (set it equal to --blocks-per-sm for a fixed grid)")
     parser.add_argument("--chunk", type=int, default=None, help="elements per block to aim for between the two")
-    parser.add_argument("--block", type=int, default=None, help="threads per block to try instead of the default (at most 256)")
+    parser.add_argument("--block", type=int, default=None,
+                        help="threads per block to try instead of the default (at most 256)")
     parser.add_argument("--check", action="store_true",
                         help="run every code path on tiny sizes, also under NUMBA_ENABLE_CUDASIM=1 (no timings)")
     args = parser.parse_args(argv)

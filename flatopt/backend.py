@@ -415,4 +415,3 @@ def host_span(a):
 
 
 CPU = CpuBackend()
-

@@ -254,7 +254,8 @@ def format_table(n, rows, markdown, title=""):
     title = f"n = {n:,}" + (f", {title}" if title else "")
     if markdown:
         lines += [f"**{title}**", "",
-                  "| implementation | median µs/step | IQR µs | × floor | best peer ÷ this |", "|---|---:|---:|---:|---:|"]
+                  "| implementation | median µs/step | IQR µs | × floor | best peer ÷ this |",
+                  "|---|---:|---:|---:|---:|"]
         lines += [f"| {r['name']} | {r['median']:.1f} | {r['iqr']:.1f} | {fmt(r['vs_floor'], '.2f')} | "
                   f"{fmt(r['vs_best_peer'], '.2f')} |" for r in rows]
     else:
@@ -290,7 +291,8 @@ def plot(results, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="flatopt bench", description=__doc__.splitlines()[0].replace("``", ""))
-    parser.add_argument("--sizes", type=sizes, help="comma-separated sizes, e.g. 1000,1e6 (default 1e3,1e5,1e6,1e7,3e7)")
+    parser.add_argument("--sizes", type=sizes,
+                        help="comma-separated sizes, e.g. 1000,1e6 (default 1e3,1e5,1e6,1e7,3e7)")
     parser.add_argument("--quick", action="store_true", help="sizes 1e3,1e5,1e6 and fewer rounds (< 1 minute)")
     parser.add_argument("--rounds", type=positive_int, help="rounds per size (default: by size)")
     parser.add_argument("--markdown", action="store_true", help="markdown tables with a header line")

@@ -167,4 +167,3 @@ class Lookahead:
 
     def __repr__(self):
         return f"Lookahead({self.inner!r}, k={self.k}, alpha={self.alpha})"
-

@@ -60,7 +60,8 @@ def _missing_package_fails(report):
     if found and found.group(1).split(".")[0] not in NOT_IN_TEST_EXTRA:
         report.outcome = "failed"
         report.longrepr = (f"{found.group(1)} could not be imported: is a package of the test extra "
-                           "(pip install -e '.[test]') missing? (FLATOPT_REQUIRE_EXTRAS=1 turns this skip into a failure)")
+                           "(pip install -e '.[test]') missing? "
+                           "(FLATOPT_REQUIRE_EXTRAS=1 turns this skip into a failure)")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -152,8 +152,10 @@ def test_bench_the_jax_table_takes_no_more_rounds_at_10_3_than_at_10_5(monkeypat
     from flatopt import bench
     taken = []  # (the table's implementations, rounds)
     real_measure = bench.measure
-    monkeypatch.setattr(bench, "implementations", lambda n, rng: ({bench.FLOOR: lambda: None, "main": lambda: None}, []))
-    monkeypatch.setattr(bench, "jax_adapter_implementations", lambda n, rng: {bench.FLOOR: lambda: None, "jax": lambda: None})
+    monkeypatch.setattr(bench, "implementations",
+                        lambda n, rng: ({bench.FLOOR: lambda: None, "main": lambda: None}, []))
+    monkeypatch.setattr(bench, "jax_adapter_implementations",
+                        lambda n, rng: {bench.FLOOR: lambda: None, "jax": lambda: None})
     monkeypatch.setattr(bench, "measure", lambda impls, rounds, seed=0: (
         taken.append(("jax" in impls, rounds)), real_measure(impls, 1, seed))[1])
     options = ["--sizes", "1000,100000"] + (["--quick"] if quick else [])

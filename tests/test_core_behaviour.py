@@ -462,8 +462,9 @@ def test_callable_lr_is_not_saved_and_the_loader_keeps_its_own():
 
 # --- groups ---------------------------------------------------------------------------------------
 @SWEEP
-@given(cuts=st.lists(st.integers(1, 60), min_size=1, max_size=5), frozen=st.lists(st.booleans(), min_size=5, max_size=5),
-       gap=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]))
+@given(cuts=st.lists(st.integers(1, 60), min_size=1, max_size=5),
+       frozen=st.lists(st.booleans(), min_size=5, max_size=5), gap=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]))
 def test_groups_equal_separate_optimizers(cuts, frozen, gap, dtype):
     overrides = [dict(lr=1e-2), dict(lr=3e-2, weight_decay=0.1), dict(betas=(0.5, 0.9), amsgrad=True),
                  dict(lr=1e-3, eps=1e-3), dict(maximize=True)]
@@ -621,7 +622,8 @@ def test_kernels_compile_in_every_process_where_nothing_can_be_cached(tmp_path, 
     env = {k: v for k, v in __import__("os").environ.items() if k != "NUMBA_CACHE_DIR"}
     if cache_dir:  # one the user chose, which cannot be written: the warning says so, not "set it"
         env["NUMBA_CACHE_DIR"] = str(tmp_path / "chosen")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(env, HOME=str(tmp_path)))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(env, HOME=str(tmp_path)))
     assert done.stdout.split() == ["False", "1", "1" if cache_dir else "0"], done.stderr[-3000:]
     rng = np.random.default_rng(5)
     p, g = rng.standard_normal(1 << 16).astype(np.float32), rng.standard_normal(1 << 16).astype(np.float32)

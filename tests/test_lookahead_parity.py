@@ -220,7 +220,8 @@ def test_slow_weights_before_the_first_step_are_the_params():
 
 # ====================================================== (b) pytorch-optimizer's Lookahead
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("k, alpha", [(1, 0.5), (5, 0.5), (3, 0.8), (6, 0.2), (4, 0.0), (4, 0.95)])  # it refuses alpha = 1
+# (pytorch-optimizer's Lookahead refuses alpha = 1)
+@pytest.mark.parametrize("k, alpha", [(1, 0.5), (5, 0.5), (3, 0.8), (6, 0.2), (4, 0.0), (4, 0.95)])
 @pytest.mark.parametrize("inner", ["sgd", "adam"])
 def test_matches_pytorch_optimizer_lookahead(inner, k, alpha, dtype):
     pytorch_optimizer = pytest.importorskip("pytorch_optimizer")

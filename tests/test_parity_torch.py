@@ -45,7 +45,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import flatopt
-from conftest import (DTYPES, LARGE_SIZE, SMALL_SIZES, assert_close64, assert_same_nonfinite, assert_ulp_close,
+from conftest import (DTYPES, LARGE_SIZE, SMALL_SIZES, assert_same_nonfinite, assert_ulp_close,
                       dtype_name, make_problem, max_ulp_diff, record, sweep)
 
 torch = pytest.importorskip("torch")

@@ -17,7 +17,8 @@ def block_starting(text):
 
 def test_every_example_is_run_here():
     firsts = {b.splitlines()[0] for b in BLOCKS}
-    assert firsts == {"import numpy as np", "# W1, b1, W2, b2: NumPy arrays; x, dh: a batch and the backpropagated error",
+    assert firsts == {"import numpy as np",
+                      "# W1, b1, W2, b2: NumPy arrays; x, dh: a batch and the backpropagated error",
                       "import flatopt, flatopt.jax, optax           # params, grads: pytrees of JAX arrays",
                       "import torch, flatopt.torch                   # batches: (x, y) pairs"}
 

@@ -31,7 +31,6 @@ import numpy as np
 from numba import config, cuda
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
-KERNEL_NAMES = ("sgd", "rmsprop", "adam", "adopt", "lookahead")
 DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 # Number of state buffers each kernel takes between ``grads`` and ``chunks``.

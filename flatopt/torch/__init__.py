@@ -16,8 +16,8 @@
 * At construction every parameter's storage moves into one contiguous flat buffer per
   (device, dtype): ``p.data`` becomes a view of it, with the parameter's own strides where its
   elements are dense (a channels_last or transposed weight keeps its memory format; its
-  gradient views and its state follow it, as torch's ``preserve_format`` state does).  A step makes each ``p.grad`` a view of
-  a flat gradient buffer, so with ``zero_grad(set_to_none=False)`` backward accumulates
+  gradient views and its state follow it, as torch's ``preserve_format`` state does).  A step
+  makes each ``p.grad`` a view of a flat gradient buffer, so with ``zero_grad(set_to_none=False)`` backward accumulates
   straight into it.  After ``zero_grad()`` (``set_to_none=True``, torch's default) the fresh
   gradients autograd makes stay where they are: the next ``zero_grad()`` drops them, and
   pointing each ``.grad`` at its view would cost a quarter of such a step.  The step reads
