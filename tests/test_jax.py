@@ -441,6 +441,20 @@ def test_a_hyperparameter_no_table_takes_is_refused_as_the_core_step_refuses_it(
         (jax.jit(step) if jit else step)(grads, tx.init(params), params)
 
 
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_a_schedule_value_the_core_refuses_fails_the_update_with_its_message(jit, api, path):
+    """A schedule of Python arithmetic runs on the host, in the update: its value is checked there,
+    as ``opt.step`` checks it, and the error reaches the caller through XLA with that message."""
+    params, grads = tree(0), tree(1, 0.1)
+    tx = as_optax(flatopt.Adam(lr=lambda count: -1.0 if count == 1 else 1e-2))
+    step = tx.update if api == "update" else functools.partial(update_and_apply, tx)
+    step = jax.jit(step) if jit else step
+    _, state = step(grads, tx.init(params), params)
+    with pytest.raises(Exception, match="Invalid learning rate: -1.0"):
+        jax.block_until_ready(step(grads, state, params))
+
+
 def test_init_errors():
     with pytest.raises(TypeError, match="flatopt optimizer"):
         as_optax(optax.adam(1e-3))
