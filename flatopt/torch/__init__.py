@@ -13,19 +13,19 @@
   ``torch.compile`` of a training step: as for torch.optim's own methods, dynamo does not trace
   ``step``, ``zero_grad``, ``add_param_group``, ``state_dict`` and ``load_state_dict``, which run
   as they are between the compiled graphs (Lookahead's too).
-* At construction every parameter's storage moves into one contiguous flat buffer per
-  (device, dtype): ``p.data`` becomes a view of it, with the parameter's own strides where its
-  elements are dense (a channels_last or transposed weight keeps its memory format; its
-  gradient views and its state follow it, as torch's ``preserve_format`` state does).  A step
-  makes each ``p.grad`` a view of a flat gradient buffer, so with ``zero_grad(set_to_none=False)`` backward accumulates
-  straight into it.  After ``zero_grad()`` (``set_to_none=True``, torch's default) the fresh
-  gradients autograd makes stay where they are: the next ``zero_grad()`` drops them, and
-  pointing each ``.grad`` at its view would cost a quarter of such a step.  The step reads
+* At construction every parameter's storage moves into one contiguous flat buffer per (device,
+  dtype): ``p.data`` becomes a view of it, with the parameter's own strides where its elements
+  are dense (a channels_last or transposed weight keeps its memory format; its gradient views
+  and its state follow it, as torch's ``preserve_format`` state does).  A step makes each
+  ``p.grad`` a view of a flat gradient buffer, so with ``zero_grad(set_to_none=False)`` backward
+  accumulates straight into it.  After ``zero_grad()`` (``set_to_none=True``, torch's default)
+  the fresh gradients autograd makes stay where they are: the next ``zero_grad()`` drops them,
+  and pointing each ``.grad`` at its view would cost a quarter of such a step.  The step reads
   them there (CPU buckets of ``_gather_min`` = 2^18 elements or more; a gradient with other
-  strides than its parameter, or one inside this optimizer's buffers, is copied in first)
-  or copies them into the flat buffer (smaller buckets, CUDA).  (Gradients are not pre-assigned at construction: a
-  parameter that never got a gradient must stay ``None`` so that it is skipped, as torch
-  skips it.)
+  strides than its parameter, or one inside this optimizer's buffers, is copied in first) or
+  copies them into the flat buffer (smaller buckets, CUDA).  (Gradients are not pre-assigned at
+  construction: a parameter that never got a gradient must stay ``None`` so that it is skipped,
+  as torch skips it.)
 * As torch saves a view with its whole storage, ``torch.save`` of part of the model (one
   parameter, a submodule's ``state_dict()``) writes the whole flat buffer: save clones of the
   tensors (``{k: v.clone() for k, v in sd.items()}``).  A whole model's ``state_dict()`` is
