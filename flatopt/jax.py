@@ -395,9 +395,9 @@ def _scheduled_lrs(template, state):
     ``jax_enable_x64`` an int64 count rounds a linear schedule otherwise (in float64, where
     optax's int32 count gives float32 values)."""
     opt, counts = _inner(template), _inner(state).counters["step"]
-    lrs = [opt.lr] if opt.param_groups is None else [group.get("lr", opt.lr) for group in opt.param_groups]
     values = []
-    for i, lr in enumerate(lrs):
+    for i, group in enumerate(opt.param_groups or [None]):
+        lr = _group_lr(opt, group)
         if callable(lr):
             with jax.ensure_compile_time_eval():
                 traceable = isinstance(lr(0), jax.Array)
@@ -408,6 +408,11 @@ def _scheduled_lrs(template, state):
         else:
             values.append(None)
     return tuple(values)
+
+
+def _group_lr(opt, group):
+    """The lr of ``group`` (``None``: the optimizer's only one): its own, else ``opt``'s."""
+    return opt.lr if group is None else group.get("lr", opt.lr)
 
 
 def _set_lrs(opt, lrs):
@@ -445,7 +450,7 @@ def _convert_scalars(opt, dtype):
     for group, group_state in zip(opt.param_groups or [None], opt.group_state):
         if group is not None and group.get("frozen", False):
             continue  # (never resolved: no step reads it)
-        if not callable(opt.lr if group is None else group.get("lr", opt.lr)):
+        if not callable(_group_lr(opt, group)):
             np.array([opt._row(opt._resolve(group, 0), group_state, dtype.type)], dtype)
 
 
