@@ -132,14 +132,20 @@ class CudaStep(Timed):
         self.sync()
 
 
-def torch_model(n):
-    """torch, flatopt.torch, a seeded generator and a model of 200 tensors holding ``n``
-    parameters in all (the benchmark is skipped where torch is missing)."""
+def torch_modules():
+    """torch and flatopt.torch (the benchmark is skipped where torch is missing)."""
     try:
         import torch
         import flatopt.torch as flat_torch
     except ImportError:
         raise NotImplementedError("torch or flatopt.torch not available")
+    return torch, flat_torch
+
+
+def torch_model(n):
+    """torch, flatopt.torch, a seeded generator and a model of 200 tensors holding ``n``
+    parameters in all."""
+    torch, flat_torch = torch_modules()
     sizes = [n // 200 + (i < n % 200) for i in range(200)]
     gen = torch.Generator().manual_seed(0)
     return torch, flat_torch, gen, [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in sizes]
@@ -185,6 +191,47 @@ class TorchAdapter(Timed):
         return float(np.median(times))
 
     track_step_after_zero_grad.unit = "seconds"
+
+
+class TorchTraining(Timed):
+    """The step inside a training loop: an MLP of 100 ``Linear`` layers (200 tensors; width 31
+    for about 10^5 parameters, 100 for 10^6), each step right after ``zero_grad``, a forward
+    and a backward pass on a batch of 64, which leave the caches to the model's activations
+    and to torch's code.  ``keep``: ``zero_grad(set_to_none=False)``, the gradients stay in
+    place; ``none``: torch's default, autograd makes fresh gradient tensors."""
+
+    params = ([10**5, 10**6], ["keep", "none"], ["flatopt.torch", "torch fused"])
+    param_names = ["n", "zero_grad", "implementation"]
+    WIDTHS = {10**5: 31, 10**6: 100}
+
+    def setup(self, n, zero_grad, implementation):
+        torch, flat_torch = torch_modules()
+        width = self.WIDTHS[n]
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(*(m for _ in range(100) for m in (torch.nn.Linear(width, width),
+                                                                           torch.nn.Tanh())))
+        self.x = torch.randn(64, width)
+        params = list(self.model.parameters())
+        if implementation == "torch fused":
+            self.opt = torch.optim.Adam(params, lr=1e-4, fused=True)
+        else:
+            self.opt = flat_torch.Adam(params, lr=1e-4)
+        self.set_to_none = zero_grad == "none"
+        for _ in range(3):
+            self._iteration()
+
+    def _iteration(self):
+        self.opt.zero_grad(set_to_none=self.set_to_none)
+        self.model(self.x).square().mean().backward()
+        start = time.perf_counter()
+        self.opt.step()
+        return time.perf_counter() - start
+
+    def track_step(self, n, zero_grad, implementation):
+        """Median of 15 steps, each timed alone within its iteration."""
+        return float(np.median([self._iteration() for _ in range(15)]))
+
+    track_step.unit = "seconds"
 
 
 class ScheduledTorchAdapter(Timed):

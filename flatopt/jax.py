@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from flatopt.backend import Gather, aligned_zeros, host_span
+from flatopt.backend import Gather, GatherCut, aligned_zeros, host_span
 from flatopt.lookahead import Lookahead, check_slow_fits
 from flatopt.optimizers import Optimizer
 from flatopt.optimizers.base import _unwrap, check_reach, check_state_fits
@@ -605,6 +605,7 @@ class TreeOptimizer:
         # but does not read (None: every step goes through ravel_pytree).
         in_place = self.master.nbytes > FRESH_PAGES and all(jnp.result_type(x) == flat.dtype for x in leaves)
         self._grads = np.empty_like(self.master) if in_place else None
+        self._cut = GatherCut()  # (the pieces of the kernel's chunks, kept from step to step)
 
     def step(self, grads):
         leaves, treedef = jax.tree_util.tree_flatten(grads)
@@ -620,7 +621,7 @@ class TreeOptimizer:
             self.opt.step(self.master, flat)
         else:  # (``host`` keeps the leaves' memory alive until the step is done)
             host, addresses = in_place
-            self.opt.step(self.master, self._grads, Gather(self._offsets, addresses))
+            self.opt.step(self.master, self._grads, Gather(self._offsets, addresses, self._cut))
         return self.params
 
     def _read_in_place(self, leaves):

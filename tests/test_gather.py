@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import flatopt
 from conftest import DTYPES, dtype_name, needs_threads
-from flatopt.backend import CPU, Gather
+from flatopt.backend import CPU, Gather, GatherCut
 
 OPTIMIZERS = {
     "SGD nesterov": lambda: flatopt.SGD(lr=1e-2, momentum=0.9, nesterov=True, weight_decay=0.1),
@@ -34,12 +34,13 @@ def _two_runs(make, dtype, groups, steps=4, seed=0):
     params = rng.standard_normal(n).astype(dtype)
     p_flat, p_gathered = params.copy(), params.copy()
     unread = np.full(n, np.nan, dtype)  # the flat buffer a gathered step is given: checked, never read
+    cut = GatherCut()  # kept from step to step, as flatopt.torch keeps it: the addresses change, the cut not
     for _ in range(steps):
         grads = rng.standard_normal(n).astype(dtype)
         parts = [grads[o:o + s].copy() for o, s in zip(offsets, SIZES)]  # each in memory of its own
         addresses = np.array([part.ctypes.data for part in parts], dtype=np.int64)
         flat.step(p_flat, grads)
-        gathered.step(p_gathered, unread, _gather=Gather(offsets, addresses))
+        gathered.step(p_gathered, unread, _gather=Gather(offsets, addresses, cut))
     return (p_flat, flat), (p_gathered, gathered)
 
 
@@ -60,24 +61,35 @@ def test_gathered_step_is_the_flat_step_bitwise(name, dtype, groups, threads, mo
         assert _same_bits(flat.state[key], gathered.state[key]), key
 
 
+def _chunks(n, cuts):
+    bounds = sorted({0, n, *(c for c in cuts if c < n)})
+    return np.array([(lo, hi, i % 3) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))],
+                    dtype=np.int64).reshape(-1, 3)
+
+
 @given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=12), cuts=st.lists(st.integers(0, 400), max_size=8),
-       itemsize=st.sampled_from([4, 8]))
-def test_pieces_lie_each_in_one_gradient_buffer_and_cover_the_chunks(sizes, cuts, itemsize):
+       other_cuts=st.lists(st.integers(0, 400), max_size=8), itemsize=st.sampled_from([4, 8]))
+def test_pieces_lie_each_in_one_gradient_buffer_and_cover_the_chunks(sizes, cuts, other_cuts, itemsize):
+    """Also through one kept :class:`GatherCut`, as the steps use it: new addresses at every
+    call, now and then other chunks or another itemsize (a cut kept stale would point the
+    pieces at the last call's buffers, or cut them where the last chunks ended)."""
     n = sum(sizes)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    addresses = np.arange(1, len(sizes) + 1, dtype=np.int64) << 20  # far apart, like separate allocations
-    bounds = sorted({0, n, *(c for c in cuts if c < n)})
-    chunks = np.array([(lo, hi, i % 3) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))],
-                      dtype=np.int64).reshape(-1, 3)
-    pieces = Gather(offsets, addresses).pieces(chunks, itemsize)
-    covered = []
-    for lo, hi, segment, address in pieces:
-        assert lo < hi
-        buffer = np.searchsorted(offsets, lo, side="right") - 1
-        assert hi <= offsets[buffer] + sizes[buffer]  # within one buffer
-        assert address == addresses[buffer] + (lo - offsets[buffer]) * itemsize
-        chunk = np.searchsorted(chunks[:, 0], lo, side="right") - 1
-        assert chunks[chunk, 0] <= lo and hi <= chunks[chunk, 1] and segment == chunks[chunk, 2]
-        covered.append((lo, hi))
-    assert covered == sorted(covered)
-    assert sum(hi - lo for lo, hi in covered) == n
+    chunks, other_chunks = _chunks(n, cuts), _chunks(n, other_cuts)
+    kept = GatherCut()
+    calls = [(chunks, itemsize, None), (chunks, itemsize, kept), (chunks, itemsize, kept),
+             (other_chunks, itemsize, kept), (chunks, 12 - itemsize, kept), (chunks, itemsize, kept)]
+    for call, (chunks, size, cut) in enumerate(calls):
+        addresses = (np.arange(1, len(sizes) + 1, dtype=np.int64) + 64 * call) << 20  # far apart, new each call
+        pieces = Gather(offsets, addresses, cut).pieces(chunks, size)
+        covered = []
+        for lo, hi, segment, address in pieces:
+            assert lo < hi
+            buffer = np.searchsorted(offsets, lo, side="right") - 1
+            assert hi <= offsets[buffer] + sizes[buffer]  # within one buffer
+            assert address == addresses[buffer] + (lo - offsets[buffer]) * size
+            chunk = np.searchsorted(chunks[:, 0], lo, side="right") - 1
+            assert chunks[chunk, 0] <= lo and hi <= chunks[chunk, 1] and segment == chunks[chunk, 2]
+            covered.append((lo, hi))
+        assert covered == sorted(covered)
+        assert sum(hi - lo for lo, hi in covered) == n

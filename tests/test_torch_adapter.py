@@ -2130,17 +2130,28 @@ def test_a_buffer_a_group_stops_using_stays_in_the_state_as_torch(name, on, off)
     assert keys[0] == keys[1]
 
 
-def test_a_sparse_gradient_is_refused_with_torchs_reason_before_anything_changes():
+@pytest.mark.parametrize("after_zero_grad, rows", [(False, 5), (True, 5), (True, 1 << 16)])
+def test_a_sparse_gradient_is_refused_with_torchs_reason_before_anything_changes(after_zero_grad, rows):
     """torch's Adam refuses a sparse gradient ("does not support sparse gradients"); so does
-    flatopt.torch, naming it, before any update.  Guards against the sparse check dropped (a
-    sparse .grad then fails on its data pointer, with no word of sparsity)."""
+    flatopt.torch, naming it, before any update: of the parameter before it either.  Guards
+    against the sparse check dropped (a sparse .grad then fails on its data pointer, with no
+    word of sparsity).  After ``zero_grad()`` the new gradients are copied in (5 rows) or read
+    where they lie (2^16 rows of 4: from 2^18 elements on); the check stands on both paths."""
     for make in (lambda ps: ft.Adam(ps, lr=1e-2), lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=False)):
-        p = torch.nn.Parameter(torch.ones(5, 3))
-        opt = make([p])
-        p.grad = torch.sparse_coo_tensor([[0, 2]], torch.ones(2, 3), (5, 3), check_invariants=True)
+        ps = [torch.nn.Parameter(torch.ones(rows, 4)), torch.nn.Parameter(torch.ones(rows, 4))]
+        opt = make(ps)
+        if after_zero_grad:
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            opt.step()
+            opt.zero_grad()
+        before = [p.detach().clone() for p in ps]
+        ps[0].grad = torch.full_like(ps[0], 0.5)
+        ps[1].grad = torch.sparse_coo_tensor([[0, 2]], torch.ones(2, 4), (rows, 4), check_invariants=True)
         with pytest.raises(RuntimeError, match="sparse gradients"):
             opt.step()
-        assert torch.equal(p.detach(), torch.ones(5, 3))
+        for p, was in zip(ps, before):
+            assert torch.equal(p.detach(), was)
 
 
 @pytest.mark.parametrize("name, key, off, on, kw, ref_kw", [

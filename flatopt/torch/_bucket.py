@@ -67,10 +67,12 @@ class Bucket:
         self.core, self.device, self.dtype = core, device, dtype
         self.params, self.offsets, self.sizes, self.groups = [], [], [], []
         self.strides = []  # per param: the strides of its views (dense_strides)
+        self.shapes = []  # per param: its shape, a torch.Size
         self.flat = self.gflat = self.flat_np = self.gflat_np = None
         self.views, self.gviews, self.ptrs, self.gptrs = [], [], [], []  # ptrs: the views' data_ptr()s
         self.memory = []  # (first, end) byte addresses of the flat parameter and gradient buffers
         self.offsets_np = None  # self.offsets as an array (a Gather's offsets)
+        self.gather_cut = None  # a GatherCut for them, kept from step to step
         self.steps = np.zeros(0, np.float32)   # per-param step counts (torch's state["step"])
         self.steps_t = None
         self.started = np.zeros(0, bool)       # SGD: the momentum buffer exists

@@ -12,7 +12,7 @@ from operator import attrgetter, is_
 import numpy as np
 import torch
 
-from flatopt.backend import Gather, aligned_zeros, backend_for, host_span
+from flatopt.backend import Gather, GatherCut, aligned_zeros, backend_for, host_span
 from flatopt.torch._bucket import Bucket, as_tensor, byte_spans, data_ptr, dense_strides, starts_inside, unaliased
 from flatopt.torch._checks import (NP_DTYPES, check_betas_types, check_disjoint, check_flags,
                                    check_foreach_tensor_betas, check_foreach_tensors, check_fused_foreach,
@@ -235,6 +235,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         b.sizes = [p.numel() for p in b.params]
         b.offsets = np.concatenate([[0], np.cumsum(b.sizes)[:-1]]).astype(int).tolist()
         b.strides = [dense_strides(p.data) for p in b.params]
+        b.shapes = [p.shape for p in b.params]  # (torch.Size: compared with a gradient's shape)
         total = sum(b.sizes)
         # The parameters move in one by one, each one's old memory freed as it goes (where
         # nothing else holds it), into a buffer whose pages the OS hands out as they are first
@@ -271,6 +272,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                         buf[off:off + n] = old_state[name][po:po + n]
         b.read_addresses()
         b.offsets_np = np.array(b.offsets, dtype=np.int64)
+        b.gather_cut = GatherCut()
         b.all_synced = ((True,) * len(b.params), None)  # _sync's answer when nothing changed
         with torch.no_grad():
             for p, gv in zip(b.params, b.gviews):
@@ -444,14 +446,14 @@ class FlatOptimizer(torch.optim.Optimizer):
         with torch.no_grad():
             if (b.flat.data_ptr(), b.gflat.data_ptr()) != (b.memory[0][0], b.memory[1][0]):
                 b.read_addresses()  # the flat buffers' memory moved
-            synced = self._pull_in(b, params, [p.grad for p in params])
+            synced = self._pull_in(b, params, list(map(_grad_of, params)))
         b.note_gviews_intact()
         return synced
 
     def _pull_in(self, b, params, grads):
         dst, src, src_ptrs, repoint_data, repoint_grad = [], [], [], [], []
         active, moved_grads = [], []  # moved: (index, the param's new gradient view)
-        views, gviews, ptrs, gptrs = b.views, b.gviews, b.ptrs, b.gptrs
+        views, gviews, ptrs, gptrs, strides, shapes = b.views, b.gviews, b.ptrs, b.gptrs, b.strides, b.shapes
         # After zero_grad() (on the CPU) the new gradients are read where autograd made them,
         # unless one has other strides than its view or lies in this optimizer's own buffers:
         # then it is copied into its view first, as every replaced gradient is otherwise.
@@ -459,7 +461,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         if gather:
             candidates = []  # (index, gradient, address)
         for i, p in enumerate(params):
-            ptr = p.data_ptr()
+            ptr = data_ptr(p)
             if ptr != ptrs[i]:
                 view = views[i]
                 if p.dtype != b.dtype or p.device != b.device:
@@ -488,17 +490,26 @@ class FlatOptimizer(torch.optim.Optimizer):
                 active.append(True)
                 continue
             if g is not gv:
-                if g.is_sparse:
-                    raise RuntimeError("flatopt.torch does not support sparse gradients")
-                gptr = g.data_ptr()
-                laid_out_as_view = g.stride() == gv.stride() and g.shape == gv.shape
-                if gptr != gptrs[i] or not laid_out_as_view:
-                    if gather and laid_out_as_view and g.dtype is b.dtype and g.is_cpu:
-                        candidates.append((i, g, gptr))
-                    else:
-                        dst.append(gv)
-                        src.append(g)
-                        src_ptrs.append(gptr)
+                try:
+                    gptr = data_ptr(g)
+                except RuntimeError:  # (a sparse tensor has no memory of its own to point at)
+                    if g.is_sparse:
+                        raise RuntimeError("flatopt.torch does not support sparse gradients") from None
+                    raise
+                # Its layout is read only where it may stay where it lies: at its view's address,
+                # or gathered.  (A copy takes any strides: the common case reads none.)
+                if gptr == gptrs[i]:
+                    copy = not (g.stride() == strides[i] and g.shape == shapes[i])
+                elif gather and g.stride() == strides[i] and g.shape == shapes[i] and g.dtype is b.dtype \
+                        and g.is_cpu:
+                    candidates.append((i, g, gptr))
+                    copy = False
+                else:
+                    copy = True
+                if copy:
+                    dst.append(gv)
+                    src.append(g)
+                    src_ptrs.append(gptr)
                 repoint_grad.append((p, gv))
             active.append(True)
         if gather:
@@ -527,7 +538,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             params[i].grad = gviews[i] = gv
             gptrs[i] = gv.data_ptr()
         if gather and kept:
-            return tuple(active), (Gather(b.offsets_np, np.array(addresses, dtype=np.int64)), kept)
+            return tuple(active), (Gather(b.offsets_np, np.array(addresses, dtype=np.int64), b.gather_cut), kept)
         return tuple(active), None
 
     def _layout(self, b, active):
