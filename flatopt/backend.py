@@ -173,6 +173,7 @@ class GatherCut:
 
 
 def _cut(offsets, chunks, itemsize):
+    """A :class:`GatherCut`'s value for these offsets, chunks and itemsize."""
     lo, hi = chunks[:, 0], chunks[:, 1]
     first = np.searchsorted(offsets, lo, side="right") - 1  # the buffer of each chunk's first element
     counts = np.searchsorted(offsets, hi, side="left") - first  # the buffers a chunk spans
