@@ -335,3 +335,20 @@ def run_parallel_gathered(rule, p, s0, s1, s2, pieces, table):
 def run_serial_gathered(rule, p, s0, s1, s2, pieces, table):
     for c in range(pieces.shape[0]):
         _call_rule_gathered(rule, p, pieces[c, 3], s0, s1, s2, table, pieces[c, 2], pieces[c, 0], pieces[c, 1])
+
+
+@njit(**_JIT)
+def advance_counts(counts, spans):
+    """Adds one to ``counts[first:last]`` for each ``(first, last)`` row of ``spans``, and says
+    whether one of them started at 0: flatopt.torch's per-parameter step counts (float32, as
+    torch's ``state["step"]``; the sum is rounded to float32 as NumPy's float32 add rounds it).
+    One compiled call: right after a training loop's backward pass, NumPy's add on a span's
+    slice took 40 µs, this call 12."""
+    fresh = False
+    for k in range(spans.shape[0]):
+        first, last = spans[k, 0], spans[k, 1]
+        if counts[first] == 0:
+            fresh = True
+        for i in range(first, last):
+            counts[i] += np.float32(1)
+    return fresh

@@ -80,6 +80,7 @@ class Bucket:
         self.entries = []  # per param: the entries it put there (to see which were replaced)
         self.layout_key = None
         self.runs = self.spans = ()  # see _layout
+        self.span_bounds = np.zeros((0, 2), np.int64)  # the spans' (first, last), an array
         self.core_groups_key = None  # the hyperparameters the core has, one tuple per run
         self.group_values = None  # the torch groups' values they were read from
         self.volatile = False  # whether those values must be read again every step

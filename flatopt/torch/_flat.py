@@ -20,7 +20,6 @@ from flatopt.torch._checks import (NP_DTYPES, check_betas_types, check_disjoint,
 from flatopt.torch._edits import Edits, ParamList, ParamState, State, unchanged
 from flatopt.torch._hooks import global_hooks_or_profiler, labelled_zero_grad, outside_dynamo
 
-_ONE = np.float32(1)  # a step, as the per-param step counts (float32, as torch's state["step"]) count it
 _grad_of = attrgetter("grad")
 _SCALARS = frozenset((float, int, bool, type(None)))
 _DUPLICATE_WARNING = "optimizer contains a parameter group with duplicate parameters"
@@ -33,6 +32,13 @@ def public(cls):
     cls.__module__ = "flatopt.torch"
     PUBLIC.add(cls)
     return cls
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_kernels():
+    """flatopt.kernels.cpu, imported at the first step (with Numba), not with flatopt.torch."""
+    from flatopt.kernels import cpu
+    return cpu
 
 
 def _number(value):
@@ -611,6 +617,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         groups' hyperparameters where they changed; returns the runs."""
         if active is not b.layout_key and active != b.layout_key:
             runs, b.spans = self._layout(b, active)
+            b.span_bounds = np.array([(i0, i1) for _, i0, i1 in b.spans], np.int64).reshape(-1, 2)
             if runs != b.runs:  # (the same runs after a first step: the core's counts advanced with them)
                 b.runs, b.core_groups_key = runs, None
             b.layout_key = active
@@ -665,19 +672,13 @@ class FlatOptimizer(torch.optim.Optimizer):
         if runs:
             # (``gather``: a Gather, and the gradient tensors it reads, alive until the step is done)
             b.core.step(b.flat_np, b.gflat_np, None if gather is None else gather[0])
-        pg, steps = self.param_groups, b.steps
-        newly = False
-        sgd = not self._step_in_state
-        for gi, i0, i1 in b.spans:
-            # (float32 with float32, and ``item``: ``steps[i0:i1] += 1`` with a Python int, and
-            # ``steps[i0] == 0``, cost 13-15% of a 200-tensor step at 10^5 with cold caches)
-            if steps.item(i0) == 0.0:
-                newly = True
-            span = steps[i0:i1]
-            np.add(span, _ONE, out=span)
-            if sgd and not b.started.item(i0) and pg[gi]["momentum"] != 0:
-                b.started[i0:i1] = True
-                newly = True
+        newly = _cpu_kernels().advance_counts(b.steps, b.span_bounds)  # (the spans' step counts: one call)
+        if not self._step_in_state:  # SGD: a momentum buffer starts with the first step that has momentum
+            pg = self.param_groups
+            for gi, i0, i1 in b.spans:
+                if not b.started.item(i0) and pg[gi]["momentum"] != 0:
+                    b.started[i0:i1] = True
+                    newly = True
         if newly:  # new state entries; SGD runs may have split or merged
             b.layout_key = None
         self._refresh_state(force=newly)
