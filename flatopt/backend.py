@@ -147,7 +147,9 @@ class Gather:
 
     def pieces(self, chunks, itemsize):
         """``chunks`` (``(start, stop, segment)`` rows) cut where a gradient buffer begins, each
-        piece with the byte address of its first gradient: ``(start, stop, segment, address)``."""
+        piece with the byte address of its first gradient: ``(start, stop, segment, address)``.
+        The array is the cut's own: the next call through the same cut rewrites its addresses
+        (a step launches with it before the next step cuts)."""
         pieces, buffer_of, skip = self.cut.of(self.offsets, chunks, itemsize)
         np.add(self.addresses[buffer_of], skip, out=pieces[:, 3])
         return pieces
