@@ -396,7 +396,7 @@ def _scheduled_lrs(template, state):
     optax's int32 count gives float32 values)."""
     opt, counts = _inner(template), _inner(state).counters["step"]
     values = []
-    for i, group in enumerate(opt.param_groups or [None]):
+    for i, group in enumerate(_groups(opt)):
         lr = _group_lr(opt, group)
         if callable(lr):
             with jax.ensure_compile_time_eval():
@@ -408,6 +408,12 @@ def _scheduled_lrs(template, state):
         else:
             values.append(None)
     return tuple(values)
+
+
+def _groups(opt):
+    """``opt``'s param groups; ``[None]`` for the one group over the whole buffer of an optimizer
+    without groups (``param_groups=[]`` is no group at all: a step that updates nothing)."""
+    return [None] if opt.param_groups is None else opt.param_groups
 
 
 def _group_lr(opt, group):
@@ -438,7 +444,7 @@ def _needed_buffers(opt):
     """The state buffers ``opt``'s hyperparameters use, in any of its groups.  (An ``lr``
     schedule is evaluated at step 0 here, eagerly where this runs while JAX traces.)"""
     with jax.ensure_compile_time_eval():
-        return {name for group in (opt.param_groups or [None]) for name in opt._needs(opt._resolve(group, 0))}
+        return {name for group in _groups(opt) for name in opt._needs(opt._resolve(group, 0))}
 
 
 def _convert_scalars(opt, dtype):
@@ -447,7 +453,7 @@ def _convert_scalars(opt, dtype):
     the host converts them inside a callback, whose error would reach the caller as XLA's
     INTERNAL error.  (Whether a group's lr schedule gives such a value shows only where the
     update computes it.)"""
-    for group, group_state in zip(opt.param_groups or [None], opt.group_state):
+    for group, group_state in zip(_groups(opt), opt.group_state):
         if group is not None and group.get("frozen", False):
             continue  # (never resolved: no step reads it)
         if not callable(_group_lr(opt, group)):

@@ -41,7 +41,7 @@ class Lookahead:
             raise TypeError(f"Lookahead wraps a flatopt optimizer, got {type(inner).__name__}")
         self.inner, self.k, self.alpha = inner, k, alpha
         check_k_alpha(self.k, self.alpha)
-        self.slow = None
+        self._slow, self._slow_own = None, True
         self.step_count = 0
         self._plan_key = self._plan = None
 
@@ -59,7 +59,7 @@ class Lookahead:
             slow = backend.zeros(n, backend.dtype(params))
             backend.copy(params, slow, like=params)
         self.inner.step(params, grads, _gather)  # validates everything of its own before touching anything
-        self.slow = slow
+        self._slow, self._slow_own = slow, True
         self.step_count += 1
         if self.syncs(self.step_count):
             segments = tuple((a, b, 0) for a, b in self._synced_spans(n))
@@ -83,11 +83,22 @@ class Lookahead:
         """The sync rule's scalars (``flatopt.kernels.cpu.lookahead_chunk``): alpha, 1 - alpha."""
         return float(self.alpha), 1 - float(self.alpha)
 
+    @property
+    def slow(self):
+        """The slow weights: ``None`` before the first step.  Assigned ones are copied beside the
+        parameters at the next step, as assigned state buffers are: the sync never writes into
+        an array the caller holds (it may be the parameters or the gradients)."""
+        return self._slow
+
+    @slow.setter
+    def slow(self, value):
+        self._slow, self._slow_own = value, False
+
     def _check_slow_fits(self, backend, params, n):
         """Before the inner step: slow weights the sync kernel can read and write."""
-        check_slow_fits(self.slow, n, backend.dtype(params))
-        if not backend.usable(self.slow, params):  # loaded, or assigned (strided, read-only, elsewhere): a copy
-            self.slow = backend.place(self.slow, params)
+        check_slow_fits(self._slow, n, backend.dtype(params))
+        if not (self._slow_own and backend.usable(self._slow, params)):  # (own: not strided, read-only, elsewhere)
+            self._slow, self._slow_own = backend.place(self._slow, params), True
 
     @contextmanager
     def slow_weights(self, params):
@@ -148,15 +159,15 @@ class Lookahead:
                                 f"{(dtypes - {slow.dtype}).pop()}")
         self.inner.load_state_dict(sd["inner"])  # checks everything before changing anything
         self.k, self.alpha, self.step_count = sd["k"], sd["alpha"], int(sd["step_count"])
-        self.slow = None if slow is None else np.array(slow, copy=True)
+        self._slow, self._slow_own = None if slow is None else np.array(slow, copy=True), True
         self._plan_key = None
 
     def __getstate__(self):
         """pickle and copy.deepcopy: the slow weights as a host array (placed next to the
         parameters again at the next step, as after ``load_state_dict``); the plan is made anew."""
-        slow = self.slow
-        return dict(self.__dict__, slow=None if slow is None else backend_for(slow, slow).to_host(slow),
-                    _plan_key=None, _plan=None)
+        slow = self._slow
+        return dict(self.__dict__, _slow=None if slow is None else backend_for(slow, slow).to_host(slow),
+                    _slow_own=True, _plan_key=None, _plan=None)
 
     def __copy__(self):
         """copy.copy shares nothing, as the optimizers' own copies: the inner optimizer is copied

@@ -996,20 +996,22 @@ def test_lookahead_load_restores_k_and_alpha():
 
 
 @SWEEP
-@given(counts=st.lists(st.sampled_from([0.0, 1.0, 7.0, 2.0**24 - 1, 2.0**24, 2.0**24 + 2, 3e9]), min_size=1,
+@given(counts=st.lists(st.sampled_from([0.0, 1.0, 7.0, 2.0**24 - 1, 2.0**24, 2.0**24 + 2, 3e9, 2.0**53]), min_size=1,
                        max_size=12),
-       cuts=st.sets(st.integers(0, 12)), taken=st.lists(st.booleans(), min_size=13, max_size=13))
-def test_advance_counts_adds_one_per_span_as_numpy_float32_does(counts, cuts, taken):
-    """flatopt.torch's per-parameter step counts (float32, as torch's ``state["step"]``) advance
-    in one compiled call: against NumPy's float32 add on each span's slice, counts beyond 2^24
-    included (where float32 sums round), and whether a span started at 0.  Spans as flatopt.torch
-    makes them: disjoint, in order, not always adjacent."""
+       cuts=st.sets(st.integers(0, 12)), taken=st.lists(st.booleans(), min_size=13, max_size=13),
+       dtype=st.sampled_from([np.float32, np.float64]))
+def test_advance_counts_adds_one_per_span_as_numpy_does(counts, cuts, taken, dtype):
+    """flatopt.torch's per-parameter step counts (float32, as torch's ``state["step"]``, or
+    float64 under a float64 default dtype) advance in one compiled call: against NumPy's add in
+    that dtype on each span's slice, counts beyond 2^24 and 2^53 included (where the sums
+    round), and whether a span started at 0.  Spans as flatopt.torch makes them: disjoint, in
+    order, not always adjacent."""
     n = len(counts)
     bounds = sorted({0, n, *(c for c in cuts if c < n)})
     spans = [span for span, take in zip(zip(bounds, bounds[1:]), taken) if take]
-    ours, ref = np.array(counts, np.float32), np.array(counts, np.float32)
+    ours, ref = np.array(counts, dtype), np.array(counts, dtype)
     fresh = any(ref[first] == 0 for first, _ in spans)
     for first, last in spans:
-        np.add(ref[first:last], np.float32(1), out=ref[first:last])
+        np.add(ref[first:last], dtype(1), out=ref[first:last])
     assert kernels.advance_counts(ours, np.array(spans, np.int64).reshape(-1, 2)) == fresh
-    assert np.array_equal(ours.view(np.uint32), ref.view(np.uint32))
+    assert ours.tobytes() == ref.tobytes()

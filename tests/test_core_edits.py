@@ -395,6 +395,33 @@ def test_lookahead_slow_weights_assigned_are_checked_before_the_inner_step(tmp_p
     assert la.slow.flags.writeable
 
 
+@pytest.mark.parametrize("assigned", ["the grads", "the params", "an array of the caller's"])
+def test_lookahead_slow_weights_assigned_are_copied_not_written_in_place(assigned):
+    """Assigned slow weights were used in place when the kernels could write them: ``la.slow =
+    grads`` had the sync write into the caller's gradients, ``la.slow = params`` made Lookahead
+    the plain inner optimizer.  They are copied at the next step, as assigned state buffers."""
+    la = flatopt.Lookahead(flatopt.SGD(lr=0.1, momentum=0.5), k=1, alpha=0.5)
+    reference = copy.deepcopy(la)
+    p, g = rand(16, np.float64), rand(16, np.float64, seed=1)
+    p_ref = p.copy()
+    la.step(p, g)
+    reference.step(p_ref, g)
+    theirs = {"the grads": g, "the params": p, "an array of the caller's": rand(16, np.float64, seed=2)}[assigned]
+    held = theirs.copy()
+    la.slow = theirs
+    reference.slow = held.copy()
+    g_before = g.copy()
+    for _ in range(3):
+        la.step(p, g)
+        reference.step(p_ref, g_before)
+    np.testing.assert_array_equal(p, p_ref)
+    np.testing.assert_array_equal(la.slow, reference.slow)
+    np.testing.assert_array_equal(g, g_before)  # flatopt never writes the gradients
+    if assigned == "an array of the caller's":
+        np.testing.assert_array_equal(theirs, held)
+    assert la.slow is not theirs
+
+
 # --- groups assigned with a new range start afresh -------------------------------------------
 @pytest.mark.parametrize("make, torch_name, torch_kwargs", [
     (lambda groups: flatopt.Adam(lr=0.1, param_groups=groups), "Adam", dict(lr=0.1, foreach=False)),

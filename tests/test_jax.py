@@ -793,6 +793,17 @@ def test_optax_schedule_as_lr_equals_core_step_bitwise(schedule, api, path):
     assert [int(c) for c in state.counters["step"]] == [12]
 
 
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
+@pytest.mark.parametrize("lr", [SCHEDULES["linear"], 1e-2], ids=["schedule", "number"])
+def test_no_param_groups_at_all_update_nothing(lr, api, path):
+    """``param_groups=[]`` updates nothing, as the core step: an lr schedule of JAX operations
+    was evaluated for a whole-buffer group that is not there (IndexError while tracing), and
+    init made the state buffers that no step of the core makes."""
+    opt = flatopt.Adam(lr=lr, param_groups=[])
+    state = _steps_as_core(opt, flatopt.Adam(lr=1e-2, param_groups=[]), api, steps=3)
+    assert state.buffers == {} and state.counters["step"].shape == (0,)
+
+
 def _steps_as_core(opt, core, api, steps):
     """``steps`` updates of ``as_optax(opt)`` equal to the core steps of ``core``, bit for bit;
     the state after them."""

@@ -836,6 +836,41 @@ def test_adopt_clip_lambda_stays_on_the_core():
     torch.load(buf, weights_only=True)
 
 
+def test_adopt_clip_lambda_assigned_acts_from_the_next_step():
+    """The authors' ADOPT reads ``self.clip_lambda`` at every step, so ``opt.clip_lambda = None``
+    turns clipping off there; flatopt.torch's ADOPT had no such attribute and the assignment did
+    nothing.  Against the core with the same assignment, bit for bit."""
+    def tight(step):
+        return 0.05  # a bound the normalized gradients pass
+
+    def run(switch):
+        m1, m2 = Net(), Net()
+        opt = ft.ADOPT(m1.parameters(), lr=1e-2, clip_lambda=tight)
+        core = flatopt.ADOPT(lr=1e-2, clip_lambda=tight)
+        assert opt.clip_lambda is tight
+        flat = torch.cat([p.detach().reshape(-1) for p in m2.parameters()]).numpy().copy()
+        for i, (x, y) in enumerate(data(n=8)):
+            if i == 4 and switch:
+                opt.clip_lambda = core.clip_lambda = None
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(m1(x, True), y).backward()
+            opt.step()
+            m2.zero_grad()
+            torch.nn.functional.mse_loss(m2(x, True), y).backward()
+            core.step(flat, torch.cat([p.grad.reshape(-1) for p in m2.parameters()]).numpy())
+            with torch.no_grad():
+                torch.nn.utils.vector_to_parameters(torch.from_numpy(flat), m2.parameters())
+        assert_same(m1, m2)
+        return m1, opt
+
+    switched, opt = run(switch=True)
+    clipped, _ = run(switch=False)
+    assert not all(torch.equal(a, b) for a, b in zip(switched.parameters(), clipped.parameters()))
+    with pytest.raises(TypeError, match="clip_lambda must be a callable"):
+        opt.clip_lambda = 0.5
+    assert opt.clip_lambda is None
+
+
 # --- torch's step machinery and per-step hyperparameter changes ------------------------------
 
 def test_step_hooks_and_the_profiler_see_every_step():
@@ -1352,6 +1387,34 @@ def test_state_entries_per_group_match_torch(name, kw, extra):
     _assert_same_state(outs[0][1], outs[1][1])
 
 
+@pytest.mark.parametrize("name, flag, buffer", [("Adam", dict(amsgrad=True), "max_exp_avg_sq"),
+                                                ("AdamW", dict(amsgrad=True), "max_exp_avg_sq"),
+                                                ("RMSprop", dict(centered=True), "grad_avg"),
+                                                ("RMSprop", dict(momentum=0.9), "momentum_buffer")])
+def test_a_buffer_turned_on_after_the_first_step_starts_at_zero(name, flag, buffer):
+    """The README's difference: torch's step fails with a KeyError for the buffer its state
+    lacks; flatopt's starts it at zero, as torch does given that zero buffer."""
+    runs = []
+    for ours, make in ((True, getattr(ft, name)), (False, lambda ps, **kw: _ref(name, ps, **kw))):
+        ps = _tensors([(4,), (3,)], dtype=torch.float64)
+        opt = make(ps, lr=1e-2)
+        for t in range(4):
+            if t == 2:
+                opt.param_groups[0].update(flag)
+                if not ours:
+                    for p in ps:
+                        with pytest.raises(KeyError, match=buffer):
+                            opt.step()
+                        opt.state[p][buffer] = torch.zeros_like(p)
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            opt.step()
+        runs.append((ps, opt))
+    for p, q in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert state_keys(runs[0][1]) == state_keys(runs[1][1])
+
+
 @pytest.mark.parametrize("name, kw", [("Adam", dict(lr=1e-2)), ("SGD", dict(lr=0.1, momentum=0.9)),
                                       ("RMSprop", dict(lr=1e-2, momentum=0.5))])
 def test_zero_size_params_get_state_and_steps_as_in_torch(name, kw):
@@ -1445,6 +1508,51 @@ def test_a_refused_checkpoint_changes_nothing():
     assert runs[1][1].param_groups[0]["lr"] == 1e-2
 
 
+@pytest.mark.parametrize("hook", ["mends", "breaks"])
+def test_loaded_state_is_checked_after_the_load_pre_hooks(hook):
+    """torch runs the load pre-hooks first: one that mends a checkpoint (trims a padded buffer)
+    loads, as in torch; one that breaks it is refused, and nothing changes.  The sizes were
+    checked before the hooks ran: the mended checkpoint was refused."""
+    runs = []
+    reference = (lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=False)) if hook == "mends" else None
+    for make in (lambda ps: ft.Adam(ps, lr=1e-2), reference):
+        ps = _tensors([(4,), (8,)], dtype=torch.float64)
+        if make is None:  # (torch loads the broken one, and its step fails): the run never loaded
+            opt = ft.Adam(ps, lr=1e-2)
+            for t in range(2):
+                for p, g in zip(ps, _grads(ps, t)):
+                    p.grad = g
+                opt.step()
+            runs.append(ps)
+            continue
+        opt = make(ps)
+        for p, g in zip(ps, _grads(ps, 0)):
+            p.grad = g
+        opt.step()
+        sd = opt.state_dict()
+        sd["param_groups"][0]["lr"] = 0.5
+        padded = torch.cat([sd["state"][1]["exp_avg"], torch.zeros(3, dtype=torch.float64)])
+        trimmed = sd["state"][1]["exp_avg"].clone()
+        sd["state"][1] = dict(sd["state"][1], exp_avg=padded if hook == "mends" else trimmed)
+
+        def pre(o, loaded):
+            state = {k: dict(v) for k, v in loaded["state"].items()}
+            state[1]["exp_avg"] = trimmed if hook == "mends" else padded
+            return dict(loaded, state=state)
+        opt.register_load_state_dict_pre_hook(pre)
+        if hook == "breaks":
+            with pytest.raises(ValueError, match="'exp_avg' of parameter 1 has 11 elements"):
+                opt.load_state_dict(sd)
+            assert opt.param_groups[0]["lr"] == 1e-2
+        else:
+            opt.load_state_dict(sd)
+        for p, g in zip(ps, _grads(ps, 1)):
+            p.grad = g
+        opt.step()
+        runs.append(ps)
+    _assert_same_tensors(*runs)
+
+
 def test_failed_add_param_group_leaves_the_groups_as_they_were():
     ps = _tensors([(8,), (8,)])
     opt = ft.Adam(ps[:1], lr=1e-2)
@@ -1469,6 +1577,60 @@ def test_parameters_sharing_memory_are_refused():
                lr=0.1)
     with pytest.raises(TypeError, match="meta tensors"):
         ft.SGD([torch.nn.Parameter(torch.empty(4, device="meta"))], lr=0.1)
+
+
+@pytest.mark.parametrize("when", ["built", "add_param_group", ".data replaced"])
+def test_an_expanded_parameter_is_refused_as_torch_refuses_to_step_it(when):
+    """A parameter with a stride of 0 (``expand``) is one set of values seen several times:
+    torch's step refuses to write it; the layout untied it (12 values where there were 3)."""
+    message = "more than one element of the written-to tensor refers to a single memory location"
+
+    def expanded():
+        return torch.nn.Parameter(torch.arange(3.0).reshape(3, 1).expand(3, 4))
+    ref = torch.optim.SGD([expanded()], lr=0.1)
+    ref.param_groups[0]["params"][0].grad = torch.ones(3, 4)
+    with pytest.raises(RuntimeError, match=message):
+        ref.step()
+    ps = _tensors([(4,), (3, 4)])
+    if when == "built":
+        with pytest.raises(RuntimeError, match=message):
+            ft.SGD([ps[0], expanded()], lr=0.1)
+        empty = torch.nn.Parameter(torch.empty(0, 1).expand(0, 3))  # no elements to share: torch steps it
+        ft.SGD([ps[0], empty], lr=0.1)
+        return
+    opt = ft.SGD(ps if when == ".data replaced" else ps[:1], lr=0.1)
+    for p in ps:
+        p.grad = torch.ones(p.shape)
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(RuntimeError, match=message):
+        if when == "add_param_group":
+            opt.add_param_group({"params": [expanded()]})
+        else:
+            ps[1].data = expanded().data
+            opt.step()
+    assert len(opt.param_groups) == 1
+    assert torch.equal(ps[0], before[0])  # nothing stepped
+    if when == ".data replaced":
+        ps[1].data = before[1].clone()
+    opt.step()  # (and then it steps on)
+    assert torch.equal(ps[0], before[0] - 0.1)
+
+
+def test_an_optimizer_built_under_inference_mode_trains_as_torchs():
+    """Its flat buffers were inference tensors, the parameters views of them: the first forward
+    and backward outside failed ("Inplace update to inference tensor outside InferenceMode").
+    torch's optimizer makes no tensor at construction, and trains."""
+    def built_in_inference_mode(make):
+        def build(params):
+            with torch.inference_mode():
+                opt = make(list(params))
+            return opt
+        return build
+    m1, m2, _, _ = pair(built_in_inference_mode(lambda p: ft.Adam(p, lr=1e-2)),
+                        built_in_inference_mode(lambda p: torch.optim.Adam(p, lr=1e-2, fused=True)),
+                        sizes=(16, 32, 16))
+    assert_same(m1, m2)
+    assert not any(p.is_inference() for p in m1.parameters())
 
 
 def test_a_lazy_modules_uninitialized_parameters_are_refused_until_it_has_run():
@@ -2184,3 +2346,76 @@ def test_a_buffer_its_group_stopped_using_survives_checkpoint_round_trips(name, 
     (a, keys_a), (b, keys_b) = runs
     assert keys_a == keys_b
     _assert_same_tensors(a, b)
+
+
+# --- autograd's version counters ------------------------------------------------------------
+VERSIONED = {
+    "SGD": (lambda ps: ft.SGD(ps, lr=0.1, momentum=0.9), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+    "Adam": (lambda ps: ft.Adam(ps, lr=0.1), lambda ps: torch.optim.Adam(ps, lr=0.1, foreach=False)),
+    # (torch's fused AdamW on the CPU leaves the counters as they are: torch's default, foreach=False here)
+    "AdamW": (lambda ps: ft.AdamW(ps, lr=0.1), lambda ps: torch.optim.AdamW(ps, lr=0.1)),
+    "RMSprop": (lambda ps: ft.RMSprop(ps, lr=0.1), lambda ps: torch.optim.RMSprop(ps, lr=0.1)),
+    "ADOPT": (lambda ps: ft.ADOPT(ps, lr=0.1), None),
+    "Lookahead": (lambda ps: ft.Lookahead(ft.SGD(ps, lr=0.1), k=2),
+                  lambda ps: RefLookahead(torch.optim.SGD(ps, lr=0.1), k=2)),
+}
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["zero_grad()", "zero_grad(set_to_none=False)"])
+@pytest.mark.parametrize("name", list(VERSIONED))
+def test_a_backward_through_parameters_saved_before_a_step_fails_as_in_torch(name, set_to_none):
+    """The kernel writes the parameters behind autograd's back: their version counters did not
+    move, and a backward through a graph that saved them before the step (a GAN's generator loss
+    computed before the discriminator's step) ran silently on the stepped values, where torch's
+    in-place step makes autograd refuse it.  Only the parameters a step updates count: one
+    without a gradient keeps its version, as in torch (a graph through it stays usable)."""
+    ours, theirs = VERSIONED[name]
+    outcomes = []
+    for make in (ours, theirs) if theirs is not None else (ours,):
+        ps = _tensors([(4, 3), (3,), (5,)])
+        opt = make(ps)
+        x = torch.randn(2, 4)
+        for step in range(4):  # (Lookahead: the sync steps too)
+            opt.zero_grad(set_to_none=set_to_none)
+            ((x @ ps[0] + ps[1]).square().sum()).backward()  # ps[2] gets no gradient
+            saved = [(p * p).sum() for p in ps]  # each saves its parameter for backward
+            opt.step()
+            outcomes_now = []
+            for loss, p in zip(saved, ps):
+                try:
+                    torch.autograd.grad(loss, [p])  # (no .grad written: the next step is the same)
+                    outcomes_now.append("ran")
+                except RuntimeError as e:
+                    assert "modified by an inplace operation" in str(e)
+                    outcomes_now.append("refused")
+            outcomes.append(outcomes_now)
+    synced = name == "Lookahead"  # (its sync, after every second step, writes every parameter)
+    assert outcomes[:4] == [["refused", "refused", "refused" if synced and step % 2 else "ran"] for step in range(4)]
+    if theirs is not None:
+        assert outcomes[4:] == outcomes[:4]
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])
+def test_step_counts_take_torchs_scalar_dtype_under_a_float64_default(name):
+    """torch makes ``state["step"]`` in float64 where float64 is the default dtype (its
+    ``_get_scalar_dtype``): the same dtype in ``opt.state`` and in ``state_dict()``, and counts
+    that go on past 2^24, where float32 counts stop."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        runs = []
+        for make in (getattr(ft, name), getattr(torch.optim, name)):
+            ps = _tensors([(4,), (3,)])
+            opt = make(ps, lr=1e-3)
+            for p, g in zip(ps, _grads(ps, 0)):
+                p.grad = g
+            opt.step()
+            sd = opt.state_dict()
+            sd["state"][0]["step"] = torch.tensor(2.0**24)
+            opt.load_state_dict(sd)
+            opt.step()
+            runs.append([(opt.state[p]["step"].dtype, opt.state_dict()["state"][i]["step"].dtype,
+                          float(opt.state[p]["step"])) for i, p in enumerate(ps)])
+    finally:
+        torch.set_default_dtype(default)
+    assert runs[0] == runs[1] == [(torch.float64, torch.float64, 2.0**24 + 1), (torch.float64, torch.float64, 2.0)]

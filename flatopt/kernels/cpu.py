@@ -341,7 +341,8 @@ def run_serial_gathered(rule, p, s0, s1, s2, pieces, table):
 def advance_counts(counts, spans):
     """Adds one to ``counts[first:last]`` for each ``(first, last)`` row of ``spans``, and says
     whether one of them started at 0: flatopt.torch's per-parameter step counts (float32, as
-    torch's ``state["step"]``; the sum is rounded to float32 as NumPy's float32 add rounds it).
+    torch's ``state["step"]``, or float64 where that is torch's default dtype; the sum is rounded
+    to the counts' dtype as NumPy's add rounds it).
     One compiled call: right after a training loop's backward pass, NumPy's add on a span's
     slice took 40 µs, this call 12."""
     fresh = False

@@ -30,6 +30,12 @@
   parameter, a submodule's ``state_dict()``) writes the whole flat buffer: save clones of the
   tensors (``{k: v.clone() for k, v in sd.items()}``).  A whole model's ``state_dict()`` is
   written once, at its own size.
+* The kernel writes the parameters through their memory, where autograd does not see it: the
+  step bumps the version counter of every parameter it updates (``_version``; and Lookahead's
+  pull, of every parameter), as torch's in-place step does (its default and foreach paths;
+  torch's fused path on the CPU leaves them as they are).  A backward through a graph that
+  saved a parameter before the step then fails as in torch ("modified by an inplace
+  operation") instead of computing with the stepped values.
 * Parameters whose ``.grad`` is ``None`` are skipped: no update, no decay, no state or
   step change.  Replaced ``.data`` tensors (new memory) are copied in before the step and
   re-pointed at the flat views; so are replaced ``.grad`` tensors, but after ``zero_grad()``
@@ -41,8 +47,9 @@
 * ``state[p]`` holds torch's names (``step``, ``exp_avg``, ``exp_avg_sq``,
   ``max_exp_avg_sq``, ``momentum_buffer``, ``square_avg``, ``grad_avg``) as views of the
   flat state buffers, only the buffers ``p``'s group uses (SGD: ``momentum_buffer`` alone, and
-  no entry at ``momentum=0``, as torch); ``step`` is a float32 scalar view of one per-bucket
-  step array.  Zero-size parameters get state and step counts as in torch.
+  no entry at ``momentum=0``, as torch); ``step`` is a scalar view of one per-bucket step
+  array, float32 as torch's (float64 where that is torch's default dtype when the parameters
+  are laid out).  Zero-size parameters get state and step counts as in torch.
 * Editing the state as torch allows is seen at the next step: ``opt.state = ...``,
   ``opt.state.clear()``, ``del opt.state[p]`` or ``opt.state[p].clear()`` restart those
   parameters' state (step 0, zero buffers); ``opt.state[p]['exp_avg'] = t`` or
@@ -58,7 +65,8 @@
   ``load_state_dict``, copies and pickles too, as in torch.
 * ``load_state_dict`` refuses a checkpoint whose groups lack a hyperparameter every
   checkpoint of this optimizer holds (another optimizer's: torch would fail at the next
-  step), and one whose state does not fit its parameters, before anything changes.
+  step), and one whose state does not fit its parameters, before anything changes (after
+  the load pre-hooks, which may mend it, as torch's checks come after them).
 * A parameter that is a view of a larger tensor which is no parameter (``nn.Parameter(
   buffer[2:6])``) moves into the flat buffer: that tensor no longer sees the updates.
 * A tensor ``lr`` or ``betas`` is read as the Python float it holds: the step's scalars are
@@ -67,7 +75,9 @@
 * A parameter whose dtype or device changed (``model.double()``, ``p.data =
   p.data.cuda()``) raises a ``RuntimeError`` at the next step, before any update: build a
   new optimizer.  A parameter listed twice (torch warns, updates it twice per step, and
-  plans to make it an error) raises a ``ValueError``: list it once.
+  plans to make it an error) raises a ``ValueError``: list it once.  An expanded parameter
+  (a stride of 0: its elements share memory, which the layout would untie) raises torch's
+  ``RuntimeError`` for a step that writes it, at construction or at the step that finds it.
 * Shared memory.  ``model.share_memory()`` after the optimizer is built moves the flat
   buffers' memory into shared memory under their storage (as sending one of their tensors
   through ``torch.multiprocessing`` does); the next step follows them.  A parameter already
@@ -77,7 +87,9 @@
   (a model or optimizer sent to a spawned worker arrives in shared memory: refused there).
 * ``Lookahead(optimizer, k=5, alpha=0.5)`` wraps any torch optimizer (per tensor); around a
   flatopt.torch optimizer its slow weights mirror the flat buffers, so the every-``k``
-  pull is two tensor ops per buffer.
+  pull is two tensor ops per buffer.  The slow weights are the parameters' values at the
+  first step, as the core's (pytorch-optimizer's wrapper copies them at construction: a model
+  loaded in between starts there from the values it had before).
 
 Not seen (checking would cost a pass over every parameter at every step, as much as the
 rest of the step's Python on a model of a few hundred tensors):
@@ -97,10 +109,10 @@ complex and half dtypes.
 
 The package's modules: ``_flat`` (the layout, the state views and the step, shared by every
 optimizer), ``_bucket`` (one flat buffer of parameters and one of gradients, and the checks
-that the views are still in them), ``_hooks`` (torch.compile, step hooks and profilers),
-``_edits`` (``opt.state`` and the groups' ``params`` lists, which note edits), ``_checks``
-(what a parameter or group must be), ``_optimizers`` (the classes with torch's signatures) and
-``_lookahead``.
+that the views are still in them), ``_hooks`` (torch.compile, step hooks, profilers and
+version counters), ``_edits`` (``opt.state`` and the groups' ``params`` lists, which note
+edits), ``_checks`` (what a parameter or group must be), ``_optimizers`` (the classes with
+torch's signatures) and ``_lookahead``.
 """
 from flatopt.torch._lookahead import Lookahead
 from flatopt.torch._optimizers import ADOPT, SGD, Adam, AdamW, RMSprop

@@ -73,13 +73,14 @@ class Bucket:
         self.memory = []  # (first, end) byte addresses of the flat parameter and gradient buffers
         self.offsets_np = None  # self.offsets as an array (a Gather's offsets)
         self.gather_cut = None  # a GatherCut for them, kept from step to step
-        self.steps = np.zeros(0, np.float32)   # per-param step counts (torch's state["step"])
+        self.steps = np.zeros(0, np.float32)   # per-param step counts (torch's state["step"]; see _lay_out)
         self.steps_t = None
         self.started = np.zeros(0, bool)       # SGD: the momentum buffer exists
         self.installed = []  # per param: the dict this optimizer put in opt.state, or None
         self.entries = []  # per param: the entries it put there (to see which were replaced)
         self.layout_key = None
         self.runs = self.spans = ()  # see _layout
+        self.stepped = []  # the params the step updates (those with a gradient): see FlatOptimizer._step_bucket
         self.span_bounds = np.zeros((0, 2), np.int64)  # the spans' (first, last), an array
         self.core_groups_key = None  # the hyperparameters the core has, one tuple per run
         self.group_values = None  # the torch groups' values they were read from

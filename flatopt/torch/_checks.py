@@ -88,10 +88,20 @@ def check_param(p):
                          "first (p.data = p.data.clone())")
     if not (p.is_leaf or p.retains_grad):
         raise ValueError("can't optimize a non-leaf Tensor")
+    check_no_internal_overlap(p)
     grad_dtype = getattr(p, "grad_dtype", p.dtype)  # (torch 2.13: a gradient may be kept in another dtype)
     if grad_dtype is not None and grad_dtype != p.dtype:
         raise TypeError(f"flatopt.torch keeps each gradient in its parameter's dtype (a view of one flat gradient "
                         f"buffer), and a parameter of {p.dtype} has grad_dtype {grad_dtype}: use torch.optim")
+
+
+def check_no_internal_overlap(p):
+    """An expanded parameter (a stride of 0 over more than one element) is one set of values
+    seen several times: the layout would give each element its own place and untie them.  torch
+    refuses to write it, at the step, with this message (one of no elements, it steps)."""
+    if p.numel() and any(stride == 0 and size > 1 for size, stride in zip(p.shape, p.stride())):
+        raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a "
+                           "single memory location. Please clone() the tensor before performing the operation.")
 
 
 def check_unique(params):

@@ -1,6 +1,7 @@
 """How flatopt.torch's methods sit in torch's machinery around an optimizer: torch.compile
-(dynamo), which must not trace them, and torch.optim's step hooks and profilers, which a step
-serves only when one of them is there to see it."""
+(dynamo), which must not trace them, torch.optim's step hooks and profilers, which a step
+serves only when one of them is there to see it, and autograd's version counters, which a
+write that torch did not make must bump."""
 import functools
 
 import torch
@@ -9,6 +10,8 @@ import torch.optim.optimizer as _torch_optimizer
 _optimizer_globals = vars(_torch_optimizer)
 _autograd_profiler = torch.autograd.profiler
 _profiler_enabled = torch.autograd._profiler_enabled
+# (torch.autograd.graph.increment_version, less its check for one tensor: a step passes a list)
+increment_version = getattr(torch._C, "_increment_version", torch.autograd.graph.increment_version)
 
 
 def profiling():

@@ -9,7 +9,7 @@ import torch
 
 from flatopt.lookahead import check_k_alpha
 from flatopt.torch._flat import FlatOptimizer, public
-from flatopt.torch._hooks import global_hooks_or_profiler, labelled_zero_grad, outside_dynamo
+from flatopt.torch._hooks import global_hooks_or_profiler, increment_version, labelled_zero_grad, outside_dynamo
 
 
 @public
@@ -127,6 +127,7 @@ class Lookahead(torch.optim.Optimizer):
                     for fast, slow in pairs:
                         fast.mul_(alpha).add_(slow, alpha=1 - alpha)
                         slow.copy_(fast)
+                    increment_version(params)  # (written through the buffers: see FlatOptimizer._step_bucket)
                 else:
                     for p, q in zip(params, self.slow):
                         p.mul_(alpha).add_(q, alpha=1 - alpha)

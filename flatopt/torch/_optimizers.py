@@ -82,3 +82,16 @@ class ADOPT(FlatOptimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple,
                                       clip_lambda=clip_lambda, maximize=maximize, foreach=foreach,
                                       capturable=capturable, differentiable=differentiable, fused=fused))
+
+    @property
+    def clip_lambda(self):
+        """The clip schedule, an attribute as in the authors' implementation (not a group key:
+        param_groups stay picklable); one assigned (``None``: no clipping) acts from the next step."""
+        return self._core_kwargs["clip_lambda"]
+
+    @clip_lambda.setter
+    def clip_lambda(self, value):
+        self._core_cls(**dict(self._core_kwargs, clip_lambda=value))  # refused here if it is no schedule
+        self._core_kwargs["clip_lambda"] = value
+        for b in self._buckets.values():
+            b.core.clip_lambda = value
