@@ -52,14 +52,13 @@ class Lookahead:
         backend = backend_for(params, grads)
         backend.check(params, grads)
         n = backend.length(params)
-        if self.slow is not None:
-            self._check_slow_fits(backend, params, n)
-            slow = self.slow
+        if self._slow is not None:
+            slow = self._usable_slow(backend, params, n)
         else:
             slow = backend.zeros(n, backend.dtype(params))
             backend.copy(params, slow, like=params)
         self.inner.step(params, grads, _gather)  # validates everything of its own before touching anything
-        self._slow, self._slow_own = slow, True
+        self._slow, self._slow_own = slow, True  # (a copy made above is kept only now: a refused step keeps none)
         self.step_count += 1
         if self.syncs(self.step_count):
             segments = tuple((a, b, 0) for a, b in self._synced_spans(n))
@@ -94,11 +93,14 @@ class Lookahead:
     def slow(self, value):
         self._slow, self._slow_own = value, False
 
-    def _check_slow_fits(self, backend, params, n):
-        """Before the inner step: slow weights the sync kernel can read and write."""
+    def _usable_slow(self, backend, params, n):
+        """The slow weights as the sync kernel can read and write them beside ``params``: this
+        optimizer's own, or a copy (of assigned ones, or of ones that are strided, read-only or
+        elsewhere), taken before the inner step writes the params (which assigned ones may be)."""
         check_slow_fits(self._slow, n, backend.dtype(params))
-        if not (self._slow_own and backend.usable(self._slow, params)):  # (own: not strided, read-only, elsewhere)
-            self._slow, self._slow_own = backend.place(self._slow, params), True
+        if self._slow_own and backend.usable(self._slow, params):
+            return self._slow
+        return backend.place(self._slow, params)
 
     @contextmanager
     def slow_weights(self, params):
@@ -110,11 +112,12 @@ class Lookahead:
             return
         backend = backend_for(params, params)
         n = backend.length(params)
-        self._check_slow_fits(backend, params, n)
-        spans = self._synced_spans(n)  # (checks the groups' ranges)
         fast = backend.zeros(n, backend.dtype(params))
+        backend.check(params, fast)  # params a step could write (read-only, strided: refused as there)
+        slow = self._usable_slow(backend, params, n)
+        spans = self._synced_spans(n)  # (checks the groups' ranges)
         backend.copy(params, fast, spans, like=params)
-        backend.copy(self.slow, params, spans, like=params)
+        backend.copy(slow, params, spans, like=params)
         try:
             yield params
         finally:

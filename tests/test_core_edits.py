@@ -422,6 +422,49 @@ def test_lookahead_slow_weights_assigned_are_copied_not_written_in_place(assigne
     assert la.slow is not theirs
 
 
+def test_lookahead_slow_weights_assigned_stay_the_callers_through_a_refused_step():
+    """The copy of assigned slow weights is kept only by a step that succeeds: a refused step
+    copied them in anyway, and an edit of the caller's array before the next step was lost."""
+    la = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=1, alpha=0.5)
+    p, g = rand(16, np.float64), rand(16, np.float64, seed=1)
+    la.step(p, g)
+    mine = rand(16, np.float64, seed=2)
+    la.slow = mine
+    la.inner.lr = -1.0
+    before = p.copy()
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        la.step(p, g)
+    assert la.slow is mine and la.step_count == 1
+    np.testing.assert_array_equal(p, before)
+    mine += 7.0  # the caller's edit, before the next step
+    la.inner.lr = 0.1
+    reference = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=1, alpha=0.5)
+    reference.load_state_dict(dict(la.state_dict(), slow=mine.copy()))
+    p_ref = p.copy()
+    la.step(p, g)
+    reference.step(p_ref, g)
+    np.testing.assert_array_equal(p, p_ref)
+
+
+@pytest.mark.parametrize("params", ["read-only", "strided"])
+def test_lookahead_slow_weights_refuse_params_a_step_would_refuse(params):
+    """``slow_weights(params)`` writes the slow weights into ``params``: refused, before
+    anything is written, where a step would refuse them."""
+    la = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2, alpha=0.5)
+    p, g = rand(32, np.float64), rand(32, np.float64, seed=1)
+    la.step(p, g)
+    if params == "read-only":
+        target = p.copy()
+        target.flags.writeable = False
+    else:
+        target = np.repeat(p, 2)[::2]
+    held = target.copy()
+    with pytest.raises(ValueError, match="read-only" if params == "read-only" else "must be contiguous"):
+        with la.slow_weights(target):
+            pass
+    np.testing.assert_array_equal(target, held)
+
+
 # --- groups assigned with a new range start afresh -------------------------------------------
 @pytest.mark.parametrize("make, torch_name, torch_kwargs", [
     (lambda groups: flatopt.Adam(lr=0.1, param_groups=groups), "Adam", dict(lr=0.1, foreach=False)),

@@ -570,6 +570,39 @@ def test_a_step_refused_for_params_on_another_gpu_adds_no_state(needs_more, monk
     assert len(opt.state) == len(before[0]) + 1
 
 
+def test_a_lookahead_step_refused_for_params_on_another_gpu_keeps_its_slow_weights(monkeypatch):
+    """The slow weights were placed beside the refused params (on their GPU) before the inner
+    step refused them: the refused step replaced them with a copy there."""
+    monkeypatch.setattr(CUDA, "_pointer_device", lambda obj, ptr: obj.device_id)
+    zeros = CudaBackend.zeros
+    monkeypatch.setattr(CudaBackend, "zeros",  # as on real GPUs: made where the last checked params are
+                        lambda self, n, dtype: FakeCAI(CUDA.to_host(zeros(self, n, dtype)),
+                                                       device_id=self._device or 0))
+    on = {gpu: (FakeCAI(np.ones(10, np.float32), device_id=gpu),
+                FakeCAI(np.full(10, 0.5, np.float32), device_id=gpu)) for gpu in (0, 1)}
+    la = flatopt.Lookahead(flatopt.Adam(lr=0.1), k=3)
+    la.step(*on[0])
+    slow = la.slow
+    with pytest.raises(ValueError, match="on GPU 0 but params are on GPU 1"):
+        la.step(*on[1])
+    assert la.slow is slow and la.step_count == 1
+
+
+@sim_only
+def test_lookahead_slow_weights_refuse_read_only_params_before_writing_them():
+    """On the CPU NumPy refused the write; a read-only CUDA array was written (the slow weights
+    in it inside the block), as no step would write it."""
+    p0, grads = data(dtype=np.float32, steps=1)
+    la = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2)
+    host = p0.copy()
+    la.step(FakeCAI(host), FakeCAI(grads[0].copy()))
+    held = host.copy()
+    with pytest.raises(ValueError, match="params is read-only"):
+        with la.slow_weights(FakeCAI(host, readonly=True)):
+            pass
+    assert_same(host, held)
+
+
 def test_backend_interface():
     assert CUDA.name == "cuda"
     z = CUDA.zeros(37, np.float64)
