@@ -129,6 +129,35 @@ def test_state_reset_starts_the_buffers_over(reset):
     assert set(opt.state) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
 
 
+@pytest.mark.parametrize("how", ["loaded", "removed"])
+def test_a_buffer_the_state_lacks_starts_at_zero_and_the_count_goes_on(how):
+    """The README's rule, against torch: a checkpoint without ``exp_avg_sq`` (or the buffer
+    removed) is taken as the state it holds, the buffer at zero and the step count kept, as
+    torch's Adam continues from its state with that buffer zeroed."""
+    torch = pytest.importorskip("torch")
+    g = grads_for(24, count=5)
+    p0 = rand(24, np.float64)
+    opt = flatopt.Adam(lr=0.01, weight_decay=0.1)
+    p = steps(opt, p0.copy(), g[:3])
+    if how == "loaded":
+        sd = opt.state_dict()
+        del sd["state"]["exp_avg_sq"]
+        opt = flatopt.Adam(lr=0.5)
+        opt.load_state_dict(sd)
+    else:
+        del opt.state["exp_avg_sq"]
+    p = steps(opt, p, g[3:])
+    assert opt.group_state == [{"step": 5}]
+    tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    ref = torch.optim.Adam([tp], lr=0.01, weight_decay=0.1, foreach=False)
+    for t, gt in enumerate(g):
+        if t == 3:
+            ref.state[tp]["exp_avg_sq"].zero_()
+        tp.grad = torch.from_numpy(gt.copy())
+        ref.step()
+    np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-12, atol=1e-15)
+
+
 def test_state_buffer_replaced_by_item_is_copied_in_at_the_next_step():
     g = grads_for(40, count=4)
     reference = flatopt.RMSprop(lr=0.01, momentum=0.9)

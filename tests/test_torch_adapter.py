@@ -1415,6 +1415,32 @@ def test_a_buffer_turned_on_after_the_first_step_starts_at_zero(name, flag, buff
     assert state_keys(runs[0][1]) == state_keys(runs[1][1])
 
 
+def test_a_buffer_missing_from_a_loaded_entry_starts_at_zero_and_the_count_goes_on():
+    """The README's difference: torch's step fails with a KeyError for the buffer a loaded
+    entry lacks; flatopt's starts it at zero, the parameter's count kept, as torch does given
+    that zero buffer."""
+    runs = []
+    for ours in (True, False):
+        ps = _tensors([(4,), (3,)], dtype=torch.float64)
+        opt = (ft.Adam if ours else torch.optim.Adam)(ps, lr=1e-2, **({} if ours else dict(foreach=False)))
+        for t in range(4):
+            if t == 2:
+                sd = opt.state_dict()
+                del sd["state"][1]["exp_avg_sq"]
+                opt.load_state_dict(sd)
+                if not ours:
+                    with pytest.raises(KeyError, match="exp_avg_sq"):
+                        opt.step()
+                    opt.state[ps[1]]["exp_avg_sq"] = torch.zeros_like(ps[1])
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            opt.step()
+        runs.append((ps, opt))
+    for p, q in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+    assert float(runs[0][1].state[runs[0][0][1]]["step"]) == 4.0
+
+
 @pytest.mark.parametrize("name, kw", [("Adam", dict(lr=1e-2)), ("SGD", dict(lr=0.1, momentum=0.9)),
                                       ("RMSprop", dict(lr=1e-2, momentum=0.5))])
 def test_zero_size_params_get_state_and_steps_as_in_torch(name, kw):

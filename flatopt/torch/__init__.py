@@ -5,8 +5,10 @@
   defaults, positional too); ``ADOPT`` takes :class:`flatopt.ADOPT`'s.  torch's implementation
   flags (``foreach``, ``fused``, ``capturable``, ``differentiable``) are accepted and recorded in
   the param groups, as torch records them; ``foreach`` and ``fused`` change nothing (a step is
-  always one fused kernel per bucket), ``capturable=True`` and ``differentiable=True`` raise a
-  ``ValueError`` (the step runs host code: no CUDA graph capture, no autograd through it).
+  always one fused kernel per bucket), except that Adam and AdamW refuse a tensor ``lr`` or
+  ``betas`` with ``foreach=True`` where torch does, with its errors; ``capturable=True`` and
+  ``differentiable=True`` raise a ``ValueError`` (the step runs host code: no CUDA graph
+  capture, no autograd through it).
   Param groups, ``add_param_group``, ``state_dict`` / ``load_state_dict`` (checkpoints of older
   torch releases too: missing group keys get torch's defaults), lr schedulers, ``GradScaler``,
   ``clip_grad_norm_``, ``copy.deepcopy`` and pickling work as with ``torch.optim``.  So does
