@@ -74,13 +74,13 @@ def backend_for(params, grads):
     if is_cuda_array(params) and is_cuda_array(grads):
         from flatopt.kernels.cuda_backend import CUDA
         return CUDA
-    if is_cuda_array(params) or is_cuda_array(grads):
-        where = lambda a: "GPU" if is_cuda_array(a) else ("host" if isinstance(a, np.ndarray) else describe(a))
-        raise TypeError(f"params ({where(params)}) and grads ({where(grads)}) must live on the same device")
-    bad = params if not isinstance(params, np.ndarray) else grads
-    name = "params" if bad is params else "grads"
-    raise TypeError(f"{name} must be a NumPy array or a CUDA array (__cuda_array_interface__), "
-                    f"got {describe(bad)}")
+    for name, buffer in (("params", params), ("grads", grads)):
+        if not (isinstance(buffer, np.ndarray) or is_cuda_array(buffer)):
+            raise TypeError(f"{name} must be a NumPy array or a CUDA array (__cuda_array_interface__), "
+                            f"got {describe(buffer)}")
+    on_gpu = is_cuda_array(params)
+    raise TypeError(f"params ({'GPU' if on_gpu else 'host'}) and grads ({'host' if on_gpu else 'GPU'}) must live on "
+                    "the same device")
 
 
 def check_dtype(name, dtype):

@@ -498,6 +498,10 @@ def test_params_and_grads_on_host_and_gpu_is_a_type_error():
             flatopt.Adam().step(p, g)
         with pytest.raises(TypeError, match="same device"):
             backend_for(p, g)
+    # what is no array at all is named as on the CPU (it said "grads (builtins.NoneType) must live on the same device")
+    for p, g, name in ((device, None, "grads"), (device, [1.0] * 10, "grads"), (None, device, "params")):
+        with pytest.raises(TypeError, match=f"{name} must be a NumPy array or a CUDA array"):
+            flatopt.Adam().step(p, g)
 
 
 @sim_only
