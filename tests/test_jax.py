@@ -826,7 +826,10 @@ def _steps_as_core(opt, core, api, steps):
 def test_schedule_past_its_end_runs_as_optax(api, path):
     """XLA's CPU compiler computes the end of ``optax.linear_schedule(1e-2, 0.0, 10)`` as
     -1.5e-10, which optax applies; flatopt takes it too (a given lr below 0 is refused), and tracks
-    optax's Adam.  (On an H200 XLA computed 0 there: the run past the end is checked still.)"""
+    optax's Adam.  (On an H200 XLA computed 0 there: the run past the end is checked still.)
+    In float32 an update of 1e-10 is lost next to parameters of 1, so whether that value is
+    applied, not 0 in its place, is checked in float64:
+    test_a_groups_schedule_past_its_end_is_applied_as_optax_applies_it."""
     schedule = optax.linear_schedule(1e-2, 0.0, 10)
     if jax.default_backend() == "cpu":
         assert float(jax.jit(schedule)(np.int32(11))) < 0  # what this test is about
@@ -1056,14 +1059,14 @@ def test_schedules_per_param_group_equal_the_core_step_bitwise(case, path, api):
     assert [int(c) for c in state.counters["step"]] == [0 if lr == "frozen" else 12 for lr in lrs]
 
 
-@pytest.mark.parametrize("where", ["group", "optimizer"])
+@pytest.mark.parametrize("where", ["group", "optimizer", "no groups"])
 @pytest.mark.parametrize("path", ["xla", "host"])
 def test_a_groups_schedule_past_its_end_is_applied_as_optax_applies_it(path, where):
     """One group's schedule of JAX operations, the other's lr a constant.  XLA's CPU
     computes the end of ``linear_schedule(1e-2, 0.0, 10)`` as -1.5e-10 (see
     test_schedule_past_its_end_runs_as_optax); optax's Adam applies it, so must this group,
     where that value evaluated eagerly (0.0) would leave it still.  The same for the optimizer's
-    schedule in a group that gives no lr of its own."""
+    schedule in a group that gives no lr of its own, and in an optimizer without groups."""
     schedule = optax.linear_schedule(1e-2, 0.0, 10)
     rng = np.random.default_rng(0)
     with jax.enable_x64(True), on_path(path):  # float64: an update of 1e-10 shows on parameters of 1
@@ -1073,7 +1076,8 @@ def test_a_groups_schedule_past_its_end_is_applied_as_optax_applies_it(path, whe
         params = {"a": jnp.asarray(rng.standard_normal(40)), "b": jnp.asarray(rng.standard_normal(24))}
         grads_list = [jax.tree_util.tree_map(lambda x, s=s: 0.1 * jnp.sin(s * x + 1.0), params) for s in range(1, 13)]
         first = {"start": 0, "stop": 40, "lr": schedule} if where == "group" else {"start": 0, "stop": 40}
-        tx = as_optax(flatopt.Adam(lr=schedule if where == "optimizer" else 1e-3,
+        tx = as_optax(flatopt.Adam(lr=schedule) if where == "no groups" else
+                      flatopt.Adam(lr=schedule if where == "optimizer" else 1e-3,
                                    param_groups=[first, {"start": 40, "stop": 64, "lr": 3e-3}]))
         ref = optax.adam(schedule)
         state, ref_state, ref_params = tx.init(params), ref.init(params["a"]), params["a"]

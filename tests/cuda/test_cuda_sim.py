@@ -362,7 +362,8 @@ def test_adopt_matches_reference_rule(options, dtype):
                                  flatopt.optimizers.adopt.default_clip, **kw)
     _, _, _, pd = run_cpu_and_cuda(make, p0, grads)
     expected = adopt_reference(p0, grads, 0.01, (0.9, 0.99), 1e-6, clip=clip, **kw)
-    np.testing.assert_allclose(pd, expected, rtol=2e-5 if dtype == np.float32 else 1e-12, atol=1e-6)
+    np.testing.assert_allclose(pd, expected, rtol=2e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-6 if dtype == np.float32 else 1e-15)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -377,7 +378,8 @@ def test_momentum_matches_textbook_rule(options, dtype):
         g = g + options.get("weight_decay", 0.0) * p
         v = 0.8 * v + 0.2 * g
         p = p - 0.1 * v
-    np.testing.assert_allclose(pd, p, rtol=1e-5 if dtype == np.float32 else 1e-13, atol=1e-6)
+    np.testing.assert_allclose(pd, p, rtol=1e-5 if dtype == np.float32 else 1e-13,
+                               atol=1e-6 if dtype == np.float32 else 1e-15)
 
 
 # --- checkpoints move between CPU and GPU --------------------------------------------------------
