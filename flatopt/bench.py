@@ -38,8 +38,9 @@ def jax_rounds_for(n, quick):
     return rounds_for(max(n, 10**5), quick)
 
 
-def implementations(n, rng):
-    """name -> zero-argument callable doing one step, on fresh random data of n elements."""
+def implementations(n, rng, quick=False):
+    """name -> zero-argument callable doing one step, on fresh random data of n elements
+    (``quick``: without torch's two slowest peers, see ``torch_impls``)."""
     params, grads = rng.standard_normal(n, dtype=np.float32), 1e-3 * rng.standard_normal(n, dtype=np.float32)
     impls, notes = {}, []
     # Every implementation owns all its buffers (gradients included): none finds another's data in cache.
@@ -56,7 +57,7 @@ def implementations(n, rng):
     except ImportError:
         notes.append("torch not installed: torch.optim and flatopt.torch skipped")
     else:
-        impls.update(torch_impls(torch, params, grads, notes))
+        impls.update(torch_impls(torch, params, grads, notes, quick))
     try:
         impls["optax adam (jit, donated)"] = optax_loop(optax_adam(), params.copy(), grads.copy())
     except ImportError:
@@ -136,22 +137,28 @@ def split_sizes(n, parts):
     return [int(s) for s in base if s]
 
 
-def torch_impls(torch, params, grads, notes):
+def torch_impls(torch, params, grads, notes, quick=False):
     torch.set_num_threads(int(os.environ.get("FLATOPT_BENCH_TORCH_THREADS", len(os.sched_getaffinity(0)))))
     impls = {}
-    for label, kw in (("foreach=False", dict(foreach=False)), ("foreach=True", dict(foreach=True)),
-                      ("fused=True", dict(fused=True))):
+    variants = (("foreach=False", dict(foreach=False)), ("foreach=True", dict(foreach=True)),
+                ("fused=True", dict(fused=True)))
+    for label, kw in variants:
         one = torch.nn.Parameter(torch.from_numpy(params.copy()))  # each peer its own tensors
         one.grad = torch.from_numpy(grads.copy())
         opt = torch.optim.Adam([one], lr=1e-3, **kw)
         impls[f"torch Adam {label}"] = opt.step
     sizes = split_sizes(len(params), MODEL_TENSORS)
     offsets = np.cumsum([0] + sizes)
-    many = [torch.nn.Parameter(torch.from_numpy(params[a:b].copy())) for a, b in zip(offsets[:-1], offsets[1:])]
-    for p, a, b in zip(many, offsets[:-1], offsets[1:]):
-        p.grad = torch.from_numpy(grads[a:b].copy())
-    # (named for the model at every size: below MODEL_TENSORS elements it has fewer, and a note says so)
-    impls[f"torch Adam fused=True, {MODEL_TENSORS} tensors"] = torch.optim.Adam(many, lr=1e-3, fused=True).step
+    if quick:  # foreach=False and =True on the model take most of a --quick run's time: a full run has them
+        notes.append(f"--quick: torch's foreach=False and foreach=True on the {MODEL_TENSORS}-tensor model are "
+                     "left out (a full run has them)")
+        variants = variants[2:]
+    for label, kw in variants:  # the same three on the model (foreach batches across its tensors)
+        many = [torch.nn.Parameter(torch.from_numpy(params[a:b].copy())) for a, b in zip(offsets[:-1], offsets[1:])]
+        for p, a, b in zip(many, offsets[:-1], offsets[1:]):
+            p.grad = torch.from_numpy(grads[a:b].copy())
+        # (named for the model at every size: below MODEL_TENSORS elements it has fewer, and a note says so)
+        impls[f"torch Adam {label}, {MODEL_TENSORS} tensors"] = torch.optim.Adam(many, lr=1e-3, **kw).step
     try:
         import flatopt.torch as ft
     except ImportError as error:
@@ -311,7 +318,7 @@ def main(argv=None):
     results = {}
     for n in run_sizes:
         rounds = args.rounds or rounds_for(n, args.quick)
-        impls, notes = implementations(n, rng)
+        impls, notes = implementations(n, rng, args.quick)
         if n < MODEL_TENSORS:  # the rows keep their names; say what they measured
             notes.append(f"the {MODEL_TENSORS}-tensor and {MODEL_TENSORS}-leaf models have {n} tensors of one "
                          "element at this size")

@@ -52,10 +52,28 @@ def test_bench_peers_present_when_installed():
     from flatopt.bench import implementations
     impls, notes = implementations(1000, np.random.default_rng(0))
     for name in ("torch Adam foreach=False", "torch Adam foreach=True", "torch Adam fused=True",
+                 "torch Adam foreach=False, 200 tensors", "torch Adam foreach=True, 200 tensors",
                  "torch Adam fused=True, 200 tensors"):
         assert name in impls
+    for label in ("foreach=False", "foreach=True", "fused=True"):  # each on its own 200 tensors, as torch asked
+        opt = impls[f"torch Adam {label}, 200 tensors"].__self__
+        flag, value = label.split("=")
+        assert len(opt.param_groups[0]["params"]) == 200 and opt.defaults[flag] is (value == "True")
+    models = [impls[f"torch Adam {label}, 200 tensors"].__self__.param_groups[0]["params"][0]
+              for label in ("foreach=False", "foreach=True", "fused=True")]
+    assert len({p.data_ptr() for p in models}) == 3
     for fn in impls.values():  # every implementation runs a step
         fn()
+
+
+def test_bench_quick_leaves_torchs_slowest_model_rows_out_and_says_so():
+    pytest.importorskip("torch")
+    from flatopt.bench import implementations
+    impls, notes = implementations(1000, np.random.default_rng(0), quick=True)
+    assert "torch Adam fused=True, 200 tensors" in impls and "torch Adam foreach=True" in impls
+    assert not any(name in impls for name in ("torch Adam foreach=False, 200 tensors",
+                                              "torch Adam foreach=True, 200 tensors"))
+    assert any("foreach=False and foreach=True on the 200-tensor model are left out" in note for note in notes)
 
 
 def test_bench_jax_rows_present_when_installed():
@@ -153,7 +171,7 @@ def test_bench_the_jax_table_takes_no_more_rounds_at_10_3_than_at_10_5(monkeypat
     taken = []  # (the table's implementations, rounds)
     real_measure = bench.measure
     monkeypatch.setattr(bench, "implementations",
-                        lambda n, rng: ({bench.FLOOR: lambda: None, "main": lambda: None}, []))
+                        lambda n, rng, quick=False: ({bench.FLOOR: lambda: None, "main": lambda: None}, []))
     monkeypatch.setattr(bench, "jax_adapter_implementations",
                         lambda n, rng: {bench.FLOOR: lambda: None, "jax": lambda: None})
     monkeypatch.setattr(bench, "measure", lambda impls, rounds, seed=0: (
