@@ -109,7 +109,8 @@ class CudaBackend:
         self._checked = None
 
     # --- describing buffers ----------------------------------------------------------------
-    def _info(self, obj):
+    def _info(self, obj, name="a CUDA array"):
+        """``obj`` described; ``name`` is what an error calls it."""
         if SIMULATOR and type(obj).__name__ == "FakeCUDAArray":
             ary = obj._ary
             return _Info(ary.shape, ary.dtype, ary.flags.c_contiguous, ary.__array_interface__["data"][0],
@@ -117,13 +118,13 @@ class CudaBackend:
         if not SIMULATOR and isinstance(obj, _device_ndarray_type()):
             return self._numba_info(obj)
         if is_torch_cuda_tensor(obj):
-            return self._torch_info(obj)
+            return self._torch_info(obj, name)
         try:
             desc = obj.__cuda_array_interface__
         except AttributeError:
             raise TypeError(f"expected a CUDA array (CuPy, Numba device array or an object with "
                             f"__cuda_array_interface__), got {describe(obj)}") from None
-        return self._cai_info(obj, desc)
+        return self._cai_info(obj, desc, name)
 
     def _numba_info(self, arr):
         ptr = arr.device_ctypes_pointer.value or 0
@@ -137,9 +138,10 @@ class CudaBackend:
         return _Info(arr.shape, arr.dtype, arr.is_c_contiguous(), ptr, arr.size * itemsize, True, device,
                      arr.stream, arr)
 
-    def _cai_info(self, obj, desc):
-        if desc.get("mask") is not None:
-            raise ValueError("masked CUDA arrays are not supported")
+    def _cai_info(self, obj, desc, name="a CUDA array"):
+        if desc.get("mask") is not None:  # (a TypeError, as for a masked NumPy array)
+            raise TypeError(f"{name} is a masked CUDA array; flatopt reads every element of its buffers, "
+                            "masked or not")
         shape = tuple(desc["shape"])
         typestr = desc["typestr"]
         dtype = _TYPESTR.get(typestr)
@@ -166,7 +168,7 @@ class CudaBackend:
             stream = _torch_stream(obj)
         return _Info(shape, dtype, contiguous, ptr, nbytes, not readonly, device, stream, view)
 
-    def _torch_info(self, t):
+    def _torch_info(self, t, name="a CUDA array"):
         """A torch CUDA tensor seen before, described from its attributes: torch's
         ``__cuda_array_interface__`` builds the interface in Python (4 µs a read on an H200's
         host, and a step reads two).  The first sight of a tensor, and anything its attributes
@@ -174,11 +176,11 @@ class CudaBackend:
         moved), go through the interface, torch's own errors included."""
         dtype = _torch_dtypes().get(t.dtype)
         if dtype is None or t.requires_grad:
-            return self._cai_info(t, t.__cuda_array_interface__)
+            return self._cai_info(t, t.__cuda_array_interface__, name)
         shape, ptr = tuple(t.shape), t.data_ptr()
         known = self._remembered(t, (ptr, shape, dtype.str, None))  # the key _cai_info remembers a dense one under
         if known is None or known[0] is None:
-            return self._cai_info(t, t.__cuda_array_interface__)
+            return self._cai_info(t, t.__cuda_array_interface__, name)
         view, device = known
         return _Info(shape, dtype, t.is_contiguous(), ptr, t.numel() * dtype.itemsize, True, device,
                      _torch_stream(t), view)
@@ -243,7 +245,7 @@ class CudaBackend:
     # --- the backend interface -----------------------------------------------------------------
     def check(self, params, grads):
         self._checked = None
-        pi, gi = self._info(params), self._info(grads)
+        pi, gi = self._info(params, "params"), self._info(grads, "grads")
         if not (len(pi.shape) == 1 and pi.dtype in _DTYPES and gi.dtype == pi.dtype and pi.shape == gi.shape
                 and pi.contiguous and gi.contiguous and pi.writeable) or (
                 pi.ptr < gi.ptr + gi.nbytes and gi.ptr < pi.ptr + pi.nbytes):

@@ -533,8 +533,10 @@ def test_cuda_array_interface_errors(monkeypatch):
     with pytest.raises(ValueError, match="contiguous"):
         flatopt.SGD().step(strided, FakeCAI(np.ones(10, np.float32)))
     masked = FakeCAI(np.ones(10, np.float32), mask=object())
-    with pytest.raises(ValueError, match="masked"):
+    with pytest.raises(TypeError, match="params is a masked CUDA array"):  # the type a masked NumPy array gets
         flatopt.SGD().step(masked, FakeCAI(np.ones(10, np.float32)))
+    with pytest.raises(TypeError, match="grads is a masked CUDA array"):
+        flatopt.SGD().step(FakeCAI(np.ones(10, np.float32)), masked)
     # Two GPUs: the simulator has one, so the pointer's device is taken from the stand-in.
     monkeypatch.setattr(CUDA, "_pointer_device", lambda obj, ptr: obj.device_id)
     a, b = FakeCAI(np.ones(10, np.float32), device_id=0), FakeCAI(np.ones(10, np.float32), device_id=1)
