@@ -254,6 +254,26 @@ def test_sgd_momentum_switched_off_and_on_keeps_its_buffer_like_torch(dampening,
     np.testing.assert_array_equal(opt.state["momentum_buffer"], topt.state[tp]["momentum_buffer"].numpy())
 
 
+def test_sgd_without_momentum_never_reads_dampening_like_torch():
+    """torch reads ``dampening`` only with momentum: ``SGD(dampening=None)`` steps without it, as
+    here (it raised ``1 - None``'s TypeError).  With momentum turned on, torch's ``1 - None`` fails
+    at its second step with momentum, here at the first, before anything changes."""
+    p0, grads = data(19, 4, np.float64, seed=5)
+    opt, params = flatopt.SGD(lr=0.05, dampening=None, weight_decay=0.1), p0.copy()
+    tp = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    topt = torch.optim.SGD([tp], lr=0.05, dampening=None, weight_decay=0.1, foreach=False)
+    for i, g in enumerate(grads):
+        opt.step(params, g)
+        tp.grad = torch.from_numpy(g.copy())
+        topt.step()
+        np.testing.assert_array_equal(params, tp.detach().numpy(), err_msg=f"step {i + 1}")
+    opt.momentum, before = 0.9, params.copy()
+    with pytest.raises(TypeError, match="unsupported operand"):
+        opt.step(params, grads[0])
+    np.testing.assert_array_equal(params, before)
+    assert "momentum_buffer" not in opt.state
+
+
 # --- Param groups and frozen segments against torch with several tensors --------------------------
 def test_groups_and_frozen_match_torch_multi_tensor():
     sizes = [30, 17, 50]

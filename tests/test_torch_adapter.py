@@ -92,7 +92,8 @@ def state_keys(opt):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kw", [dict(lr=0.05), dict(lr=0.05, momentum=0.9, weight_decay=0.01),
                                 dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01),
-                                dict(lr=0.05, momentum=0.8, dampening=0.3, maximize=True)])
+                                dict(lr=0.05, momentum=0.8, dampening=0.3, maximize=True),
+                                dict(lr=0.05, dampening=None, weight_decay=0.01)])  # (read only with momentum)
 def test_sgd_bitwise(dtype, kw):
     m1, m2, _, _ = pair(lambda p: ft.SGD(p, **kw), lambda p: torch.optim.SGD(p, foreach=False, **kw), dtype,
                         unused=True)

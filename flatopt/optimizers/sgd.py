@@ -41,8 +41,11 @@ class SGD(Optimizer):
         return {"step": 0, "momentum_started": False}
 
     def _row(self, hp, group_state, dt):
-        row = [None, hp["momentum"], 1 - hp["dampening"], hp["weight_decay"], bool(hp["nesterov"]),
-               bool(hp["maximize"]), None, hp["momentum"] != 0]
+        # Without momentum the kernel never reads 1 - dampening, and torch never reads dampening
+        # (SGD(dampening=None) steps there): neither does this.
+        keep = 1 - hp["dampening"] if hp["momentum"] != 0 else 1.0
+        row = [None, hp["momentum"], keep, hp["weight_decay"], bool(hp["nesterov"]), bool(hp["maximize"]), None,
+               hp["momentum"] != 0]
         self._set_lr_entries(row, hp)
         self._set_step_entries(row, hp, group_state)
         return tuple(row)
