@@ -254,11 +254,13 @@ def test_bad_hyperparameter_set_between_steps_modifies_nothing(cls, kwargs, mess
 
 
 @pytest.mark.parametrize("cls", [flatopt.Adam, flatopt.ADOPT])
-@pytest.mark.parametrize("betas", [(0.9,), (0.9, 0.99, 0.5), 0.9])
-def test_betas_must_be_a_pair(cls, betas):
+@pytest.mark.parametrize("betas,error", [((0.9,), ValueError), ((0.9, 0.99, 0.5), ValueError), (0.9, TypeError),
+                                         (None, TypeError), ("ab", TypeError)])
+def test_betas_must_be_a_pair(cls, betas, error):
     """torch.optim.Adam takes three betas at construction and fails at its first step
-    (``beta1, beta2 = group["betas"]``); flatopt refuses them up front."""
-    with pytest.raises(ValueError, match="betas must be a pair"):
+    (``beta1, beta2 = group["betas"]``); flatopt refuses them up front, with the exception type
+    torch's own failure has where betas is not a sequence ("'float' object is not subscriptable")."""
+    with pytest.raises(error, match="betas must be a pair"):
         cls(betas=betas)
 
 
