@@ -109,7 +109,7 @@ class CudaBackend:
         self._checked = None
 
     # --- describing buffers ----------------------------------------------------------------
-    def _info(self, obj, name="a CUDA array"):
+    def _info(self, obj, name="the array"):
         """``obj`` described; ``name`` is what an error calls it."""
         if SIMULATOR and type(obj).__name__ == "FakeCUDAArray":
             ary = obj._ary
@@ -138,7 +138,7 @@ class CudaBackend:
         return _Info(arr.shape, arr.dtype, arr.is_c_contiguous(), ptr, arr.size * itemsize, True, device,
                      arr.stream, arr)
 
-    def _cai_info(self, obj, desc, name="a CUDA array"):
+    def _cai_info(self, obj, desc, name="the array"):
         if desc.get("mask") is not None:  # (a TypeError, as for a masked NumPy array)
             raise TypeError(f"{name} is a masked CUDA array; flatopt reads every element of its buffers, "
                             "masked or not")
@@ -168,7 +168,7 @@ class CudaBackend:
             stream = _torch_stream(obj)
         return _Info(shape, dtype, contiguous, ptr, nbytes, not readonly, device, stream, view)
 
-    def _torch_info(self, t, name="a CUDA array"):
+    def _torch_info(self, t, name="the array"):
         """A torch CUDA tensor seen before, described from its attributes: torch's
         ``__cuda_array_interface__`` builds the interface in Python (4 µs a read on an H200's
         host, and a step reads two).  The first sight of a tensor, and anything its attributes
