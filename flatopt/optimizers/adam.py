@@ -10,9 +10,10 @@ def _check_adam(hp):
     if not 0.0 <= hp["eps"]:
         raise ValueError(f"Invalid epsilon value: {hp['eps']}")
     betas = hp["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):  # (a TypeError where torch's is one)
-        raise (ValueError if isinstance(betas, (tuple, list)) else TypeError)(
-            f"betas must be a pair of floats, got {betas!r}")
+    if not isinstance(betas, (tuple, list)):  # (torch: "'float' object is not subscriptable", a TypeError)
+        raise TypeError(f"betas must be a pair of floats, got {betas!r}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
     if not 0.0 <= betas[0] < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {betas[0]}")
     if not 0.0 <= betas[1] < 1.0:
