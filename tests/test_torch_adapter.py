@@ -534,6 +534,36 @@ def test_a_compiled_training_step_runs_the_optimizer_as_it_is(name):
     assert not _flatopt_code_dynamo_compiled(), "dynamo compiled flatopt.torch's own code"
 
 
+@pytest.mark.parametrize("order", ["SSZS", "ZZSS"])
+def test_compiled_functions_that_call_different_methods_run_each_its_own(order):
+    """torch's compiled-optimizer recipe (``@torch.compile`` around ``opt.step()``) beside a
+    compiled ``opt.zero_grad()``: every wrapped method shared the wrapper's code, whose compiled
+    frame one method's calls left cached for another's, which then called ``None`` (a
+    TypeError).  Each call now runs its own method, as torch's uncompiled (``S``: a step after a
+    backward pass, ``Z``: zero_grad with zeros kept)."""
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    sgd = dict(lr=0.05, momentum=0.9)
+    models, batches = (Net(), Net()), data(n=len(order))
+    ours = ft.SGD(models[0].parameters(), **sgd)
+    reference = torch.optim.SGD(models[1].parameters(), foreach=False, **sgd)
+    compiled_step = torch.compile(lambda: ours.step(), backend="eager")
+    compiled_zero_grad = torch.compile(lambda: ours.zero_grad(set_to_none=False), backend="eager")
+    for what, (x, y) in zip(order, batches):
+        for m in models:
+            torch.nn.functional.mse_loss(m(x), y).backward()
+        if what == "S":
+            compiled_step()
+            reference.step()
+        else:
+            compiled_zero_grad()
+            reference.zero_grad(set_to_none=False)
+        assert_same(models[1], models[0])
+        for a, b in zip(models[0].parameters(), models[1].parameters()):  # (Net's extra head has none)
+            assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad)
+    assert not _flatopt_code_dynamo_compiled(), "dynamo compiled flatopt.torch's own code"
+
+
 @pytest.mark.parametrize("make", [lambda p: ft.SGD(p, lr=0.1, momentum=0.9), lambda p: ft.Adam(p, lr=0.1),
                                   lambda p: ft.Lookahead(ft.Adam(p, lr=0.1), k=1)], ids=["sgd", "adam", "lookahead"])
 def test_a_method_compiled_with_fullgraph_is_refused_before_it_runs(make):
@@ -557,14 +587,12 @@ def test_a_method_compiled_with_fullgraph_is_refused_before_it_runs(make):
 
 
 def _flatopt_code_dynamo_compiled():
-    """flatopt.torch's functions (methods too) whose code dynamo compiled, but for the wrapper
-    that keeps dynamo out (``outside_dynamo``), whose frame dynamo traces up to its call of the
-    disabled method, a graph break.  Code of torch's that flatopt.torch only holds (such as
+    """flatopt.torch's functions (methods too) whose code dynamo compiled, but for the wrappers
+    that keep dynamo out (``outside_dynamo``), whose frames dynamo traces up to their call of
+    the disabled method, a graph break.  Code of torch's that flatopt.torch only holds (such as
     torch's hook wrapper, whose code every torch optimizer shares) is not flatopt's."""
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as compiled
-    from flatopt.torch._hooks import outside_dynamo
     package = os.path.dirname(ft.__file__)
-    wrapper = outside_dynamo(lambda: None).__code__
     found = []
     for name, module in list(sys.modules.items()):
         if not (name == ft.__name__ or name.startswith(ft.__name__ + ".")):
@@ -573,7 +601,8 @@ def _flatopt_code_dynamo_compiled():
             for attr, value in vars(owner).items():
                 for fn in (value, getattr(value, "__wrapped__", None)):  # a decorated method, and what it wraps
                     code = getattr(fn, "__code__", None)
-                    if (code is not None and code is not wrapper and code.co_filename.startswith(package)
+                    if (code is not None and not getattr(fn, "outside_dynamo", False)
+                            and code.co_filename.startswith(package)
                             and compiled(code)):
                         found.append(f"{name}.{getattr(owner, '__name__', '')}.{attr}")
     return found

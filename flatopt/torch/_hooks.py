@@ -72,7 +72,13 @@ def outside_dynamo(fn):
     much again as a small model's step.  Traced, the wrapper breaks the graph where it calls
     the disabled function, before ``fn`` runs (an error under ``fullgraph=True``, with nothing
     changed).  The disabled function is made at its first use, as torch.optim makes its own:
-    ``torch.compiler.disable`` imports dynamo."""
+    ``torch.compiler.disable`` imports dynamo.
+
+    Each wrapper has a code object of its own: dynamo keeps what it compiled of a frame with
+    the frame's code, and where the wrappers of two methods shared theirs, the code it had
+    compiled for one method's wrapper ran for the other's and called its ``disabled`` while it
+    was still ``None`` (a compiled ``opt.step()`` called twice, then a compiled
+    ``opt.zero_grad()``)."""
     disabled = None
 
     @functools.wraps(fn)
@@ -83,4 +89,6 @@ def outside_dynamo(fn):
         if disabled is None:
             disabled = torch.compiler.disable(fn)
         return disabled(*args, **kwargs)
+    run.__code__ = run.__code__.replace(co_name=fn.__name__)  # (a new code object, named as the method)
+    run.outside_dynamo = True
     return run
