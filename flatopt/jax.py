@@ -133,19 +133,19 @@ def as_optax(opt):
         _check_state(template, state, n, dtype)
         _convert_scalars(_inner(template), dtype)
         like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (flat_params, state))
-        lrs = _scheduled_lrs(template, state)
+        scheduled = _scheduled_values(template, state)
 
-        def on_host(grads, state, params, lrs):  # the flat buffers above; on the CPU path XLA drops them unused
+        def on_host(grads, state, params, scheduled):  # the flat buffers above; on the CPU path XLA drops them unused
             flat_result, new_state = jax.pure_callback(_on_numpy(functools.partial(host_steps, new_params=new_params)),
-                                                       like, flat_grads.astype(dtype), state, flat_params, lrs,
+                                                       like, flat_grads.astype(dtype), state, flat_params, scheduled,
                                                        vmap_method="sequential")
             return (unravel(flat_result) if new_params else _unravel_updates(flat_result, params)), new_state
 
         in_kernel = _kernel_update(template, params, dtype, new_params)
         if in_kernel is None:
-            return on_host(grads, state, params, lrs)
+            return on_host(grads, state, params, scheduled)
         # XLA's CPU runs the kernel on its own buffers; other platforms hand them to the host
-        return jax.lax.platform_dependent(grads, state, params, lrs, cpu=in_kernel, default=on_host)
+        return jax.lax.platform_dependent(grads, state, params, scheduled, cpu=in_kernel, default=on_host)
 
     def update(grads, state, params=None, **extra_args):  # extra args (value=loss) unused, as by optax's adam
         if params is None:
@@ -205,7 +205,7 @@ def _kernel_update(template, params, dtype, new_params=False):
     with jax.ensure_compile_time_eval():  # an lr schedule of jnp operations gives numbers, not tracers
         active, segments = probe._active(sum(sizes))
     if not active:  # every group frozen: a step changes nothing and counts nothing
-        return None if lookahead else lambda grads, state, params, lrs: (
+        return None if lookahead else lambda grads, state, params, scheduled: (
             params if new_params else jax.tree_util.tree_map(jnp.zeros_like, params), state)
     row_length = len(probe._row(active[0][1], active[0][0], dtype.type))
     calls = []  # per FFI call: (first leaf, stop leaf, chunks, threaded)
@@ -225,12 +225,12 @@ def _kernel_update(template, params, dtype, new_params=False):
     table_like = jax.ShapeDtypeStruct((len(active) + lookahead, row_length), dtype)
     control_like = jax.ShapeDtypeStruct((len(calls), 8), jnp.uint32)  # per call four int64s
 
-    def update(grads, state, params, lrs):
+    def update(grads, state, params, scheduled):
         inner_state = state.inner if lookahead else state
         counts = (inner_state.counters, state.step_count if lookahead else None)
         counts_like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), counts)
         table, control, (counters, step_count) = jax.pure_callback(
-            _on_numpy(plans), (table_like, control_like, counts_like), counts, lrs, vmap_method="sequential")
+            _on_numpy(plans), (table_like, control_like, counts_like), counts, scheduled, vmap_method="sequential")
         empty = jnp.zeros((0,), dtype)
         slots = [inner_state.buffers.get(name, empty) for name in inner.state_names]
         slots += [empty] * (xla.STATE_ARGS - 1 - len(slots)) + [state.slow if lookahead else empty]
@@ -261,7 +261,8 @@ def _on_numpy(callback):
     """``callback`` for ``jax.pure_callback``, given zero-copy NumPy views of the jax.Arrays
     JAX hands a callback: a JAX operation on them (an index, say) would dispatch a computation
     from inside this one, which deadlocks once every XLA worker waits in such a callback
-    (several Python threads updating at once)."""
+    (several Python threads updating at once, or one that dispatches its next update before
+    this one has finished)."""
     def on_numpy(*args):
         return callback(*jax.tree_util.tree_map(np.asarray, args))
     return on_numpy
@@ -289,14 +290,14 @@ class _HostPlans:
                                 np.int64)
         self.kept = threading.local()
 
-    def __call__(self, counts, lrs):
+    def __call__(self, counts, scheduled):
         from flatopt.kernels.xla import SLOW_FROM_PARAMS, SYNC
 
         counters, step_count = counts
         worker = getattr(self.kept, "worker", None)
         if worker is None:
             worker = self.kept.worker = copy.deepcopy(self.inner)
-        _set_lrs(worker, lrs)
+        _set_scheduled(worker, scheduled)
         worker.group_state = _group_state(self.base, counters)
         active, _ = worker._active(self.n)
         rows = [worker._row(hp, group_state, self.dtype.type) for group_state, hp in active]
@@ -385,29 +386,35 @@ def _fresh_state(opt, n, dtype):
     return FlatoptState(counters, {name: jnp.zeros(n, dtype) for name in opt.state_names if name in needs})
 
 
-def _scheduled_lrs(template, state):
-    """Per param group, the value of an ``lr`` schedule made of JAX operations at the group's
-    step count, computed here in the traced update, as optax computes its schedules (else
-    ``None``).  The host callbacks take these values: a JAX operation evaluated inside a
-    callback can deadlock XLA's CPU client (see :func:`_on_numpy`), which an optax schedule
-    run there did with several threads updating at once.  A schedule of Python arithmetic
-    runs on the host as in ``opt.step``.  The count is an int32, as optax's own count: with
-    ``jax_enable_x64`` an int64 count rounds a linear schedule otherwise (in float64, where
-    optax's int32 count gives float32 values)."""
+SCHEDULED = ("lr", "clip_lambda")  # the hyperparameters that may be callables of the step count
+
+
+def _scheduled_values(template, state):
+    """Per param group, the values at the group's step count of its hyperparameters that are
+    callables made of JAX operations (an ``lr`` schedule, ADOPT's ``clip_lambda``), computed
+    here in the traced update, as optax computes its schedules; ``None`` for the others, in the
+    order of ``SCHEDULED``.  The host callbacks take these values: a JAX operation evaluated
+    inside a callback can deadlock XLA's CPU client (see :func:`_on_numpy`), which an optax
+    schedule run there did, with several threads updating at once and with one.  A callable of
+    Python arithmetic runs on the host as in ``opt.step``.  The count is an int32, as optax's
+    own count: with ``jax_enable_x64`` an int64 count rounds a linear schedule otherwise (in
+    float64, where optax's int32 count gives float32 values)."""
     opt, counts = _inner(template), _inner(state).counters["step"]
-    values = []
-    for i, group in enumerate(_groups(opt)):
-        lr = _group_lr(opt, group)
-        if callable(lr):
-            with jax.ensure_compile_time_eval():
-                traceable = isinstance(lr(0), jax.Array)
-            try:
-                values.append(jnp.reshape(lr(counts[i].astype(jnp.int32)), ()) if traceable else None)
-            except jax.errors.JAXTypeError:  # Python control flow on the count, or NumPy of it: on the host
-                values.append(None)
-        else:
-            values.append(None)
-    return tuple(values)
+    return tuple(tuple(_traced_value(_group_value(opt, group, name), counts[i])
+                       for name in SCHEDULED if name in opt.defaults)
+                 for i, group in enumerate(_groups(opt)))
+
+
+def _traced_value(value, count):
+    """``value(count)`` where ``value`` is a callable made of JAX operations, else ``None``."""
+    if not callable(value):
+        return None
+    with jax.ensure_compile_time_eval():
+        traceable = isinstance(value(0), jax.Array)
+    try:
+        return jnp.reshape(value(count.astype(jnp.int32)), ()) if traceable else None
+    except jax.errors.JAXTypeError:  # Python control flow on the count, or NumPy of it: on the host
+        return None
 
 
 def _groups(opt):
@@ -416,28 +423,36 @@ def _groups(opt):
     return [None] if opt.param_groups is None else opt.param_groups
 
 
-def _group_lr(opt, group):
-    """The lr of ``group`` (``None``: the optimizer's only one): its own, else ``opt``'s."""
-    return opt.lr if group is None else group.get("lr", opt.lr)
+def _group_value(opt, group, name):
+    """Hyperparameter ``name`` of ``group`` (``None``: the optimizer's only one): its own, else ``opt``'s."""
+    return getattr(opt, name) if group is None else group.get(name, getattr(opt, name))
 
 
-def _set_lrs(opt, lrs):
-    """The schedules' values :func:`_scheduled_lrs` computed, as ``opt``'s (a worker copy's)
-    lr, taken as optax takes them: not refused for their sign.  XLA on the CPU computes the end of
-    ``optax.linear_schedule(1e-2, 0.0, 10)`` as -1.5e-10, not 0 (it divides by the constant
-    step count as a product with its reciprocal), which optax applies and the check of a
-    given lr would refuse.  (A NaN is refused still.)"""
-    if all(value is None for value in lrs):
+def _set_scheduled(opt, values):
+    """The values :func:`_scheduled_values` computed, as ``opt``'s (a worker copy's)
+    hyperparameters: an lr as its number, a ``clip_lambda`` as a callable that returns its
+    value.  An lr is taken as optax takes a schedule's value: not refused for its sign.  XLA on
+    the CPU computes the end of ``optax.linear_schedule(1e-2, 0.0, 10)`` as -1.5e-10, not 0 (it
+    divides by the constant step count as a product with its reciprocal), which optax applies
+    and the check of a given lr would refuse.  (A NaN is refused still.)"""
+    if all(value is None for group in values for value in group):
         return
     if "_check" not in opt.__dict__:
         check = opt._check
         opt.__dict__["_check"] = lambda hp: check(dict(hp, lr=abs(hp["lr"])))
-    for i, value in enumerate(lrs):
-        if value is not None:
+    for i, group_values in enumerate(values):
+        for name, value in zip(SCHEDULED, group_values):
+            if value is None:
+                continue
+            value = float(value) if name == "lr" else functools.partial(_constant, float(value))
             if opt.param_groups is None:
-                opt.lr = float(value)
+                setattr(opt, name, value)
             else:
-                opt.param_groups[i]["lr"] = float(value)
+                opt.param_groups[i][name] = value
+
+
+def _constant(value, step):
+    return value
 
 
 def _needed_buffers(opt):
@@ -456,7 +471,7 @@ def _convert_scalars(opt, dtype):
     for group, group_state in zip(_groups(opt), opt.group_state):
         if group is not None and group.get("frozen", False):
             continue  # (never resolved: no step reads it)
-        if not callable(_group_lr(opt, group)):
+        if not callable(_group_value(opt, group, "lr")):
             np.array([opt._row(opt._resolve(group, 0), group_state, dtype.type)], dtype)
 
 
@@ -509,7 +524,7 @@ class _HostSteps:
         self.base = template.state_dict()  # hyperparameters and groups; the state comes with each update
         self.kept = threading.local()
 
-    def __call__(self, grads, state, params, lrs, new_params=False):
+    def __call__(self, grads, state, params, scheduled, new_params=False):
         key = (params.size, params.dtype)
         kept = getattr(self.kept, "value", None)
         if kept is None or kept[0] != key or not _refill(kept[1], self.base, state):
@@ -517,7 +532,7 @@ class _HostSteps:
             worker.load_state_dict(_checkpoint(self.base, state))  # checks, then copies the buffers
             kept = self.kept.value = (key, worker, np.empty_like(params))
         _, worker, stepped = kept
-        _set_lrs(_inner(worker), lrs)
+        _set_scheduled(_inner(worker), scheduled)
         np.copyto(stepped, params)
         worker.step(stepped, grads)
         return stepped if new_params else np.subtract(stepped, params, out=stepped), _read_state(worker, state)

@@ -794,6 +794,32 @@ def test_optax_schedule_as_lr_equals_core_step_bitwise(schedule, api, path):
 
 
 @pytest.mark.parametrize("api", ["update", "update_and_apply"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["one group", "groups"])
+def test_adopt_clip_of_jax_operations_is_evaluated_in_the_update(grouped, api, path):
+    """ADOPT's ``clip_lambda`` made of JAX operations is evaluated in the update, on the step
+    count, as an lr schedule of them is: called inside the host callback, at every update, its
+    JAX operations could deadlock XLA, also with one thread updating (a jitted loop without
+    ``block_until_ready`` hung in three runs of five).  It runs only while the update is traced,
+    and the core step given its values as the update computes them gives the same numbers."""
+    calls = []
+
+    def clip(count):
+        calls.append(count)
+        return 0.05 * jnp.power(count, 0.25)  # (small: the clip binds)
+
+    traced = jax.jit(lambda count: 0.05 * jnp.power(count, 0.25))
+    groups = [{"start": 0, "stop": 40}, {"start": 40, "stop": 64, "lr": 3e-2}] if grouped else None
+
+    def adopt(clip_lambda):
+        return flatopt.ADOPT(lr=1e-2, clip_lambda=clip_lambda, param_groups=groups)
+    _steps_as_core(adopt(clip), adopt(lambda count: traced(np.int32(count))), api, steps=3)
+    traced_calls = len(calls)
+    assert traced_calls and all(isinstance(c, (int, jax.core.Tracer)) for c in calls)
+    _steps_as_core(adopt(clip), adopt(lambda count: traced(np.int32(count))), api, steps=8)
+    assert len(calls) == 2 * traced_calls, "the clip ran outside the trace"
+
+
+@pytest.mark.parametrize("api", ["update", "update_and_apply"])
 @pytest.mark.parametrize("lr", [SCHEDULES["linear"], 1e-2], ids=["schedule", "number"])
 def test_no_param_groups_at_all_update_nothing(lr, api, path):
     """``param_groups=[]`` updates nothing, as the core step: an lr schedule of JAX operations
