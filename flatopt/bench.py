@@ -306,7 +306,7 @@ def main(argv=None):
     parser.add_argument("--plot", metavar="FILE.png", help="log-log plot of time per step against size")
     parser.add_argument("--seed", type=seed, default=0, help="the random data's seed (default 0)")
     args = parser.parse_args(argv)
-    if args.plot:
+    if args.plot is not None:
         check_plot_path(parser, args.plot)
     try:  # before Numba starts its threads: see "torch and Numba in one process" in README.md
         import torch  # noqa: F401

@@ -2,6 +2,7 @@
 import argparse
 import os
 import sys
+import tempfile
 
 
 def whole_number(least):
@@ -37,8 +38,12 @@ def sizes(text):
 
 def check_plot_path(parser, path):
     """Refuse, before the run rather than after it, a plot path matplotlib could not write:
-    no matplotlib, a format it does not know (it would add ``.png`` to a name without one and
-    the run would name the wrong file), a folder that does not exist or cannot be written."""
+    no matplotlib, no name, a format it does not know (it would add ``.png`` to a name without
+    one and the run would name the wrong file), a folder that does not exist or cannot be
+    written, or a format whose writer fails here (``.pgf`` without LaTeX): an empty figure is
+    written in it first, to a scratch folder."""
+    if not path:
+        parser.error("--plot needs a file name, e.g. --plot loss.png")
     try:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
@@ -52,6 +57,14 @@ def check_plot_path(parser, path):
         parser.error(f"--plot: folder {folder} does not exist")
     if os.path.isdir(path) or not os.access(path if os.path.exists(path) else folder, os.W_OK):
         parser.error(f"--plot: {path} cannot be written")
+    from matplotlib.figure import Figure
+    trial = Figure()
+    trial.add_subplot().set_title("flatopt")  # (text: .pgf measures it with LaTeX)
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            trial.savefig(os.path.join(scratch, f"trial.{extension}"))
+        except Exception as error:  # (what the writer raises is its own: RuntimeError, OSError, ...)
+            parser.error(f"--plot: matplotlib cannot write .{extension} files here ({error})")
 
 
 def optimizer_names(text):
@@ -80,7 +93,7 @@ def main(argv=None):
         return 0
     if rest:
         demo.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.plot:
+    if args.plot is not None:
         check_plot_path(demo, args.plot)
     for package, name in (("sklearn", "scikit-learn"), ("tqdm", "tqdm")):
         try:

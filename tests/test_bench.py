@@ -1,4 +1,5 @@
 """``flatopt bench`` smoke test and the bandwidth-floor kernels.  No timing assertions."""
+import shutil
 import sys
 
 import numpy as np
@@ -111,6 +112,7 @@ def test_bench_markdown_and_plot(tmp_path, capsys):
     (["--seed", "-1"], "argument --seed: expected 0 or more, got -1"),
     (["--plot", "bench.txt"], "does not end in a format matplotlib writes"),
     (["--plot", "plots"], "does not end in a format matplotlib writes"),  # matplotlib would write plots.png
+    (["--plot", ""], "--plot needs a file name"),  # (was taken as no plot)
 ])
 def test_bench_refuses_bad_arguments_before_it_runs(args, message, capsys, monkeypatch):
     """A bad size or round count was a traceback from deep inside the run (or, for
@@ -132,6 +134,18 @@ def test_bench_sizes_run_once_each_in_order_and_a_plot_needs_matplotlib(monkeypa
     with pytest.raises(SystemExit):
         bench.main(["--plot", "bench.png"])
     assert "--plot needs matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("xelatex") is not None, reason="matplotlib writes .pgf with LaTeX installed")
+def test_bench_refuses_pgf_without_latex_before_it_runs(tmp_path, capsys, monkeypatch):
+    """matplotlib's pgf writer needs LaTeX (xelatex): without it, the plot failed with a
+    traceback after the whole run."""
+    pytest.importorskip("matplotlib")
+    from flatopt import bench
+    monkeypatch.setattr(bench, "implementations", lambda *a: pytest.fail("the run started"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--plot", str(tmp_path / "bench.pgf")])
+    assert exit_info.value.code == 2 and "--plot: matplotlib cannot write .pgf files here" in capsys.readouterr().err
 
 
 def test_bench_refuses_a_plot_path_that_is_a_folder(tmp_path, capsys, monkeypatch):

@@ -47,6 +47,7 @@ def test_cli_rejects_unknown_optimizer():
     (["--plot", "/nonexistent-folder/loss.png"], "--plot: folder /nonexistent-folder does not exist"),
     (["--seed", "-1"], "argument --seed: expected 0 or more, got -1"),
     (["--plot", "loss"], "does not end in a format matplotlib writes"),
+    (["--plot", ""], "--plot needs a file name"),  # (was taken as no plot)
     (["--optimizers", ""], "argument --optimizers: expected names such as Adam,ADOPT"),
     (["--optimizers", "Adam,Nope"], "flatopt demo: error: unknown optimizers ['Nope']"),
 ])
@@ -58,6 +59,27 @@ def test_cli_refuses_bad_arguments_before_training(args, message, capsys, monkey
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["demo", *args])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_refuses_a_plot_format_matplotlib_cannot_write_here_before_training(tmp_path, capsys, monkeypatch):
+    """``.pgf`` is a format matplotlib knows, whose writer needs LaTeX: without it the plot
+    failed with a traceback after all of training.  An empty figure with a title (text, which
+    the pgf writer measures with LaTeX) is now written in the format first, in a scratch folder
+    (the writer made to fail here as it fails without LaTeX)."""
+    from matplotlib.figure import Figure
+
+    from flatopt import cli
+    monkeypatch.setattr(demo, "run", lambda **kw: pytest.fail("the demo started"))
+
+    def savefig(self, path, **kwargs):
+        assert not str(path).startswith(str(tmp_path))  # (a scratch file, not the plot's)
+        raise RuntimeError("'xelatex' not found")
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--plot", str(tmp_path / "loss.pgf")])
+    assert exit_info.value.code == 2
+    assert "--plot: matplotlib cannot write .pgf files here ('xelatex' not found)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_cli_names_the_extra_a_missing_package_comes_with(capsys, monkeypatch):
