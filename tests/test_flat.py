@@ -186,4 +186,90 @@ def test_empty_arrays_with_their_own_overrides_give_no_empty_groups():
         np.testing.assert_array_equal(flat[name], buf)
 
 
+def test_two_dimensional_array_overrides_are_compared_without_error():
+    """Equal 2-D betas on two neighbours raised NumPy's "truth value of an array is ambiguous"
+    while the groups were made; they merge, and the optimizer refuses them with its message."""
+    flat = flatopt.FlatParams({"W": np.ones(3), "b": np.ones(1)})
+    betas = {"betas": np.array([[0.9, 0.9]])}
+    groups = flat.param_groups({"W": betas, "b": dict(betas)})
+    assert [(g["start"], g["stop"]) for g in groups] == [(0, 4)]
+    assert len(flat.param_groups({"W": betas, "b": {"betas": np.array([[0.9, 0.5]])}})) == 2
+    with pytest.raises(TypeError, match="betas must be a pair of floats"):
+        flatopt.Adam(param_groups=groups)
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["optimizer", "lookahead"])
+def test_an_array_unfrozen_next_to_a_stepping_one_keeps_them_apart_given_the_optimizer(wrap):
+    """Unfreezing A (``{"A": {"frozen": True}}`` to ``{}``) made A and its neighbour B one group,
+    which started at step 0: Adam's bias correction restarted on B's warm moments.  Given the
+    optimizer, ``param_groups`` keeps arrays at different step counts apart, and each goes on as
+    a torch parameter would: B as Adam on B alone, A as Adam on A alone from its first step."""
+    rng = np.random.default_rng(0)
+    source = {"A": rng.standard_normal(4), "B": rng.standard_normal(5), "C": rng.standard_normal(3)}
+    flat = flatopt.FlatParams(source)
+    adam = flatopt.Adam(lr=1e-2, param_groups=flat.param_groups({"A": {"frozen": True}}))
+    opt = flatopt.Lookahead(adam, k=100) if wrap else adam  # (k: no sync in these steps)
+    alone = {name: (flatopt.Adam(lr=1e-2), source[name].copy()) for name in source}
+    for t in range(7):
+        if t == 3:
+            assert len(flat.param_groups({})) == 1  # (without the optimizer: one group, at step 0)
+            adam.param_groups = flat.param_groups({}, opt)  # (opt: the optimizer, or its Lookahead)
+            assert [(g["start"], g["stop"]) for g in adam.param_groups] == [(0, 4), (4, 12)]
+            assert [s["step"] for s in adam.group_state] == [0, 3]
+        flat.grads[:] = rng.standard_normal(len(flat.grads))
+        for name, (core, buf) in alone.items():
+            if name != "A" or t >= 3:
+                core.step(buf, flat.grad(name).copy())
+        opt.step(flat.params, flat.grads)
+    for name, (_, buf) in alone.items():
+        np.testing.assert_array_equal(flat[name], buf)
+
+
+@pytest.mark.parametrize("make", [
+    lambda w: {"emb": w, "out": w.T},
+    lambda w: {"a": w, "b": w},
+    lambda w: {"a": w[:2], "b": w[1:]},
+    lambda w: {"a": w.reshape(-1)[::-1], "b": w[2]},
+], ids=["transpose", "twice", "overlapping rows", "reversed"])
+def test_arrays_that_share_memory_are_refused(make):
+    """Tied weights (an embedding and its transposed decoder) were packed into two places of
+    the flat buffer and silently untied; flatopt.torch refuses them too."""
+    w = np.arange(12.0).reshape(3, 4)
+    with pytest.raises(ValueError, match="share memory"):
+        flatopt.FlatParams(make(w))
+
+
+def test_interleaved_views_that_share_no_element_are_packed():
+    x = np.arange(10.0)
+    flat = flatopt.FlatParams({"even": x[::2], "odd": x[1::2], "other": np.ones(2)})
+    np.testing.assert_array_equal(flat["odd"], [1, 3, 5, 7, 9])
+
+
+def test_inputs_numpy_cannot_read_or_pack_get_clear_errors():
+    """A torch tensor failed with NumPy's "Cannot interpret 'torch.float32' as a data type"; a
+    bare array was taken as a list of its rows (0-d arrays named 0, 1, 2)."""
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="'w' is a torch.Tensor of dtype torch.float32"):
+        flatopt.FlatParams({"w": torch.ones(3)})
+    with pytest.raises(TypeError, match=r"takes a dict \(or list\) of arrays, got one ndarray"):
+        flatopt.FlatParams(np.arange(3.0))
+
+
+def test_bfloat16_arrays_are_real_floats():
+    """bfloat16 (ml_dtypes', JAX's) was refused as not a real floating-point type, even with
+    ``dtype=`` given: NumPy files it under kind ``V``.  It converts; alone, it asks for a dtype;
+    beside float16, with which NumPy has no common dtype, too."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    half = np.array([1.5, -2.0, 3.0], ml_dtypes.bfloat16)
+    flat = flatopt.FlatParams({"w": half}, dtype=np.float32)
+    np.testing.assert_array_equal(flat["w"], [1.5, -2.0, 3.0])
+    assert flatopt.FlatParams({"w": half, "b": np.zeros(2, np.float32)}).params.dtype == np.float32
+    with pytest.raises(TypeError, match=r"dtype bfloat16; .* \(give dtype=np.float32 or np.float64"):
+        flatopt.FlatParams({"w": half})
+    with pytest.raises(TypeError, match="have no common dtype; give dtype=np.float32"):
+        flatopt.FlatParams({"w": half, "h": np.ones(2, np.float16)})
+    with pytest.raises(TypeError, match="'i' is int4"):
+        flatopt.FlatParams({"i": np.zeros(2, ml_dtypes.int4)}, dtype=None)
+
+
 # --- as_optax: the state-fit checks ------------------------------------------------------------
