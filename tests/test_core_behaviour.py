@@ -1006,8 +1006,9 @@ def test_advance_counts_adds_one_per_span_as_numpy_does(counts, cuts, taken, dty
     """flatopt.torch's per-parameter step counts (float32, as torch's ``state["step"]``, or
     float64 under a float64 default dtype) advance in one compiled call: against NumPy's add in
     that dtype on each span's slice, counts beyond 2^24 and 2^53 included (where the sums
-    round), and whether a span started at 0.  Spans as flatopt.torch makes them: disjoint, in
-    order, not always adjacent."""
+    round), whether a span started at 0, and whether a span's count now stays where it is when
+    one is added (2^24 in float32).  Spans as flatopt.torch makes them: disjoint, in order, not
+    always adjacent."""
     n = len(counts)
     bounds = sorted({0, n, *(c for c in cuts if c < n)})
     spans = [span for span, take in zip(zip(bounds, bounds[1:]), taken) if take]
@@ -1015,5 +1016,7 @@ def test_advance_counts_adds_one_per_span_as_numpy_does(counts, cuts, taken, dty
     fresh = any(ref[first] == 0 for first, _ in spans)
     for first, last in spans:
         np.add(ref[first:last], dtype(1), out=ref[first:last])
-    assert kernels.advance_counts(ours, np.array(spans, np.int64).reshape(-1, 2)) == fresh
+    stuck = any(ref[first] + dtype(1) == ref[first] for first, _ in spans)
+    found = kernels.advance_counts(ours, np.array(spans, np.int64).reshape(-1, 2))
+    assert found == fresh * kernels.COUNT_STARTED + stuck * kernels.COUNT_STUCK
     assert ours.tobytes() == ref.tobytes()

@@ -2,6 +2,7 @@
 import collections
 import copy
 import fractions
+import functools
 import inspect
 import io
 import os
@@ -2432,6 +2433,38 @@ def test_a_backward_through_parameters_saved_before_a_step_fails_as_in_torch(nam
     assert outcomes[:4] == [["refused", "refused", "refused" if synced and step % 2 else "ran"] for step in range(4)]
     if theirs is not None:
         assert outcomes[4:] == outcomes[:4]
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_float32_step_counts_stop_at_2_to_the_24_for_the_update_too(name):
+    """torch's float32 ``state["step"]`` stops at 2^24 (adding one rounds back), and so do its
+    bias corrections, which read it.  flatopt.torch's counts showed the same, but its core
+    counted on (2^24 + 1, + 2, ...): with beta2 close enough to 1 for the correction to matter
+    there, float64 parameters drifted from torch's by 1e-7.  Two parameters at other counts
+    (two runs of the core), against torch's fused step bit for bit (its for-loop step rounds
+    otherwise, by an ulp, and stops there too)."""
+    kw = dict(lr=1e-3, betas=(0.9, 1 - 1e-8))
+    results = []
+    for make in (getattr(ft, name), functools.partial(getattr(torch.optim, name), fused=True),
+                 functools.partial(getattr(torch.optim, name), foreach=False)):
+        ps = _tensors([(16,), (5,)], dtype=torch.float64)
+        opt = make(ps, **kw)
+        for p, g in zip(ps, _grads(ps, 0)):
+            p.grad = g
+        opt.step()
+        sd = opt.state_dict()
+        sd["state"][0]["step"] = torch.tensor(2.0**24 - 2)
+        sd["state"][1]["step"] = torch.tensor(2.0**24 - 4)
+        opt.load_state_dict(sd)
+        for k in range(1, 7):
+            for p, g in zip(ps, _grads(ps, k)):
+                p.grad = g
+            opt.step()
+        assert [float(opt.state[p]["step"]) for p in ps] == [2.0**24, 2.0**24]
+        results.append([p.detach().clone() for p in ps])
+    for a, fused, for_loop in zip(*results):
+        assert torch.equal(a, fused), (a - fused).abs().max().item()
+        torch.testing.assert_close(a, for_loop, rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "RMSprop"])

@@ -337,19 +337,26 @@ def run_serial_gathered(rule, p, s0, s1, s2, pieces, table):
         _call_rule_gathered(rule, p, pieces[c, 3], s0, s1, s2, table, pieces[c, 2], pieces[c, 0], pieces[c, 1])
 
 
+COUNT_STARTED = 1  # advance_counts: a span's count started at 0
+COUNT_STUCK = 2  # advance_counts: a span's count no longer grows by one in the counts' dtype
+
+
 @njit(**_JIT)
 def advance_counts(counts, spans):
     """Adds one to ``counts[first:last]`` for each ``(first, last)`` row of ``spans``, and says
-    whether one of them started at 0: flatopt.torch's per-parameter step counts (float32, as
-    torch's ``state["step"]``, or float64 where that is torch's default dtype; the sum is rounded
-    to the counts' dtype as NumPy's add rounds it).
+    (``COUNT_STARTED``) whether one of them started at 0, and (``COUNT_STUCK``) whether one of
+    them is now where adding one gives the same count (2^24 in float32): flatopt.torch's
+    per-parameter step counts (float32, as torch's ``state["step"]``, or float64 where that is
+    torch's default dtype; the sum is rounded to the counts' dtype as NumPy's add rounds it).
     One compiled call: right after a training loop's backward pass, NumPy's add on a span's
     slice took 40 µs, this call 12."""
-    fresh = False
+    found = 0
     for k in range(spans.shape[0]):
         first, last = spans[k, 0], spans[k, 1]
         if counts[first] == 0:
-            fresh = True
+            found |= COUNT_STARTED
         for i in range(first, last):
             counts[i] += np.float32(1)
-    return fresh
+        if counts[first] + np.float32(1) == counts[first]:
+            found |= COUNT_STUCK
+    return found

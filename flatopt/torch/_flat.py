@@ -42,6 +42,14 @@ def _cpu_kernels():
     return cpu
 
 
+def _core_count(steps, i):
+    """The count the core is to step parameter ``i`` from: one less than the step the next
+    step takes, ``steps[i] + 1`` in the counts' dtype, as torch adds one to its
+    ``state["step"]`` tensor before it reads it.  That is ``steps[i]``, but where a float32
+    count stops growing (2^24: torch's bias corrections and ADOPT's clip stop changing there)."""
+    return int(steps[i] + steps.dtype.type(1)) - 1
+
+
 def _number(value):
     """A hyperparameter as the core takes it, read now: torch allows tensors (an lr, betas,
     also betas as one tensor of two) and a group may hold a list; both can be edited in place
@@ -682,7 +690,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         # torch's in-place step bumps them, so that a backward through a graph that saved them
         # before the step fails as in torch instead of using the new values.  (One call; 0.1-0.2 µs a tensor)
         increment_version(b.stepped)
-        newly = _cpu_kernels().advance_counts(b.steps, b.span_bounds)  # (the spans' step counts: one call)
+        kernels = _cpu_kernels()
+        counted = kernels.advance_counts(b.steps, b.span_bounds)  # (the spans' step counts: one call)
+        newly = counted & kernels.COUNT_STARTED
+        if counted & kernels.COUNT_STUCK and runs:
+            for state, (_, _, _, i0, _) in zip(b.core.group_state, runs):  # (see _core_count)
+                state["step"] = _core_count(b.steps, i0)
         if not self._step_in_state:  # SGD: a momentum buffer starts with the first step that has momentum
             pg = self.param_groups
             for gi, i0, i1 in b.spans:
@@ -709,7 +722,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         proto = core._new_group_state()
         states = []
         for _, _, _, i0, _ in runs:
-            state = dict(proto, step=int(b.steps[i0]))
+            state = dict(proto, step=_core_count(b.steps, i0))
             if "momentum_started" in state:
                 state["momentum_started"] = bool(b.started[i0])
             states.append(state)
