@@ -346,6 +346,73 @@ def test_zero_grad_modes(set_to_none):
         assert (p.grad is None) if set_to_none else (p.grad is not None and not p.grad.any())
 
 
+@pytest.mark.parametrize("width", [16, 512], ids=["copied into the flat buffer", "read where they lie"])
+@pytest.mark.parametrize("zero_grad", ["opt.zero_grad()", "model.zero_grad()", "p.grad = None"])
+def test_a_gradient_kept_across_zero_grad_keeps_its_values_as_in_torch(zero_grad, width):
+    """A ``.grad`` a user keeps after the step (to compare successive gradients, say) is never
+    written again by torch once ``zero_grad()`` dropped it.  flatopt.torch had pointed it into
+    the flat buffer, and copied the next gradients over it: the kept tensors all held the last
+    gradient.  Now a kept one gets its own copy first, and ``.grad`` a new view.  (512: a
+    bucket past the threshold from which new gradients are read where autograd made them.)"""
+    runs = []
+    for make in (lambda p: ft.SGD(p, lr=0.1, momentum=0.9),
+                 lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=False)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 2))
+        opt = make(model.parameters())
+        kept, snapshots = [], []
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            model(torch.randn(3, width, generator=g)).square().mean().backward()
+            opt.step()
+            kept.append([p.grad for p in model.parameters()])
+            snapshots.append([p.grad.clone() for p in model.parameters()])
+            if zero_grad == "opt.zero_grad()":
+                opt.zero_grad()
+            elif zero_grad == "model.zero_grad()":
+                model.zero_grad()
+            else:
+                for p in model.parameters():
+                    p.grad = None
+        for tensors, values in zip(kept, snapshots):
+            for tensor, value in zip(tensors, values):
+                assert torch.equal(tensor, value)
+        assert len({id(t) for tensors in kept for t in tensors}) == 4 * len(kept[0])
+        runs.append((model, snapshots))
+    assert_same(runs[0][0], runs[1][0])
+    for ours, theirs in zip(runs[0][1], runs[1][1]):
+        _assert_same_tensors(ours, theirs)
+
+
+def test_gradients_no_one_kept_are_never_copied_out_of_the_flat_buffer(monkeypatch):
+    """The copy a kept gradient gets is made only for one that is kept: in the loops that keep
+    none (torch's ``zero_grad()``, nn.Module's, a Lookahead's, GradScaler with clipping), none."""
+    from flatopt.torch._bucket import Bucket
+    released = []
+    release = Bucket.release_gview
+    monkeypatch.setattr(Bucket, "release_gview", lambda b, i: released.append(i) or release(b, i))
+    for width in (16, 512):
+        for loop in ("opt", "model", "lookahead", "scaler"):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Linear(width, 2))
+            opt = ft.Adam(model.parameters(), lr=1e-3)
+            stepper = ft.Lookahead(opt, k=2) if loop == "lookahead" else opt
+            scaler = torch.amp.GradScaler("cpu") if loop == "scaler" else None
+            for _ in range(4):
+                loss = model(torch.randn(3, width)).square().mean()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    stepper.step()
+                model.zero_grad() if loop == "model" else stepper.zero_grad()
+    assert released == []
+
+
 EVERY_GRAD = pytest.mark.parametrize("every_grad", [False, True],
                                      ids=["a param without a gradient", "every param with a gradient (the fast path)"])
 

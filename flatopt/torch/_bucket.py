@@ -1,5 +1,7 @@
 """One flat buffer of parameters and one of gradients per (device, dtype): the views the
 parameters and their ``.grad``s are, and the checks that tell whether they still are."""
+import sys
+
 import numpy as np
 import torch
 
@@ -89,6 +91,17 @@ class Bucket:
         self.gstorage = None  # the flat gradient buffer's storage (its _cdata), and the number of
         self.guses = None     # tensors holding it when the gradient views were last known intact
 
+    def release_gview(self, i):
+        """A new view for parameter ``i``'s gradient, in place of one held elsewhere that no
+        ``.grad`` is any longer (a user kept ``p.grad`` across ``zero_grad()``): the held one
+        gets a copy of its values as memory of its own, as torch never writes a gradient it
+        dropped again, and the new one is where the next gradients go."""
+        held = self.gviews[i]
+        with torch.no_grad():
+            held.data = held.clone()
+        view = self.gviews[i] = self.shaped(self.gflat, i)
+        return view
+
     def shaped(self, buf, i):
         """Parameter ``i``'s view of a flat buffer of this bucket (parameters, gradients, state)."""
         return buf[self.offsets[i]:].as_strided(self.params[i].shape, self.strides[i])
@@ -131,6 +144,28 @@ class Bucket:
             return False
         self.guses = uses  # all in place: the holders now (a view kept) are the count to compare with
         return True
+
+
+def held_elsewhere(view):
+    """Whether a gradient view that the caller holds in a local variable, and its bucket in
+    ``gviews``, is held by anything else as well (a tensor a user kept, or a ``.grad``)."""
+    return sys.getrefcount(view) > _ONLY_THE_BUCKET
+
+
+def _counted(view):  # (counts as held_elsewhere counts: from one frame, its argument)
+    return sys.getrefcount(view)
+
+
+def _refs_of_a_view_only_a_bucket_holds():
+    """What :func:`held_elsewhere` counts of a tensor held by one list (a bucket's) and the
+    caller's local variable, and by nothing else: measured, as Python releases count their
+    own references differently."""
+    held = [torch.empty(0)]
+    local = held[0]
+    return _counted(local)
+
+
+_ONLY_THE_BUCKET = _refs_of_a_view_only_a_bucket_holds()
 
 
 def as_tensor(buf, device):
