@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from flatopt.backend import Gather, GatherCut, aligned_zeros, backend_for, host_span
-from flatopt.torch._bucket import (Bucket, as_tensor, byte_spans, data_ptr, dense_strides, held_elsewhere, starts_inside,
-                                   unaliased)
+from flatopt.torch._bucket import (Bucket, as_tensor, byte_spans, data_ptr, dense_strides, held_elsewhere,
+                                   starts_inside, unaliased)
 from flatopt.torch._checks import (NP_DTYPES, check_betas_types, check_disjoint, check_flags,
                                    check_foreach_tensor_betas, check_foreach_tensors, check_fused_foreach,
                                    check_no_internal_overlap, check_param, check_tensor_lr, check_unique,
