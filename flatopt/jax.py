@@ -400,9 +400,12 @@ def _scheduled_values(template, state):
     own count: with ``jax_enable_x64`` an int64 count rounds a linear schedule otherwise (in
     float64, where optax's int32 count gives float32 values)."""
     opt, counts = _inner(template), _inner(state).counters["step"]
-    return tuple(tuple(_traced_value(_group_value(opt, group, name), counts[i])
-                       for name in SCHEDULED if name in opt.defaults)
+    return tuple(tuple(_traced_value(_group_value(opt, group, name), counts[i]) for name in _scheduled_names(opt))
                  for i, group in enumerate(_groups(opt)))
+
+
+def _scheduled_names(opt):
+    return [name for name in SCHEDULED if name in opt.defaults]
 
 
 def _traced_value(value, count):
@@ -440,8 +443,9 @@ def _set_scheduled(opt, values):
     if "_check" not in opt.__dict__:
         check = opt._check
         opt.__dict__["_check"] = lambda hp: check(dict(hp, lr=abs(hp["lr"])))
+    names = _scheduled_names(opt)
     for i, group_values in enumerate(values):
-        for name, value in zip(SCHEDULED, group_values):
+        for name, value in zip(names, group_values, strict=True):
             if value is None:
                 continue
             value = float(value) if name == "lr" else functools.partial(_constant, float(value))
