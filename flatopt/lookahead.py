@@ -14,8 +14,12 @@ def check_k_alpha(k, alpha):
     every step: both may be changed between steps."""
     if not isinstance(k, numbers.Integral) or isinstance(k, bool) or k < 1:
         raise ValueError(f"Invalid k: {k!r}; Lookahead needs an integer k >= 1")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"Invalid alpha: {alpha!r}; Lookahead needs 0 <= alpha <= 1")
+    try:
+        valid = not isinstance(alpha, bool) and 0.0 <= alpha <= 1.0
+    except (TypeError, ValueError):  # (None, a string, a complex number; an array of several values)
+        valid = False
+    if not valid:
+        raise ValueError(f"Invalid alpha: {alpha!r}; Lookahead needs a number 0 <= alpha <= 1")
 
 
 def check_slow_fits(slow, n, dtype):
@@ -36,12 +40,15 @@ class Lookahead:
     ``with opt.slow_weights(params):`` evaluates on the slow weights and swaps back.
     """
 
+    _spans = None  # (the attribute a Lookahead pickled before it had one takes)
+
     def __init__(self, inner, k=5, alpha=0.5):
         if not isinstance(inner, Optimizer):
             raise TypeError(f"Lookahead wraps a flatopt optimizer, got {type(inner).__name__}")
         self.inner, self.k, self.alpha = inner, k, alpha
         check_k_alpha(self.k, self.alpha)
         self._slow, self._slow_own = None, True
+        self._spans = None  # the spans synced at the last step (None: not known, as after a load)
         self.step_count = 0
         self._plan_key = self._plan = None
 
@@ -52,16 +59,26 @@ class Lookahead:
         backend = backend_for(params, grads)
         backend.check(params, grads)
         n = backend.length(params)
+        spans = self._synced_spans(n)  # (checks the groups' ranges, as the inner step does)
+        joined = ()
         if self._slow is not None:
             slow = self._usable_slow(backend, params, n)
+            if self._spans is not None and spans != self._spans:
+                joined = _without(spans, self._spans)
+            if joined:  # their slow weights start from their values now, taken before the inner step
+                values = backend.zeros(n, backend.dtype(params))
+                backend.copy(params, values, joined, like=params)
         else:
             slow = backend.zeros(n, backend.dtype(params))
             backend.copy(params, slow, like=params)
         self.inner.step(params, grads, _gather)  # validates everything of its own before touching anything
+        if joined:
+            backend.copy(values, slow, joined, like=params)
         self._slow, self._slow_own = slow, True  # (a copy made above is kept only now: a refused step keeps none)
+        self._spans = spans
         self.step_count += 1
         if self.syncs(self.step_count):
-            segments = tuple((a, b, 0) for a, b in self._synced_spans(n))
+            segments = tuple((a, b, 0) for a, b in spans)
             key = (backend.name, segments)
             if key != self._plan_key:
                 self._plan, self._plan_key = (backend.plan(segments) if segments else None), key
@@ -71,7 +88,9 @@ class Lookahead:
 
     def _synced_spans(self, n):
         """Only what the inner optimizer updates has slow weights of its own: frozen groups and
-        elements outside every group are left alone, as by the inner step."""
+        elements outside every group are left alone, as by the inner step.  Elements that join
+        them later (a group unfrozen, or assigned over them) take their slow weights from their
+        values at the step they join, as a torch parameter added to a group does."""
         return tuple((g["start"], g["stop"]) for g in self.inner._groups_for(n) if not g.get("frozen", False))
 
     def syncs(self, step_count):
@@ -91,7 +110,7 @@ class Lookahead:
 
     @slow.setter
     def slow(self, value):
-        self._slow, self._slow_own = value, False
+        self._slow, self._slow_own, self._spans = value, False, None
 
     def _usable_slow(self, backend, params, n):
         """The slow weights as the sync kernel can read and write them beside ``params``: this
@@ -163,7 +182,7 @@ class Lookahead:
         self.inner.load_state_dict(sd["inner"])  # checks everything before changing anything
         self.k, self.alpha, self.step_count = sd["k"], sd["alpha"], int(sd["step_count"])
         self._slow, self._slow_own = None if slow is None else np.array(slow, copy=True), True
-        self._plan_key = None
+        self._spans = self._plan_key = None
 
     def __getstate__(self):
         """pickle and copy.deepcopy: the slow weights as a host array (placed next to the
@@ -181,3 +200,21 @@ class Lookahead:
 
     def __repr__(self):
         return f"Lookahead({self.inner!r}, k={self.k}, alpha={self.alpha})"
+
+
+def _without(spans, before):
+    """The parts of the ``(start, stop)`` ranges ``spans`` outside every range of ``before``
+    (both sorted, disjoint)."""
+    pieces = []
+    for a, b in spans:
+        for c, d in before:
+            if d <= a or c >= b:
+                continue
+            if c > a:
+                pieces.append((a, c))
+            a = max(a, d)
+            if a >= b:
+                break
+        if a < b:
+            pieces.append((a, b))
+    return tuple(pieces)

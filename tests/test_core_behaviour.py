@@ -313,10 +313,54 @@ def test_groups_beyond_the_buffer_raise_at_step_and_modify_nothing():
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(k=0), "k"), (dict(k=2.5), "k"), (dict(k=True), "k"), (dict(alpha=-0.1), "alpha"), (dict(alpha=1.5), "alpha")])
+    (dict(k=0), "k"), (dict(k=2.5), "k"), (dict(k=True), "k"), (dict(alpha=-0.1), "alpha"), (dict(alpha=1.5), "alpha"),
+    # (these raised Python's or NumPy's own errors about comparisons, and True was taken as 1)
+    (dict(alpha=None), "alpha"), (dict(alpha="0.5"), "alpha"), (dict(alpha=1 + 0j), "alpha"),
+    (dict(alpha=np.array([0.5, 0.5])), "alpha"), (dict(alpha=True), "alpha")])
 def test_lookahead_bad_arguments(kwargs, words):
-    with pytest.raises(ValueError, match=words):
+    with pytest.raises(ValueError, match=f"Invalid {words}"):
         flatopt.Lookahead(flatopt.SGD(), **kwargs)
+
+
+@pytest.mark.parametrize("join", ["unfrozen", "a group assigned over them"])
+def test_lookahead_elements_that_join_later_start_their_slow_weights_then(join):
+    """Elements a frozen group held (or no group), given new values, then stepped: their slow
+    weights were the copy taken at the very first step, to which the next sync pulled them
+    halfway back.  They now start from their values at the step they join, as a torch
+    parameter added to a group (flatopt.torch's Lookahead): the run equals two Lookaheads, one
+    over the elements stepped from the start, one over the others from their first step."""
+    rng = np.random.default_rng(3)
+    grads = [rng.standard_normal(8) for _ in range(8)]
+    params = rng.standard_normal(8)
+    groups = [{"start": 0, "stop": 4}] + ([{"start": 4, "stop": 8, "frozen": True}] if join == "unfrozen" else [])
+    la = flatopt.Lookahead(flatopt.Adam(lr=0.1, param_groups=groups), k=2, alpha=0.5)
+    first = (flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2, alpha=0.5), params[:4].copy())
+    later = (flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2, alpha=0.5), rng.standard_normal(4))
+    for t, g in enumerate(grads):
+        if t == 2:  # (after an even count: the second Lookahead's syncs fall on the same steps)
+            params[4:] = later[1]  # new values while left alone (pretrained ones, say)
+            if join == "unfrozen":
+                la.inner.param_groups[1]["frozen"] = False
+            else:
+                la.inner.param_groups = [{"start": 0, "stop": 4}, {"start": 4, "stop": 8}]
+        la.step(params, g)
+        first[0].step(first[1], g[:4].copy())
+        if t >= 2:
+            later[0].step(later[1], g[4:].copy())
+    np.testing.assert_array_equal(params, np.concatenate([first[1], later[1]]))
+    np.testing.assert_array_equal(la.slow, np.concatenate([first[0].slow, later[0].slow]))
+
+
+def test_lookahead_a_refused_step_takes_no_slow_weights_for_elements_that_join():
+    la, params = flatopt.Lookahead(flatopt.SGD(lr=0.1, param_groups=[{"start": 0, "stop": 4}]), k=2), rand(8)
+    la.step(params, rand(8, seed=1))
+    params[4:] = 7.0
+    la.inner.param_groups = [{"start": 0, "stop": 4}, {"start": 4, "stop": 8}]
+    slow = la.slow.copy()
+    la.inner.lr = -1.0
+    with pytest.raises(ValueError, match="learning rate"):
+        la.step(params, rand(8, seed=2))
+    np.testing.assert_array_equal(la.slow, slow)
 
 
 def test_lookahead_needs_a_flatopt_optimizer_and_checks_changed_attributes():

@@ -6,6 +6,7 @@ import functools
 import inspect
 import io
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -878,6 +879,29 @@ def test_ddp_gloo(tmp_path):
     for flat_params, torch_params, other_rank in zip(r0[0], r0[1], r1[0]):
         assert torch.equal(flat_params, torch_params)
         assert torch.equal(flat_params, other_rank)
+
+
+@pytest.mark.parametrize("inner", ["flatopt", "torch"])
+def test_lookahead_copies_and_pickles_with_a_scheduler_and_a_hook_as_torch_optimizers(inner):
+    """The wrapper's copy took its whole ``__dict__``: with an lr scheduler attached (which puts
+    a ``step`` on the instance that calls the original's), the copy's steps stepped the
+    original, and pickling failed on that function (and on a hook's lambda).  As a torch
+    optimizer's, a copy keeps the inner optimizer, ``k``, ``alpha``, the count and the slow
+    weights, and neither the hooks nor the scheduler's ``step``."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    la = ft.Lookahead((ft.SGD if inner == "flatopt" else torch.optim.SGD)([p], lr=1.0), k=3)
+    torch.optim.lr_scheduler.StepLR(la, step_size=10)
+    la.register_step_post_hook(lambda opt, args, kwargs: None)
+    p.grad = torch.ones(3)
+    la.step()
+    copy_ = copy.deepcopy(la)
+    p2 = copy_.param_groups[0]["params"][0]
+    p2.grad = torch.ones(3)
+    copy_.step()
+    assert torch.equal(p.detach(), torch.full((3,), -1.0)) and torch.equal(p2.detach(), torch.full((3,), -2.0))
+    assert (la.step_count, copy_.step_count) == (1, 2) and not copy_._optimizer_step_post_hooks
+    unpickled = pickle.loads(pickle.dumps(la))
+    assert unpickled.step_count == 1 and unpickled.k == 3
 
 
 def test_lookahead_add_param_group_and_frozen():

@@ -12,6 +12,9 @@ from flatopt.torch._flat import FlatOptimizer, public
 from flatopt.torch._hooks import global_hooks_or_profiler, increment_version, labelled_zero_grad, outside_dynamo
 
 
+_HOOKS = ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre", "load_state_dict_post")
+
+
 @public
 class Lookahead(torch.optim.Optimizer):
     """Lookahead (Zhang et al., 2019) around any torch optimizer.
@@ -32,8 +35,7 @@ class Lookahead(torch.optim.Optimizer):
         self.slow = None  # tensors in the inner optimizer's parameter order
         self._slow_params = ()
         self._flat_pairs = None
-        for name in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
-                     "load_state_dict_post"):
+        for name in _HOOKS:
             setattr(self, f"_optimizer_{name}_hooks", OrderedDict())
 
     @property
@@ -228,7 +230,16 @@ class Lookahead(torch.optim.Optimizer):
         return f"Lookahead({self.optimizer!r}, k={self.k}, alpha={self.alpha})"
 
     def __getstate__(self):
-        return self.__dict__
+        """pickle and ``copy.deepcopy``: what the wrapper holds (the inner optimizer, ``k``,
+        ``alpha``, the count and the slow weights), as torch.optim's keeps its groups and state:
+        not its hooks, nor what an lr scheduler put on it (a ``step`` that calls the original
+        wrapper's, which a copy's steps then took)."""
+        return {name: self.__dict__[name] for name in _KEPT}
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        for name in _HOOKS:
+            self.__dict__.setdefault(f"_optimizer_{name}_hooks", OrderedDict())
+
+
+_KEPT = ("optimizer", "k", "alpha", "step_count", "slow", "_slow_params", "_flat_pairs")
