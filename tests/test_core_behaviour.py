@@ -384,6 +384,29 @@ def test_failed_first_step_leaves_no_state_and_no_slow_weights():
     assert opt.slow is None and opt.step_count == 0 and opt.inner.state == {}
 
 
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_a_dropped_optimizer_frees_its_state_at_once(name):
+    """``opt.state`` held its optimizer (to tell it of edits), which held it: a cycle, so a
+    dropped optimizer's buffers (Adam's: twice the parameters) lived until the garbage
+    collector's next full pass, never where a job turns the collector off.  Freed at ``del``
+    now, as torch.optim's state is."""
+    import gc
+    import weakref
+    opt, params = MAKERS[name](), rand(1000)
+    opt.step(params, rand(1000, seed=1))
+    inner = opt.inner if isinstance(opt, flatopt.Lookahead) else opt
+    buffers = [weakref.ref(b) for b in inner.state.values()] + [weakref.ref(opt)]
+    del inner
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del opt
+        assert [r() for r in buffers] == [None] * len(buffers)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 # --- checkpoints ---------------------------------------------------------------------------------
 def plain(obj):
     """Only plain Python and NumPy data."""

@@ -881,6 +881,33 @@ def test_ddp_gloo(tmp_path):
         assert torch.equal(flat_params, other_rank)
 
 
+@pytest.mark.parametrize("make", [lambda p: ft.Adam(p), lambda p: ft.Lookahead(ft.SGD(p, momentum=0.9), k=2)],
+                         ids=["adam", "lookahead"])
+def test_a_dropped_optimizer_frees_its_state_at_once(make):
+    """As torch.optim's: its state buffers (and its core's, which a cycle with ``opt.state``
+    kept until the garbage collector's next full pass) are freed at ``del``."""
+    import gc
+    import weakref
+    model = torch.nn.Linear(8, 8)
+    opt = make(model.parameters())
+    model(torch.ones(2, 8)).sum().backward()
+    opt.step()
+    inner = getattr(opt, "optimizer", opt)
+    tensors = [t for state in inner.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    kept = [weakref.ref(opt)] + [weakref.ref(b.core) for b in inner._buckets.values()] + [
+        weakref.ref(buf) for b in inner._buckets.values() for buf in b.core.state.values()]
+    assert len(kept) > 2 and tensors
+    del inner, tensors
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        del opt
+        assert [r() for r in kept] == [None] * len(kept)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 @pytest.mark.parametrize("inner", ["flatopt", "torch"])
 def test_lookahead_copies_and_pickles_with_a_scheduler_and_a_hook_as_torch_optimizers(inner):
     """The wrapper's copy took its whole ``__dict__``: with an lr scheduler attached (which puts

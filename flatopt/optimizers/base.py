@@ -21,6 +21,7 @@ A subclass supplies the math's inputs only:
 import functools
 import math
 import numbers
+import weakref
 from operator import is_
 
 import numpy as np
@@ -602,17 +603,25 @@ def note_edits(cls, base, names, note):
 
 class _StateBuffers(dict):
     """``opt.state``: a dict of flat buffers that tells its optimizer when a buffer is assigned,
-    replaced or removed (the steps keep what they checked and placed until then)."""
+    replaced or removed (the steps keep what they checked and placed until then).  It knows
+    its optimizer through a weak reference: a strong one made a cycle, which kept a dropped
+    optimizer's buffers until the garbage collector's next full pass."""
 
     def __init__(self, owner, buffers=()):
         super().__init__(buffers)
-        self._owner = owner
+        self._owner = weakref.ref(owner)
 
     def __reduce__(self):
         return dict, (dict(self),)  # a copy or an unpickled one is a plain dict (its owner wraps it again)
 
 
-note_edits(_StateBuffers, dict, DICT_EDITS, lambda buffers: buffers._owner._state_replaced())
+def _tell_owner(buffers):
+    owner = buffers._owner()
+    if owner is not None:
+        owner._state_replaced()
+
+
+note_edits(_StateBuffers, dict, DICT_EDITS, _tell_owner)
 
 
 def _check_range(i, group):
