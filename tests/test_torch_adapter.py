@@ -347,6 +347,32 @@ def test_zero_grad_modes(set_to_none):
         assert (p.grad is None) if set_to_none else (p.grad is not None and not p.grad.any())
 
 
+def test_a_schedule_of_betas_keeps_the_cut_of_gathered_gradients(monkeypatch):
+    """OneCycleLR cycles Adam's betas at every step: each change handed the core new groups,
+    which dropped its chunks, and the gradients read where they lie (a bucket of 2^18 or more
+    after ``zero_grad()``) were cut into pieces anew at every step.  The chunks stay where the
+    segments do, and the cut with them: once in the run; the parameters are torch's."""
+    import flatopt.backend as backend
+    cuts = []
+    cut = backend._cut
+    monkeypatch.setattr(backend, "_cut", lambda *args: cuts.append(1) or cut(*args))
+    models = []
+    for make in (lambda p: ft.AdamW(p, lr=1e-3), lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True)):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(512, 512)
+        opt = make(model.parameters())
+        schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=100)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            opt.zero_grad()
+            model(torch.randn(4, 512, generator=g)).square().mean().backward()
+            opt.step()
+            schedule.step()
+        models.append(model)
+    assert len(cuts) == 1
+    assert_same(models[0], models[1])
+
+
 @pytest.mark.parametrize("width", [16, 512], ids=["copied into the flat buffer", "read where they lie"])
 @pytest.mark.parametrize("zero_grad", ["opt.zero_grad()", "model.zero_grad()", "p.grad = None"])
 def test_a_gradient_kept_across_zero_grad_keeps_its_values_as_in_torch(zero_grad, width):
