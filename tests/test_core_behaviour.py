@@ -909,6 +909,39 @@ def test_a_process_forked_while_another_thread_held_flatopts_locks_steps():
     assert done.stdout.split() == ["0"], done.stdout + done.stderr[-3000:]
 
 
+COMPILING_AT_FORK_SCRIPT = """
+    import os, signal, sys, threading, time, numpy as np, flatopt
+    from numba.core.compiler_lock import global_compiler_lock
+    held = threading.Event()
+    def compile_for_a_while():  # another thread inside a Numba compilation (a first step) at the fork
+        with global_compiler_lock:
+            held.set()
+            time.sleep(0.5)
+    flatopt.SGD(lr=0.5).step(np.ones(8), np.ones(8))  # flatopt imported and Numba loaded
+    holder = threading.Thread(target=compile_for_a_while)
+    holder.start()
+    held.wait()
+    pid = os.fork()
+    if pid == 0:
+        signal.alarm(60)
+        p, g = np.ones(1 << 16, np.float32), np.ones(1 << 16, np.float32)
+        flatopt.Adam(lr=0.5).step(p, g)  # the child's first Adam step: Numba compiles or loads its rule
+        os._exit(0 if np.all(p < 1) else 1)
+    holder.join()
+    print(os.waitpid(pid, 0)[1])
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork() here")
+def test_a_process_forked_while_another_thread_compiled_steps():
+    """A process forked while another thread held Numba's compiler lock (taking a first step)
+    inherited it held, with no thread to release it: its own first step waited forever (here:
+    until its alarm killed it).  The fork now waits for the compilation to end."""
+    code = textwrap.dedent(COMPILING_AT_FORK_SCRIPT)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.stdout.split() == ["0"], done.stdout + done.stderr[-3000:]
+
+
 def test_repr_names_the_hyperparameters():
     assert repr(flatopt.AdamW(lr=0.5)).startswith("AdamW(lr=0.5, betas=(0.9, 0.999)")
     assert "k=5" in repr(flatopt.Lookahead(flatopt.SGD()))

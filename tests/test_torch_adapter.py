@@ -347,11 +347,13 @@ def test_zero_grad_modes(set_to_none):
         assert (p.grad is None) if set_to_none else (p.grad is not None and not p.grad.any())
 
 
-def test_a_schedule_of_betas_keeps_the_cut_of_gathered_gradients(monkeypatch):
+@pytest.mark.parametrize("grouped", [False, True], ids=["one group", "two groups"])
+def test_a_schedule_of_betas_keeps_the_cut_of_gathered_gradients(grouped, monkeypatch):
     """OneCycleLR cycles Adam's betas at every step: each change handed the core new groups,
     which dropped its chunks, and the gradients read where they lie (a bucket of 2^18 or more
-    after ``zero_grad()``) were cut into pieces anew at every step.  The chunks stay where the
-    segments do, and the cut with them: once in the run; the parameters are torch's."""
+    after ``zero_grad()``) were cut into pieces anew at every step.  The core's groups now take
+    the new values in place, its chunks stay, and the cut with them: once in the run; the
+    parameters are torch's."""
     import flatopt.backend as backend
     cuts = []
     cut = backend._cut
@@ -360,7 +362,8 @@ def test_a_schedule_of_betas_keeps_the_cut_of_gathered_gradients(monkeypatch):
     for make in (lambda p: ft.AdamW(p, lr=1e-3), lambda p: torch.optim.AdamW(p, lr=1e-3, fused=True)):
         torch.manual_seed(0)
         model = torch.nn.Linear(512, 512)
-        opt = make(model.parameters())
+        opt = make([{"params": [model.weight]}, {"params": [model.bias], "weight_decay": 0.0}] if grouped
+                   else model.parameters())
         schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=100)
         g = torch.Generator().manual_seed(1)
         for _ in range(6):

@@ -31,6 +31,7 @@ import numpy as np
 from llvmlite import ir
 from numba import carray, cfunc, from_dtype, njit, prange
 from numba.core import cgutils, types
+from numba.core.compiler_lock import global_compiler_lock
 from numba.extending import intrinsic
 
 from flatopt.backend import ForkSafeLock
@@ -231,6 +232,13 @@ RULES = {"sgd": sgd_chunk, "rmsprop": rmsprop_chunk, "adam": adam_chunk, "adopt"
 
 _compiled = {}  # (kernel, dtype) -> CFunc; its address is valid only while the CFunc lives
 _compiling = ForkSafeLock()
+
+# A process forked while another thread compiled (a first step: a rule, or a driver for new
+# arguments) inherited Numba's compiler lock held, with no thread to release it, and its own
+# first step waited forever.  os.fork() waits for such a compilation to end instead, as it
+# waits for an import (the lock is reentrant: a fork from inside a compilation goes on).
+os.register_at_fork(before=global_compiler_lock.acquire, after_in_parent=global_compiler_lock.release,
+                    after_in_child=global_compiler_lock.release)
 
 
 def compiled_rule(kernel, dtype):

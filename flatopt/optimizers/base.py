@@ -90,14 +90,14 @@ class Optimizer:
             # One group over the whole buffer: it keeps the groups' count if they all had one.
             same = bool(old) and all(s == old[0] for s in old)
             self._groups, self.group_state = None, [dict(old[0]) if same else self._new_group_state()]
+            self._plan_key = None
             return
         groups = [self._checked_group(i, g) for i, g in enumerate(groups)]
         _check_ranges(groups)
         group_state = [dict(old and _continued(i, g, old, old_groups, len(groups)) or self._new_group_state())
                        for i, g in enumerate(groups)]
         self._groups, self.group_state = groups, group_state
-        # (the plan stays: the step makes a new one where the groups' segments changed, and the
-        # same chunks let flatopt.torch keep its cut of them, see flatopt.backend.GatherCut)
+        self._plan_key = None
 
     def _checked_group(self, i, group):
         if not isinstance(group, dict):

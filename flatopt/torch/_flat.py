@@ -714,12 +714,20 @@ class FlatOptimizer(torch.optim.Optimizer):
         hyperparameters and its step count; the core advances those counts itself, in step
         with ``b.steps``, until the runs or a hyperparameter other than the lr change."""
         core, names = b.core, self._hp_names
+        groups = core.param_groups
+        # (Where the runs are the core's groups already, only their hyperparameters change: an
+        # assignment of groups would drop the core's chunks, and the cut of gathered gradients
+        # with them, at every step of a schedule of betas.)
         if len(runs) == 1 and runs[0][1] == 0 and runs[0][2] == len(b.flat_np):
             # The whole buffer is one run (the common case): the core's groupless path,
             # which validates the hyperparameters once and then only computes each step's scalars.
-            core.param_groups = None
+            if groups is not None:
+                core.param_groups = None
             for name, value in zip(names, hps[0]):
                 setattr(core, name, value)
+        elif groups is not None and [(g["start"], g["stop"]) for g in groups] == [(s, e) for _, s, e, _, _ in runs]:
+            for group, hp in zip(groups, hps):
+                group.update(zip(names, hp))
         else:
             core.param_groups = [dict(zip(names, hp), start=s, stop=e) for hp, (_, s, e, _, _) in zip(hps, runs)]
         proto = core._new_group_state()
