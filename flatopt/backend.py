@@ -299,9 +299,14 @@ class CpuBackend:
         chunks, parallel = plan
         driver, rule, unused = self._kernel(kernel, parallel, params.dtype, gather is not None)
         if gather is None:
-            driver(rule, params, grads, *states, *unused[len(states):], chunks, table)
+            args = (rule, params, grads, *states, *unused[len(states):], chunks, table)
         else:
-            driver(rule, params, *states, *unused[len(states):], gather.pieces(chunks, params.itemsize), table)
+            args = (rule, params, *states, *unused[len(states):], gather.pieces(chunks, params.itemsize), table)
+        try:
+            driver(*args)
+        except KeyboardInterrupt as interrupt:
+            kernel_ran(interrupt)
+            raise
 
     def launcher(self, kernel, plan, dtype, states):
         """``launch`` with all but the buffers and the table bound: ``f(params, grads, table)``
@@ -312,7 +317,11 @@ class CpuBackend:
 
         def launch(params, grads, table, gather=None):
             if gather is None:
-                driver(rule, params, grads, s0, s1, s2, chunks, table)
+                try:
+                    driver(rule, params, grads, s0, s1, s2, chunks, table)
+                except KeyboardInterrupt as interrupt:
+                    kernel_ran(interrupt)
+                    raise
             else:
                 self.launch(kernel, params, grads, states, plan, table, gather)
         return launch
@@ -371,8 +380,24 @@ _launching = ForkSafeLock()  # one for every driver: the workqueue is one pool
 def _one_at_a_time(driver):
     def run(*args):
         with _launching:
-            driver(*args)
+            try:
+                driver(*args)
+            except KeyboardInterrupt as interrupt:
+                kernel_ran(interrupt)
+                raise
     return run
+
+
+def kernel_ran(interrupt):
+    """Whether a ``KeyboardInterrupt`` came as a kernel call returned, the step taken: Python
+    raises a signal that arrives during a compiled call where the call returns, in the frame
+    that made it.  Called in each frame whose ``try`` holds one such call, and nothing else,
+    it notes so on the exception, for the callers up the stack to complete the step's
+    bookkeeping (its counts) before they pass the exception on.  One raised inside the call
+    (while Numba compiles it) is left unnoted."""
+    if interrupt.__traceback__ is not None and interrupt.__traceback__.tb_next is None:
+        interrupt.flatopt_kernel_ran = True
+    return getattr(interrupt, "flatopt_kernel_ran", False)
 
 
 # Forks.  GNU OpenMP cannot start its threads again in a process forked after they had run,
@@ -421,7 +446,11 @@ def _serial_after_fork(threaded, serial):
     ``serial``, which takes the same arguments and runs the chunks one after another (steps
     planned before the fork launch through this; those planned after it are planned serial)."""
     def run(*args):
-        (serial if _forked_after_threads else threaded)(*args)
+        try:
+            (serial if _forked_after_threads else threaded)(*args)
+        except KeyboardInterrupt as interrupt:
+            kernel_ran(interrupt)
+            raise
     return run
 
 

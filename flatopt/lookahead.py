@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from flatopt.backend import SUPPORTED_DTYPES, backend_for, check_fits
+from flatopt.backend import SUPPORTED_DTYPES, backend_for, check_fits, kernel_ran
 from flatopt.optimizers.base import Optimizer, _unwrap
 
 
@@ -60,7 +60,7 @@ class Lookahead:
         backend.check(params, grads)
         n = backend.length(params)
         spans = self._synced_spans(n)  # (checks the groups' ranges, as the inner step does)
-        joined = ()
+        joined, values = (), None
         if self._slow is not None:
             slow = self._usable_slow(backend, params, n)
             if self._spans is not None and spans != self._spans:
@@ -71,7 +71,16 @@ class Lookahead:
         else:
             slow = backend.zeros(n, backend.dtype(params))
             backend.copy(params, slow, like=params)
-        self.inner.step(params, grads, _gather)  # validates everything of its own before touching anything
+        try:
+            self.inner.step(params, grads, _gather)  # validates everything of its own before touching anything
+        except KeyboardInterrupt as interrupt:  # (a Ctrl-C during the kernel: the step is taken)
+            if kernel_ran(interrupt):
+                self._stepped(backend, params, slow, spans, joined, values)
+            raise
+        self._stepped(backend, params, slow, spans, joined, values)
+
+    def _stepped(self, backend, params, slow, spans, joined, values):
+        """What follows the inner step: the slow weights kept, and every ``k``-th the sync."""
         if joined:
             backend.copy(values, slow, joined, like=params)
         self._slow, self._slow_own = slow, True  # (a copy made above is kept only now: a refused step keeps none)

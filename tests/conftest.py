@@ -241,3 +241,36 @@ def in_workqueue_process(code, **env):
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.split()
+
+
+_INTERRUPTING = {}
+
+
+@pytest.fixture
+def ctrl_c_as_kernels_return(monkeypatch):
+    """The serial float32 CPU kernels of ``names`` (``fixture(*names)``) raise a
+    KeyboardInterrupt as they return, as Python raises a Ctrl-C that arrives during a compiled
+    call: a Numba function runs the kernel, then sets Python's interrupt flag (no Python frame
+    in between), and the frame that called it raises at its next instruction.  For optimizers
+    made after the call (a prepared step keeps the kernel it was made with)."""
+    import ctypes
+
+    import numba
+
+    from flatopt.backend import CPU
+    from flatopt.kernels import cpu
+
+    if "driver" not in _INTERRUPTING:
+        set_interrupt = ctypes.CFUNCTYPE(None)(("PyErr_SetInterrupt", ctypes.pythonapi))
+
+        @numba.njit
+        def kernel_then_interrupt(rule, params, grads, s0, s1, s2, chunks, table):
+            cpu.run_serial(rule, params, grads, s0, s1, s2, chunks, table)
+            set_interrupt()
+        _INTERRUPTING["driver"] = kernel_then_interrupt
+
+    def interrupting(*names):
+        for name in names:
+            _, rule, unused = CPU._kernel(name, False, np.dtype(np.float32))
+            monkeypatch.setitem(CPU._kernels, (name, False, "f", False), (_INTERRUPTING["driver"], rule, unused))
+    return interrupting

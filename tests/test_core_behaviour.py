@@ -909,6 +909,34 @@ def test_a_process_forked_while_another_thread_held_flatopts_locks_steps():
     assert done.stdout.split() == ["0"], done.stdout + done.stderr[-3000:]
 
 
+@pytest.mark.parametrize("make", [lambda: flatopt.Adam(lr=0.1),
+                                  lambda: flatopt.Adam(lr=0.1, param_groups=[{"start": 0, "stop": 60},
+                                                                             {"start": 60, "stop": 100, "lr": 0.2}]),
+                                  lambda: flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2),
+                                  lambda: flatopt.Lookahead(flatopt.SGD(lr=0.1, momentum=0.9), k=1)],
+                         ids=["adam", "adam, two groups", "lookahead", "lookahead of sgd, k=1"])
+def test_a_ctrl_c_during_the_kernel_leaves_a_whole_step(make, ctrl_c_as_kernels_return):
+    """A Ctrl-C that arrives while the kernel runs is raised as it returns, the parameters and
+    buffers stepped: the counts were left behind (the next steps then used a wrong bias
+    correction; a Lookahead's first step kept no slow weights).  Now the step's bookkeeping is
+    done before the interrupt goes on: each interrupted step (the full one, then the prepared
+    ones) leaves what a completed step leaves."""
+    rng = np.random.default_rng(4)
+    p0 = rng.standard_normal(100).astype(np.float32)
+    grads = [rng.standard_normal(100).astype(np.float32) for _ in range(3)]
+    reference, p_ref, expected = make(), p0.copy(), []
+    for g in grads:
+        reference.step(p_ref, g)
+        expected.append((p_ref.copy(), snapshot(reference)))
+    ctrl_c_as_kernels_return("adam", "sgd", "lookahead")
+    opt, p = make(), p0.copy()
+    for g, (p_expected, state_expected) in zip(grads, expected):
+        with pytest.raises(KeyboardInterrupt):
+            opt.step(p, g)
+        np.testing.assert_array_equal(p, p_expected)
+        assert_same(snapshot(opt), state_expected)
+
+
 COMPILING_AT_FORK_SCRIPT = """
     import os, signal, sys, threading, time, numpy as np, flatopt
     from numba.core.compiler_lock import global_compiler_lock

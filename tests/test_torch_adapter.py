@@ -910,6 +910,39 @@ def test_ddp_gloo(tmp_path):
         assert torch.equal(flat_params, other_rank)
 
 
+@pytest.mark.parametrize("make", [lambda p: ft.Adam(p, lr=0.1), lambda p: ft.Lookahead(ft.Adam(p, lr=0.1), k=2),
+                                  lambda p: ft.Lookahead(ft.SGD(p, lr=0.1, momentum=0.9), k=1)],
+                         ids=["adam", "lookahead", "lookahead of sgd, k=1"])
+def test_a_ctrl_c_during_the_kernel_leaves_a_whole_step(make, ctrl_c_as_kernels_return):
+    """A Ctrl-C raised as the kernel returns (see the fixture) left the parameters stepped and
+    ``state["step"]`` (and the core's count, a Lookahead's) behind; the step's bookkeeping is
+    now done before it goes on: each interrupted step leaves the state a completed one does."""
+    def run(interrupted):
+        model = Net()
+        opt = make(model.parameters())
+        snapshots = []
+        for x, y in data(n=3):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if interrupted:
+                with pytest.raises(KeyboardInterrupt):
+                    opt.step()
+            else:
+                opt.step()
+            sd = opt.state_dict()
+            snapshots.append(([p.detach().clone() for p in model.parameters()],
+                              copy.deepcopy(sd.get("inner", sd)["state"]), sd.get("step_count")))
+        return snapshots
+    expected = run(False)
+    ctrl_c_as_kernels_return("adam", "sgd", "lookahead")
+    for (params, state, count), (params_ref, state_ref, count_ref) in zip(run(True), expected):
+        _assert_same_tensors(params, params_ref)
+        assert count == count_ref and state.keys() == state_ref.keys()
+        for i in state:
+            for key, value in state[i].items():
+                assert torch.equal(value, state_ref[i][key]), (i, key)
+
+
 @pytest.mark.parametrize("make", [lambda p: ft.Adam(p), lambda p: ft.Lookahead(ft.SGD(p, momentum=0.9), k=2)],
                          ids=["adam", "lookahead"])
 def test_a_dropped_optimizer_frees_its_state_at_once(make):

@@ -26,7 +26,7 @@ from operator import is_
 
 import numpy as np
 
-from flatopt.backend import CPU, SUPPORTED_DTYPES, backend_for, check_fits
+from flatopt.backend import CPU, SUPPORTED_DTYPES, backend_for, check_fits, kernel_ran
 
 GROUP_KEYS = ("start", "stop", "frozen")
 
@@ -171,10 +171,15 @@ class Optimizer:
                 except KeyError:  # an entry removed since
                     self._check_group_state(group_state)  # says which
                     raise
-                if _gather is None:
-                    ready.launch(params, grads, ready.table)
-                else:
-                    ready.launch(params, grads, ready.table, _gather)
+                try:
+                    if _gather is None:
+                        ready.launch(params, grads, ready.table)
+                    else:
+                        ready.launch(params, grads, ready.table, _gather)
+                except KeyboardInterrupt as interrupt:  # (a Ctrl-C during the kernel: the step is taken)
+                    if kernel_ran(interrupt):
+                        self._advance(solo.hp, group_state)
+                    raise
                 self._advance(solo.hp, group_state)
                 return
             rows = self._ready_rows(ready)
@@ -196,10 +201,16 @@ class Optimizer:
             self._plan, self._plan_key = backend.plan(segments), (backend, segments)
         # Nothing above modified anything; from here on the step happens.
         states = self._states(backend, n, dtype, active)
-        if _gather is None:
-            backend.launch(self.kernel, params, grads, states, self._plan, table)
-        else:
-            backend.launch(self.kernel, params, grads, states, self._plan, table, _gather)
+        try:
+            if _gather is None:
+                backend.launch(self.kernel, params, grads, states, self._plan, table)
+            else:
+                backend.launch(self.kernel, params, grads, states, self._plan, table, _gather)
+        except KeyboardInterrupt as interrupt:  # (a Ctrl-C during the kernel: the step is taken)
+            if kernel_ran(interrupt):
+                for group_state, hp in active:
+                    self._advance(hp, group_state)
+            raise
         for group_state, hp in active:
             self._advance(hp, group_state)
         # The next steps reuse all of this until an attribute other than lr is assigned
@@ -489,13 +500,25 @@ class _Ready:
                 except KeyError:  # an entry removed since
                     opt._check_group_state(group_state)  # says which
                     raise
+        except BaseException:
+            opt.__dict__["_ready"] = None  # rows written for an lr not taken: the next step builds them anew
+            raise
+        try:
             if gather is None:
                 self.launch(params, grads, self.table)
             else:
                 self.launch(params, grads, self.table, gather)
-        except BaseException:
-            opt.__dict__["_ready"] = None  # rows written for an lr not taken: the next step builds them anew
+        except BaseException as error:
+            if isinstance(error, KeyboardInterrupt) and kernel_ran(error):  # (a Ctrl-C during the kernel)
+                self._taken(opt, rows)
+            else:
+                opt.__dict__["_ready"] = None
             raise
+        self._taken(opt, rows)
+
+    @staticmethod
+    def _taken(opt, rows):
+        """The step on ``rows`` was taken: their counts advance."""
         for entry, hp, source, group_state in rows:
             opt._advance(hp, group_state)
             if hp is not entry.hp:  # the row now holds this lr's entries (a schedule's: resolved at every step)

@@ -12,7 +12,7 @@ from operator import attrgetter, is_
 import numpy as np
 import torch
 
-from flatopt.backend import Gather, GatherCut, aligned_zeros, backend_for, host_span
+from flatopt.backend import Gather, GatherCut, aligned_zeros, backend_for, host_span, kernel_ran
 from flatopt.torch._bucket import (Bucket, as_tensor, byte_spans, data_ptr, dense_strides, held_elsewhere,
                                    starts_inside, unaliased)
 from flatopt.torch._checks import (NP_DTYPES, check_betas_types, check_disjoint, check_flags,
@@ -687,8 +687,18 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _step_bucket(self, b, runs, gather=None):
         if runs:
-            # (``gather``: a Gather, and the gradient tensors it reads, alive until the step is done)
-            b.core.step(b.flat_np, b.gflat_np, None if gather is None else gather[0])
+            try:
+                # (``gather``: a Gather, and the gradient tensors it reads, alive until the step is done)
+                b.core.step(b.flat_np, b.gflat_np, None if gather is None else gather[0])
+            except KeyboardInterrupt as interrupt:  # (a Ctrl-C during the kernel: the step is taken)
+                if kernel_ran(interrupt):
+                    self._stepped(b, runs)
+                raise
+        self._stepped(b, runs)
+
+    def _stepped(self, b, runs):
+        """What follows the kernel: the parameters' version counters, the step counts and the
+        state entries."""
         # The kernel wrote the parameters behind autograd's back: their version counters go up, as
         # torch's in-place step bumps them, so that a backward through a graph that saved them
         # before the step fails as in torch instead of using the new values.  (One call; 0.1-0.2 µs a tensor)

@@ -7,6 +7,7 @@ from operator import is_
 
 import torch
 
+from flatopt.backend import kernel_ran
 from flatopt.lookahead import check_k_alpha
 from flatopt.torch._flat import FlatOptimizer, public
 from flatopt.torch._hooks import global_hooks_or_profiler, increment_version, labelled_zero_grad, outside_dynamo
@@ -118,7 +119,17 @@ class Lookahead(torch.optim.Optimizer):
             # the groups' lists were edited: each parameter keeps its slow weight, a new one starts
             # from its value now (as the slow weights of the first step)
             made = self._slow_copies(params, self._matched_slow(params))
-        loss = self.optimizer.step(closure)
+        try:
+            loss = self.optimizer.step(closure)
+        except KeyboardInterrupt as interrupt:  # (a Ctrl-C during a flatopt kernel: the inner step is taken)
+            if kernel_ran(interrupt):
+                self._stepped(params, made, alpha)
+            raise
+        self._stepped(params, made, alpha)
+        return loss
+
+    def _stepped(self, params, made, alpha):
+        """What follows the inner step: the slow weights kept, and every ``k``-th the pull."""
         if made is not None:
             self.slow, self._slow_params, self._flat_pairs = made
         self.step_count += 1
@@ -134,7 +145,6 @@ class Lookahead(torch.optim.Optimizer):
                     for p, q in zip(params, self.slow):
                         p.mul_(alpha).add_(q, alpha=1 - alpha)
                         q.copy_(p)
-        return loss
 
     _step_with_hooks = torch.optim.Optimizer.profile_hook_step(_step)
 
