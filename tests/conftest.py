@@ -15,6 +15,8 @@ Tolerance vocabulary used by the suites:
 * ``assert_same_nonfinite(got, ref)``: NaN and +-Inf at the same positions.
 """
 import atexit
+import contextlib
+import gc
 import os
 import re
 import shutil
@@ -274,3 +276,16 @@ def ctrl_c_as_kernels_return(monkeypatch):
             _, rule, unused = CPU._kernel(name, False, np.dtype(np.float32))
             monkeypatch.setitem(CPU._kernels, (name, False, "f", False), (_INTERRUPTING["driver"], rule, unused))
     return interrupting
+
+
+@contextlib.contextmanager
+def collector_off():
+    """The garbage collector off inside the block (what is freed there is freed by reference
+    counts alone), as it was after it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flatopt
-from conftest import in_workqueue_process, needs_threads
+from conftest import collector_off, in_workqueue_process, needs_threads
 from flatopt import backend
 from flatopt.backend import CPU
 from flatopt.kernels import cpu as kernels
@@ -390,21 +390,15 @@ def test_a_dropped_optimizer_frees_its_state_at_once(name):
     dropped optimizer's buffers (Adam's: twice the parameters) lived until the garbage
     collector's next full pass, never where a job turns the collector off.  Freed at ``del``
     now, as torch.optim's state is."""
-    import gc
     import weakref
     opt, params = MAKERS[name](), rand(1000)
     opt.step(params, rand(1000, seed=1))
     inner = opt.inner if isinstance(opt, flatopt.Lookahead) else opt
     buffers = [weakref.ref(b) for b in inner.state.values()] + [weakref.ref(opt)]
     del inner
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off():
         del opt
         assert [r() for r in buffers] == [None] * len(buffers)
-    finally:
-        if enabled:
-            gc.enable()
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

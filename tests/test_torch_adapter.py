@@ -19,6 +19,7 @@ from seed_lookahead import SeedLookahead as RefLookahead  # noqa: E402 - the see
 
 import flatopt  # noqa: E402
 import flatopt.torch as ft  # noqa: E402
+from conftest import collector_off  # noqa: E402
 
 STEPS = 50
 
@@ -948,7 +949,6 @@ def test_a_ctrl_c_during_the_kernel_leaves_a_whole_step(make, ctrl_c_as_kernels_
 def test_a_dropped_optimizer_frees_its_state_at_once(make):
     """As torch.optim's: its state buffers (and its core's, which a cycle with ``opt.state``
     kept until the garbage collector's next full pass) are freed at ``del``."""
-    import gc
     import weakref
     model = torch.nn.Linear(8, 8)
     opt = make(model.parameters())
@@ -960,14 +960,9 @@ def test_a_dropped_optimizer_frees_its_state_at_once(make):
         weakref.ref(buf) for b in inner._buckets.values() for buf in b.core.state.values()]
     assert len(kept) > 2 and tensors
     del inner, tensors
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector_off():
         del opt
         assert [r() for r in kept] == [None] * len(kept)
-    finally:
-        if enabled:
-            gc.enable()
 
 
 @pytest.mark.parametrize("inner", ["flatopt", "torch"])
