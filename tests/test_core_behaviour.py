@@ -198,6 +198,37 @@ def test_sgd_momentum_buffer_removed_starts_again_as_the_gradient(kw, how):
     np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("how", ["refused step", "clear and update", "removed and put back"])
+def test_sgd_momentum_buffer_put_back_before_the_step_goes_on(how):
+    """torch decides at the step whether the buffer starts anew, from whether it is there: one put
+    back (or one only renamed for a step that was refused) goes on.  The flags were reset when
+    the buffer left ``opt.state``, so the restored buffer was overwritten by the gradient."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    p0, grads = rng.standard_normal(6), rng.standard_normal((4, 6))
+    p, opt = p0.copy(), flatopt.SGD(lr=0.1, momentum=0.9, dampening=0.3)
+    tp = torch.nn.Parameter(torch.tensor(p0.copy()))
+    topt = torch.optim.SGD([tp], lr=0.1, momentum=0.9, dampening=0.3, foreach=False)
+    for s, g in enumerate(grads):
+        if s == 2:
+            saved = dict(opt.state)
+            if how == "refused step":
+                opt.state = {"momentum_buf": saved["momentum_buffer"]}
+                with pytest.raises(ValueError, match="unknown buffers"):
+                    opt.step(p, g.copy())
+                opt.state = saved
+            elif how == "clear and update":
+                opt.state.clear()
+                opt.state.update(saved)
+            else:
+                del opt.state["momentum_buffer"]
+                opt.state["momentum_buffer"] = saved["momentum_buffer"]
+        opt.step(p, g.copy())
+        tp.grad = torch.tensor(g.copy())
+        topt.step()
+    np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-12, atol=0)
+
+
 def test_readonly_grads_are_fine():
     p, g = rand(10), rand(10, seed=1)
     g.flags.writeable = False

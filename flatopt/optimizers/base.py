@@ -195,7 +195,7 @@ class Optimizer:
         active, segments = self._active(n)
         if not active:
             return
-        rows = [self._row(hp, group_state, dtype.type) for group_state, hp in active]
+        rows = [self._row(hp, self._stepping_from(group_state), dtype.type) for group_state, hp in active]
         table = self._table(backend, dtype, rows)  # converting the scalars is the last thing that can fail
         if (backend, segments) != self._plan_key:  # (a plan can be refused: NUMBA_DISABLE_JIT)
             self._plan, self._plan_key = backend.plan(segments), (backend, segments)
@@ -302,6 +302,11 @@ class Optimizer:
 
     def _set_step_entries(self, row, hp, group_state):
         pass
+
+    def _stepping_from(self, group_state):
+        """The group state a full step builds its row from (see SGD's): the group's own.  Only
+        the full step reads it, the prepared one being dropped by any edit of ``state``."""
+        return group_state
 
     def _set_lr_entries(self, row, hp):
         pass

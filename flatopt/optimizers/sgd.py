@@ -58,11 +58,11 @@ class SGD(Optimizer):
         started = group_state["momentum_started"]
         row[6] = hp["momentum"] != 0 and not started  # the buffer starts as g
 
-    def _state_replaced(self):
-        super()._state_replaced()
-        if "momentum_buffer" not in self.state:  # removed: as in torch, the next buffer starts as g again
-            for group_state in self.group_state:
-                group_state["momentum_started"] = False
+    def _stepping_from(self, group_state):
+        # No buffer now (never made, or removed since): as in torch, the step that makes it
+        # starts it as g.  Decided by the step, not when the buffer left: one put back (or one
+        # renamed for a step that was refused) goes on.
+        return group_state if "momentum_buffer" in self.state else dict(group_state, momentum_started=False)
 
     def _check_group_state(self, group_state):
         super()._check_group_state(group_state)
