@@ -40,12 +40,13 @@ def _is_numba_device_array(obj):
     return type(obj).__name__ in ("DeviceNDArray", "FakeCUDAArray") and hasattr(obj, "copy_to_host")
 
 
-def layout(buffer):
+def layout(buffer, name="the array"):
     """``(shape, NumPy dtype)`` of a host or CUDA buffer, from any CUDA exporter (torch
-    reports a torch.dtype of its own); ``(None, None)`` for what has no shape."""
+    reports a torch.dtype of its own); ``(None, None)`` for what has no shape.  ``name``: what
+    an error (a masked CUDA array's) calls it."""
     if is_cuda_array(buffer):
         backend = backend_for(buffer, buffer)
-        return backend.shape(buffer), backend.dtype(buffer)
+        return backend.shape(buffer, name), backend.dtype(buffer, name)
     return getattr(buffer, "shape", None), getattr(buffer, "dtype", None)
 
 
@@ -54,7 +55,7 @@ def check_fits(buffer, n, dtype, name, size_says, dtype_of):
     ``dtype``, as a kernel that reads ``n`` elements of it needs.  The errors name it as the
     caller says: ``name`` ("slow weights"), ``size_says`` ("the slow weights have") before its
     length, ``dtype_of`` ("the slow weights'") before its dtype."""
-    shape, buffer_dtype = layout(buffer)
+    shape, buffer_dtype = layout(buffer, name)
     if shape is None or len(shape) != 1:
         raise ValueError(f"{name} must be a 1-D array, got {type(buffer).__name__} of shape {shape}")
     if shape[0] != n:
@@ -232,7 +233,7 @@ class CpuBackend:
         """Refuses a placed state buffer the kernels cannot reach from ``like`` (the params):
         on the CPU every one can."""
 
-    def zeros(self, n, dtype):
+    def zeros(self, n, dtype, like=None):
         return np.zeros(n, dtype=dtype)
 
     def empty_state(self, dtype):

@@ -140,7 +140,7 @@ class Lookahead:
             return
         backend = backend_for(params, params)
         n = backend.length(params)
-        fast = backend.zeros(n, backend.dtype(params))
+        fast = backend.zeros(n, backend.dtype(params), like=params)  # (on params' GPU)
         backend.check(params, fast)  # params a step could write (read-only, strided: refused as there)
         slow = self._usable_slow(backend, params, n)
         spans = self._synced_spans(n)  # (checks the groups' ranges)

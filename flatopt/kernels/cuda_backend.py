@@ -100,7 +100,7 @@ class CudaBackend:
         self.align, self.max_grid = align, max_grid
         self.array_library = array_library
         self._views = {}
-        self._device = None  # the device of the params last checked: where state goes
+        self._where = threading.local()  # per thread: the device of the params it last checked (see _device)
         self._sm_count = {}
         self._streams = {}
         self._tables = threading.local()  # per thread: its tables go with it
@@ -264,22 +264,34 @@ class CudaBackend:
         # refusal) keeps no reference to them
         self._checked = (_name(params), _name(grads), _unowned(pi, params), _unowned(gi, grads))
 
-    def _described(self, buffer):
+    @property
+    def _device(self):
+        """The GPU of the params this thread last checked: where a step's new state goes.  Per
+        thread: another thread's step between a check and the allocation that follows it would
+        put the state on its own GPU."""
+        return getattr(self._where, "device", None)
+
+    @_device.setter
+    def _device(self, device):
+        self._where.device = device
+
+    def _described(self, buffer, name="the array"):
         checked = self._checked
         if checked is not None and _is(checked[0], buffer):  # the step's params, described by check()
             return checked[2]
-        return self._info(buffer)
+        return self._info(buffer, name)
 
-    def shape(self, buffer):
-        return self._described(buffer).shape
+    def shape(self, buffer, name="the array"):
+        """Its shape; ``name`` is what an error calls it (a masked one, say)."""
+        return self._described(buffer, name).shape
 
     def length(self, buffer):
         """Its number of elements along the first axis (an exporter need not define ``len``)."""
         return self._described(buffer).shape[0]
 
-    def dtype(self, buffer):
+    def dtype(self, buffer, name="the array"):
         """The buffer's NumPy dtype (torch tensors report a torch.dtype of their own)."""
-        return self._described(buffer).dtype
+        return self._described(buffer, name).dtype
 
     def usable(self, buffer, like):
         """Whether the kernels can read and write ``buffer`` in place beside ``like`` (the
@@ -298,20 +310,22 @@ class CudaBackend:
     def owns(self, buffer):
         return is_cuda_array(buffer)
 
-    def zeros(self, n, dtype):
-        """Zeros on the device, written before this returns: they are written on CuPy's current
-        stream or the default stream, and a step's kernel runs on its params' stream, which need
-        not wait for those (a torch side stream does not).  (New state: the first step only.)"""
+    def zeros(self, n, dtype, like=None):
+        """Zeros on the device (``like``'s GPU, else that of the params last checked), written
+        before this returns: they are written on CuPy's current stream or the default stream,
+        and a step's kernel runs on its params' stream, which need not wait for those (a torch
+        side stream does not).  (New state: the first step only.)"""
         dtype = np.dtype(dtype)
+        device = self._device if like is None else self._described(like).device
         cp = self._array_module()
         if cp is not None:
-            with cp.cuda.Device(self._device or 0):
+            with cp.cuda.Device(device or 0):
                 zeros = cp.zeros(n, dtype=dtype)
                 cp.cuda.get_current_stream().synchronize()
                 return zeros
         if SIMULATOR:
             return cuda.to_device(np.zeros(n, dtype))
-        with self._on(self._device):
+        with self._on(device):
             arr = cuda.device_array(n, dtype=dtype)
             if n:
                 from numba.cuda.cudadrv.driver import device_memset

@@ -175,6 +175,7 @@ class Optimizer:
                     if _gather is None:
                         ready.launch(params, grads, ready.table)
                     else:
+                        _check_gather(backend)
                         ready.launch(params, grads, ready.table, _gather)
                 except KeyboardInterrupt as interrupt:  # (a Ctrl-C during the kernel: the step is taken)
                     if kernel_ran(interrupt):
@@ -197,6 +198,8 @@ class Optimizer:
             return
         rows = [self._row(hp, self._stepping_from(group_state), dtype.type) for group_state, hp in active]
         table = self._table(backend, dtype, rows)  # converting the scalars is the last thing that can fail
+        if _gather is not None:
+            _check_gather(backend)
         if (backend, segments) != self._plan_key:  # (a plan can be refused: NUMBA_DISABLE_JIT)
             self._plan, self._plan_key = backend.plan(segments), (backend, segments)
         # Nothing above modified anything; from here on the step happens.
@@ -496,6 +499,8 @@ class _Ready:
     def step(self, opt, rows, params, grads, gather):
         """Launch the kernel on ``rows`` (``Optimizer._ready_rows``): nothing before this has
         changed anything."""
+        if gather is not None:
+            _check_gather(self.backend)
         try:
             for entry, hp, source, group_state in rows:
                 if hp is not entry.hp:  # its lr is new
@@ -528,6 +533,13 @@ class _Ready:
             opt._advance(hp, group_state)
             if hp is not entry.hp:  # the row now holds this lr's entries (a schedule's: resolved at every step)
                 entry.hp, entry.lr_source = hp, _RESOLVED_EVERY_STEP if callable(source) else source
+
+
+def _check_gather(backend):
+    """Gathered gradients (flatopt.torch's, TreeOptimizer's) are read from host memory."""
+    if backend is not CPU:
+        raise TypeError(f"_gather reads gradients from host memory; buffers on {backend.name} take their "
+                        "gradients in the flat grads buffer")
 
 
 def _fixed(value):

@@ -549,6 +549,18 @@ def test_cuda_array_interface_errors(monkeypatch):
         opt.step(c, d)
 
 
+def two_gpus(monkeypatch):
+    """Two GPUs, where the simulator has one: a pointer's device is its stand-in's, and zeros
+    are made where real GPUs make them (``like``'s GPU, else that of the params last checked)."""
+    monkeypatch.setattr(CUDA, "_pointer_device", lambda obj, ptr: obj.device_id)
+    zeros = CudaBackend.zeros
+
+    def made(self, n, dtype, like=None):
+        device = self._device if like is None else self._described(like).device
+        return FakeCAI(CUDA.to_host(zeros(self, n, dtype)), device_id=device or 0)
+    monkeypatch.setattr(CudaBackend, "zeros", made)
+
+
 @sim_only
 @pytest.mark.parametrize("needs_more", [
     ("Adam", {}, dict(amsgrad=True)), ("RMSprop", dict(momentum=0.5), dict(centered=True)),
@@ -559,11 +571,7 @@ def test_a_step_refused_for_params_on_another_gpu_adds_no_state(needs_more, monk
     launch refused them: the refused step added state, and a step back on the state's GPU was
     then refused in turn."""
     name, kwargs, switch = needs_more
-    monkeypatch.setattr(CUDA, "_pointer_device", lambda obj, ptr: obj.device_id)
-    zeros = CudaBackend.zeros
-    monkeypatch.setattr(CudaBackend, "zeros",  # as on real GPUs: made where the last checked params are
-                        lambda self, n, dtype: FakeCAI(CUDA.to_host(zeros(self, n, dtype)),
-                                                       device_id=self._device or 0))
+    two_gpus(monkeypatch)
     on = {gpu: (FakeCAI(np.ones(10, np.float32), device_id=gpu), FakeCAI(np.ones(10, np.float32), device_id=gpu))
           for gpu in (0, 1)}
     opt = getattr(flatopt, name)(lr=0.1, **kwargs)
@@ -581,11 +589,7 @@ def test_a_step_refused_for_params_on_another_gpu_adds_no_state(needs_more, monk
 def test_a_lookahead_step_refused_for_params_on_another_gpu_keeps_its_slow_weights(monkeypatch):
     """The slow weights were placed beside the refused params (on their GPU) before the inner
     step refused them: the refused step replaced them with a copy there."""
-    monkeypatch.setattr(CUDA, "_pointer_device", lambda obj, ptr: obj.device_id)
-    zeros = CudaBackend.zeros
-    monkeypatch.setattr(CudaBackend, "zeros",  # as on real GPUs: made where the last checked params are
-                        lambda self, n, dtype: FakeCAI(CUDA.to_host(zeros(self, n, dtype)),
-                                                       device_id=self._device or 0))
+    two_gpus(monkeypatch)
     on = {gpu: (FakeCAI(np.ones(10, np.float32), device_id=gpu),
                 FakeCAI(np.full(10, 0.5, np.float32), device_id=gpu)) for gpu in (0, 1)}
     la = flatopt.Lookahead(flatopt.Adam(lr=0.1), k=3)
@@ -594,6 +598,86 @@ def test_a_lookahead_step_refused_for_params_on_another_gpu_keeps_its_slow_weigh
     with pytest.raises(ValueError, match="on GPU 0 but params are on GPU 1"):
         la.step(*on[1])
     assert la.slow is slow and la.step_count == 1
+
+
+@sim_only
+def test_a_step_whose_check_another_threads_step_follows_makes_its_state_on_its_own_gpu(monkeypatch):
+    """The GPU where a step's new state goes was one attribute for every thread: another
+    thread's step between this one's check and its allocation put the state on that thread's
+    GPU; the launch refused it, the state stayed, and every later step was refused."""
+    two_gpus(monkeypatch)
+    plan, other_done = CUDA.plan, threading.Event()
+
+    def plan_after_the_other(segments):  # between the check and the allocation of the first step
+        if threading.current_thread().name == "first":
+            assert other_done.wait(60)
+        return plan(segments)
+    monkeypatch.setattr(CUDA, "plan", plan_after_the_other)
+    ones = lambda gpu: FakeCAI(np.ones(8, np.float32), device_id=gpu)  # noqa: E731
+    opt, params, errors = flatopt.SGD(lr=0.1, momentum=0.9), ones(1), []
+
+    def first():
+        try:
+            opt.step(params, ones(1))
+        except Exception as error:  # pragma: no cover (the failure this test is for)
+            errors.append(error)
+    thread = threading.Thread(target=first, name="first")
+    thread.start()
+    other = threading.Thread(target=lambda: flatopt.SGD(lr=0.1, momentum=0.9).step(ones(0), ones(0)))
+    other.start()
+    other.join()
+    other_done.set()
+    thread.join()
+    assert not errors
+    assert opt.state["momentum_buffer"].device_id == 1
+    opt.step(params, ones(1))
+    np.testing.assert_allclose(params._host, 1 - 0.1 - 0.1 * 1.9, rtol=1e-6)
+
+
+@sim_only
+def test_lookahead_slow_weights_after_a_step_on_another_gpu(monkeypatch):
+    """The fast weights' copy was made on the GPU of the params last checked, by any optimizer:
+    after a step on another GPU, ``slow_weights`` refused, naming grads it was never given."""
+    two_gpus(monkeypatch)
+    ones = lambda gpu: FakeCAI(np.ones(8, np.float32), device_id=gpu)  # noqa: E731
+    la, params = flatopt.Lookahead(flatopt.SGD(lr=0.1, momentum=0.9), k=2), ones(1)  # (state: made on a GPU)
+    la.step(params, FakeCAI(np.full(8, 2.0, np.float32), device_id=1))
+    flatopt.SGD().step(ones(0), ones(0))
+    with la.slow_weights(params):
+        np.testing.assert_array_equal(params._host, 1.0)  # the slow weights: the first step's copy
+    np.testing.assert_allclose(params._host, 0.8, rtol=1e-6)
+
+
+def test_gathered_gradients_are_refused_for_cuda_buffers_before_anything_changes():
+    """``_gather`` (flatopt.torch's and TreeOptimizer's, host memory) went into the CUDA launch's
+    ``replayable`` argument: the step read the flat grads instead, and the next one failed."""
+    from flatopt.backend import Gather
+    host = np.full(8, 5.0, np.float32)
+    gather = Gather(np.array([0], np.int64), np.array([host.ctypes.data], np.int64))
+    for warm in (False, True):  # the full step, and the prepared one
+        opt, params = flatopt.SGD(lr=1.0, momentum=0.5), dev(np.zeros(8, np.float32))
+        grads = dev(np.ones(8, np.float32))
+        if warm:
+            opt.step(params, grads)
+        before, state = params.copy_to_host(), [dict(s) for s in opt.group_state]
+        with pytest.raises(TypeError, match="_gather reads gradients from host memory"):
+            opt.step(params, grads, gather)
+        np.testing.assert_array_equal(params.copy_to_host(), before)
+        assert [dict(s) for s in opt.group_state] == state and len(opt.state) == int(warm)
+
+
+def test_a_masked_state_buffer_or_slow_weights_are_named_in_the_error():
+    params, grads = dev(np.ones(8, np.float32)), dev(np.ones(8, np.float32))
+    opt = flatopt.Adam()
+    opt.step(params, grads)
+    opt.state["exp_avg"] = FakeCAI(np.zeros(8, np.float32), mask=object())
+    with pytest.raises(TypeError, match="optimizer state 'exp_avg' is a masked CUDA array"):
+        opt.step(params, grads)
+    la = flatopt.Lookahead(flatopt.Adam(), k=2)
+    la.step(params, grads)
+    la.slow = FakeCAI(np.zeros(8, np.float32), mask=object())
+    with pytest.raises(TypeError, match="slow weights is a masked CUDA array"):
+        la.step(params, grads)
 
 
 @sim_only
