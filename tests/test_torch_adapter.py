@@ -7,6 +7,7 @@ import inspect
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -2440,6 +2441,152 @@ def test_a_checkpoint_with_a_step_of_two_elements_is_refused_before_anything_cha
         opt.load_state_dict(sd)
     assert [dict(g) for g in opt.param_groups] == groups_before
     assert float(opt.state[ps[0]]["step"]) == 1.0
+
+
+@pytest.mark.parametrize("entry, value, match", [
+    ("exp_avg", [0.0] * 5, "'exp_avg' of parameter 1 has 5 elements, its parameter 2"),
+    ("exp_avg_sq", ["a", "b"], "'exp_avg_sq' of parameter 1 is list"),
+    ("step", [1.0, 2.0], "'step' of parameter 1 has 2 elements, not 1"),
+    ("step", "three", "'step' of parameter 1 is str"),
+], ids=["short list", "strings", "list step", "str step"])
+def test_a_checkpoint_whose_state_is_not_tensors_is_refused_before_anything_changes(entry, value, match):
+    """torch's load keeps a state value that is not a tensor as it is: it had passed the size
+    check, and the flat state refused it only after torch's load had replaced the groups and the
+    state, restarting every parameter at step 0."""
+    runs = []
+    for fail in (False, True):
+        ps = _tensors([(3,), (2,)])
+        opt = ft.Adam(ps, lr=0.1)
+        for t in range(4):
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            if t == 2 and fail:
+                bad = opt.state_dict()
+                bad["state"][1][entry] = value
+                bad["param_groups"][0]["lr"] = 0.5
+                with pytest.raises(ValueError, match=re.escape(match)):
+                    opt.load_state_dict(bad)
+                assert opt.param_groups[0]["lr"] == 0.1
+            opt.step()
+        runs.append((ps, opt))
+    _assert_same_tensors(runs[0][0], runs[1][0])
+    _assert_same_state(runs[0][1], runs[1][1])
+
+
+def test_a_param_group_added_with_state_that_does_not_fit_is_refused_before_anything_changes():
+    """The state a user put in ``opt.state`` for the new parameters was checked only after the new
+    layout had replaced the old: the group was taken out again, its parameter stayed in the layout
+    under a group that no longer existed, and every later step raised an IndexError."""
+    runs = []
+    for fail in (False, True):
+        ps = _tensors([(4,), (3,)])
+        opt = ft.Adam(ps[:1], lr=0.1)
+        if fail:
+            opt.state[ps[1]] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(7), "exp_avg_sq": torch.zeros(3)}
+            with pytest.raises(RuntimeError, match=re.escape("state['exp_avg'] has 7 elements, its parameter 3")):
+                opt.add_param_group({"params": [ps[1]]})
+            assert len(opt.param_groups) == 1
+            del opt.state[ps[1]]
+        for t in range(3):
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g
+            opt.step()
+        runs.append(ps)
+    _assert_same_tensors(*runs)
+
+
+@pytest.mark.parametrize("where", ["a group", "a bucket"])
+def test_a_refused_step_leaves_the_data_and_gradients_it_was_given_where_they_were(where):
+    """A step pointed a replaced ``.data`` and ``.grad`` at their flat views before it checked
+    the hyperparameters (or the next bucket): after the refusal the tensors were no longer the
+    user's, and an in-place edit of the user's gradient was lost on the next step."""
+    runs = []
+    for fail in (False, True):
+        ps = _tensors([(3,), (2,)]) + _tensors([(2,)], seed=1, dtype=torch.float64)
+        opt = ft.Adam([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.1)
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        grad, data = torch.full((3,), 0.5), torch.zeros(3)
+        ps[0].grad, ps[0].data = grad, data
+        if fail:
+            if where == "a group":
+                opt.param_groups[1]["lr"] = -1.0
+            else:  # the float64 bucket's parameter resized: refused after the float32 bucket's sync
+                kept = ps[2].data
+                ps[2].data = torch.zeros(5, dtype=torch.float64)
+            with pytest.raises((ValueError, RuntimeError), match="Invalid learning rate|changed shape"):
+                opt.step()
+            assert ps[0].grad is grad and ps[0].data.data_ptr() == data.data_ptr()
+            if where == "a group":
+                opt.param_groups[1]["lr"] = 0.1
+            else:
+                ps[2].data = kept
+        grad.mul_(-2)  # edited in place after the refused step: the next step reads the edit
+        data.add_(1)
+        opt.step()
+        runs.append(ps)
+    _assert_same_tensors(*runs)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam"])
+@pytest.mark.parametrize("assigned", ["before the build", "after the build", "a view of a kept buffer"])
+def test_a_gradient_tensor_the_user_keeps_and_writes_stays_the_grad_as_in_torch(name, assigned):
+    """torch reads ``p.grad`` at every step: a buffer assigned once and written in place gives each
+    step's gradient.  flatopt.torch pointed ``.grad`` at its flat view after the first step (or at
+    the build), and the writes into the user's buffer never reached a step again."""
+    runs = []
+    for mod in (torch.optim, ft):
+        ps = _tensors([(3, 2), (4,)], dtype=torch.float64)
+        bases = [torch.zeros(2 * p.numel(), dtype=p.dtype) for p in ps]
+        bufs = [base[:p.numel()].view(p.shape) if assigned.startswith("a view") else torch.zeros_like(p)
+                for p, base in zip(ps, bases)]
+        if assigned == "before the build":
+            for p, buf in zip(ps, bufs):
+                p.grad = buf
+        opt = getattr(mod, name)(ps, lr=0.1, **({"foreach": False} if mod is torch.optim else {}))
+        if assigned != "before the build":
+            for p, buf in zip(ps, bufs):
+                p.grad = buf
+        if assigned.startswith("a view"):
+            bufs = None  # only the bases are kept: the gradients are written through them
+        for t in range(4):
+            for i, (p, g) in enumerate(zip(ps, _grads(ps, t))):
+                if bufs is None:
+                    bases[i][:p.numel()].copy_(g.reshape(-1))
+                else:
+                    bufs[i].copy_(g)
+            opt.step()
+        if bufs is None:
+            assert all(p.grad.data_ptr() == base.data_ptr() for p, base in zip(ps, bases))
+        else:
+            assert all(p.grad is buf for p, buf in zip(ps, bufs))
+        runs.append(ps)
+    _assert_same_tensors(*runs)
+
+
+def test_a_gradient_tensor_nothing_else_holds_becomes_a_view_of_the_flat_buffer():
+    """Guards against the check of kept gradients taking over every gradient: one that only its
+    ``.grad`` holds (assigned, or made by backward) becomes a view, so backward accumulates in place."""
+    model = torch.nn.Linear(3, 2)
+    opt = ft.Adam(model.parameters(), lr=0.1)
+    model.weight.grad = torch.ones(2, 3)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    (bucket,) = opt._buckets.values()
+    assert all(p.grad is view for p, view in zip(bucket.params, bucket.gviews))
+
+
+def test_a_kept_gradient_given_another_shape_through_data_is_refused_before_anything_changes():
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = ft.SGD([p], lr=0.1)
+    grad = torch.ones(3)
+    p.grad = grad
+    opt.step()
+    grad.data = torch.ones(1)  # a copy would broadcast it
+    with pytest.raises(RuntimeError, match=re.escape("a gradient changed shape to (1,)")):
+        opt.step()
+    assert torch.equal(p.detach(), torch.full((3,), -0.1))
 
 
 def test_loading_a_checkpoint_without_a_params_state_restarts_it_as_torch():

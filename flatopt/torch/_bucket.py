@@ -152,7 +152,21 @@ def held_elsewhere(view):
     return sys.getrefcount(view) > _ONLY_THE_BUCKET
 
 
-def _counted(view):  # (counts as held_elsewhere counts: from one frame, its argument)
+def kept_elsewhere(grad):
+    """Whether a gradient tensor that a ``.grad`` holds, and that the caller holds in a list and
+    a local variable, is held by anything else as well (a tensor the user assigned and keeps, to
+    write the next gradients into), or shares its memory with another tensor (a view of the
+    user's buffer).  torch reads ``p.grad`` at every step, so such a ``.grad`` stays the user's:
+    the step copies it in instead of pointing ``.grad`` at its flat view."""
+    return (sys.getrefcount(grad) > _ONLY_ITS_PARAMETER or grad._base is not None
+            or _storage_use_count is not None and _storage_holders(grad) > _ONLY_ITS_TENSOR)
+
+
+def _storage_holders(t):
+    return _storage_use_count(t.untyped_storage()._cdata)  # (the storage object made to ask holds it too)
+
+
+def _counted(view):  # (counts as held_elsewhere and kept_elsewhere count: from one frame, its argument)
     return sys.getrefcount(view)
 
 
@@ -165,7 +179,19 @@ def _refs_of_a_view_only_a_bucket_holds():
     return _counted(local)
 
 
+def _refs_of_a_grad_only_its_parameter_holds():
+    """What :func:`kept_elsewhere` counts of a ``.grad`` nothing else holds, read into a list and
+    a local variable (torch's tensor then holds its Python object as well)."""
+    p = torch.zeros(1, requires_grad=True)
+    p.grad = torch.zeros(1)
+    grads = [p.grad]
+    grad = grads[0]
+    return _counted(grad)
+
+
 _ONLY_THE_BUCKET = _refs_of_a_view_only_a_bucket_holds()
+_ONLY_ITS_PARAMETER = _refs_of_a_grad_only_its_parameter_holds()
+_ONLY_ITS_TENSOR = None if _storage_use_count is None else _storage_holders(torch.zeros(1))
 
 
 def as_tensor(buf, device):

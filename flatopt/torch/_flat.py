@@ -14,7 +14,7 @@ import torch
 
 from flatopt.backend import Gather, GatherCut, aligned_zeros, backend_for, host_span, kernel_ran
 from flatopt.torch._bucket import (Bucket, as_tensor, byte_spans, data_ptr, dense_strides, held_elsewhere,
-                                   starts_inside, unaliased)
+                                   kept_elsewhere, starts_inside, unaliased)
 from flatopt.torch._checks import (NP_DTYPES, check_betas_types, check_disjoint, check_flags,
                                    check_foreach_tensor_betas, check_foreach_tensors, check_fused_foreach,
                                    check_no_internal_overlap, check_param, check_tensor_lr, check_unique,
@@ -89,6 +89,11 @@ def _apart_from(values, at):
 
 
 @functools.lru_cache(maxsize=None)
+def _reshaped_gradient(grad, shape):
+    return RuntimeError(f"a gradient changed shape to {tuple(grad.shape)} (p.grad.data = ...); its parameter "
+                        f"has shape {tuple(shape)}")
+
+
 def _torch_defaults(cls):
     """The defaults of the flatopt.torch class's ``__init__`` that ``cls`` is or derives from:
     what torch's ``__setstate__`` fills into the groups of an older checkpoint that lacks a key."""
@@ -217,6 +222,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         check_unique(params)
         check_disjoint(params)
         self._take_state_edits()  # into the old layout, before it goes
+        ours = {id(inst) for b in old.values() for inst in b.installed if inst is not None}
+        for p in params:  # the state put in opt.state for a parameter new to the layout: taken in below
+            entries = dict.get(self.state, p)
+            if isinstance(entries, dict) and id(entries) not in ours:
+                self._check_entries(entries, p.numel(), "state['{name}']", RuntimeError)
         for group in self.param_groups:  # lists that note edits (a replaced one may be any iterable)
             if type(group["params"]) is not ParamList or group["params"]._edits is not self._group_edits:
                 group["params"] = ParamList(self._group_edits, group["params"])
@@ -292,12 +302,16 @@ class FlatOptimizer(torch.optim.Optimizer):
         b.read_addresses()
         b.offsets_np = np.array(b.offsets, dtype=np.int64)
         b.gather_cut = GatherCut()
-        b.all_synced = ((True,) * len(b.params), None)  # _sync's answer when nothing changed
+        b.all_synced = ((True,) * len(b.params), None, None)  # _sync's answer when nothing changed
+        ours = set(map(id, prev.gviews)) if prev is not None else ()
+        grads = [p.grad for p in b.params]
         with torch.no_grad():
-            for p, gv in zip(b.params, b.gviews):
-                if p.grad is not None:
-                    gv.copy_(p.grad)
-                    p.grad = gv
+            for i, p in enumerate(b.params):
+                grad = grads[i]  # (held as _pull_in holds it: kept_elsewhere counts references)
+                if grad is not None:
+                    b.gviews[i].copy_(grad)
+                    if id(grad) in ours or not kept_elsewhere(grad):  # (else it stays the user's)
+                        p.grad = b.gviews[i]
         if device.type != "cpu":  # CUDA: the core's state lives on the device too
             new_state = {k: torch.as_tensor(v, device=device) for k, v in new_state.items()}
         b.steps_t = torch.from_numpy(b.steps)
@@ -404,12 +418,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         core = b.core
         wanted = set()
         for i, entries, _ in edits:  # every check before the first write
-            for name, value in (entries or {}).items():
-                if name in core.state_names and value is not None:
-                    if torch.as_tensor(value).numel() != b.sizes[i]:
-                        raise RuntimeError(f"state['{name}'] has {torch.as_tensor(value).numel()} elements, its "
-                                           f"parameter {b.sizes[i]}")
-                    wanted.add(name)
+            self._check_entries(entries or {}, b.sizes[i], "state['{name}']", RuntimeError)
+            wanted.update(name for name, value in (entries or {}).items()
+                          if name in core.state_names and value is not None)
         missing = wanted - set(core.state)
         if missing:  # buffers no step has needed yet: zeros, next to the others
             state = dict(core.state)
@@ -453,8 +464,10 @@ class FlatOptimizer(torch.optim.Optimizer):
     # --- the step --------------------------------------------------------------------------
     def _sync(self, b):
         """Pull replaced ``.data`` / ``.grad`` into the flat views: which params have a grad,
-        and where the gradients are read from (``None``: the flat gradient buffer; else a
-        :class:`Gather` and the tensors it reads, to keep alive through the step).
+        where the gradients are read from (``None``: the flat gradient buffer; else a
+        :class:`Gather` and the tensors it reads, to keep alive through the step), and the
+        ``.data`` and ``.grad`` to point at the views once the step is taken (``None``: none),
+        so that a step refused after this leaves every tensor as it was.
 
         The copies of one step go in one ``torch._foreach_copy_`` call.
         """
@@ -500,8 +513,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             gv = gviews[i]
             if g is gv and gv.data_ptr() != gptrs[i]:  # its memory was replaced (p.grad.data = t)
                 if gv.shape != params[i].shape:
-                    raise RuntimeError(f"a gradient changed shape to {tuple(gv.shape)} (p.grad.data = ...); its "
-                                       f"parameter has shape {tuple(params[i].shape)}")
+                    raise _reshaped_gradient(gv, params[i].shape)
                 gv = b.shaped(b.gflat, i)  # a view in the flat buffer again, the values copied in
                 dst.append(gv)
                 src.append(g)
@@ -518,6 +530,15 @@ class FlatOptimizer(torch.optim.Optimizer):
                     if g.is_sparse:
                         raise RuntimeError("flatopt.torch does not support sparse gradients") from None
                     raise
+                # Pointed at its view after the step, so that backward accumulates into the flat
+                # buffer from then on: not where zero_grad() dropped the gradients since the last
+                # step (the next one drops these too, and pointing 200 .grads at their views costs
+                # a quarter of such a step), nor where the user keeps the gradient tensor, which
+                # stays theirs.  (Asked before the lists below hold it too.)
+                kept = not self._grads_dropped and kept_elsewhere(g)
+                if kept and g.shape != shapes[i]:  # (its .data replaced: a copy would broadcast it)
+                    raise _reshaped_gradient(g, shapes[i])
+                take_over = not (self._grads_dropped or kept)
                 # Its layout is read only where it may stay where it lies: at its view's address,
                 # or gathered.  (A copy takes any strides: the common case reads none.)
                 if gptr == gptrs[i]:
@@ -532,7 +553,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                     dst.append(gv)
                     src.append(g)
                     src_ptrs.append(gptr)
-                repoint_grad.append((p, gv))
+                if take_over:
+                    repoint_grad.append((p, gv))
             active.append(True)
         if gather:
             addresses, kept = list(gptrs), []
@@ -548,20 +570,25 @@ class FlatOptimizer(torch.optim.Optimizer):
                     kept.append(g)
         if dst:
             torch._foreach_copy_(dst, unaliased(src, src_ptrs, b.memory))
+        repoint = (repoint_data, repoint_grad, moved_grads) if repoint_data or repoint_grad or moved_grads else None
+        if gather and kept:
+            gather = (Gather(b.offsets_np, np.array(addresses, dtype=np.int64), b.gather_cut), kept)
+            return tuple(active), gather, repoint
+        return tuple(active), None, repoint
+
+    @staticmethod
+    def _repoint(b, repoint):
+        """After a step: the ``.data`` and ``.grad`` that :meth:`_pull_in` copied from point at
+        their views (from now on backward accumulates into the flat buffer)."""
+        repoint_data, repoint_grad, moved_grads = repoint
         for p, view in repoint_data:
             p.data = view
-        if not self._grads_dropped:
-            # From now on backward accumulates into the flat buffer.  Not where zero_grad()
-            # dropped the gradients since the last step: the next one drops these too, and
-            # pointing 200 .grads at their views costs a quarter of such a step.
-            for p, gv in repoint_grad:
-                p.grad = gv
+        for p, gv in repoint_grad:
+            p.grad = gv
         for i, gv in moved_grads:
-            params[i].grad = gviews[i] = gv
-            gptrs[i] = gv.data_ptr()
-        if gather and kept:
-            return tuple(active), (Gather(b.offsets_np, np.array(addresses, dtype=np.int64), b.gather_cut), kept)
-        return tuple(active), None
+            b.params[i].grad = b.gviews[i] = gv
+            b.gptrs[i] = gv.data_ptr()
+        b.note_gviews_intact()
 
     def _layout(self, b, active):
         """The core's runs: maximal runs of neighbouring params with a grad, one torch group,
@@ -613,16 +640,16 @@ class FlatOptimizer(torch.optim.Optimizer):
         buckets = self._buckets.values()
         if len(buckets) > 1:  # every bucket's checks (shapes, dtypes, hyperparameters) before the first update
             synced = [self._sync(b) for b in buckets]
-            runs = [self._configure(b, active) for b, (active, _) in zip(buckets, synced)]
+            runs = [self._configure(b, active) for b, (active, _, _) in zip(buckets, synced)]
             for b, bucket_runs in zip(buckets, runs):
                 if bucket_runs:
                     b.core._check_step(len(b.flat_np))
-            for b, bucket_runs, (_, gather) in zip(buckets, runs, synced):
-                self._step_bucket(b, bucket_runs, gather)
+            for b, bucket_runs, (_, gather, repoint) in zip(buckets, runs, synced):
+                self._step_bucket(b, bucket_runs, gather, repoint)
         else:  # (without the list: a step of a small model is mostly Python)
             for b in buckets:
-                active, gather = self._sync(b)
-                self._step_bucket(b, self._configure(b, active), gather)
+                active, gather, repoint = self._sync(b)
+                self._step_bucket(b, self._configure(b, active), gather, repoint)
         self._grads_dropped = False
         return loss
 
@@ -685,20 +712,22 @@ class FlatOptimizer(torch.optim.Optimizer):
             for group, lr in zip(core.param_groups, lrs):
                 group["lr"] = lr
 
-    def _step_bucket(self, b, runs, gather=None):
+    def _step_bucket(self, b, runs, gather=None, repoint=None):
         if runs:
             try:
                 # (``gather``: a Gather, and the gradient tensors it reads, alive until the step is done)
                 b.core.step(b.flat_np, b.gflat_np, None if gather is None else gather[0])
             except KeyboardInterrupt as interrupt:  # (a Ctrl-C during the kernel: the step is taken)
                 if kernel_ran(interrupt):
-                    self._stepped(b, runs)
+                    self._stepped(b, runs, repoint)
                 raise
-        self._stepped(b, runs)
+        self._stepped(b, runs, repoint)
 
-    def _stepped(self, b, runs):
-        """What follows the kernel: the parameters' version counters, the step counts and the
-        state entries."""
+    def _stepped(self, b, runs, repoint=None):
+        """What follows the kernel: the tensors :meth:`_sync` copied from pointed at their views,
+        the parameters' version counters, the step counts and the state entries."""
+        if repoint is not None:
+            self._repoint(b, repoint)
         # The kernel wrote the parameters behind autograd's back: their version counters go up, as
         # torch's in-place step bumps them, so that a backward through a graph that saved them
         # before the step fails as in torch instead of using the new values.  (One call; 0.1-0.2 µs a tensor)
@@ -819,19 +848,31 @@ class FlatOptimizer(torch.optim.Optimizer):
         checked before anything changes.  Parameters are named by their place in the groups,
         as torch's state_dict numbers them."""
         index = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in groups))}
-        names = set(self._core_cls.state_names)
         for p, entries in state.items():
-            if id(p) not in index or not isinstance(entries, dict):
-                continue
-            k = index[id(p)]
-            for name, value in entries.items():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                if name in names and value.numel() != p.numel():
-                    raise ValueError(f"loaded state '{name}' of parameter {k} has {value.numel()} elements, "
-                                     f"the parameter {p.numel()}")
-                if name == "step" and value.numel() != 1:
-                    raise ValueError(f"loaded state 'step' of parameter {k} has {value.numel()} elements, not 1")
+            if id(p) in index and isinstance(entries, dict):
+                self._check_entries(entries, p.numel(), f"loaded state '{{name}}' of parameter {index[id(p)]}",
+                                    ValueError)
+
+    def _check_entries(self, entries, size, where, error):
+        """Refuses a torch-style state dict (``entries``, of a parameter of ``size`` elements)
+        that the flat state cannot take in: a buffer of another size or not of numbers, a
+        ``step`` that is not one number.  (torch loads anything, and fails at the next step.)
+        ``where``: the entry's name in the error, a format of ``name``."""
+        names = self._core_cls.state_names
+        for name, value in entries.items():
+            if value is None or not (name in names or name == "step" and self._step_in_state):
+                continue  # (entries of other names stay in opt.state, as in torch)
+            try:
+                values = torch.as_tensor(value)
+            except Exception:
+                values = None
+            if values is None:
+                raise error(f"{where.format(name=name)} is {type(value).__name__} {value!r}, not "
+                            + ("a number" if name == "step" else "a tensor of numbers"))
+            if name == "step" and values.numel() != 1:
+                raise error(f"{where.format(name=name)} has {values.numel()} elements, not 1")
+            if name in names and values.numel() != size:
+                raise error(f"{where.format(name=name)} has {values.numel()} elements, its parameter {size}")
 
     def __getstate__(self):
         """pickle and ``copy.deepcopy``: torch's (defaults, state, param_groups) as plain dicts and
