@@ -1532,6 +1532,20 @@ def test_signature_defaults_and_group_keys_match_torch(name):
     assert list(ours.param_groups[0]) == list(theirs.param_groups[0])
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+@pytest.mark.parametrize("betas", [[0.8, 0.99], (torch.tensor([0.8]), torch.tensor([0.99]))], ids=["list", "tensors"])
+def test_betas_are_kept_as_torch_keeps_them(name, betas):
+    """torch's Adam keeps its betas as a tuple, a one-element tensor squeezed to 0-d: in
+    ``defaults``, the groups and the checkpoint (flatopt.torch kept the object it was given)."""
+    ours, theirs = (getattr(mod, name)(_tensors([(3,)]), betas=betas) for mod in (ft, torch.optim))
+    for got, want in ((ours.defaults, theirs.defaults), (ours.param_groups[0], theirs.param_groups[0]),
+                      (ours.state_dict()["param_groups"][0], theirs.state_dict()["param_groups"][0])):
+        assert type(got["betas"]) is type(want["betas"]) is tuple
+        assert [(type(b), getattr(b, "shape", None)) for b in got["betas"]] == \
+            [(type(b), getattr(b, "shape", None)) for b in want["betas"]]
+        assert [float(b) for b in got["betas"]] == [float(b) for b in want["betas"]]
+
+
 def test_positional_hyperparameters_and_torch_flags():
     outs = []
     for make in (lambda ps: ft.SGD(ps, 0.1, 0.9, 0.1, 0.01, foreach=True, fused=False),

@@ -130,6 +130,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             check_betas_types(defaults["betas"])
             if foreach_refused:
                 check_foreach_tensor_betas(defaults["betas"])
+            # kept as torch's Adam keeps them: a tuple, a tensor of one element squeezed to 0-d
+            defaults = dict(defaults, betas=tuple(
+                b.squeeze() if isinstance(b, torch.Tensor) and b.dim() != 0 else b for b in defaults["betas"]))
         hp = proto.hyperparameters()
         if callable(hp["lr"]):
             raise TypeError("flatopt.torch optimizers take a number as lr; use a torch lr_scheduler for schedules")
