@@ -274,6 +274,15 @@ def format_table(n, rows, markdown, title=""):
     return "\n".join(lines)
 
 
+def print_notes(notes, markdown):
+    """The notes under a table: in markdown a list after a blank line (a line right under a
+    table's rows is one of its rows)."""
+    if markdown and notes:
+        print()
+    for note in notes:
+        print(f"- note: {note}" if markdown else f"  note: {note}")
+
+
 def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -326,12 +335,11 @@ def main(argv=None):
         del impls
         print()
         print(format_table(n, rows, args.markdown))
-        for note in notes:
-            print(f"  note: {note}")
+        print_notes(notes, args.markdown)
         try:
             impls = jax_adapter_implementations(n, rng)
         except ImportError:
-            print("  note: jax/optax not installed: flatopt.jax skipped")
+            print_notes(["jax/optax not installed: flatopt.jax skipped"], args.markdown)
         else:
             jax_rows = summarize(measure(impls, args.rounds or jax_rounds_for(n, args.quick), args.seed))
             del impls

@@ -75,18 +75,30 @@ def optimizer_names(text):
     return list(dict.fromkeys(names))
 
 
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default in its help, but for the options whose absence is the default."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="flatopt", description="flat-buffer optimizers on Numba kernels")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="train a NumPy MLP on the bundled digits with every optimizer",
                                description="train a NumPy MLP on scikit-learn's bundled digits with every optimizer",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                               formatter_class=_DefaultsShown)
     demo.add_argument("--epochs", type=positive_int, default=30, help="passes over the training images")
     demo.add_argument("--seed", type=seed, default=0, help="the data split's and the weights' seed")
-    demo.add_argument("--optimizers", type=optimizer_names, help="comma-separated subset, e.g. Adam,ADOPT")
-    demo.add_argument("--plot", metavar="FILE.png", help="save the loss curves")
+    demo.add_argument("--optimizers", type=optimizer_names, help="comma-separated subset, e.g. Adam,ADOPT "
+                      "(default: every optimizer)")
+    demo.add_argument("--plot", metavar="FILE.png", help="save the loss curves (default: no plot)")
     commands.add_parser("bench", help="compare against torch/optax/NumPy and the bandwidth floor", add_help=False)
     args, rest = parser.parse_known_args(argv)
+    before = argv[:argv.index(args.command)] if args.command in argv else []
+    if any(arg in before for arg in rest):  # (an option of flatopt's own, before the command)
+        parser.error(f"unrecognized arguments: {' '.join(arg for arg in rest if arg in before)}")
     if args.command == "bench":
         from flatopt.bench import main as bench_main
         bench_main(rest)

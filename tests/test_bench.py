@@ -96,10 +96,14 @@ def test_bench_markdown_and_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from flatopt.bench import main
     png = tmp_path / "bench.png"
-    main(["--sizes", "1000,3000", "--rounds", "2", "--markdown", "--plot", str(png)])
+    main(["--sizes", "100,3000", "--rounds", "2", "--markdown", "--plot", str(png)])
     out = capsys.readouterr().out
     assert "| implementation | median µs/step |" in out
     assert png.stat().st_size > 1000
+    lines = out.splitlines()
+    notes = [i for i, line in enumerate(lines) if "note:" in line]
+    assert notes and all(lines[i].startswith("- note: ") for i in notes)  # (at 100: fewer tensors)
+    assert all(lines[i - 1] == "" or lines[i - 1].startswith("- note: ") for i in notes)
 
 
 @pytest.mark.parametrize("args, message", [

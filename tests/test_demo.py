@@ -61,6 +61,25 @@ def test_cli_refuses_bad_arguments_before_training(args, message, capsys, monkey
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["demo", "bench"])
+def test_cli_names_flatopt_for_an_unknown_option_before_the_command(command, capsys, monkeypatch):
+    """``flatopt --bogus demo`` blamed the command: "flatopt demo: error"."""
+    from flatopt import cli
+    monkeypatch.setattr(demo, "run", lambda **kw: pytest.fail("the demo started"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--bogus", command])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "flatopt: error: unrecognized arguments: --bogus" in err
+
+
+def test_cli_help_shows_no_none_defaults(capsys):
+    from flatopt import cli
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "(default: 30)" in out and "every optimizer" in out
+
+
 def test_cli_refuses_a_plot_format_matplotlib_cannot_write_here_before_training(tmp_path, capsys, monkeypatch):
     """``.pgf`` is a format matplotlib knows, whose writer needs LaTeX: without it the plot
     failed with a traceback after all of training.  An empty figure with a title (text, which
