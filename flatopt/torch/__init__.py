@@ -40,8 +40,11 @@
   operation") instead of computing with the stepped values.
 * Parameters whose ``.grad`` is ``None`` are skipped: no update, no decay, no state or
   step change.  Replaced ``.data`` tensors (new memory) are copied in before the step and
-  re-pointed at the flat views; so are replaced ``.grad`` tensors, but after ``zero_grad()``
-  (see above), and gradient views whose memory was replaced (``p.grad.data = t``,
+  re-pointed at the flat views once it is taken (a refused step leaves them the user's); so are
+  replaced ``.grad`` tensors, but after ``zero_grad()`` (see above) and but one the user keeps
+  (``p.grad = buf``, the next gradients written into ``buf``; or a view of memory the user
+  keeps), which stays ``p.grad`` and is copied in at every step, as torch reads ``p.grad`` at
+  every step; and gradient views whose memory was replaced (``p.grad.data = t``,
   ``p.grad.set_(t)``, ``model.to(memory_format=...)``): the step notices those from the
   number of tensors holding the flat gradient storage (O(1)), and looks at every view where
   that number changed.  A view of a gradient kept and a gradient moved between the same two
