@@ -2591,6 +2591,26 @@ def test_a_gradient_tensor_nothing_else_holds_becomes_a_view_of_the_flat_buffer(
     assert all(p.grad is view for p, view in zip(bucket.params, bucket.gviews))
 
 
+def test_gradients_given_anew_at_every_step_are_asked_about_once(monkeypatch):
+    """Whether a replaced gradient is kept elsewhere costs half a microsecond a tensor; where a new
+    tensor replaces it at every step (``p.grad = ...`` each step, a double backward), its view would
+    not outlive the step: asked at the first step only, and the steps still match torch's."""
+    import flatopt.torch._flat as flat
+    asked, kept_elsewhere = [], flat.kept_elsewhere
+    monkeypatch.setattr(flat, "kept_elsewhere", lambda g: asked.append(1) or kept_elsewhere(g))
+    runs = []
+    for mod in (ft, torch.optim):
+        ps = _tensors([(3,), (4,)])
+        opt = mod.SGD(ps, lr=0.1, momentum=0.9, **({"foreach": False} if mod is torch.optim else {}))
+        for t in range(5):
+            for p, g in zip(ps, _grads(ps, t)):
+                p.grad = g * 1.0  # a new tensor nothing else holds
+            opt.step()
+        runs.append(ps)
+    _assert_same_tensors(*runs)
+    assert len(asked) == 2
+
+
 def test_a_kept_gradient_given_another_shape_through_data_is_refused_before_anything_changes():
     p = torch.nn.Parameter(torch.zeros(3))
     opt = ft.SGD([p], lr=0.1)

@@ -85,6 +85,9 @@ class Bucket:
         self.stepped = []  # the params the step updates (those with a gradient): see FlatOptimizer._step_bucket
         self.span_bounds = np.zeros((0, 2), np.int64)  # the spans' (first, last), an array
         self.core_groups_key = None  # the hyperparameters the core has, one tuple per run
+        self.steps_taken = 0  # the steps this bucket has taken (with or without gradients)
+        self.replaced_at = []  # per param: the value of steps_taken at the last step that found its .grad replaced,
+        self.replaced_by = []  # and the id() of the tensor it found there
         self.group_values = None  # the torch groups' values they were read from
         self.volatile = False  # whether those values must be read again every step
         self.state_args = None  # the core's state arguments self.state was last pointed at

@@ -306,6 +306,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         b.offsets_np = np.array(b.offsets, dtype=np.int64)
         b.gather_cut = GatherCut()
         b.all_synced = ((True,) * len(b.params), None, None)  # _sync's answer when nothing changed
+        b.replaced_at, b.replaced_by = [-2] * len(b.params), [None] * len(b.params)
         ours = set(map(id, prev.gviews)) if prev is not None else ()
         grads = [p.grad for p in b.params]
         with torch.no_grad():
@@ -536,12 +537,19 @@ class FlatOptimizer(torch.optim.Optimizer):
                 # Pointed at its view after the step, so that backward accumulates into the flat
                 # buffer from then on: not where zero_grad() dropped the gradients since the last
                 # step (the next one drops these too, and pointing 200 .grads at their views costs
-                # a quarter of such a step), nor where the user keeps the gradient tensor, which
-                # stays theirs.  (Asked before the lists below hold it too.)
-                kept = not self._grads_dropped and kept_elsewhere(g)
-                if kept and g.shape != shapes[i]:  # (its .data replaced: a copy would broadcast it)
-                    raise _reshaped_gradient(g, shapes[i])
-                take_over = not (self._grads_dropped or kept)
+                # a quarter of such a step); nor where the user keeps the gradient tensor, which
+                # stays theirs (asked before the lists below hold it too); nor where another
+                # tensor replaced it at the step before (gradients given anew at every step: a
+                # view would not outlive the step, and the question costs half a microsecond).
+                take_over = False
+                if not self._grads_dropped:
+                    anew = b.replaced_at[i] == b.steps_taken - 1 and b.replaced_by[i] != id(g)
+                    b.replaced_at[i], b.replaced_by[i] = b.steps_taken, id(g)
+                    if anew or kept_elsewhere(g):
+                        if g.shape != shapes[i]:  # (its .data replaced: a copy would broadcast it)
+                            raise _reshaped_gradient(g, shapes[i])
+                    else:
+                        take_over = True
                 # Its layout is read only where it may stay where it lies: at its view's address,
                 # or gathered.  (A copy takes any strides: the common case reads none.)
                 if gptr == gptrs[i]:
@@ -729,6 +737,7 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _stepped(self, b, runs, repoint=None):
         """What follows the kernel: the tensors :meth:`_sync` copied from pointed at their views,
         the parameters' version counters, the step counts and the state entries."""
+        b.steps_taken += 1
         if repoint is not None:
             self._repoint(b, repoint)
         # The kernel wrote the parameters behind autograd's back: their version counters go up, as
