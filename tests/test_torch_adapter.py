@@ -2544,37 +2544,40 @@ def test_a_refused_step_leaves_the_data_and_gradients_it_was_given_where_they_we
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
-@pytest.mark.parametrize("assigned", ["before the build", "after the build", "a view of a kept buffer"])
+@pytest.mark.parametrize("assigned", ["before the build", "after the build", "a view of a kept buffer",
+                                      "a kept NumPy array's"])
 def test_a_gradient_tensor_the_user_keeps_and_writes_stays_the_grad_as_in_torch(name, assigned):
-    """torch reads ``p.grad`` at every step: a buffer assigned once and written in place gives each
+    """torch reads ``p.grad`` at every step: memory assigned once and written in place gives each
     step's gradient.  flatopt.torch pointed ``.grad`` at its flat view after the first step (or at
-    the build), and the writes into the user's buffer never reached a step again."""
+    the build), and the writes into the user's memory never reached a step again."""
     runs = []
     for mod in (torch.optim, ft):
         ps = _tensors([(3, 2), (4,)], dtype=torch.float64)
-        bases = [torch.zeros(2 * p.numel(), dtype=p.dtype) for p in ps]
-        bufs = [base[:p.numel()].view(p.shape) if assigned.startswith("a view") else torch.zeros_like(p)
-                for p, base in zip(ps, bases)]
+        # the user's memory, written before every step; each p.grad is it, or a view of it
+        if assigned == "a kept NumPy array's":  # (torch.from_numpy: memory torch did not allocate)
+            memory = [np.zeros(2 * p.numel()) for p in ps]
+            grad_of = lambda i, p: torch.from_numpy(memory[i][:p.numel()].reshape(tuple(p.shape)))  # noqa: E731
+            address = lambda i: memory[i].ctypes.data  # noqa: E731
+        elif assigned == "a view of a kept buffer":
+            memory = [torch.zeros(2 * p.numel(), dtype=p.dtype) for p in ps]
+            grad_of = lambda i, p: memory[i][:p.numel()].view(p.shape)  # noqa: E731
+            address = lambda i: memory[i].data_ptr()  # noqa: E731
+        else:
+            memory = [torch.zeros_like(p) for p in ps]
+            grad_of = lambda i, p: memory[i]  # noqa: E731
+            address = lambda i: memory[i].data_ptr()  # noqa: E731
         if assigned == "before the build":
-            for p, buf in zip(ps, bufs):
-                p.grad = buf
+            for i, p in enumerate(ps):
+                p.grad = grad_of(i, p)
         opt = getattr(mod, name)(ps, lr=0.1, **({"foreach": False} if mod is torch.optim else {}))
         if assigned != "before the build":
-            for p, buf in zip(ps, bufs):
-                p.grad = buf
-        if assigned.startswith("a view"):
-            bufs = None  # only the bases are kept: the gradients are written through them
+            for i, p in enumerate(ps):
+                p.grad = grad_of(i, p)
         for t in range(4):
-            for i, (p, g) in enumerate(zip(ps, _grads(ps, t))):
-                if bufs is None:
-                    bases[i][:p.numel()].copy_(g.reshape(-1))
-                else:
-                    bufs[i].copy_(g)
+            for i, g in enumerate(_grads(ps, t)):
+                torch.as_tensor(memory[i]).view(-1)[:g.numel()].copy_(g.reshape(-1))
             opt.step()
-        if bufs is None:
-            assert all(p.grad.data_ptr() == base.data_ptr() for p, base in zip(ps, bases))
-        else:
-            assert all(p.grad is buf for p, buf in zip(ps, bufs))
+        assert [p.grad.data_ptr() for p in ps] == [address(i) for i in range(len(ps))]
         runs.append(ps)
     _assert_same_tensors(*runs)
 

@@ -158,15 +158,24 @@ def held_elsewhere(view):
 def kept_elsewhere(grad):
     """Whether a gradient tensor that a ``.grad`` holds, and that the caller holds in a list and
     a local variable, is held by anything else as well (a tensor the user assigned and keeps, to
-    write the next gradients into), or shares its memory with another tensor (a view of the
-    user's buffer).  torch reads ``p.grad`` at every step, so such a ``.grad`` stays the user's:
-    the step copies it in instead of pointing ``.grad`` at its flat view."""
-    return (sys.getrefcount(grad) > _ONLY_ITS_PARAMETER or grad._base is not None
-            or _storage_use_count is not None and _storage_holders(grad) > _ONLY_ITS_TENSOR)
+    write the next gradients into), or shares its memory with something else (a view of the
+    user's tensor, another tensor of its storage, or memory torch did not allocate: a NumPy
+    array's, through ``torch.from_numpy``, DLPack or ``torch.frombuffer``).  torch reads
+    ``p.grad`` at every step, so such a ``.grad`` stays the user's: the step copies it in
+    instead of pointing ``.grad`` at its flat view."""
+    if sys.getrefcount(grad) > _ONLY_ITS_PARAMETER or grad._base is not None:
+        return True
+    storage = grad.untyped_storage()
+    return not storage.resizable() or (_storage_use_count is not None
+                                       and _storage_use_count(storage._cdata) > _ONLY_ITS_TENSOR)
 
 
-def _storage_holders(t):
-    return _storage_use_count(t.untyped_storage()._cdata)  # (the storage object made to ask holds it too)
+def _lone_storage_holders():
+    """What :func:`kept_elsewhere` counts of the holders of a storage only its tensor holds (the
+    storage object made to ask holds it too)."""
+    tensor = torch.zeros(1)
+    storage = tensor.untyped_storage()
+    return _storage_use_count(storage._cdata)
 
 
 def _counted(view):  # (counts as held_elsewhere and kept_elsewhere count: from one frame, its argument)
@@ -194,7 +203,7 @@ def _refs_of_a_grad_only_its_parameter_holds():
 
 _ONLY_THE_BUCKET = _refs_of_a_view_only_a_bucket_holds()
 _ONLY_ITS_PARAMETER = _refs_of_a_grad_only_its_parameter_holds()
-_ONLY_ITS_TENSOR = None if _storage_use_count is None else _storage_holders(torch.zeros(1))
+_ONLY_ITS_TENSOR = None if _storage_use_count is None else _lone_storage_holders()
 
 
 def as_tensor(buf, device):
