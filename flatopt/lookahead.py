@@ -6,7 +6,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from flatopt.backend import SUPPORTED_DTYPES, backend_for, check_fits, kernel_ran
-from flatopt.optimizers.base import Optimizer, _unwrap
+from flatopt.optimizers.base import Optimizer, _unwrap, planned_for
 
 
 def check_k_alpha(k, alpha):
@@ -50,7 +50,7 @@ class Lookahead:
         self._slow, self._slow_own = None, True
         self._spans = None  # the spans synced at the last step (None: not known, as after a load)
         self.step_count = 0
-        self._plan_key = self._plan = None
+        self._planned = None
 
     def step(self, params, grads, _gather=None):
         """One inner step; every ``k``-th also pulls slow and fast weights together.
@@ -88,11 +88,8 @@ class Lookahead:
         self.step_count += 1
         if self.syncs(self.step_count):
             segments = tuple((a, b, 0) for a, b in spans)
-            key = (backend.name, segments)
-            if key != self._plan_key:
-                self._plan, self._plan_key = (backend.plan(segments) if segments else None), key
-            if self._plan is not None:
-                backend.launch("lookahead", params, slow, (), self._plan,
+            if segments:
+                backend.launch("lookahead", params, slow, (), planned_for(self, backend, segments),
                                backend.table([self.sync_row()], backend.dtype(params)))
 
     def _synced_spans(self, n):
@@ -191,14 +188,14 @@ class Lookahead:
         self.inner.load_state_dict(sd["inner"])  # checks everything before changing anything
         self.k, self.alpha, self.step_count = sd["k"], sd["alpha"], int(sd["step_count"])
         self._slow, self._slow_own = None if slow is None else np.array(slow, copy=True), True
-        self._spans = self._plan_key = None
+        self._spans = self._planned = None
 
     def __getstate__(self):
         """pickle and copy.deepcopy: the slow weights as a host array (placed next to the
         parameters again at the next step, as after ``load_state_dict``); the plan is made anew."""
         slow = self._slow
         return dict(self.__dict__, _slow=None if slow is None else backend_for(slow, slow).to_host(slow),
-                    _slow_own=True, _plan_key=None, _plan=None)
+                    _slow_own=True, _planned=None)
 
     def __copy__(self):
         """copy.copy shares nothing, as the optimizers' own copies: the inner optimizer is copied

@@ -621,7 +621,7 @@ def test_parallel_path_equals_serial_path(name, monkeypatch):
         for g in grads:
             opt.step(params, g)
         results.append(params)
-        assert opt._plan[1] is (parallel_min == CPU.parallel_min and parallel_min < n)
+        assert opt._planned[1][1] is (parallel_min == CPU.parallel_min and parallel_min < n)
     np.testing.assert_array_equal(results[0], results[1])
 
 
@@ -807,6 +807,41 @@ def test_threaded_steps_from_several_threads_on_numbas_workqueue_layer():
         print(CPU.threaded(n), CPU.one_launch_at_a_time, all(np.array_equal(got[s], expected[s]) for s in range(4)))
     """)
     assert out == ["True", "True", "True"]
+
+
+@pytest.mark.parametrize("make", [lambda: flatopt.Adam(lr=1e-3), lambda: flatopt.Lookahead(flatopt.SGD(momentum=0.9))],
+                         ids=["Adam", "Lookahead"])
+def test_one_optimizer_stepped_on_buffers_of_two_lengths_from_two_threads_never_writes_beyond_them(make, monkeypatch):
+    """One optimizer is for one thread at a time, but a user's mistake must not write beyond a
+    buffer: a first step on 40000 elements that another thread's first step on 1000 overtook
+    (between its checks and its state) took that step's 1000-element state and cached plan, and
+    its kernel wrote past them (heap corruption, 3 runs of 3 in an audit).  Now refused."""
+    import threading
+    opt, reached, overtaken = make(), threading.Event(), threading.Event()
+    plan = CPU.plan
+
+    def plan_after_the_other(segments):  # (the first thread, between its checks and its state)
+        if threading.current_thread().name == "first":
+            reached.set()
+            assert overtaken.wait(60)
+        return plan(segments)
+    monkeypatch.setattr(CPU, "plan", plan_after_the_other)
+    params, errors = np.zeros(40000, np.float32), []
+
+    def first():
+        try:
+            opt.step(params, np.ones(40000, np.float32))
+        except RuntimeError as error:
+            errors.append(str(error))
+    thread = threading.Thread(target=first, name="first")
+    thread.start()
+    assert reached.wait(60)
+    other = np.zeros(1000, np.float32)
+    opt.step(other, np.ones(1000, np.float32))
+    overtaken.set()
+    thread.join()
+    assert len(errors) == 1 and "has 1000 elements but params 40000: another thread is stepping" in errors[0]
+    assert not params.any() and other.all()
 
 
 def test_one_launch_at_a_time_only_on_the_workqueue_layer():

@@ -90,14 +90,14 @@ class Optimizer:
             # One group over the whole buffer: it keeps the groups' count if they all had one.
             same = bool(old) and all(s == old[0] for s in old)
             self._groups, self.group_state = None, [dict(old[0]) if same else self._new_group_state()]
-            self._plan_key = None
+            self._planned = None
             return
         groups = [self._checked_group(i, g) for i, g in enumerate(groups)]
         _check_ranges(groups)
         group_state = [dict(old and _continued(i, g, old, old_groups, len(groups)) or self._new_group_state())
                        for i, g in enumerate(groups)]
         self._groups, self.group_state = groups, group_state
-        self._plan_key = None
+        self._planned = None
 
     def _checked_group(self, i, group):
         if not isinstance(group, dict):
@@ -200,15 +200,14 @@ class Optimizer:
         table = self._table(backend, dtype, rows)  # converting the scalars is the last thing that can fail
         if _gather is not None:
             _check_gather(backend)
-        if (backend, segments) != self._plan_key:  # (a plan can be refused: NUMBA_DISABLE_JIT)
-            self._plan, self._plan_key = backend.plan(segments), (backend, segments)
+        plan = planned_for(self, backend, segments)  # (a plan can be refused: NUMBA_DISABLE_JIT)
         # Nothing above modified anything; from here on the step happens.
         states = self._states(backend, n, dtype, active)
         try:
             if _gather is None:
-                backend.launch(self.kernel, params, grads, states, self._plan, table)
+                backend.launch(self.kernel, params, grads, states, plan, table)
             else:
-                backend.launch(self.kernel, params, grads, states, self._plan, table, _gather)
+                backend.launch(self.kernel, params, grads, states, plan, table, _gather)
         except KeyboardInterrupt as interrupt:  # (a Ctrl-C during the kernel: the step is taken)
             if kernel_ran(interrupt):
                 for group_state, hp in active:
@@ -225,7 +224,7 @@ class Optimizer:
             self.__dict__["_ready"] = None
             return
         table = backend.table(rows, dtype)  # the ready path's own: it writes into it
-        launch = backend.launcher(self.kernel, self._plan, dtype, states)
+        launch = backend.launcher(self.kernel, plan, dtype, states)
         indices = [0] if groups is None else [i for i, g in enumerate(groups) if not g.get("frozen", False)]
         self.__dict__["_ready"] = _Ready(self, backend, n, dtype, launch, table, active, indices)
 
@@ -351,9 +350,11 @@ class Optimizer:
             needed = tuple(name for name in self.state_names if name in needed or name in self._needs(hp))
         # The buffers a rule does not use are passed empty, of the params' dtype and backend:
         # an optimizer without state (SGD without momentum) may change both between steps.
-        key = (backend, dtype, needed)
-        if key == self._state_key:  # (None whenever the buffers are not placed)
-            return self._state_args
+        key = (backend, dtype, needed, n)
+        args = self._state_args
+        if key == self._state_key and args is not None:  # (None whenever the buffers are not placed)
+            _check_lengths(backend, args, self.state_names, needed, n)  # (see _check_lengths)
+            return args
         if self._backend is None:  # fresh, loaded or assigned buffers: place copies next to the params
             self.state = {k: backend.place(v, np.empty(0, dtype)) for k, v in self.state.items()}
             self._backend = backend
@@ -362,10 +363,10 @@ class Optimizer:
         for name in needed:
             if name not in self.state:
                 dict.__setitem__(self.state, name, backend.zeros(n, dtype))
-        self._state_key = key
-        self._state_args = [self.state[name] if name in self.state else backend.empty_state(dtype)
-                            for name in self.state_names]
-        return self._state_args
+        args = [self.state[name] if name in self.state else backend.empty_state(dtype) for name in self.state_names]
+        _check_lengths(backend, args, self.state_names, needed, n)
+        self._state_key, self._state_args = key, args
+        return args
 
     # --- checkpoints --------------------------------------------------------------------
     def state_dict(self):
@@ -535,6 +536,28 @@ class _Ready:
                 entry.hp, entry.lr_source = hp, _RESOLVED_EVERY_STEP if callable(source) else source
 
 
+def planned_for(owner, backend, segments):
+    """The kernel's plan for ``segments``, made once for them and kept in ``owner._planned`` with
+    them, as one pair: a step never launches on the plan of another step's buffers (one
+    optimizer stepped from two threads at once)."""
+    planned = owner.__dict__.get("_planned")
+    if planned is None or planned[0] != (backend, segments):
+        planned = owner.__dict__["_planned"] = ((backend, segments), backend.plan(segments))
+    return planned[1]
+
+
+def _check_lengths(backend, args, names, needed, n):
+    """That each state buffer the kernel reads holds ``n`` elements.  Every check of the step
+    made sure of it, but for one optimizer stepped on buffers of two lengths from two threads at
+    once, whose state each may make and find in between: a wrong number there (as torch's),
+    never a write beyond a buffer."""
+    for name, buf in zip(names, args):
+        if name in needed and backend.length(buf) != n:
+            raise RuntimeError(f"optimizer state '{name}' has {backend.length(buf)} elements but params {n}: "
+                               "another thread is stepping this optimizer on other buffers (one optimizer is for "
+                               "one thread at a time)")
+
+
 def _check_gather(backend):
     """Gathered gradients (flatopt.torch's, TreeOptimizer's) are read from host memory."""
     if backend is not CPU:
@@ -552,7 +575,7 @@ def _fixed(value):
 def _unplaced():
     """The attributes of an optimizer whose state is host arrays (new, loaded or unpickled):
     no backend holds it yet, and nothing the steps prepare is kept."""
-    return dict(_backend=None, _ready=None, _plan_key=None, _plan=None, _state_key=None, _state_args=None,
+    return dict(_backend=None, _ready=None, _planned=None, _state_key=None, _state_args=None,
                 _table_cache=[None, None])  # [key, table], updated in place: no __setattr__ on the step path
 
 
