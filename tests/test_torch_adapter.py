@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import numpy as np
 import pytest
@@ -2594,13 +2595,38 @@ def test_a_gradient_tensor_nothing_else_holds_becomes_a_view_of_the_flat_buffer(
     assert all(p.grad is view for p, view in zip(bucket.params, bucket.gviews))
 
 
+def test_after_a_failed_fullgraph_compile_gradients_nothing_else_holds_still_become_views():
+    """After a ``torch.compile(fullgraph=True)`` that failed, dynamo's frame hook holds one more
+    reference to the arguments of every call: counts calibrated at import took every gradient for
+    one the user keeps (copied in at every step, never a view), and every replaced view for one a
+    user kept (cloned at every step).  Found by the test above failing after another test's
+    failed compile."""
+    from torch._dynamo.exc import Unsupported
+
+    def breaks():
+        torch._dynamo.graph_break()
+    with pytest.raises(Unsupported):
+        torch.compile(breaks, backend="eager", fullgraph=True)()
+    model = torch.nn.Linear(3, 2)
+    opt = ft.Adam(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    opt.step()  # (not replaced at the step before the next: not gradients given anew at every step)
+    (bucket,) = opt._buckets.values()
+    assert all(p.grad is view for p, view in zip(bucket.params, bucket.gviews))
+    views = [weakref.ref(view) for view in bucket.gviews]  # (a weak reference: not a holder)
+    model.weight.grad = torch.ones(2, 3)  # replaced; nothing holds the view it replaced
+    opt.step()
+    assert all(view() is gv and p.grad is gv for view, gv, p in zip(views, bucket.gviews, bucket.params))
+
+
 def test_gradients_given_anew_at_every_step_are_asked_about_once(monkeypatch):
     """Whether a replaced gradient is kept elsewhere costs half a microsecond a tensor; where a new
     tensor replaces it at every step (``p.grad = ...`` each step, a double backward), its view would
     not outlive the step: asked at the first step only, and the steps still match torch's."""
     import flatopt.torch._flat as flat
     asked, kept_elsewhere = [], flat.kept_elsewhere
-    monkeypatch.setattr(flat, "kept_elsewhere", lambda g: asked.append(1) or kept_elsewhere(g))
+    monkeypatch.setattr(flat, "kept_elsewhere", lambda g, alone: asked.append(1) or kept_elsewhere(g, alone))
     runs = []
     for mod in (ft, torch.optim):
         ps = _tensors([(3,), (4,)])

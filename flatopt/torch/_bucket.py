@@ -149,21 +149,32 @@ class Bucket:
         return True
 
 
-def held_elsewhere(view):
+def refs_alone():
+    """What :func:`held_elsewhere` and :func:`kept_elsewhere` count of an object that nothing but
+    a list and a local variable of the caller's holds, measured by the caller when it asks:
+    Python releases count their own references differently, and a frame hook may hold a call's
+    arguments too (dynamo's does, after a ``torch.compile(fullgraph=True)`` that failed)."""
+    held = [object()]
+    local = held[0]
+    return _counted(local)
+
+
+def held_elsewhere(view, alone):
     """Whether a gradient view that the caller holds in a local variable, and its bucket in
-    ``gviews``, is held by anything else as well (a tensor a user kept, or a ``.grad``)."""
-    return sys.getrefcount(view) > _ONLY_THE_BUCKET
+    ``gviews``, is held by anything else as well (a tensor a user kept, or a ``.grad``).
+    ``alone``: :func:`refs_alone`, from the caller."""
+    return sys.getrefcount(view) > alone
 
 
-def kept_elsewhere(grad):
+def kept_elsewhere(grad, alone):
     """Whether a gradient tensor that a ``.grad`` holds, and that the caller holds in a list and
     a local variable, is held by anything else as well (a tensor the user assigned and keeps, to
     write the next gradients into), or shares its memory with something else (a view of the
     user's tensor, another tensor of its storage, or memory torch did not allocate: a NumPy
     array's, through ``torch.from_numpy``, DLPack or ``torch.frombuffer``).  torch reads
     ``p.grad`` at every step, so such a ``.grad`` stays the user's: the step copies it in
-    instead of pointing ``.grad`` at its flat view."""
-    if sys.getrefcount(grad) > _ONLY_ITS_PARAMETER or grad._base is not None:
+    instead of pointing ``.grad`` at its flat view.  ``alone``: :func:`refs_alone`, from the caller."""
+    if sys.getrefcount(grad) > alone + _HELD_BY_ITS_TENSOR or grad._base is not None:
         return True
     storage = grad.untyped_storage()
     return not storage.resizable() or (_storage_use_count is not None
@@ -182,15 +193,6 @@ def _counted(view):  # (counts as held_elsewhere and kept_elsewhere count: from 
     return sys.getrefcount(view)
 
 
-def _refs_of_a_view_only_a_bucket_holds():
-    """What :func:`held_elsewhere` counts of a tensor held by one list (a bucket's) and the
-    caller's local variable, and by nothing else: measured, as Python releases count their
-    own references differently."""
-    held = [torch.empty(0)]
-    local = held[0]
-    return _counted(local)
-
-
 def _refs_of_a_grad_only_its_parameter_holds():
     """What :func:`kept_elsewhere` counts of a ``.grad`` nothing else holds, read into a list and
     a local variable (torch's tensor then holds its Python object as well)."""
@@ -201,8 +203,9 @@ def _refs_of_a_grad_only_its_parameter_holds():
     return _counted(grad)
 
 
-_ONLY_THE_BUCKET = _refs_of_a_view_only_a_bucket_holds()
-_ONLY_ITS_PARAMETER = _refs_of_a_grad_only_its_parameter_holds()
+# the reference a tensor (a parameter's, through .grad) holds to a Python object of a tensor
+# that nothing else holds
+_HELD_BY_ITS_TENSOR = _refs_of_a_grad_only_its_parameter_holds() - refs_alone()
 _ONLY_ITS_TENSOR = None if _storage_use_count is None else _lone_storage_holders()
 
 

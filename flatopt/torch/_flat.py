@@ -14,7 +14,7 @@ import torch
 
 from flatopt.backend import Gather, GatherCut, aligned_zeros, backend_for, host_span, kernel_ran
 from flatopt.torch._bucket import (Bucket, as_tensor, byte_spans, data_ptr, dense_strides, held_elsewhere,
-                                   kept_elsewhere, starts_inside, unaliased)
+                                   kept_elsewhere, refs_alone, starts_inside, unaliased)
 from flatopt.torch._checks import (NP_DTYPES, check_betas_types, check_disjoint, check_flags,
                                    check_foreach_tensor_betas, check_foreach_tensors, check_fused_foreach,
                                    check_no_internal_overlap, check_param, check_tensor_lr, check_unique,
@@ -308,13 +308,13 @@ class FlatOptimizer(torch.optim.Optimizer):
         b.all_synced = ((True,) * len(b.params), None, None)  # _sync's answer when nothing changed
         b.replaced_at, b.replaced_by = [-2] * len(b.params), [None] * len(b.params)
         ours = set(map(id, prev.gviews)) if prev is not None else ()
-        grads = [p.grad for p in b.params]
+        grads, alone = [p.grad for p in b.params], refs_alone()
         with torch.no_grad():
             for i, p in enumerate(b.params):
-                grad = grads[i]  # (held as _pull_in holds it: kept_elsewhere counts references)
+                grad = grads[i]  # (held as refs_alone holds its object: kept_elsewhere counts references)
                 if grad is not None:
                     b.gviews[i].copy_(grad)
-                    if id(grad) in ours or not kept_elsewhere(grad):  # (else it stays the user's)
+                    if id(grad) in ours or not kept_elsewhere(grad, alone):  # (else it stays the user's)
                         p.grad = b.gviews[i]
         if device.type != "cpu":  # CUDA: the core's state lives on the device too
             new_state = {k: torch.as_tensor(v, device=device) for k, v in new_state.items()}
@@ -490,6 +490,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         dst, src, src_ptrs, repoint_data, repoint_grad = [], [], [], [], []
         active, moved_grads = [], []  # moved: (index, the param's new gradient view)
         views, gviews, ptrs, gptrs, strides, shapes = b.views, b.gviews, b.ptrs, b.gptrs, b.strides, b.shapes
+        alone = refs_alone()  # (the count of a gradient or view held as g and gv are here, and nowhere else)
         # After zero_grad() (on the CPU) the new gradients are read where autograd made them,
         # unless one has other strides than its view or lies in this optimizer's own buffers:
         # then it is copied into its view first, as every replaced gradient is otherwise.
@@ -526,7 +527,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 active.append(True)
                 continue
             if g is not gv:
-                if held_elsewhere(gv):  # (kept by a user across zero_grad: torch never writes it again)
+                if held_elsewhere(gv, alone):  # (kept by a user across zero_grad: torch never writes it again)
                     gv = b.release_gview(i)
                 try:
                     gptr = data_ptr(g)
@@ -545,7 +546,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if not self._grads_dropped:
                     anew = b.replaced_at[i] == b.steps_taken - 1 and b.replaced_by[i] != id(g)
                     b.replaced_at[i], b.replaced_by[i] = b.steps_taken, id(g)
-                    if anew or kept_elsewhere(g):
+                    if anew or kept_elsewhere(g, alone):
                         if g.shape != shapes[i]:  # (its .data replaced: a copy would broadcast it)
                             raise _reshaped_gradient(g, shapes[i])
                     else:
