@@ -271,6 +271,29 @@ def test_hyperparameter_messages_are_torchs(cls, kwargs, message):
         assert str(torch_error.value).startswith(message)
 
 
+@pytest.mark.parametrize("name, kwargs", [
+    ("SGD", dict(lr=0.0)), ("SGD", dict(momentum=0.0, dampening=0.0, weight_decay=0.0)),
+    ("SGD", dict(momentum=0.9, dampening=1.0)),
+    ("RMSprop", dict(alpha=0.0)), ("RMSprop", dict(eps=0.0)), ("RMSprop", dict(alpha=1.0, centered=True)),
+    ("Adam", dict(eps=0.0)), ("Adam", dict(betas=(0.0, 0.0))), ("Adam", dict(lr=0.0, weight_decay=0.0)),
+    ("AdamW", dict(eps=0.0, weight_decay=0.0)), ("AdamW", dict(betas=(0.0, 0.5), amsgrad=True)),
+], ids=str)
+def test_the_edges_torch_accepts_are_accepted_and_step_as_torch(name, kwargs):
+    """The bounds of each range, where torch accepts them (eps=0, betas of 0, lr=0, ...): a check
+    made strict (``eps > 0``) would refuse what torch steps, and no other test uses these values."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    p0, grads = rng.standard_normal(40), rng.standard_normal((3, 40))
+    p, opt = p0.copy(), getattr(flatopt, name)(**kwargs)
+    tp = torch.nn.Parameter(torch.tensor(p0))
+    topt = getattr(torch.optim, name)([tp], foreach=False, **kwargs)
+    for g in grads:
+        opt.step(p, g.copy())
+        tp.grad = torch.tensor(g)
+        topt.step()
+    np.testing.assert_allclose(p, tp.detach().numpy(), rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("cls, kwargs, message", TORCH_MESSAGES)
 def test_bad_hyperparameter_set_between_steps_modifies_nothing(cls, kwargs, message):
     opt, params, grads = cls(lr=1e-2), rand(30), rand(30, seed=1)

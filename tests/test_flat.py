@@ -16,8 +16,10 @@ def arrays(dtype=np.float32):
 
 def test_views_share_the_flat_buffers():
     source = arrays()
+    np.full(1 << 16, 3.0)  # (freed memory a buffer left uninitialised may take: its gradients must start at 0)
     flat = flatopt.FlatParams(source)
     assert flat.params.shape == (8 * 5 + 5 + 5 * 3 + 3,) and flat.params.dtype == np.float32
+    assert flat.grads.shape == flat.params.shape and not flat.grads.any()  # (zeros, as documented)
     for name, value in source.items():
         np.testing.assert_array_equal(flat[name], value)
         assert flat[name].shape == value.shape
