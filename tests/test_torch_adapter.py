@@ -2502,10 +2502,7 @@ def test_a_param_group_added_with_state_that_does_not_fit_is_refused_before_anyt
                 opt.add_param_group({"params": [ps[1]]})
             assert len(opt.param_groups) == 1
             del opt.state[ps[1]]
-        for t in range(3):
-            for p, g in zip(ps, _grads(ps, t)):
-                p.grad = g
-            opt.step()
+        _step_through(opt, ps, range(3))
         runs.append(ps)
     _assert_same_tensors(*runs)
 
