@@ -88,12 +88,12 @@ def _apart_from(values, at):
     return values[:at] + values[at + 1:]
 
 
-@functools.lru_cache(maxsize=None)
 def _reshaped_gradient(grad, shape):
     return RuntimeError(f"a gradient changed shape to {tuple(grad.shape)} (p.grad.data = ...); its parameter "
                         f"has shape {tuple(shape)}")
 
 
+@functools.lru_cache(maxsize=None)
 def _torch_defaults(cls):
     """The defaults of the flatopt.torch class's ``__init__`` that ``cls`` is or derives from:
     what torch's ``__setstate__`` fills into the groups of an older checkpoint that lacks a key."""
