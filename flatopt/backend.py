@@ -64,6 +64,13 @@ def check_fits(buffer, n, dtype, name, size_says, dtype_of):
         raise TypeError(f"params dtype {dtype} does not match {dtype_of} dtype {buffer_dtype}")
 
 
+def check_gather(backend):
+    """Gathered gradients (flatopt.torch's, TreeOptimizer's ``_gather``) are read from host memory."""
+    if backend is not CPU:
+        raise TypeError(f"_gather reads gradients from host memory; buffers on {backend.name} take their "
+                        "gradients in the flat grads buffer")
+
+
 def backend_for(params, grads):
     """The backend that owns both buffers; TypeError if they live in different places."""
     if isinstance(params, np.ndarray) and isinstance(grads, np.ndarray):

@@ -33,8 +33,8 @@ import weakref
 import numpy as np
 from numba import cuda
 
-from flatopt.backend import (CPU, SUPPORTED_DTYPES, check_pair, describe, is_cuda_array, is_torch_cuda_tensor,
-                             split_chunks)
+from flatopt.backend import (CPU, SUPPORTED_DTYPES, check_gather, check_pair, describe, is_cuda_array,
+                             is_torch_cuda_tensor, split_chunks)
 from flatopt.kernels import cuda as kernels
 
 SIMULATOR = kernels.SIMULATOR
@@ -448,10 +448,16 @@ class CudaBackend:
         addresses never change while the launcher lives.
         """
         if SIMULATOR:
-            return lambda params, grads, table: self.launch(kernel, params, grads, states, plan, table)
+            def simulated(params, grads, table, gather=None):
+                if gather is not None:  # (the prepared step's: it leaves the check to the launcher)
+                    check_gather(self)
+                return self.launch(kernel, params, grads, states, plan, table)
+            return simulated
         replays = {}
 
-        def launch(params, grads, table):
+        def launch(params, grads, table, gather=None):
+            if gather is not None:  # (the prepared step's: it leaves the check to the launcher)
+                check_gather(self)
             checked = self._checked
             if checked is None or not (_is(checked[0], params) and _is(checked[1], grads)):
                 return self.launch(kernel, params, grads, states, plan, table)

@@ -26,7 +26,7 @@ from operator import is_
 
 import numpy as np
 
-from flatopt.backend import CPU, SUPPORTED_DTYPES, backend_for, check_fits, kernel_ran
+from flatopt.backend import CPU, SUPPORTED_DTYPES, backend_for, check_fits, check_gather, kernel_ran
 
 GROUP_KEYS = ("start", "stop", "frozen")
 
@@ -174,8 +174,7 @@ class Optimizer:
                 try:
                     if _gather is None:
                         ready.launch(params, grads, ready.table)
-                    else:
-                        _check_gather(backend)
+                    else:  # (a launcher of a backend that cannot gather refuses it: see check_gather)
                         ready.launch(params, grads, ready.table, _gather)
                 except KeyboardInterrupt as interrupt:  # (a Ctrl-C during the kernel: the step is taken)
                     if kernel_ran(interrupt):
@@ -199,7 +198,7 @@ class Optimizer:
         rows = [self._row(hp, self._stepping_from(group_state), dtype.type) for group_state, hp in active]
         table = self._table(backend, dtype, rows)  # converting the scalars is the last thing that can fail
         if _gather is not None:
-            _check_gather(backend)
+            check_gather(backend)
         plan = planned_for(self, backend, segments)  # (a plan can be refused: NUMBA_DISABLE_JIT)
         # Nothing above modified anything; from here on the step happens.
         states = self._states(backend, n, dtype, active)
@@ -501,7 +500,7 @@ class _Ready:
         """Launch the kernel on ``rows`` (``Optimizer._ready_rows``): nothing before this has
         changed anything."""
         if gather is not None:
-            _check_gather(self.backend)
+            check_gather(self.backend)
         try:
             for entry, hp, source, group_state in rows:
                 if hp is not entry.hp:  # its lr is new
@@ -556,13 +555,6 @@ def _check_lengths(backend, args, names, needed, n):
             raise RuntimeError(f"optimizer state '{name}' has {backend.length(buf)} elements but params {n}: "
                                "another thread is stepping this optimizer on other buffers (one optimizer is for "
                                "one thread at a time)")
-
-
-def _check_gather(backend):
-    """Gathered gradients (flatopt.torch's, TreeOptimizer's) are read from host memory."""
-    if backend is not CPU:
-        raise TypeError(f"_gather reads gradients from host memory; buffers on {backend.name} take their "
-                        "gradients in the flat grads buffer")
 
 
 def _fixed(value):
