@@ -281,6 +281,21 @@ def test_adam_every_option_combination_bitwise_vs_fused(cls, options, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("beta1", [0.5, float(np.nextafter(0.5, 1)), float(np.nextafter(0.5, 0)), 0.0, 0.75],
+                         ids=["0.5", "above 0.5", "below 0.5", "0", "0.75"])
+@pytest.mark.parametrize("cls", ["Adam", "AdamW"])
+def test_adam_first_moment_rounding_at_the_lerp_weights_bound_bitwise_vs_fused(cls, beta1, dtype):
+    """torch's lerp computes with ``weight`` below 0.5 and with ``weight - 1`` from 0.5 up, and
+    the two round differently: ``1 - beta1`` at and around that bound, where only a random sweep
+    caught a bound moved from ``< 0.5`` to ``<= 0.5`` (a mutation audit)."""
+    n = 1024  # (the fused kernel's SIMD body only: its scalar tail rounds otherwise)
+    p0, grads = make_problem(n, STEPS, dtype, seed=7)
+    run = lockstep(getattr(flatopt, cls), getattr(torch.optim, cls), dict(lr=1e-2, betas=(beta1, 0.999)), p0, grads,
+                   lr_mode="attr", torch_kw=dict(fused=True))
+    check_adam_fused(run, cls)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 @pytest.mark.parametrize("options", ADAM_GRID, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
 @pytest.mark.parametrize("cls", ["Adam", "AdamW"])
 def test_adam_every_option_combination_vs_single_tensor(cls, options, dtype):
