@@ -498,9 +498,7 @@ class _Ready:
 
     def step(self, opt, rows, params, grads, gather):
         """Launch the kernel on ``rows`` (``Optimizer._ready_rows``): nothing before this has
-        changed anything."""
-        if gather is not None:
-            check_gather(self.backend)
+        changed anything.  (A launcher of a backend that cannot gather refuses ``gather``.)"""
         try:
             for entry, hp, source, group_state in rows:
                 if hp is not entry.hp:  # its lr is new

@@ -878,10 +878,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             try:
                 values = torch.as_tensor(value)
             except Exception:
-                values = None
-            if values is None:
                 raise error(f"{where.format(name=name)} is {type(value).__name__} {value!r}, not "
-                            + ("a number" if name == "step" else "a tensor of numbers"))
+                            + ("a number" if name == "step" else "a tensor of numbers")) from None
             if name == "step" and values.numel() != 1:
                 raise error(f"{where.format(name=name)} has {values.numel()} elements, not 1")
             if name in names and values.numel() != size:

@@ -648,14 +648,16 @@ def test_lookahead_slow_weights_after_a_step_on_another_gpu(monkeypatch):
     np.testing.assert_allclose(params._host, 0.8, rtol=1e-6)
 
 
-def test_gathered_gradients_are_refused_for_cuda_buffers_before_anything_changes():
+@pytest.mark.parametrize("groups", [None, [{"start": 0, "stop": 4}, {"start": 4, "stop": 8, "lr": 0.5}]],
+                         ids=["one group", "two groups"])
+def test_gathered_gradients_are_refused_for_cuda_buffers_before_anything_changes(groups):
     """``_gather`` (flatopt.torch's and TreeOptimizer's, host memory) went into the CUDA launch's
     ``replayable`` argument: the step read the flat grads instead, and the next one failed."""
     from flatopt.backend import Gather
     host = np.full(8, 5.0, np.float32)
     gather = Gather(np.array([0], np.int64), np.array([host.ctypes.data], np.int64))
     for warm in (False, True):  # the full step, and the prepared one
-        opt, params = flatopt.SGD(lr=1.0, momentum=0.5), dev(np.zeros(8, np.float32))
+        opt, params = flatopt.SGD(lr=1.0, momentum=0.5, param_groups=groups), dev(np.zeros(8, np.float32))
         grads = dev(np.ones(8, np.float32))
         if warm:
             opt.step(params, grads)
