@@ -2541,6 +2541,114 @@ def test_a_refused_step_leaves_the_data_and_gradients_it_was_given_where_they_we
     _assert_same_tensors(*runs)
 
 
+@pytest.mark.parametrize("buckets", ["one bucket", "two buckets"])
+def test_a_refused_step_leaves_the_memory_of_a_replaced_data_as_it_was(buckets):
+    """A parameter's old memory, which a tensor taken before ``p.data = t`` still shares (a
+    ``state_dict()``'s tensor, ``p.data`` kept), is the parameter's place in the flat buffer,
+    where a step copies ``t``.  A step refused afterwards (an lr of -1 in the other group, or in
+    the other bucket) had copied it already: the shared tensor held ``t``'s values."""
+    ps = _tensors([(6,), (3,)]) + (_tensors([(2,)], seed=1, dtype=torch.float64) if buckets == "two buckets" else [])
+    opt = ft.SGD([{"params": ps[:1]}, {"params": ps[1:]}], lr=0.1)
+    _step_through(opt, ps, range(2))
+    shared = ps[0].data  # the memory the parameter had, and a tensor that shares it
+    values = shared.clone()
+    ps[0].data = torch.full((6,), 7.0)
+    for p, g in zip(ps, _grads(ps, 2)):
+        p.grad = g
+    opt.param_groups[1]["lr"] = -1.0
+    with pytest.raises(ValueError, match="Invalid learning rate"):
+        opt.step()
+    assert torch.equal(shared, values)
+    assert torch.equal(ps[0].data, torch.full((6,), 7.0))
+
+
+@pytest.mark.parametrize("where", ["at its view's address", "read where it lies"])
+def test_a_negative_view_gradient_is_read_as_its_values_as_in_torch(where):
+    """torch's negative view (``torch._neg_view``: the conjugate machinery's, for real tensors
+    too) holds ``g`` in memory and means ``-g``.  A step that reads a gradient where it lies (a
+    bucket past the gather threshold after ``zero_grad()``, or a new tensor at its view's own
+    address) read the memory: the parameter moved up the gradient.  Now such a gradient is
+    copied in, which resolves it."""
+    n = ft.SGD._gather_min if where == "read where it lies" else 100
+    runs = []
+    for make in (lambda ps: ft.SGD(ps, lr=0.5, momentum=0.9), lambda ps: _ref("SGD", ps, lr=0.5, momentum=0.9)):
+        ps = _tensors([(n,)])
+        opt = make(ps)
+        # (at its view's address: two steps, as a .grad replaced at two steps in a row stays the user's)
+        for t in range(3 if where == "read where it lies" else 2):
+            grad = _grads(ps, t)[0]
+            if where == "read where it lies":
+                opt.zero_grad()
+                ps[0].grad = torch._neg_view(-grad)
+            elif t % 2 == 0:  # a new tensor: flatopt.torch points .grad at its view after the step
+                ps[0].grad = grad.clone()
+            else:  # the memory of the gradient view .grad now is, holding -grad
+                opt.zero_grad(set_to_none=False)
+                ps[0].grad.copy_(-grad)
+                ps[0].grad = torch._neg_view(ps[0].grad)
+                if isinstance(opt, ft.SGD):
+                    (b,) = opt._buckets.values()
+                    assert ps[0].grad.data_ptr() == b.gptrs[0]
+            if where == "read where it lies" or t % 2:
+                assert ps[0].grad.is_neg() and torch.equal(ps[0].grad, grad)
+            opt.step()
+        runs.append(ps)
+    _assert_same_tensors(*runs)
+
+
+def test_a_gradient_with_no_memory_is_stepped_as_torch_steps_it():
+    """A ZeroTensor (``torch._efficientzerotensor``: zeros with no memory, address 0) as the
+    gradient of a bucket past the gather threshold: its address went to the kernel, which read
+    address 0 (a segfault).  It is copied in now, and read as torch reads it: zeros (momentum
+    moves the parameter on).  (torch's fused Adam refuses ZeroTensors.)"""
+    n = ft.SGD._gather_min
+    runs = []
+    for make in (lambda ps: ft.SGD(ps, lr=0.1, momentum=0.9), lambda ps: _ref("SGD", ps, lr=0.1, momentum=0.9)):
+        ps = _tensors([(n,)])
+        opt = make(ps)
+        _step_through(opt, ps, range(1))
+        opt.zero_grad()
+        ps[0].grad = torch._efficientzerotensor(n)
+        assert ps[0].grad.data_ptr() == 0
+        opt.step()
+        runs.append((ps, opt))
+    _assert_same_tensors(runs[0][0], runs[1][0])
+    _assert_same_state(runs[0][1], runs[1][1])
+
+
+@pytest.mark.parametrize("width", [16, 512], ids=["copied into the flat buffer", "read where they lie"])
+def test_a_gradient_kept_after_zero_grad_survives_zero_grad_without_set_to_none(width):
+    """A ``.grad`` the user keeps after ``zero_grad()`` dropped it is never written again by
+    torch, also by ``zero_grad(set_to_none=False)``, which zeroes only the ``.grad`` tensors.
+    The kept tensor got memory of its own only at a step that found a new gradient for its
+    parameter; before such a step (the parameter unused at the next step, or no step at all),
+    ``zero_grad(set_to_none=False)`` zeroed it with the flat gradient buffer."""
+    runs = []
+    for make in (lambda ps: ft.SGD(ps, lr=0.1), lambda ps: _ref("SGD", ps, lr=0.1)):
+        torch.manual_seed(0)
+        used, unused = torch.nn.Linear(width, 1), torch.nn.Linear(width, 1)
+        opt = make(list(used.parameters()) + list(unused.parameters()))
+        x = torch.randn(2, width)
+        for _ in range(2):
+            opt.zero_grad(set_to_none=False)
+            (used(x) + unused(x)).sum().backward()
+            opt.step()
+        kept = [p.grad for p in unused.parameters()]
+        values = [k.clone() for k in kept]
+        opt.zero_grad()
+        used(x).sum().backward()
+        opt.step()  # a step in which the kept gradients' parameters have none
+        opt.zero_grad(set_to_none=False)
+        opt.zero_grad()
+        opt.zero_grad(set_to_none=False)  # and with no step between
+        _assert_same_tensors(kept, values)
+        (used(x) + unused(x)).sum().backward()
+        opt.step()
+        _assert_same_tensors(kept, values)
+        runs.append(list(used.parameters()) + list(unused.parameters()))
+    _assert_same_tensors(*runs)
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adam"])
 @pytest.mark.parametrize("assigned", ["before the build", "after the build", "a view of a kept buffer",
                                       "a kept NumPy array's"])

@@ -149,6 +149,39 @@ class Bucket:
         return True
 
 
+class Pending:
+    """What a step that found replaced tensors does with them (see ``FlatOptimizer._sync``):
+    before its kernel (:meth:`copy_in`), the new values go into their flat views; after the
+    kernel (:meth:`repoint`), the ``.data`` and ``.grad`` they came from point at those views,
+    so that backward accumulates into the flat buffer from then on.  A step refused in between
+    has changed no tensor a user holds: the gradient views it copies into are no ``.grad``
+    and held by no one, and where a replaced ``.data`` is copied (into the memory of the old
+    ``.data``, which a tensor taken before the replacement may still share, a
+    ``state_dict()``'s), the copy waits for every check."""
+    __slots__ = ("views", "values", "data", "grads", "moved_grads")
+
+    def __init__(self, views, values, data, grads, moved_grads):
+        self.views, self.values = views, values  # the flat views, and what each gets
+        self.data = data  # (param, view): a replaced .data
+        self.grads = grads  # (param, gradient view): a .grad taken over
+        self.moved_grads = moved_grads  # (index, new gradient view): a gradient view whose memory was moved
+
+    def copy_in(self):
+        if self.views:  # (one call for all)
+            with torch.no_grad():
+                torch._foreach_copy_(self.views, self.values)
+
+    def repoint(self, b):
+        for p, view in self.data:
+            p.data = view
+        for p, gv in self.grads:
+            p.grad = gv
+        for i, gv in self.moved_grads:
+            b.params[i].grad = b.gviews[i] = gv
+            b.gptrs[i] = gv.data_ptr()
+        b.note_gviews_intact()
+
+
 def refs_alone():
     """What :func:`held_elsewhere` and :func:`kept_elsewhere` count of an object that nothing but
     a list and a local variable of the caller's holds, measured by the caller when it asks:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from flatopt.backend import Gather, GatherCut, aligned_zeros, backend_for, host_span, kernel_ran
-from flatopt.torch._bucket import (Bucket, as_tensor, byte_spans, data_ptr, dense_strides, held_elsewhere,
+from flatopt.torch._bucket import (Bucket, Pending, as_tensor, byte_spans, data_ptr, dense_strides, held_elsewhere,
                                    kept_elsewhere, refs_alone, starts_inside, unaliased)
 from flatopt.torch._checks import (NP_DTYPES, check_betas_types, check_disjoint, check_flags,
                                    check_foreach_tensor_betas, check_foreach_tensors, check_fused_foreach,
@@ -467,13 +467,13 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     # --- the step --------------------------------------------------------------------------
     def _sync(self, b):
-        """Pull replaced ``.data`` / ``.grad`` into the flat views: which params have a grad,
+        """What the step takes in of replaced ``.data`` / ``.grad``: which params have a grad,
         where the gradients are read from (``None``: the flat gradient buffer; else a
-        :class:`Gather` and the tensors it reads, to keep alive through the step), and the
-        ``.data`` and ``.grad`` to point at the views once the step is taken (``None``: none),
-        so that a step refused after this leaves every tensor as it was.
-
-        The copies of one step go in one ``torch._foreach_copy_`` call.
+        :class:`Gather` and the tensors it reads, to keep alive through the step), and a
+        :class:`Pending` (``None``: nothing replaced): the values to copy into the flat views
+        once every check has passed, and the ``.data`` and ``.grad`` to point at the views once
+        the step is taken, so that a step refused after this leaves every tensor as it was,
+        and the memory that other tensors may share with them.
         """
         params = b.params
         if (all(map(is_, map(_grad_of, params), b.gviews)) and list(map(data_ptr, params)) == b.ptrs
@@ -552,11 +552,14 @@ class FlatOptimizer(torch.optim.Optimizer):
                     else:
                         take_over = True
                 # Its layout is read only where it may stay where it lies: at its view's address,
-                # or gathered.  (A copy takes any strides: the common case reads none.)
+                # or gathered.  (A copy takes any strides: the common case reads none.)  The kernel
+                # reads memory: a tensor whose values are not its memory's (torch's negative view,
+                # whose memory holds -g) is copied, which resolves it; one with no memory (a
+                # ZeroTensor's address is 0) too.
                 if gptr == gptrs[i]:
-                    copy = not (g.stride() == strides[i] and g.shape == shapes[i])
-                elif gather and g.stride() == strides[i] and g.shape == shapes[i] and g.dtype is b.dtype \
-                        and g.is_cpu:
+                    copy = not (g.stride() == strides[i] and g.shape == shapes[i]) or g.is_neg()
+                elif gather and gptr and g.stride() == strides[i] and g.shape == shapes[i] and g.dtype is b.dtype \
+                        and g.is_cpu and not g.is_neg():
                     candidates.append((i, g, gptr))
                     copy = False
                 else:
@@ -580,27 +583,13 @@ class FlatOptimizer(torch.optim.Optimizer):
                 else:
                     addresses[i] = gptr
                     kept.append(g)
-        if dst:
-            torch._foreach_copy_(dst, unaliased(src, src_ptrs, b.memory))
-        repoint = (repoint_data, repoint_grad, moved_grads) if repoint_data or repoint_grad or moved_grads else None
+        pending = None
+        if dst or repoint_data or repoint_grad or moved_grads:
+            pending = Pending(dst, unaliased(src, src_ptrs, b.memory), repoint_data, repoint_grad, moved_grads)
         if gather and kept:
             gather = (Gather(b.offsets_np, np.array(addresses, dtype=np.int64), b.gather_cut), kept)
-            return tuple(active), gather, repoint
-        return tuple(active), None, repoint
-
-    @staticmethod
-    def _repoint(b, repoint):
-        """After a step: the ``.data`` and ``.grad`` that :meth:`_pull_in` copied from point at
-        their views (from now on backward accumulates into the flat buffer)."""
-        repoint_data, repoint_grad, moved_grads = repoint
-        for p, view in repoint_data:
-            p.data = view
-        for p, gv in repoint_grad:
-            p.grad = gv
-        for i, gv in moved_grads:
-            b.params[i].grad = b.gviews[i] = gv
-            b.gptrs[i] = gv.data_ptr()
-        b.note_gviews_intact()
+            return tuple(active), gather, pending
+        return tuple(active), None, pending
 
     def _layout(self, b, active):
         """The core's runs: maximal runs of neighbouring params with a grad, one torch group,
@@ -656,12 +645,22 @@ class FlatOptimizer(torch.optim.Optimizer):
             for b, bucket_runs in zip(buckets, runs):
                 if bucket_runs:
                     b.core._check_step(len(b.flat_np))
-            for b, bucket_runs, (_, gather, repoint) in zip(buckets, runs, synced):
-                self._step_bucket(b, bucket_runs, gather, repoint)
+            for _, _, pending in synced:
+                if pending is not None:
+                    pending.copy_in()
+            for b, bucket_runs, (_, gather, pending) in zip(buckets, runs, synced):
+                self._step_bucket(b, bucket_runs, gather, pending)
         else:  # (without the list: a step of a small model is mostly Python)
             for b in buckets:
-                active, gather, repoint = self._sync(b)
-                self._step_bucket(b, self._configure(b, active), gather, repoint)
+                active, gather, pending = self._sync(b)
+                bucket_runs = self._configure(b, active)
+                if pending is not None:
+                    # A replaced .data is copied into memory that its old tensor may share: after
+                    # every check (the core's run in its step).  Gradients go into views no one holds.
+                    if pending.data and bucket_runs:
+                        b.core._check_step(len(b.flat_np))
+                    pending.copy_in()
+                self._step_bucket(b, bucket_runs, gather, pending)
         self._grads_dropped = False
         return loss
 
@@ -724,23 +723,23 @@ class FlatOptimizer(torch.optim.Optimizer):
             for group, lr in zip(core.param_groups, lrs):
                 group["lr"] = lr
 
-    def _step_bucket(self, b, runs, gather=None, repoint=None):
+    def _step_bucket(self, b, runs, gather=None, pending=None):
         if runs:
             try:
                 # (``gather``: a Gather, and the gradient tensors it reads, alive until the step is done)
                 b.core.step(b.flat_np, b.gflat_np, None if gather is None else gather[0])
             except KeyboardInterrupt as interrupt:  # (a Ctrl-C during the kernel: the step is taken)
                 if kernel_ran(interrupt):
-                    self._stepped(b, runs, repoint)
+                    self._stepped(b, runs, pending)
                 raise
-        self._stepped(b, runs, repoint)
+        self._stepped(b, runs, pending)
 
-    def _stepped(self, b, runs, repoint=None):
+    def _stepped(self, b, runs, pending=None):
         """What follows the kernel: the tensors :meth:`_sync` copied from pointed at their views,
         the parameters' version counters, the step counts and the state entries."""
         b.steps_taken += 1
-        if repoint is not None:
-            self._repoint(b, repoint)
+        if pending is not None:
+            pending.repoint(b)
         # The kernel wrote the parameters behind autograd's back: their version counters go up, as
         # torch's in-place step bumps them, so that a backward through a graph that saved them
         # before the step fails as in torch instead of using the new values.  (One call; 0.1-0.2 µs a tensor)
@@ -807,11 +806,21 @@ class FlatOptimizer(torch.optim.Optimizer):
             self._grads_dropped = True
             return
         for b in self._buckets.values():
-            b.gflat.zero_()
             intact = b.gviews_intact()
-            for p, gv, ptr in zip(b.params, b.gviews, b.gptrs):
-                g = p.grad
-                if g is not None and (g is not gv or not intact and g.data_ptr() != ptr):
+            apart = [i for i, (p, gv, ptr) in enumerate(zip(b.params, b.gviews, b.gptrs))
+                     if p.grad is not gv or not intact and gv.data_ptr() != ptr]
+            if apart:
+                alone = refs_alone()
+                for i in apart:
+                    gv = b.gviews[i]
+                    # a view the user kept when its .grad was dropped or replaced: torch zeroes
+                    # only the .grads, so it keeps its values (memory of its own, see release_gview)
+                    if b.params[i].grad is not gv and held_elsewhere(gv, alone):
+                        b.release_gview(i)
+            b.gflat.zero_()
+            for i in apart:
+                g = b.params[i].grad
+                if g is not None:
                     if g.grad_fn is not None:
                         g.detach_()
                     else:
