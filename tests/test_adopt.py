@@ -384,8 +384,16 @@ AUTHORS_CASES = [
     dict(betas=(0.9, 0.999), weight_decay=0.1, decouple=False, maximize=True, clip="default"),
     dict(betas=(0.9, 0.99), weight_decay=0.1, decouple=True, maximize=False, clip="tight"),
     dict(betas=(0.5, 0.9), weight_decay=0.05, decouple=True, maximize=False, clip="none"),
-    dict(betas=(0.3, 0.9), weight_decay=0.0, decouple=False, maximize=False, clip="tight"),  # lerp weight > 1/2
+    # lerp weight > 1/2; at 0.2, unlike 0.3, float32(1 - beta1) - 1 is not -beta1 rounded (asserted below)
+    dict(betas=(0.2, 0.9), weight_decay=0.0, decouple=False, maximize=False, clip="tight"),
 ]
+
+
+def test_the_lerp_case_tells_the_roundings_of_w_minus_one_apart():
+    """The case above whose lerp weight exceeds 1/2 pins the rounding of ``w - 1`` in float32
+    only if its two roundings differ there (at beta1 = 0.3 they coincide)."""
+    (beta1, _), = [c["betas"] for c in AUTHORS_CASES if 1 - c["betas"][0] > 0.5]
+    assert np.float32(1 - beta1) - np.float32(1) != np.float32((1 - beta1) - 1)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
@@ -409,6 +417,45 @@ def test_bitwise_equal_to_the_authors_torch_code_with_a_correctly_rounded_sqrt(c
         np.testing.assert_array_equal(params, p.numpy(), err_msg=f"params after call {t + 1}")
         np.testing.assert_array_equal(opt.state["exp_avg"], m.numpy(), err_msg=f"m after call {t + 1}")
         np.testing.assert_array_equal(opt.state["exp_avg_sq"], v.numpy(), err_msg=f"v after call {t + 1}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_flatopt_torch_adopt_follows_the_authors_code_per_parameter(dtype):
+    """flatopt.torch.ADOPT with its defaults but lr and a weight decay, on three parameters, two
+    of which skip steps (no gradient): each follows the authors' code with its own count of
+    calls (its first call only sets v; the clip schedule runs on its own count), bitwise given
+    the same square root.  Pins the adapter's defaults against the authors' signature: betas
+    (0.9, 0.9999), eps 1e-6, clip t**0.25, and a weight decay added to the gradient
+    (``decouple=False``), not decoupled."""
+    torch = pytest.importorskip("torch")
+    ft = pytest.importorskip("flatopt.torch")
+    import inspect
+
+    authors = dict(lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, decouple=False)  # their signature
+    signature = inspect.signature(ft.ADOPT).parameters
+    assert {name: signature[name].default for name in authors} == authors
+    tdtype = getattr(torch, dtype)
+    rng = np.random.default_rng(7)
+    shapes = [(5,), (3, 4), (7,)]
+    params = [torch.nn.Parameter(torch.from_numpy(rng.standard_normal(s)).to(tdtype)) for s in shapes]
+    refs = [(p.detach().clone(), torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    calls = [0, 0, 0]
+    hp = dict(authors, lr=3e-3, weight_decay=0.1)
+    opt = ft.ADOPT(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+    for t in range(12):
+        for i, p in enumerate(params):
+            if (i == 1 and t % 3 == 0) or (i == 2 and t < 4):  # no gradient: not stepped, its count stays
+                p.grad = None
+                continue
+            g = torch.from_numpy(rng.standard_normal(shapes[i])).to(tdtype)
+            p.grad = g.clone()
+            authors_step(*refs[i][:1], g, *refs[i][1:], calls[i], clip=default_clip, sqrt=correctly_rounded_sqrt,
+                         **hp)
+            calls[i] += 1
+        opt.step()
+    for p, (ref_p, ref_m, ref_v) in zip(params, refs):
+        assert torch.equal(p.detach(), ref_p)
+        assert torch.equal(opt.state[p]["exp_avg"], ref_m) and torch.equal(opt.state[p]["exp_avg_sq"], ref_v)
 
 
 # ============================================================================== (b) optax

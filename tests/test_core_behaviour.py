@@ -376,33 +376,64 @@ def test_lookahead_bad_arguments(kwargs, words):
         flatopt.Lookahead(flatopt.SGD(), **kwargs)
 
 
+@pytest.mark.parametrize("side", ["after", "before"], ids=["joining after", "joining before"])
 @pytest.mark.parametrize("join", ["unfrozen", "a group assigned over them"])
-def test_lookahead_elements_that_join_later_start_their_slow_weights_then(join):
+def test_lookahead_elements_that_join_later_start_their_slow_weights_then(join, side):
     """Elements a frozen group held (or no group), given new values, then stepped: their slow
     weights were the copy taken at the very first step, to which the next sync pulled them
     halfway back.  They now start from their values at the step they join, as a torch
     parameter added to a group (flatopt.torch's Lookahead): the run equals two Lookaheads, one
-    over the elements stepped from the start, one over the others from their first step."""
+    over the elements stepped from the start, one over the others from their first step.  The
+    elements that join lie after those stepped from the start, or before them (a stepped range
+    that grows to the left)."""
     rng = np.random.default_rng(3)
     grads = [rng.standard_normal(8) for _ in range(8)]
     params = rng.standard_normal(8)
-    groups = [{"start": 0, "stop": 4}] + ([{"start": 4, "stop": 8, "frozen": True}] if join == "unfrozen" else [])
+    old, new = (slice(0, 4), slice(4, 8)) if side == "after" else (slice(4, 8), slice(0, 4))
+    stepped = {"start": old.start, "stop": old.stop}
+    joining = {"start": new.start, "stop": new.stop}
+    groups = sorted([stepped] + ([dict(joining, frozen=True)] if join == "unfrozen" else []), key=lambda g: g["start"])
     la = flatopt.Lookahead(flatopt.Adam(lr=0.1, param_groups=groups), k=2, alpha=0.5)
-    first = (flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2, alpha=0.5), params[:4].copy())
+    first = (flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2, alpha=0.5), params[old].copy())
     later = (flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2, alpha=0.5), rng.standard_normal(4))
     for t, g in enumerate(grads):
         if t == 2:  # (after an even count: the second Lookahead's syncs fall on the same steps)
-            params[4:] = later[1]  # new values while left alone (pretrained ones, say)
+            params[new] = later[1]  # new values while left alone (pretrained ones, say)
             if join == "unfrozen":
-                la.inner.param_groups[1]["frozen"] = False
+                la.inner.param_groups[groups.index(dict(joining, frozen=True))]["frozen"] = False
             else:
-                la.inner.param_groups = [{"start": 0, "stop": 4}, {"start": 4, "stop": 8}]
+                la.inner.param_groups = sorted([stepped, joining], key=lambda g: g["start"])
         la.step(params, g)
-        first[0].step(first[1], g[:4].copy())
+        first[0].step(first[1], g[old].copy())
         if t >= 2:
-            later[0].step(later[1], g[4:].copy())
-    np.testing.assert_array_equal(params, np.concatenate([first[1], later[1]]))
-    np.testing.assert_array_equal(la.slow, np.concatenate([first[0].slow, later[0].slow]))
+            later[0].step(later[1], g[new].copy())
+    expected, expected_slow = np.empty(8), np.empty(8)
+    expected[old], expected[new] = first[1], later[1]
+    expected_slow[old], expected_slow[new] = first[0].slow, later[0].slow
+    np.testing.assert_array_equal(params, expected)
+    np.testing.assert_array_equal(la.slow, expected_slow)
+
+
+def test_lookahead_a_stepped_range_that_grows_to_the_left_starts_the_new_elements_slow_weights_then():
+    """A group over [4, 8) assigned anew as one group over [0, 8): the elements it gained start
+    their slow weights from their values at that step, those it had keep theirs, as two
+    Lookaheads would.  (Plain SGD: no state that the reassigned group carries over.)"""
+    rng = np.random.default_rng(5)
+    grads = [rng.standard_normal(8) for _ in range(8)]
+    params = rng.standard_normal(8)
+    la = flatopt.Lookahead(flatopt.SGD(lr=0.1, param_groups=[{"start": 4, "stop": 8}]), k=2, alpha=0.5)
+    first = (flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2, alpha=0.5), params[4:].copy())
+    later = (flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2, alpha=0.5), rng.standard_normal(4))
+    for t, g in enumerate(grads):
+        if t == 2:
+            params[:4] = later[1]
+            la.inner.param_groups = [{"start": 0, "stop": 8}]
+        la.step(params, g)
+        first[0].step(first[1], g[4:].copy())
+        if t >= 2:
+            later[0].step(later[1], g[:4].copy())
+    np.testing.assert_array_equal(params, np.concatenate([later[1], first[1]]))
+    np.testing.assert_array_equal(la.slow, np.concatenate([later[0].slow, first[0].slow]))
 
 
 def test_lookahead_a_refused_step_takes_no_slow_weights_for_elements_that_join():

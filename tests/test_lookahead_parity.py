@@ -250,3 +250,37 @@ def test_matches_pytorch_optimizer_lookahead(inner, k, alpha, dtype):
         assert_ulp_close(got, want, LERP_ULP_K, scale, what="vs pytorch-optimizer float32 [ulp]")
     slow = ref.state[tp]["slow_params"].numpy()
     assert_ulp_close(la.slow, slow, LERP_ULP_K, scale, what=f"slow vs pytorch-optimizer {dtype_name(dtype)} [ulp]")
+
+
+@pytest.mark.parametrize("api", ["core", "flatopt.torch"])
+def test_defaults_are_the_references(api):
+    """``k`` and ``alpha`` left out are the paper's, the seed reference's and pytorch-optimizer's
+    (every other test here passes both): the defaults of each reference's signature, and a run
+    with them left out bitwise equal to the seed reference's with its own defaults."""
+    import inspect
+
+    pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+    ft = pytest.importorskip("flatopt.torch")
+    ours = flatopt.Lookahead if api == "core" else ft.Lookahead
+    names = ("k", "alpha")
+    for ref in (SeedLookahead, pytorch_optimizer.Lookahead):
+        ref_defaults = {n: inspect.signature(ref).parameters[n].default for n in names}
+        assert {n: inspect.signature(ours).parameters[n].default for n in names} == ref_defaults, ref
+    p0, grads = make_problem(N, 13, np.float64)
+    ref_param = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+    ref = SeedLookahead(torch.optim.SGD([ref_param], lr=0.05, momentum=0.9, foreach=False))
+    if api == "core":
+        la, params = flatopt.Lookahead(flatopt.SGD(lr=0.05, momentum=0.9)), p0.copy()
+    else:
+        param = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+        la = ft.Lookahead(ft.SGD([param], lr=0.05, momentum=0.9))
+    for g in grads:
+        ref_param.grad = torch.from_numpy(g.copy())
+        ref.step()
+        if api == "core":
+            la.step(params, g.copy())
+        else:
+            param.grad = torch.from_numpy(g.copy())
+            la.step()
+    got = params if api == "core" else param.detach().numpy()
+    np.testing.assert_array_equal(got, ref_param.detach().numpy())
