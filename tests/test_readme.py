@@ -1,4 +1,7 @@
-"""The README's Python examples run as printed, given the names their comments say they expect."""
+"""The README's Python examples run as printed, given the names their comments say they expect;
+its table of optimizers gives their signatures."""
+import ast
+import inspect
 import pathlib
 import re
 
@@ -13,6 +16,32 @@ def block_starting(text):
     found = [b for b in BLOCKS if b.startswith(text)]
     assert len(found) == 1, f"the README has {len(found)} Python examples starting with {text!r}"
     return found[0]
+
+
+def test_the_optimizer_table_gives_each_signature_and_its_defaults():
+    """The table under "Optimizers and their references" is the documented signature of each
+    core optimizer (the only reference there is for some defaults, as Momentum's beta): every
+    argument it names, in its order and with its default where that is a number, a tuple or a
+    flag, is the class's (``param_groups``, which every optimizer takes, is documented apart)."""
+    section = README.split("### Optimizers and their references", 1)[1].split("\n#", 1)[0]
+    rows = re.findall(r"^\| `(\w+)\((.*?)\)` \|", section, re.M)
+    assert [name for name, _ in rows] == ["SGD", "Momentum", "RMSprop", "Adam", "AdamW", "ADOPT", "Lookahead"]
+    import flatopt
+    for name, arguments in rows:
+        documented = ast.parse(f"def f({arguments.replace('step**0.25', 'schedule')}): pass").body[0].args
+        params = [p for p in inspect.signature(getattr(flatopt, name)).parameters.values() if p.name != "param_groups"]
+        positional = documented.posonlyargs + documented.args
+        assert [p.name for p in params] == [a.arg for a in positional + documented.kwonlyargs], name
+        defaults = dict(zip([a.arg for a in positional[len(positional) - len(documented.defaults):]],
+                            documented.defaults))
+        defaults.update({a.arg: d for a, d in zip(documented.kwonlyargs, documented.kw_defaults) if d is not None})
+        for p in params:
+            if p.name in defaults and not isinstance(defaults[p.name], ast.Name):
+                assert p.default == ast.literal_eval(defaults[p.name]), (name, p.name)
+            else:
+                assert p.name not in defaults or callable(p.default) or p.default is None, (name, p.name)
+        keyword_only = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
+        assert keyword_only == {a.arg for a in documented.kwonlyargs}, name
 
 
 def test_every_example_is_run_here():
