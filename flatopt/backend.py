@@ -120,7 +120,7 @@ def split_chunks(segments, n_chunks_hint, align=16):
     """Cut ``(start, stop, row)`` segments into about ``n_chunks_hint`` equal chunks.
 
     Chunk boundaries inside a segment fall on multiples of ``align`` elements (64 bytes
-    in float32) so that every chunk but a segment's last starts on a cache line.
+    in float32) so that every chunk but a segment's first starts on a cache line.
     """
     total = sum(stop - start for start, stop, _ in segments)
     size = max(align, -(-total // max(1, n_chunks_hint)))
@@ -225,9 +225,6 @@ class CpuBackend:
 
     def dtype(self, buffer):
         return buffer.dtype
-
-    def owns(self, buffer):
-        return isinstance(buffer, np.ndarray)
 
     def length(self, buffer):
         return len(buffer)

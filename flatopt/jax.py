@@ -273,8 +273,8 @@ class _HostPlans:
     count), the rule's table (for Lookahead with its row last), the control words per call
     (rule address, threaded, Lookahead's rule address, flags) and the counts after the step,
     from the optimizer's own ``_active``, ``_row`` and ``_advance``: the numbers of
-    ``opt.step``.  Each thread keeps its own copy of the optimizer; only its ``group_state``
-    changes."""
+    ``opt.step``.  Each thread keeps its own copy of the optimizer: its ``group_state`` changes,
+    and so do the hyperparameters a schedule gives at each call (see :func:`_set_scheduled`)."""
 
     def __init__(self, template, n, dtype, threaded, new_params=False):
         from flatopt.kernels.cpu import rule_address
@@ -437,7 +437,8 @@ def _set_scheduled(opt, values):
     value.  An lr is taken as optax takes a schedule's value: not refused for its sign.  XLA on
     the CPU computes the end of ``optax.linear_schedule(1e-2, 0.0, 10)`` as -1.5e-10, not 0 (it
     divides by the constant step count as a product with its reciprocal), which optax applies
-    and the check of a given lr would refuse.  (A NaN is refused still.)"""
+    and the check of a given lr would refuse.  (A NaN is refused still, where the optimizer's
+    own check refuses one: all but SGD, whose check is torch's ``lr < 0``.)"""
     if all(value is None for group in values for value in group):
         return
     if "_check" not in opt.__dict__:
@@ -638,14 +639,14 @@ class TreeOptimizer:
             raise ValueError(f"grads must have the params' tree structure and leaf shapes: got {treedef} "
                              f"with shapes {[np.shape(x) for x in leaves]}, params have {self._treedef} "
                              f"with shapes {self._shapes}")
-        in_place = self._grads is not None and self._read_in_place(leaves)
-        if not in_place:
+        leaves_read = self._grads is not None and self._read_in_place(leaves)
+        if not leaves_read:
             flat = _flat(grads)
             if flat.dtype != self.master.dtype and jnp.issubdtype(flat.dtype, jnp.floating):
                 flat = flat.astype(self.master.dtype)  # (as tx.update takes them: bfloat16 grads of float32 params)
             self.opt.step(self.master, flat)
         else:  # (``host`` keeps the leaves' memory alive until the step is done)
-            host, addresses = in_place
+            host, addresses = leaves_read
             self.opt.step(self.master, self._grads, Gather(self._offsets, addresses, self._cut))
         return self.params
 

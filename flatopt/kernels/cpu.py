@@ -331,8 +331,8 @@ def run_serial(rule, p, g, s0, s1, s2, chunks, table):
 
 # Gradients in buffers of their own (flatopt.torch after zero_grad(): the tensors autograd
 # made; TreeOptimizer: a large tree's leaves), read where they lie instead of copied into a
-# flat buffer first.  A piece is a
-# chunk's part within one gradient buffer: ``(start, stop, segment, address of its first gradient)``.
+# flat buffer first.  A piece is a chunk's part within one gradient buffer:
+# ``(start, stop, segment, address of its first gradient)``.
 @njit(parallel=True, **_JIT)
 def run_parallel_gathered(rule, p, s0, s1, s2, pieces, table):
     for c in prange(pieces.shape[0]):

@@ -9,11 +9,12 @@ stream synchronisation Numba would otherwise perform on import; the views are ca
 
 Streams.  A step runs on the stream the parameters belong to: the stream in their
 ``__cuda_array_interface__`` (CuPy), torch's current stream for torch tensors, the
-array's own stream for a Numba device array, else the default stream.  The step never
-synchronises the device: the per-step table of scalars (a few dozen bytes) is copied
+array's own stream for a Numba device array, else the default stream.  A step does not
+synchronise the device: the per-step table of scalars (a few dozen bytes) is copied
 from pageable host memory with ``cuMemcpyHtoDAsync`` on that stream, which stages the
-bytes before returning and orders the copy before the kernel.  ``to_host`` (checkpoints)
-is the one operation that waits for the device.
+bytes before returning and orders the copy before the kernel.  What waits is rarer:
+``to_host`` (checkpoints) waits for the device, and ``zeros`` and ``place`` (new state at a
+first step, buffers placed after a load) wait for their stream.
 
 Launch.  The first launch with given buffers goes through Numba's dispatcher (typing,
 compiling, marshalling the arguments); the optimizer's ready path then replays it while the
@@ -236,7 +237,7 @@ class CudaBackend:
         except Exception:  # noqa: BLE001 - an unknown pointer: assume the current device
             return cuda.get_current_device().id
 
-    def _view(self, obj):
+    def _contiguous_info(self, obj):
         info = self._info(obj)
         if info.view is None or not info.contiguous:
             raise ValueError(f"{describe(obj)} is not contiguous")
@@ -392,11 +393,11 @@ class CudaBackend:
         Lookahead passes its params as ``like``: its copies then come after whatever the caller
         queued on the params' stream and before its step's kernels there (a copy on the slow
         weights' stream, CuPy's, need not wait for a torch side stream)."""
-        d = self._view(dst)
+        d = self._contiguous_info(dst)
         if isinstance(src, np.ndarray):
             source = np.ascontiguousarray(src, dtype=d.dtype)
         else:
-            source = self._view(src).view
+            source = self._contiguous_info(src).view
         if len(source) != d.shape[0]:
             raise ValueError(f"cannot copy {len(source)} elements into a buffer of {d.shape[0]}")
         pieces = [(d.view, source)] if spans is None else [(d.view[a:b], source[a:b]) for a, b in spans]
@@ -436,8 +437,9 @@ class CudaBackend:
         return min(most, max(min(self.min_blocks_per_sm * sms, most), total // self.chunk))
 
     def launcher(self, kernel, plan, dtype, states):
-        """``launch`` with all but the buffers and the table bound: ``f(params, grads, table)``
-        (the CUDA kernels specialise on the dtype when launched).
+        """``launch`` with all but the buffers and the table bound: ``f(params, grads, table,
+        gather=None)`` (the CUDA kernels specialise on the dtype when launched; a ``gather``
+        is refused, as by ``launch``: see ``check_gather``).
 
         Its calls repeat one launch, so they replay it: the first call with given buffers
         (addresses, shape, device, stream) and table goes through Numba's dispatcher, which
@@ -483,8 +485,8 @@ class CudaBackend:
         if checked is not None and _is(checked[0], params) and _is(checked[1], grads):
             infos = [_owned(checked[2], params), _owned(checked[3], grads)]
         else:
-            infos = [self._view(params), self._view(grads)]
-        infos += [self._view(s) for s in states]
+            infos = [self._contiguous_info(params), self._contiguous_info(grads)]
+        infos += [self._contiguous_info(s) for s in states]
         p = infos[0]
         for info in infos[1:]:
             _check_same_gpu(info, p)

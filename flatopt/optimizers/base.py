@@ -12,8 +12,9 @@ A subclass supplies the math's inputs only:
   torch computes in the buffers' dtype);
 * ``_needs(hp)``: which state buffers a group with these hyperparameters uses;
 * ``_set_step_entries(row, hp, group_state)``: writes the row entries that change from one
-  step to the next (bias corrections, first-step flags); ``_row`` calls it, and between two
-  steps with unchanged hyperparameters it is all that runs in Python;
+  step to the next (bias corrections, first-step flags); the ``_row`` of an optimizer with
+  such entries calls it, and between two steps with unchanged hyperparameters it is all that
+  runs in Python;
 * ``_set_lr_entries(row, hp)``: writes every other row entry that depends on ``lr``; ``_row``
   calls it, and so does a step whose lr changed (a schedule's, every step) while the other
   hyperparameters stayed as they were.
@@ -352,7 +353,7 @@ class Optimizer:
         key = (backend, dtype, needed, n)
         args = self._state_args
         if key == self._state_key and args is not None:  # (None whenever the buffers are not placed)
-            _check_lengths(backend, args, self.state_names, needed, n)  # (see _check_lengths)
+            _check_lengths(backend, args, self.state_names, needed, n)
             return args
         if self._backend is None:  # fresh, loaded or assigned buffers: place copies next to the params
             self.state = {k: backend.place(v, np.empty(0, dtype)) for k, v in self.state.items()}

@@ -82,7 +82,7 @@ class Bucket:
         self.entries = []  # per param: the entries it put there (to see which were replaced)
         self.layout_key = None
         self.runs = self.spans = ()  # see _layout
-        self.stepped = []  # the params the step updates (those with a gradient): see FlatOptimizer._step_bucket
+        self.stepped = []  # the params the step updates (those with a gradient): see FlatOptimizer._stepped
         self.span_bounds = np.zeros((0, 2), np.int64)  # the spans' (first, last), an array
         self.core_groups_key = None  # the hyperparameters the core has, one tuple per run
         self.steps_taken = 0  # the steps this bucket has taken (with or without gradients)

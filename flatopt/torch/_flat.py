@@ -391,12 +391,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         state = self.state
         if state is self._state_seen and not self._state_edits.edited:
             return
-        edits = self._state_edits
-        if not isinstance(state, State) or state.default_factory is not edits:
+        noted = self._state_edits  # (the flag the watched dicts set)
+        if not isinstance(state, State) or state.default_factory is not noted:
             # reassigned (maybe another optimizer's, or a copy): watch the new one and its dicts
-            self.state = state = State(edits, {
-                k: v if type(v) is ParamState and v._edits is edits else
-                ParamState(edits, v) if isinstance(v, dict) else v for k, v in state.items()})
+            self.state = state = State(noted, {
+                k: v if type(v) is ParamState and v._edits is noted else
+                ParamState(noted, v) if isinstance(v, dict) else v for k, v in state.items()})
         self._state_seen = state
         found = False
         for b in self._buckets.values():
@@ -492,10 +492,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         views, gviews, ptrs, gptrs, strides, shapes = b.views, b.gviews, b.ptrs, b.gptrs, b.strides, b.shapes
         alone = refs_alone()  # (the count of a gradient or view held as g and gv are here, and nowhere else)
         # After zero_grad() (on the CPU) the new gradients are read where autograd made them,
-        # unless one has other strides than its view or lies in this optimizer's own buffers:
-        # then it is copied into its view first, as every replaced gradient is otherwise.
-        gather = self._grads_dropped and b.device.type == "cpu" and len(b.flat_np) >= self._gather_min
-        if gather:
+        # unless one has other strides than its view, lies in this optimizer's own buffers, is
+        # a negative view or has no memory: then it is copied into its view first, as every
+        # replaced gradient is otherwise.
+        may_gather = self._grads_dropped and b.device.type == "cpu" and len(b.flat_np) >= self._gather_min
+        if may_gather:
             candidates = []  # (index, gradient, address)
         for i, p in enumerate(params):
             ptr = data_ptr(p)
@@ -558,7 +559,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 # ZeroTensor's address is 0) too.
                 if gptr == gptrs[i]:
                     copy = not (g.stride() == strides[i] and g.shape == shapes[i]) or g.is_neg()
-                elif gather and gptr and g.stride() == strides[i] and g.shape == shapes[i] and g.dtype is b.dtype \
+                elif may_gather and gptr and g.stride() == strides[i] and g.shape == shapes[i] and g.dtype is b.dtype \
                         and g.is_cpu and not g.is_neg():
                     candidates.append((i, g, gptr))
                     copy = False
@@ -571,7 +572,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if take_over:
                     repoint_grad.append((p, gv))
             active.append(True)
-        if gather:
+        if may_gather:
             addresses, kept = list(gptrs), []
             memory = b.memory + [host_span(a) for a in b.core.state.values()]
             inside = starts_inside([ptr for _, _, ptr in candidates], memory)
@@ -586,9 +587,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         pending = None
         if dst or repoint_data or repoint_grad or moved_grads:
             pending = Pending(dst, unaliased(src, src_ptrs, b.memory), repoint_data, repoint_grad, moved_grads)
-        if gather and kept:
-            gather = (Gather(b.offsets_np, np.array(addresses, dtype=np.int64), b.gather_cut), kept)
-            return tuple(active), gather, pending
+        if may_gather and kept:
+            gather = Gather(b.offsets_np, np.array(addresses, dtype=np.int64), b.gather_cut)
+            return tuple(active), (gather, kept), pending
         return tuple(active), None, pending
 
     def _layout(self, b, active):

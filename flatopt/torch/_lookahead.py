@@ -103,7 +103,7 @@ class Lookahead(torch.optim.Optimizer):
             return self._step_with_hooks(*args, **kwargs)
         return self._step(*args, **kwargs)
 
-    step.hooked = True
+    step.hooked = True  # (torch's _patch_step_function would wrap it in its hooks again: kept should anything call it)
 
     def _step(self, closure=None):
         check_k_alpha(self.k, self.alpha)
@@ -140,7 +140,7 @@ class Lookahead(torch.optim.Optimizer):
                     for fast, slow in pairs:
                         fast.mul_(alpha).add_(slow, alpha=1 - alpha)
                         slow.copy_(fast)
-                    increment_version(params)  # (written through the buffers: see FlatOptimizer._step_bucket)
+                    increment_version(params)  # (written through the buffers: see FlatOptimizer._stepped)
                 else:
                     for p, q in zip(params, self.slow):
                         p.mul_(alpha).add_(q, alpha=1 - alpha)

@@ -925,7 +925,7 @@ def test_device_table_resends_a_table_rewritten_in_place(monkeypatch):
     the device copy must follow the table's contents, not its identity, and skip unchanged ones."""
     from numba.cuda.cudadrv import driver
     backend = CudaBackend()
-    info = backend._view(cuda.to_device(np.zeros(4, np.float32)))  # on a GPU this is an upload too
+    info = backend._contiguous_info(cuda.to_device(np.zeros(4, np.float32)))  # on a GPU this is an upload too
     sent = []
     real = driver.host_to_device
     monkeypatch.setattr(driver, "host_to_device", lambda *a, **k: (sent.append(1), real(*a, **k))[1])
