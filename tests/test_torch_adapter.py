@@ -1864,6 +1864,79 @@ def test_an_optimizer_built_under_inference_mode_trains_as_torchs():
     assert not any(p.is_inference() for p in m1.parameters())
 
 
+class _Wrapped(torch.Tensor):
+    """A wrapper subclass: its values live in ``elem``, its own tensor has no memory."""
+
+    @staticmethod
+    def __new__(cls, elem):
+        made = torch.Tensor._make_wrapper_subclass(cls, elem.shape, strides=elem.stride(), dtype=elem.dtype,
+                                                   device=elem.device, requires_grad=False)
+        made.elem = elem
+        return made
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda x: x.elem if isinstance(x, _Wrapped) else x  # noqa: E731
+        return func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+
+
+class _Scaled(torch.Tensor):
+    """A subclass whose values are its memory's times ``scale`` (``__torch_dispatch__``)."""
+
+    @staticmethod
+    def __new__(cls, raw, scale):
+        made = torch.Tensor._make_subclass(cls, raw)
+        made.raw, made.scale = raw, scale
+        return made
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        values = lambda x: x.raw * x.scale if isinstance(x, _Scaled) else x  # noqa: E731
+        return func(*torch.utils._pytree.tree_map(values, args), **torch.utils._pytree.tree_map(values, kwargs or {}))
+
+
+def _inference_parameter():
+    with torch.inference_mode():
+        return torch.nn.Parameter(torch.ones(3))
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: _Wrapped(torch.zeros(4)).requires_grad_(), TypeError, "_Wrapped parameter: a tensor subclass with "
+                                                                   "__torch_dispatch__"),
+    (_inference_parameter, ValueError, "inference tensor"),
+    (lambda: torch.nn.Parameter(torch.ones(4).to_mkldnn()), TypeError, "dense .strided. parameters"),
+    (lambda: torch.nn.Parameter(torch.arange(6.0).unfold(0, 3, 1)), RuntimeError, "refers to a single memory"),
+], ids=["wrapper subclass", "inference tensor", "mkldnn", "overlapping (unfold)"])
+def test_parameters_whose_values_a_layout_cannot_hold_are_refused_with_the_reason(make, error, match):
+    """A wrapper subclass's values are not in its memory (the steps changed nothing, silently); an
+    inference tensor moved into the flat buffer became unreadable; an mkldnn tensor was refused
+    by an internal error about its storage; elements that overlap without a stride of 0 were
+    untied (torch writes a shared place once per window)."""
+    p = make()
+    with pytest.raises(error, match=match):
+        ft.SGD([p], lr=0.1)
+
+
+@pytest.mark.parametrize("n", [16, ft.SGD._gather_min], ids=["copied in", "past the gather threshold"])
+def test_a_gradient_whose_dispatch_computes_its_values_is_read_as_torch_reads_it(n):
+    """A subclass that computes its values in ``__torch_dispatch__`` (here its memory times 2)
+    was read raw on the path that reads gradients where they lie: torch's step, and flatopt's
+    on a small model, took 2 g, flatopt's on a large one g."""
+    runs = []
+    for make in (lambda ps: ft.SGD(ps, lr=0.1), lambda ps: _ref("SGD", ps, lr=0.1)):
+        ps = _tensors([(n,)])
+        opt = make(ps)
+        opt.zero_grad()
+        ps[0].grad = _Scaled(_grads(ps, 0)[0], 2.0)
+        opt.step()
+        runs.append(ps)
+    _assert_same_tensors(*runs)
+
+
 def test_a_lazy_modules_uninitialized_parameters_are_refused_until_it_has_run():
     model = torch.nn.Sequential(torch.nn.LazyLinear(4), torch.nn.Linear(4, 2))
     with pytest.raises(ValueError, match="uninitialized parameter .* run the model on a dummy batch first"):

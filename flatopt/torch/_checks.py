@@ -3,6 +3,14 @@ import numpy as np
 import torch
 
 NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}  # the dtypes flatopt.torch lays out
+_TENSOR_DISPATCH = torch.Tensor.__torch_dispatch__
+
+
+def values_in_memory(t):
+    """Whether ``t``'s values are what its memory holds, as the kernels read them: not so for a
+    tensor subclass whose ``__torch_dispatch__`` computes them (a wrapper subclass, or one that
+    scales its storage), nor for torch's negative view (its memory holds ``-t``)."""
+    return (type(t) is torch.Tensor or type(t).__torch_dispatch__ is _TENSOR_DISPATCH) and not t.is_neg()
 
 
 def check_flags(group):
@@ -76,6 +84,17 @@ def check_param(p):
     if isinstance(p, torch.nn.parameter.UninitializedTensorMixin):
         raise ValueError("flatopt.torch lays the parameters out when it is built, and an uninitialized parameter "
                          "(a lazy module's) has no shape yet: run the model on a dummy batch first")
+    if p.layout != torch.strided or p.is_nested:
+        raise TypeError(f"flatopt.torch lays out dense (strided) parameters, got a {'nested ' if p.is_nested else ''}"
+                        f"tensor of layout {p.layout}")
+    if type(p).__torch_dispatch__ is not _TENSOR_DISPATCH:
+        raise TypeError(f"flatopt.torch cannot optimize a {type(p).__name__} parameter: a tensor subclass with "
+                        "__torch_dispatch__ (a wrapper subclass, DTensor) keeps its values elsewhere than the memory "
+                        "the step would write; use torch.optim")
+    if p.is_inference():
+        raise ValueError("flatopt.torch cannot optimize an inference tensor (made under torch.inference_mode()): "
+                         "moving it into the flat buffer would leave it unreadable; make the parameter outside "
+                         "inference mode")
     if p.device.type == "meta":
         raise TypeError("flatopt.torch cannot optimize meta tensors: they have no memory to lay out")
     if p.device.type == "cpu" and p.is_shared():  # (CUDA tensors all say they are)
@@ -98,8 +117,12 @@ def check_param(p):
 def check_no_internal_overlap(p):
     """An expanded parameter (a stride of 0 over more than one element) is one set of values
     seen several times: the layout would give each element its own place and untie them.  torch
-    refuses to write it, at the step, with this message (one of no elements, it steps)."""
-    if p.numel() and any(stride == 0 and size > 1 for size, stride in zip(p.shape, p.stride())):
+    refuses to write it, at the step, with this message (one of no elements, it steps).  So
+    does one whose elements overlap otherwise, with fewer places in memory than elements
+    (``.unfold()``, ``as_strided``): torch writes it, a shared place once per element, which a
+    layout of one place per element cannot do."""
+    extent = 1 + sum((size - 1) * abs(stride) for size, stride in zip(p.shape, p.stride()))
+    if p.numel() and (extent < p.numel() or any(stride == 0 and size > 1 for size, stride in zip(p.shape, p.stride()))):
         raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a "
                            "single memory location. Please clone() the tensor before performing the operation.")
 

@@ -18,7 +18,7 @@ from flatopt.torch._bucket import (Bucket, Pending, as_tensor, byte_spans, data_
 from flatopt.torch._checks import (NP_DTYPES, check_betas_types, check_disjoint, check_flags,
                                    check_foreach_tensor_betas, check_foreach_tensors, check_fused_foreach,
                                    check_no_internal_overlap, check_param, check_tensor_lr, check_unique,
-                                   moved_error)
+                                   moved_error, values_in_memory)
 from flatopt.torch._edits import Edits, ParamList, ParamState, State, unchanged
 from flatopt.torch._hooks import global_hooks_or_profiler, increment_version, labelled_zero_grad, outside_dynamo
 
@@ -555,12 +555,12 @@ class FlatOptimizer(torch.optim.Optimizer):
                 # Its layout is read only where it may stay where it lies: at its view's address,
                 # or gathered.  (A copy takes any strides: the common case reads none.)  The kernel
                 # reads memory: a tensor whose values are not its memory's (torch's negative view,
-                # whose memory holds -g) is copied, which resolves it; one with no memory (a
-                # ZeroTensor's address is 0) too.
+                # a subclass that computes them in __torch_dispatch__) is copied, which resolves
+                # it; one with no memory (a ZeroTensor's address is 0) too.
                 if gptr == gptrs[i]:
-                    copy = not (g.stride() == strides[i] and g.shape == shapes[i]) or g.is_neg()
+                    copy = not (g.stride() == strides[i] and g.shape == shapes[i] and values_in_memory(g))
                 elif may_gather and gptr and g.stride() == strides[i] and g.shape == shapes[i] and g.dtype is b.dtype \
-                        and g.is_cpu and not g.is_neg():
+                        and g.is_cpu and values_in_memory(g):
                     candidates.append((i, g, gptr))
                     copy = False
                 else:
