@@ -24,8 +24,9 @@
   the fresh gradients autograd makes stay where they are: the next ``zero_grad()`` drops them,
   and pointing each ``.grad`` at its view would cost a quarter of such a step.  The step reads
   them there (CPU buckets of ``_gather_min`` = 2^18 elements or more; a gradient with other
-  strides than its parameter, one inside this optimizer's buffers, a negative view or one with
-  no memory is copied in first) or
+  strides than its parameter, one inside this optimizer's buffers, one whose values are not its
+  memory's (a negative view, a ``__torch_dispatch__`` subclass) or one with no memory is copied
+  in first) or
   copies them into the flat buffer (smaller buckets, CUDA).  (Gradients are not pre-assigned at
   construction: a parameter that never got a gradient must stay ``None`` so that it is skipped,
   as torch skips it.)

@@ -471,9 +471,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         where the gradients are read from (``None``: the flat gradient buffer; else a
         :class:`Gather` and the tensors it reads, to keep alive through the step), and a
         :class:`Pending` (``None``: nothing replaced): the values to copy into the flat views
-        once every check has passed, and the ``.data`` and ``.grad`` to point at the views once
-        the step is taken, so that a step refused after this leaves every tensor as it was,
-        and the memory that other tensors may share with them.
+        before the kernel (a replaced ``.data``'s once every check has passed), and the ``.data``
+        and ``.grad`` to point at the views once the step is taken, so that a step refused after
+        this leaves every tensor as it was, and the memory that other tensors may share with them.
         """
         params = b.params
         if (all(map(is_, map(_grad_of, params), b.gviews)) and list(map(data_ptr, params)) == b.ptrs
@@ -492,9 +492,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         views, gviews, ptrs, gptrs, strides, shapes = b.views, b.gviews, b.ptrs, b.gptrs, b.strides, b.shapes
         alone = refs_alone()  # (the count of a gradient or view held as g and gv are here, and nowhere else)
         # After zero_grad() (on the CPU) the new gradients are read where autograd made them,
-        # unless one has other strides than its view, lies in this optimizer's own buffers, is
-        # a negative view or has no memory: then it is copied into its view first, as every
-        # replaced gradient is otherwise.
+        # unless one has other strides than its view, lies in this optimizer's own buffers, has
+        # values that are not its memory's (values_in_memory) or has no memory: then it is
+        # copied into its view first, as every replaced gradient is otherwise.
         may_gather = self._grads_dropped and b.device.type == "cpu" and len(b.flat_np) >= self._gather_min
         if may_gather:
             candidates = []  # (index, gradient, address)
