@@ -276,7 +276,7 @@ class _HostPlans:
     ``opt.step``.  Each thread keeps its own copy of the optimizer: its ``group_state`` changes,
     and so do the hyperparameters a schedule gives at each call (see :func:`_set_scheduled`)."""
 
-    def __init__(self, template, n, dtype, threaded, new_params=False):
+    def __init__(self, template, n, dtype, threaded_calls, new_params=False):
         from flatopt.kernels.cpu import rule_address
         from flatopt.kernels.xla import NEW_PARAMS
 
@@ -286,8 +286,8 @@ class _HostPlans:
         self.base = self.inner.state_dict()
         sync = rule_address("lookahead", dtype) if self.lookahead else 0
         flags = NEW_PARAMS if new_params else 0
-        self.control = np.array([(rule_address(self.inner.kernel, dtype), flag, sync, flags) for flag in threaded],
-                                np.int64)
+        rule = rule_address(self.inner.kernel, dtype)
+        self.control = np.array([(rule, threaded, sync, flags) for threaded in threaded_calls], np.int64)
         self.kept = threading.local()
 
     def __call__(self, counts, scheduled):
