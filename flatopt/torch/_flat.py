@@ -23,6 +23,8 @@ from flatopt.torch._edits import Edits, ParamList, ParamState, State, unchanged
 from flatopt.torch._hooks import global_hooks_or_profiler, increment_version, labelled_zero_grad, outside_dynamo
 
 _grad_of = attrgetter("grad")
+_is_neg = torch.Tensor.is_neg
+_PLAIN = {torch.Tensor}
 _SCALARS = frozenset((float, int, bool, type(None)))
 _DUPLICATE_WARNING = "optimizer contains a parameter group with duplicate parameters"
 PUBLIC = set()  # the classes flatopt.torch exports
@@ -560,7 +562,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if gptr == gptrs[i]:
                     copy = not (g.stride() == strides[i] and g.shape == shapes[i] and values_in_memory(g))
                 elif may_gather and gptr and g.stride() == strides[i] and g.shape == shapes[i] and g.dtype is b.dtype \
-                        and g.is_cpu and values_in_memory(g):
+                        and g.is_cpu:  # (whether its values are its memory's: asked of all candidates at once)
                     candidates.append((i, g, gptr))
                     copy = False
                 else:
@@ -575,9 +577,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         if may_gather:
             addresses, kept = list(gptrs), []
             memory = b.memory + [host_span(a) for a in b.core.state.values()]
-            inside = starts_inside([ptr for _, _, ptr in candidates], memory)
-            for (i, g, gptr), copy in zip(candidates, inside.tolist()):
-                if copy:  # in this optimizer's own buffers, which the step writes
+            copies = starts_inside([ptr for _, _, ptr in candidates], memory).tolist()
+            read = [g for _, g, _ in candidates]
+            if not set(map(type, read)) <= _PLAIN or any(map(_is_neg, read)):  # (one C loop each, then rarely this)
+                copies = [copy or not values_in_memory(g) for copy, g in zip(copies, read)]
+            for (i, g, gptr), copy in zip(candidates, copies):
+                if copy:  # in this optimizer's own buffers, which the step writes, or not values of its memory
                     dst.append(gviews[i])
                     src.append(g)
                     src_ptrs.append(gptr)
