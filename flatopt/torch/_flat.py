@@ -18,13 +18,11 @@ from flatopt.torch._bucket import (Bucket, Pending, as_tensor, byte_spans, data_
 from flatopt.torch._checks import (NP_DTYPES, check_betas_types, check_disjoint, check_flags,
                                    check_foreach_tensor_betas, check_foreach_tensors, check_fused_foreach,
                                    check_no_internal_overlap, check_param, check_tensor_lr, check_unique,
-                                   moved_error, values_in_memory)
+                                   moved_error, values_in_memory, values_not_in_memory)
 from flatopt.torch._edits import Edits, ParamList, ParamState, State, unchanged
 from flatopt.torch._hooks import global_hooks_or_profiler, increment_version, labelled_zero_grad, outside_dynamo
 
 _grad_of = attrgetter("grad")
-_is_neg = torch.Tensor.is_neg
-_PLAIN = {torch.Tensor}
 _SCALARS = frozenset((float, int, bool, type(None)))
 _DUPLICATE_WARNING = "optimizer contains a parameter group with duplicate parameters"
 PUBLIC = set()  # the classes flatopt.torch exports
@@ -578,9 +576,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             addresses, kept = list(gptrs), []
             memory = b.memory + [host_span(a) for a in b.core.state.values()]
             copies = starts_inside([ptr for _, _, ptr in candidates], memory).tolist()
-            read = [g for _, g, _ in candidates]
-            if not set(map(type, read)) <= _PLAIN or any(map(_is_neg, read)):  # (one C loop each, then rarely this)
-                copies = [copy or not values_in_memory(g) for copy, g in zip(copies, read)]
+            odd = values_not_in_memory([g for _, g, _ in candidates])
+            if odd is not None:
+                copies = [copy or not_values for copy, not_values in zip(copies, odd)]
             for (i, g, gptr), copy in zip(candidates, copies):
                 if copy:  # in this optimizer's own buffers, which the step writes, or not values of its memory
                     dst.append(gviews[i])
