@@ -130,6 +130,10 @@ def as_optax(opt):
         shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(grads)]
         if shapes != [jnp.shape(x) for x in jax.tree_util.tree_leaves(params)]:
             raise ValueError(f"grads' leaf shapes {shapes} do not match params'")
+        for leaf in jax.tree_util.tree_leaves(grads):  # (cast to the params' dtype below: a complex one loses a part)
+            if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating) or jnp.result_type(leaf) == jnp.bool_:
+                raise TypeError(f"grads have a leaf of dtype {jnp.result_type(leaf)}; flatopt's update takes real "
+                                "gradients (float32 and float64, or another real dtype it converts)")
         _check_state(template, state, n, dtype)
         _convert_scalars(_inner(template), dtype)
         like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (flat_params, state))
@@ -338,7 +342,7 @@ def _fresh_checkpoint(opt):
     """``opt``'s checkpoint with the state of a fresh optimizer (no buffers, counters at their start)."""
     sd = opt.state_dict()
     if isinstance(opt, Lookahead):
-        return dict(sd, step_count=0, slow=None, inner=_fresh_checkpoint(opt.inner))
+        return dict(sd, step_count=0, slow=None, synced=None, inner=_fresh_checkpoint(opt.inner))
     return dict(sd, group_state=[opt._new_group_state() for _ in sd["group_state"]], state={})
 
 

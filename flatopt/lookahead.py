@@ -155,13 +155,16 @@ class Lookahead:
             "alpha": self.alpha,
             "step_count": self.step_count,
             "slow": None if self.slow is None else backend_for(self.slow, self.slow).to_host(self.slow),
+            # The ranges the last step synced: elements outside them that join at the next step
+            # take their slow weights from their values then, as in a run never interrupted.
+            "synced": None if self._spans is None else [list(span) for span in self._spans],
             "inner": self.inner.state_dict(),
         }
 
     def load_state_dict(self, state_dict):
         sd = {k: _unwrap(v) for k, v in dict(state_dict).items()}
-        expected = {"optimizer", "k", "alpha", "step_count", "slow", "inner"}
-        if set(sd) != expected:
+        expected = {"optimizer", "k", "alpha", "step_count", "slow", "synced", "inner"}
+        if set(sd) != expected and set(sd) != expected - {"synced"}:  # (saved before it had "synced")
             raise ValueError(f"state_dict keys {sorted(sd)} do not match the expected {sorted(expected)}")
         if sd["optimizer"] != "Lookahead":
             raise ValueError(f"state_dict is for {sd['optimizer']}, not Lookahead")
@@ -185,10 +188,11 @@ class Lookahead:
             if dtypes and dtypes != {slow.dtype}:  # the next step would refuse one or the other
                 raise TypeError(f"the slow weights' dtype {slow.dtype} does not match the inner state's "
                                 f"{(dtypes - {slow.dtype}).pop()}")
+        spans = _loaded_spans(sd.get("synced"), slow)
         self.inner.load_state_dict(sd["inner"])  # checks everything before changing anything
         self.k, self.alpha, self.step_count = sd["k"], sd["alpha"], int(sd["step_count"])
         self._slow, self._slow_own = None if slow is None else np.array(slow, copy=True), True
-        self._spans = self._planned = None
+        self._spans, self._planned = spans, None
 
     def __getstate__(self):
         """pickle and copy.deepcopy: the slow weights as a host array (placed next to the
@@ -206,6 +210,32 @@ class Lookahead:
 
     def __repr__(self):
         return f"Lookahead({self.inner!r}, k={self.k}, alpha={self.alpha})"
+
+
+def _loaded_spans(synced, slow):
+    """A checkpoint's ``synced`` ranges, checked: ``None`` (not known: a checkpoint saved before
+    it had them, or before the first step) or sorted, disjoint ``(start, stop)`` ranges within
+    the slow weights (a list of pairs, or the array ``np.savez`` makes of one)."""
+    if synced is None:
+        return None
+    if slow is None:
+        raise ValueError("state_dict has synced ranges but no slow weights")
+    try:
+        ranges = np.asarray(synced)
+    except (TypeError, ValueError):
+        ranges = np.asarray(None)
+    if ranges.size == 0:
+        return ()
+    if ranges.ndim != 2 or ranges.shape[1] != 2 or ranges.dtype.kind not in "iu":
+        raise ValueError(f"state_dict's synced ranges must be (start, stop) pairs of integers, got {synced!r}")
+    spans = tuple((int(a), int(b)) for a, b in ranges)
+    stop = 0
+    for a, b in spans:
+        if not stop <= a < b <= len(slow):
+            raise ValueError(f"state_dict's synced ranges {[list(span) for span in spans]} are not sorted, "
+                             f"disjoint, non-empty ranges within the {len(slow)} slow weights")
+        stop = b
+    return spans
 
 
 def _without(spans, before):

@@ -528,6 +528,59 @@ def test_save_load_continue_is_bit_identical(name, transport, dtype):
     np.testing.assert_array_equal(resumed, params)
 
 
+@pytest.mark.parametrize("transport", [lambda sd: sd, via_pickle, via_savez], ids=["direct", "pickle", "savez"])
+@pytest.mark.parametrize("edit_before_save", [False, True], ids=["unfrozen after the load", "unfrozen before the save"])
+def test_lookahead_checkpoint_keeps_which_elements_the_last_step_synced(transport, edit_before_save):
+    """Elements a frozen group held join at the first step after a load: they start their slow
+    weights then, as in the run never interrupted (which the test above checks against two
+    Lookaheads), also where the group was unfrozen after the last step and before the save."""
+    rng = np.random.default_rng(11)
+    grads = [rng.standard_normal(8) for _ in range(6)]
+    p0 = rng.standard_normal(8)
+
+    def make():
+        groups = [{"start": 0, "stop": 4}, {"start": 4, "stop": 8}]
+        return flatopt.Lookahead(flatopt.SGD(lr=0.1, param_groups=groups), k=3, alpha=0.5)
+
+    def run(resume):
+        la, params = make(), p0.copy()
+        for t, g in enumerate(grads):
+            if t == 2:
+                la.inner.param_groups[1]["frozen"] = True
+            if t == 4:
+                if edit_before_save:
+                    la.inner.param_groups[1]["frozen"] = False
+                if resume:
+                    sd = la.state_dict()
+                    assert plain(sd)
+                    la = make()
+                    la.load_state_dict(transport(sd))
+                la.inner.param_groups[1]["frozen"] = False
+            la.step(params, g)
+        return params, la.slow
+
+    straight, resumed = run(False), run(True)
+    np.testing.assert_array_equal(resumed[0], straight[0])
+    np.testing.assert_array_equal(resumed[1], straight[1])
+
+
+def test_lookahead_checkpoint_saved_before_it_had_synced_ranges_still_loads():
+    """A checkpoint without ``synced`` (saved by flatopt before it kept them) loads: every range
+    its groups step is then taken to have slow weights already."""
+    la, params = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2), rand(8, np.float64)
+    la.step(params, rand(8, np.float64, seed=1))
+    sd = la.state_dict()
+    assert sd["synced"] == [[0, 8]]
+    del sd["synced"]
+    other = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2)
+    other.load_state_dict(sd)
+    p1, p2 = params.copy(), params.copy()
+    for seed in (2, 3, 4):
+        la.step(p1, rand(8, np.float64, seed=seed))
+        other.step(p2, rand(8, np.float64, seed=seed))
+    np.testing.assert_array_equal(p1, p2)
+
+
 def test_state_dict_is_a_copy():
     opt, params, grads = flatopt.Adam(), rand(10), rand(10, seed=1)
     opt.step(params, grads)

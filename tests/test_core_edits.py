@@ -568,6 +568,14 @@ def test_load_refuses_group_states_the_step_would_refuse(bad):
     (lambda sd: sd.update(step_count=True), ValueError),
     (lambda sd: sd.update(slow=np.array(list("abcdefgh"))), TypeError),
     (lambda sd: sd.update(slow=np.arange(8)), TypeError),
+    (lambda sd: sd.update(synced=[[0, 9]]), ValueError),  # past the slow weights' end
+    (lambda sd: sd.update(synced=[[4, 2]]), ValueError),
+    (lambda sd: sd.update(synced=[[0, 4], [2, 6]]), ValueError),
+    (lambda sd: sd.update(synced=[[4, 8], [0, 2]]), ValueError),
+    (lambda sd: sd.update(synced=[[0, 4.0]]), ValueError),
+    (lambda sd: sd.update(synced=[[0, 4, 8]]), ValueError),
+    (lambda sd: sd.update(synced="0:8"), ValueError),
+    (lambda sd: sd.update(slow=None), ValueError),  # synced ranges of slow weights it does not have
 ])
 def test_lookahead_load_refuses_what_its_step_would_refuse(edit, error):
     la = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2)

@@ -978,6 +978,23 @@ def test_grads_of_another_tree_structure_are_refused(jit):
             (jax.jit(step) if jit else step)(grads, tx.init(params), params)
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("grad_dtype", [jnp.complex64, jnp.bool_])
+def test_grads_that_are_not_real_numbers_are_refused(grad_dtype, jit):
+    """A complex gradient cast to the params' dtype would lose its imaginary part (with only
+    NumPy's ComplexWarning, once, when traced); a boolean one is no gradient.  Refused by name,
+    as ``opt.step`` refuses them (and ``TreeOptimizer.step`` a complex one)."""
+    params = {"b": jnp.ones(3), "w": jnp.ones((4, 3))}
+    grads = {"b": jnp.full(3, 0.1), "w": jnp.ones((4, 3), grad_dtype)}
+    tx = as_optax(flatopt.SGD(lr=0.1))
+    for step in (tx.update, functools.partial(update_and_apply, tx)):
+        with pytest.raises(TypeError, match=f"leaf of dtype {jnp.dtype(grad_dtype).name}"):
+            (jax.jit(step) if jit else step)(grads, tx.init(params), params)
+    if grad_dtype is jnp.complex64:  # (TreeOptimizer flattens the grads first: a boolean leaf becomes float)
+        with pytest.raises(TypeError, match="dtype complex64"):
+            TreeOptimizer(flatopt.SGD(lr=0.1), params).step(grads)
+
+
 @pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
 @pytest.mark.parametrize("grad_dtype", [jnp.bfloat16, jnp.float16])
 def test_tree_optimizer_takes_low_precision_grads_as_float32(grad_dtype, large, monkeypatch):
