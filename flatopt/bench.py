@@ -255,8 +255,8 @@ def header():
 
 
 def format_table(n, rows, markdown, title=""):
-    def fmt(x, spec):
-        return "" if x is None else format(x, spec)
+    def fmt(x, spec):  # (a ratio below 0.1 with two significant digits: 0.0023, not 0.00)
+        return "" if x is None else format(x, spec if x >= 0.1 else ".2g")
     lines = []
     title = f"n = {n:,}" + (f", {title}" if title else "")
     if markdown:
@@ -329,8 +329,8 @@ def main(argv=None):
         rounds = args.rounds or rounds_for(n, args.quick)
         impls, notes = implementations(n, rng, args.quick)
         if n < MODEL_TENSORS:  # the rows keep their names; say what they measured
-            notes.append(f"the {MODEL_TENSORS}-tensor and {MODEL_TENSORS}-leaf models have {n} tensors of one "
-                         "element at this size")
+            notes.append(f"the {MODEL_TENSORS}-tensor and {MODEL_TENSORS}-leaf models have "
+                         f"{'one tensor' if n == 1 else f'{n} tensors'} of one element at this size")
         rows = summarize(measure(impls, rounds, args.seed))
         del impls
         print()

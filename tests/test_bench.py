@@ -167,6 +167,15 @@ def test_bench_says_when_the_many_tensor_models_are_smaller_than_their_names(cap
     assert "the 200-tensor and 200-leaf models have 10 tensors of one element at this size" in capsys.readouterr().out
 
 
+def test_bench_ratios_below_a_tenth_keep_two_significant_digits():
+    from flatopt import bench
+    rows = [dict(name="slow peer", median=700.0, iqr=1.0, vs_floor=466.7, vs_best_peer=0.0023),
+            dict(name="floor (Adam traffic)", median=1.5, iqr=0.1, vs_floor=1.0, vs_best_peer=None)]
+    for markdown in (False, True):
+        table = bench.format_table(1000, rows, markdown)
+        assert "0.0023" in table and "0.00 " not in table and "466.70" in table
+
+
 def test_bench_rows_keep_their_names_at_every_size_and_peers_own_their_tensors():
     """The plot joins rows by name: below 200 elements torch's many-tensor row was named for
     the tensors it had, a series of its own.  And the single-tensor torch peers shared one

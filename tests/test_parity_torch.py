@@ -473,6 +473,50 @@ def test_nan_and_inf_gradients_propagate_like_torch(cls, options, mode, dtype):
         check_close(run.got, run.ref, dtype, ADAM_ULP_K, run.scale, f"{cls} with NaN/Inf")
 
 
+# A weight decay (or RMSprop's momentum) that is not 0 as a Python float but is 0 in float32:
+# torch tests the float, so it still takes the branch, and its float32 arithmetic shows it
+# (0 * inf is NaN; RMSprop fills its momentum buffer).  flatopt's kernels test flags made from
+# the floats, not the rounded values.
+TINY = 1e-300
+TINY_CASES = [
+    ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=TINY), dict(foreach=False)),
+    ("SGD", dict(lr=0.1, weight_decay=7e-46), dict(foreach=False)),  # (the largest that rounds to 0)
+    ("Adam", dict(lr=1e-3, weight_decay=TINY, amsgrad=True), dict(fused=True)),
+    ("AdamW", dict(lr=1e-3, weight_decay=TINY), dict(fused=True)),
+    ("RMSprop", dict(lr=0.01, centered=True, weight_decay=TINY), dict(foreach=False)),
+    ("RMSprop", dict(lr=0.01, momentum=TINY), dict(foreach=False)),
+]
+
+
+@pytest.mark.parametrize("n", [64, LARGE_SIZE], ids=["serial", "threaded"])
+@pytest.mark.parametrize("cls, options, torch_kw", TINY_CASES,
+                         ids=[f"{c}-{'-'.join(o)}" for c, o, _ in TINY_CASES])
+def test_a_hyperparameter_that_rounds_to_zero_in_float32_takes_torchs_branch(cls, options, torch_kw, n):
+    assert np.float32(7e-46) == 0 and np.float32(TINY) == 0
+    p0, grads = make_problem(n, 4, np.float32, seed=21)
+    p0[[0, 33]] = np.inf, -np.inf  # (0 * inf: NaN where the decay is taken)
+    grads[0][1] = grads[1][1] = -0.0  # (-0.0 + 0 * p is +0.0 where it is taken)
+    run = lockstep(getattr(flatopt, cls), getattr(torch.optim, cls), options, p0, grads, torch_kw=torch_kw)
+    assert_same_nonfinite(run.got, run.ref)
+    names = torch_state_tensors(run.tstate)
+    if "momentum" in options and cls == "RMSprop":
+        assert "momentum_buffer" in names and np.any(names["momentum_buffer"] != 0)
+    for name, ref in names.items():
+        assert_same_nonfinite(run.flat.state[name], ref)
+    if cls == "RMSprop":  # (torch's sqrt is not correctly rounded: see test_rmsprop_every_option_combination)
+        for what, got, ref in [("params", run.got, run.ref)] + [(k, run.flat.state[k], v) for k, v in names.items()]:
+            finite = np.isfinite(ref)
+            check_close(got[finite], ref[finite], np.float32, RMSPROP_ULP_K, np.max(np.abs(ref[finite])),
+                        f"{cls} {what} with {options}")
+    else:  # bitwise where torch's fused step runs its SIMD body (its scalar tail rounds otherwise)
+        body = simd_prefix(n, np.float32) if torch_kw.get("fused") else n
+        np.testing.assert_array_equal(run.got[:body], run.ref[:body])
+        for name, ref in names.items():
+            np.testing.assert_array_equal(run.flat.state[name][:body], ref[:body])
+    if "weight_decay" in options and cls != "AdamW":  # (AdamW multiplies p by 1 - lr*wd, 1 in float32)
+        assert np.isnan(run.ref[0]) and np.signbit(run.got[1]) == np.signbit(run.ref[1])
+
+
 # ====================================================== param groups and frozen segments
 # Two torch tensors A and B in two torch param groups  <->  one flat buffer with two flatopt
 # groups and a gap of untouched elements between them:  [ A | gap | B ].

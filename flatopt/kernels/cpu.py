@@ -24,6 +24,7 @@ Rounding follows torch.optim's single-tensor CPU path operation by operation:
 exactly where torch fuses and nowhere else.  ``fastmath`` stays off: it would let LLVM
 fuse other products and would drop the NaN/Inf semantics users rely on.
 """
+import math
 import os
 import warnings
 
@@ -86,6 +87,14 @@ def lerp(start, end, weight, weight_minus_one):
 
 
 @njit(**_INLINE)
+def taken(x):
+    """Whether a row's hyperparameter takes the branch torch takes on its Python float
+    (``flatopt.optimizers.base.branch_in_sign``): every value but -0.0, 1e-300 rounded to
+    +0.0 in float32 included."""
+    return x != 0 or math.copysign(1.0, x) > 0
+
+
+@njit(**_INLINE)
 def maximum(a, b):
     """torch.maximum: NaN in either argument gives NaN."""
     return a if (a > b or a != a) else b
@@ -100,16 +109,17 @@ def clamp(x, low, high):
 
 # --- SGD ------------------------------------------------------------------------------
 # row: lr, momentum, 1 - dampening, weight_decay, nesterov, maximize, first_momentum_step, buffered
-#   g <- -g if maximize;  g <- g + wd*p
+#   g <- -g if maximize;  g <- g + wd*p (taken(wd): see taken)
 #   buf <- g (first step) | momentum*buf + (1 - dampening)*g
 #   g <- g + momentum*buf (nesterov) | buf;   p <- p - lr*g
 def sgd_chunk(p, g, buf, _unused1, _unused2, row, n):
     p, g, buf, row = carray(p, n), carray(g, n), carray(buf, n), carray(row, 8)
     lr, momentum, keep, weight_decay = row[0], row[1], row[2], row[3]
     nesterov, maximize, first, use_buf = row[4] != 0, row[5] != 0, row[6] != 0, row[7] != 0
+    decays = taken(weight_decay)
     for i in range(n):
         gi = -g[i] if maximize else g[i]
-        if weight_decay != 0:
+        if decays:
             gi = fma(weight_decay, p[i], gi)
         if use_buf:
             b = gi if first else fma(keep, gi, buf[i] * momentum)
@@ -121,16 +131,17 @@ def sgd_chunk(p, g, buf, _unused1, _unused2, row, n):
 # --- RMSprop --------------------------------------------------------------------------
 # row: lr, alpha, 1 - alpha, (1 - alpha) - 1, eps, weight_decay, momentum, centered, maximize
 #   v <- alpha*v + (1 - alpha)*g^2;   avg <- sqrt(v - ga^2) + eps, ga <- lerp(ga, g, 1 - alpha) (centered)
-#   buf <- momentum*buf + g/avg, p <- p - lr*buf (momentum) | p <- p - lr*g/avg
+#   buf <- momentum*buf + g/avg, p <- p - lr*buf (taken(momentum)) | p <- p - lr*g/avg
 def rmsprop_chunk(p, g, square_avg, buf, grad_avg, row, n):
     p, g, square_avg, buf = carray(p, n), carray(g, n), carray(square_avg, n), carray(buf, n)
     grad_avg, row = carray(grad_avg, n), carray(row, 9)
     lr, alpha, w, w_m1, eps, weight_decay, momentum = row[0], row[1], row[2], row[3], row[4], row[5], row[6]
     centered, maximize = row[7] != 0, row[8] != 0
+    decays, buffered = taken(weight_decay), taken(momentum)
     neg_lr = -lr
     for i in range(n):
         gi = -g[i] if maximize else g[i]
-        if weight_decay != 0:
+        if decays:
             gi = fma(weight_decay, p[i], gi)
         v = fma(w * gi, gi, square_avg[i] * alpha)
         square_avg[i] = v
@@ -140,7 +151,7 @@ def rmsprop_chunk(p, g, square_avg, buf, grad_avg, row, n):
             avg = np.sqrt(fma(-ga, ga, v)) + eps
         else:
             avg = np.sqrt(v) + eps
-        if momentum > 0:
+        if buffered:
             b = buf[i] * momentum + gi / avg
             buf[i] = b
             p[i] = fma(neg_lr, b, p[i])
@@ -160,11 +171,11 @@ def adam_chunk(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, row, n):
     step_size, w1, w1_m1, beta2, w2, bc2_sqrt, eps = row[0], row[1], row[2], row[3], row[4], row[5], row[6]
     weight_decay, decay_factor = row[7], row[8]
     decoupled, amsgrad, maximize = row[9] != 0, row[10] != 0, row[11] != 0
-    neg_step_size = -step_size
+    neg_step_size, decays = -step_size, taken(weight_decay)
     for i in range(n):
         gi = -g[i] if maximize else g[i]
         pi = p[i]
-        if weight_decay != 0:
+        if decays:
             if decoupled:
                 pi = pi * decay_factor
             else:
@@ -192,16 +203,16 @@ def adopt_chunk(p, g, exp_avg, exp_avg_sq, _unused, row, n):
     lr, w1, w1_m1, beta2, w2, eps = row[0], row[1], row[2], row[3], row[4], row[5]
     weight_decay, neg_lr_wd, clip = row[6], row[7], row[8]
     decouple, maximize, first = row[9] != 0, row[10] != 0, row[11] != 0
-    neg_lr = -lr
+    neg_lr, decays = -lr, taken(weight_decay)
     for i in range(n):
         gi = -g[i] if maximize else g[i]
         pi = p[i]
-        if weight_decay != 0 and not decouple:
+        if decays and not decouple:
             gi = fma(weight_decay, pi, gi)
         if first:
             exp_avg_sq[i] = gi * gi
             continue
-        if weight_decay != 0 and decouple:
+        if decays and decouple:
             pi = fma(neg_lr_wd, pi, pi)
         v = exp_avg_sq[i]
         sqrt_v = np.sqrt(v)

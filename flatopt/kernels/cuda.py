@@ -156,16 +156,20 @@ def _build(dtype):
 
     ``lerp``, ``maximum`` and ``clamp`` of ``flatopt.kernels.cpu`` are written out inline.
     """
-    ZERO, HALF = dtype.type(0), dtype.type(0.5)
+    ZERO, HALF, ONE = dtype.type(0), dtype.type(0.5), dtype.type(1)
     add, mul, div, sqrt = _ops(dtype)
     device = cuda.jit(device=True) if SIMULATOR else cuda.jit(device=True, inline="always", fastmath=False)
     kernel = _kernel(dtype)
+
+    @device
+    def taken(x):  # flatopt.kernels.cpu.taken: every value but -0.0
+        return x != ZERO or math.copysign(ONE, x) > ZERO
 
     # --- SGD: row lr, momentum, 1 - dampening, weight_decay, nesterov, maximize, first, buffered
     @device
     def sgd_update(p, g, b, neg_lr, momentum, keep, weight_decay, nesterov, maximize, first, use_buf):
         g = -g if maximize else g
-        if weight_decay != ZERO:
+        if taken(weight_decay):
             g = cu.fma(weight_decay, p, g)
         if use_buf:
             b = g if first else cu.fma(keep, g, mul(b, momentum))
@@ -211,7 +215,7 @@ def _build(dtype):
     @device
     def rmsprop_update(p, g, v, b, ga, neg_lr, alpha, w, w_m1, eps, weight_decay, momentum, centered, maximize):
         g = -g if maximize else g
-        if weight_decay != ZERO:
+        if taken(weight_decay):
             g = cu.fma(weight_decay, p, g)
         v = cu.fma(mul(w, g), g, mul(v, alpha))
         if centered:
@@ -220,7 +224,7 @@ def _build(dtype):
             avg = add(sqrt(cu.fma(-ga, ga, v)), eps)
         else:
             avg = add(sqrt(v), eps)
-        if momentum > ZERO:
+        if taken(momentum):
             b = add(mul(b, momentum), div(g, avg))
             p = cu.fma(neg_lr, b, p)
         else:
@@ -236,7 +240,7 @@ def _build(dtype):
             neg_lr, alpha, w, w_m1, eps = -table[s, 0], table[s, 1], table[s, 2], table[s, 3], table[s, 4]
             weight_decay, momentum = table[s, 5], table[s, 6]
             centered, maximize = table[s, 7] != ZERO, table[s, 8] != ZERO
-            use_buf = momentum > ZERO
+            use_buf = taken(momentum)
             step = cuda.blockDim.x
             i = lo + cuda.threadIdx.x
             while i < hi:
@@ -273,7 +277,7 @@ def _build(dtype):
     def adam_update(p, g, m, v, vmax, neg_step_size, w1, w1_m1, beta2, w2, bc2_sqrt, eps, weight_decay,
                     decay_factor, decoupled, amsgrad, maximize):
         g = -g if maximize else g
-        if weight_decay != ZERO:
+        if taken(weight_decay):
             if decoupled:
                 p = mul(p, decay_factor)
             else:
@@ -328,11 +332,11 @@ def _build(dtype):
     def adopt_update(p, g, m, v, neg_lr, w1, w1_m1, beta2, w2, eps, weight_decay, neg_lr_wd, clip, decouple,
                      maximize, first):
         g = -g if maximize else g
-        if weight_decay != ZERO and not decouple:
+        if taken(weight_decay) and not decouple:
             g = cu.fma(weight_decay, p, g)
         if first:  # v <- g^2 and nothing else
             return p, m, mul(g, g)
-        if weight_decay != ZERO and decouple:  # the authors' p.add_(p, alpha=-lr*wd)
+        if taken(weight_decay) and decouple:  # the authors' p.add_(p, alpha=-lr*wd)
             p = cu.fma(neg_lr_wd, p, p)
         sqrt_v = sqrt(v)
         normed = div(g, eps if sqrt_v < eps else sqrt_v)

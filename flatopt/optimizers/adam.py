@@ -1,7 +1,7 @@
 """Adam and AdamW, with amsgrad (torch.optim.Adam / AdamW's rule)."""
 import math
 
-from flatopt.optimizers.base import Optimizer, lerp_weight_minus_one, one_minus_product
+from flatopt.optimizers.base import Optimizer, decay_row_value, lerp_weight_minus_one, one_minus_product
 
 
 def _check_adam(hp):
@@ -56,7 +56,7 @@ class Adam(Optimizer):
     def _row(self, hp, group_state, dt):
         beta1, beta2 = hp["betas"]
         row = [None, 1 - beta1, lerp_weight_minus_one(1 - beta1, dt), beta2, 1 - beta2, None, hp["eps"],
-               hp["weight_decay"], None, bool(hp["decoupled_weight_decay"]), bool(hp["amsgrad"]), bool(hp["maximize"])]
+               decay_row_value(hp), None, bool(hp["decoupled_weight_decay"]), bool(hp["amsgrad"]), bool(hp["maximize"])]
         self._set_lr_entries(row, hp)
         self._set_step_entries(row, hp, group_state)
         return tuple(row)

@@ -1,7 +1,7 @@
 """ADOPT (Taniguchi et al., NeurIPS 2024), the rule of the authors' implementation."""
 import math
 
-from flatopt.optimizers.base import Optimizer, lerp_weight_minus_one
+from flatopt.optimizers.base import Optimizer, decay_row_value, lerp_weight_minus_one
 
 
 def default_clip(step):
@@ -53,7 +53,7 @@ class ADOPT(Optimizer):
     def _row(self, hp, group_state, dt):
         beta1, beta2 = hp["betas"]
         row = [None, 1 - beta1, lerp_weight_minus_one(1 - beta1, dt), beta2, 1 - beta2, hp["eps"],
-               hp["weight_decay"], None, None, bool(hp["decouple"]), bool(hp["maximize"]), None]
+               decay_row_value(hp), None, None, bool(hp["decouple"]), bool(hp["maximize"]), None]
         self._set_lr_entries(row, hp)
         self._set_step_entries(row, hp, group_state)
         return tuple(row)

@@ -570,6 +570,21 @@ def _unplaced():
                 _table_cache=[None, None])  # [key, table], updated in place: no __setattr__ on the step path
 
 
+def branch_in_sign(value, taken):
+    """A hyperparameter as a row holds it where a kernel branches on it, as torch branches on
+    the Python float (``weight_decay != 0``; RMSprop's ``momentum > 0``): ``value`` where the
+    branch is taken, else -0.0.  A value that is not 0 but rounds to +0.0 in float32 (1e-300)
+    still takes the branch, as in torch (0 * p: NaN where p is infinite); the checks leave no
+    negative value, so the sign is free.  The kernels' test: ``flatopt.kernels.cpu.taken``."""
+    return value if taken else -0.0
+
+
+def decay_row_value(hp):
+    """The weight decay as a row holds it (:func:`branch_in_sign`): torch decays where
+    ``weight_decay != 0``."""
+    return branch_in_sign(hp["weight_decay"], hp["weight_decay"] != 0)
+
+
 def lerp_weight_minus_one(weight, dt):
     """``weight - 1`` as torch's lerp computes it, from the weight rounded to the buffers'
     dtype.  Only used when ``|weight| >= 0.5``: exact then for ``weight <= 1`` (the table

@@ -1,5 +1,5 @@
 """RMSprop, plain or centered, with optional momentum (torch.optim.RMSprop's rule)."""
-from flatopt.optimizers.base import Optimizer, lerp_weight_minus_one
+from flatopt.optimizers.base import Optimizer, branch_in_sign, decay_row_value, lerp_weight_minus_one
 
 
 class RMSprop(Optimizer):
@@ -44,8 +44,8 @@ class RMSprop(Optimizer):
 
     def _row(self, hp, group_state, dt):
         w = 1 - hp["alpha"]
-        row = [None, hp["alpha"], w, lerp_weight_minus_one(w, dt), hp["eps"], hp["weight_decay"], hp["momentum"],
-               bool(hp["centered"]), bool(hp["maximize"])]
+        row = [None, hp["alpha"], w, lerp_weight_minus_one(w, dt), hp["eps"], decay_row_value(hp),
+               branch_in_sign(hp["momentum"], hp["momentum"] > 0), bool(hp["centered"]), bool(hp["maximize"])]
         self._set_lr_entries(row, hp)
         return tuple(row)
 

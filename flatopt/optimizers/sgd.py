@@ -1,5 +1,5 @@
 """SGD with momentum, dampening, Nesterov and L2 weight decay (torch.optim.SGD's rule)."""
-from flatopt.optimizers.base import Optimizer
+from flatopt.optimizers.base import Optimizer, decay_row_value
 
 
 class SGD(Optimizer):
@@ -44,7 +44,7 @@ class SGD(Optimizer):
         # Without momentum the kernel never reads 1 - dampening, and torch never reads dampening
         # (SGD(dampening=None) steps there): neither does this.
         keep = 1 - hp["dampening"] if hp["momentum"] != 0 else 1.0
-        row = [None, hp["momentum"], keep, hp["weight_decay"], bool(hp["nesterov"]), bool(hp["maximize"]), None,
+        row = [None, hp["momentum"], keep, decay_row_value(hp), bool(hp["nesterov"]), bool(hp["maximize"]), None,
                hp["momentum"] != 0]
         self._set_lr_entries(row, hp)
         self._set_step_entries(row, hp, group_state)
@@ -107,7 +107,7 @@ class Momentum(SGD):
 
     def _row(self, hp, group_state, dt):
         # buffered even at beta = 0: v = g must still be stored for when beta is raised
-        row = [None, hp["beta"], 1 - hp["beta"], hp["weight_decay"], False, bool(hp["maximize"]), False, True]
+        row = [None, hp["beta"], 1 - hp["beta"], decay_row_value(hp), False, bool(hp["maximize"]), False, True]
         self._set_lr_entries(row, hp)
         return tuple(row)
 

@@ -153,6 +153,28 @@ def test_nan_inf_subnormal_propagate_like_cpu(case, dtype):
     assert_states_same(cpu, dev)
 
 
+TINY_CASES = {  # not 0 as Python floats, 0 in float32: the kernels take the branch torch takes
+    "sgd": lambda wd, mom: flatopt.SGD(lr=0.1, momentum=0.9, weight_decay=wd),
+    "momentum": lambda wd, mom: flatopt.Momentum(lr=0.1, beta=0.9, weight_decay=wd),
+    "rmsprop-centered": lambda wd, mom: flatopt.RMSprop(lr=0.01, centered=True, weight_decay=wd),
+    "rmsprop-momentum": lambda wd, mom: flatopt.RMSprop(lr=0.01, momentum=mom),
+    "adam-amsgrad": lambda wd, mom: flatopt.Adam(lr=0.01, amsgrad=True, weight_decay=wd),
+    "adopt": lambda wd, mom: flatopt.ADOPT(lr=0.01, weight_decay=wd),
+    "adopt-decouple": lambda wd, mom: flatopt.ADOPT(lr=0.01, weight_decay=wd, decouple=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TINY_CASES))
+def test_a_hyperparameter_that_rounds_to_zero_takes_the_cpu_kernels_branch(case):
+    p0, grads = data(dtype=np.float32, steps=4, special=True)
+    make = TINY_CASES[case]
+    cpu, dev, pc, pd = run_cpu_and_cuda(lambda: make(1e-300, 1e-300), p0, grads)
+    assert_same(pd, pc)
+    assert_states_same(cpu, dev)
+    _, _, zero, _ = run_cpu_and_cuda(lambda: make(0.0, 0.0), p0, grads)
+    assert not np.array_equal(as_bits(pc), as_bits(zero))  # the branch shows
+
+
 GROUPS = [
     {"start": 0, "stop": 70, "lr": 0.05},
     {"start": 70, "stop": 100, "frozen": True},
