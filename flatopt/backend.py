@@ -71,6 +71,15 @@ def check_gather(backend):
                         "gradients in the flat grads buffer")
 
 
+def host_array(buffer):
+    """A checkpoint's buffer as a NumPy array: a CUDA array copied to the host (``np.asarray``
+    would make a 0-d object array of an exporter with no ``__array__``, CuPy's say), anything
+    else through ``np.asarray``."""
+    if is_cuda_array(buffer):
+        return backend_for(buffer, buffer).to_host(buffer)
+    return np.asarray(buffer)
+
+
 def backend_for(params, grads):
     """The backend that owns both buffers; TypeError if they live in different places."""
     if isinstance(params, np.ndarray) and isinstance(grads, np.ndarray):
@@ -225,6 +234,9 @@ class CpuBackend:
 
     def dtype(self, buffer):
         return buffer.dtype
+
+    def shape(self, buffer, name="the array"):
+        return buffer.shape
 
     def length(self, buffer):
         return len(buffer)

@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from flatopt.backend import SUPPORTED_DTYPES, backend_for, check_fits, kernel_ran
+from flatopt.backend import SUPPORTED_DTYPES, backend_for, check_fits, host_array, kernel_ran
 from flatopt.optimizers.base import Optimizer, _unwrap, planned_for
 
 
@@ -136,7 +136,10 @@ class Lookahead:
             yield params
             return
         backend = backend_for(params, params)
-        n = backend.length(params)
+        shape = backend.shape(params, "params")  # (named as a step names it, before the length is read)
+        if len(shape) != 1:
+            raise ValueError(f"params must be a 1-D buffer, got shape {tuple(shape)}")
+        n = shape[0]
         fast = backend.zeros(n, backend.dtype(params), like=params)  # (on params' GPU)
         backend.check(params, fast)  # params a step could write (read-only, strided: refused as there)
         slow = self._usable_slow(backend, params, n)
@@ -174,13 +177,13 @@ class Lookahead:
             raise ValueError(f"invalid step_count {count!r}")
         slow = sd["slow"]
         if slow is not None:
-            slow = np.asarray(slow)
+            slow = host_array(slow)
             if slow.ndim != 1:
                 raise ValueError(f"slow weights must be 1-D, got shape {slow.shape}")
             if slow.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"slow weights must be float32 or float64, got {slow.dtype}")
             inner_state = dict(_unwrap(sd["inner"])).get("state", {})
-            buffers = [np.asarray(v) for v in dict(_unwrap(inner_state)).values()]
+            buffers = [host_array(v) for v in dict(_unwrap(inner_state)).values()]
             sizes, dtypes = {len(b) for b in buffers}, {b.dtype for b in buffers}
             if sizes and sizes != {len(slow)}:
                 raise ValueError(f"slow weights have {len(slow)} elements but the inner state has "

@@ -165,7 +165,7 @@ class CudaBackend:
                 view = self._view_from_cai(obj, desc, shape, dtype, ptr, nbytes)
             self._remember(obj, key, view, device)
         stream = desc.get("stream")
-        if stream is None and type(obj).__module__.startswith("torch"):
+        if stream is None and _from_package(obj, "torch"):
             stream = _torch_stream(obj)
         return _Info(shape, dtype, contiguous, ptr, nbytes, not readonly, device, stream, view)
 
@@ -224,9 +224,9 @@ class CudaBackend:
         if SIMULATOR:
             return 0
         device = getattr(obj, "device", None)
-        if type(obj).__module__.startswith("torch") and device is not None:
+        if _from_package(obj, "torch") and device is not None:
             return device.index
-        if type(obj).__module__.startswith("cupy") and device is not None:
+        if _from_package(obj, "cupy") and device is not None:
             return device.id
         if not ptr:
             return None
@@ -353,17 +353,28 @@ class CudaBackend:
 
     def _strided_to_host(self, obj):
         """A host copy of a CUDA array that is not contiguous (slow weights or a state buffer
-        assigned as a strided view: a rare path)."""
-        if hasattr(obj, "copy_to_host"):  # Numba's device arrays (the simulator's too) copy any strides
-            return obj.copy_to_host()
+        assigned as a strided view: a rare path).  The bytes its elements span are copied as
+        they lie, and read on the host with its strides: negative ones too (CuPy's ``a[::-1]``),
+        which Numba's own strided copy refuses."""
+        if hasattr(obj, "copy_to_host"):  # Numba's device arrays (the simulator's too)
+            try:
+                return obj.copy_to_host()
+            except NotImplementedError:  # (numba-cuda's refusal of negative strides on a GPU)
+                pass
         desc = obj.__cuda_array_interface__
+        info = self._info(obj)
+        strides = tuple(desc.get("strides") or _c_strides(info.shape, info.dtype.itemsize))
+        if not info.nbytes:
+            return np.empty(info.shape, info.dtype)
+        low = sum((n - 1) * st for n, st in zip(info.shape, strides) if st < 0)  # bytes before the first element
+        span = sum((n - 1) * abs(st) for n, st in zip(info.shape, strides)) + info.dtype.itemsize
         if SIMULATOR:  # "device" pointers are host pointers
-            info = self._info(obj)
-            strides = desc.get("strides") or _c_strides(info.shape, info.dtype.itemsize)
-            span = sum((n - 1) * st for n, st in zip(info.shape, strides)) + info.dtype.itemsize if info.nbytes else 0
-            raw = (ctypes.c_char * max(span, 1)).from_address(info.ptr) if info.ptr else bytearray(1)
-            return np.ndarray(info.shape, info.dtype, buffer=raw, strides=strides).copy()
-        return cuda.from_cuda_array_interface(dict(desc), owner=obj, sync=True).copy_to_host()
+            raw = (ctypes.c_char * span).from_address(info.ptr + low)
+        else:
+            raw = cuda.from_cuda_array_interface(
+                dict(shape=(span,), typestr="|u1", data=(info.ptr + low, True), version=3, strides=None,
+                     stream=desc.get("stream")), owner=obj, sync=True).copy_to_host()
+        return np.ndarray(info.shape, info.dtype, buffer=raw, offset=-low, strides=strides).copy()
 
     def place(self, array, like):
         """A copy of ``array`` (host data or a CUDA array) in device memory, in ``like``'s dtype."""
@@ -698,6 +709,13 @@ def _usable_cupy():
 def _device_ndarray_type():
     from numba.cuda.cudadrv.devicearray import DeviceNDArray
     return DeviceNDArray
+
+
+def _from_package(obj, package):
+    """Whether ``obj``'s class is ``package``'s (``torch``, ``cupy``), not merely one of a package
+    whose name begins the same (``torchmetrics``, ``cupyx_like``)."""
+    module = type(obj).__module__ or ""
+    return module == package or module.startswith(package + ".")
 
 
 def _c_strides(shape, itemsize):

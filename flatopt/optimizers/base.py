@@ -27,7 +27,7 @@ from operator import is_
 
 import numpy as np
 
-from flatopt.backend import CPU, SUPPORTED_DTYPES, backend_for, check_fits, check_gather, kernel_ran
+from flatopt.backend import CPU, SUPPORTED_DTYPES, backend_for, check_fits, check_gather, host_array, kernel_ran
 
 GROUP_KEYS = ("start", "stop", "frozen")
 
@@ -414,7 +414,7 @@ class Optimizer:
                     isinstance(v, numbers.Integral) for v in s.values()):
                 raise ValueError(f"invalid group state {s}")
             trial._check_group_state(s)  # what the next step would refuse
-        state = {k: np.asarray(v) for k, v in dict(sd["state"]).items()}
+        state = {k: host_array(v) for k, v in dict(sd["state"]).items()}
         unknown = set(state) - set(self.state_names)
         if unknown:
             raise ValueError(f"state_dict has unknown state buffers {sorted(unknown)}; "

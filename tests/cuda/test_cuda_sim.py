@@ -1197,3 +1197,83 @@ def test_device_tables_are_per_thread():
     worker.join()
     assert entries[1][0] is not entries[0][0]
     assert backend._table_entry(table, 0, 0) is entries[0]
+
+
+# --- exporters as CuPy and others present them ------------------------------------------------
+@sim_only
+def test_negative_stride_state_and_slow_weights_are_copied_in_as_on_the_cpu():
+    """CuPy's ``a[::-1]`` (the interface's ``data`` at its first element, a negative stride)
+    assigned as a state buffer or as slow weights: copied in, as a negative-stride host array
+    is on the CPU.  Its host copy read the bytes before the pointer as after it, and every step,
+    ``state_dict()`` and pickle failed."""
+    p0, grads = data(dtype=np.float32, steps=3)
+    values = np.linspace(0.5, 2.0, 2 * len(p0)).astype(np.float32)
+    cpu, gpu = flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2), flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2)
+    pc, pd = p0.copy(), cuda.to_device(p0)
+    step_both(cpu, gpu, pc, pd, grads[:1])
+    held = values.copy()
+    cpu.inner.state["exp_avg_sq"], gpu.inner.state["exp_avg_sq"] = held[:len(p0)][::-1], FakeCAI(held[:len(p0)][::-1])
+    cpu.slow, gpu.slow = held[len(p0):][::-1], FakeCAI(held[len(p0):][::-1])
+    assert gpu.slow.__cuda_array_interface__["strides"] == (-4,)
+    pickle.dumps(gpu)
+    np.testing.assert_array_equal(gpu.state_dict()["slow"], held[len(p0):][::-1])
+    step_both(cpu, gpu, pc, pd, grads[1:])
+    assert_same(pd.copy_to_host(), pc)
+    assert_states_same(cpu, gpu)
+    np.testing.assert_array_equal(held, values)  # (copied in: the caller's memory is left alone)
+
+
+class LikeTorch(FakeCAI):
+    """An exporter whose package's name begins as torch's does."""
+
+
+LikeTorch.__module__ = "torchmetrics.buffers"
+
+
+@sim_only
+def test_an_exporter_of_a_package_named_like_torch_is_no_torch_tensor():
+    """It got torch's stream lookup (a KeyError without torch imported, else an AttributeError)."""
+    p0, grads = data(dtype=np.float32, steps=2)
+    expected, ref = p0.copy(), flatopt.Adam(lr=0.1)
+    host, opt = p0.copy(), flatopt.Adam(lr=0.1)
+    for g in grads:
+        ref.step(expected, g)
+        opt.step(LikeTorch(host), LikeTorch(g.copy()))
+    assert_same(host, expected)
+
+
+@sim_only
+def test_checkpoint_buffers_given_through_the_interface_load():
+    """np.asarray made a 0-d object array of an exporter with no ``__array__`` (CuPy's), and the
+    load refused the buffers as 'shape ()'."""
+    p0, grads = data(dtype=np.float32, steps=4)
+    straight, pd = flatopt.Lookahead(flatopt.Adam(lr=0.1), k=3), cuda.to_device(p0)
+    resumed, pr = flatopt.Lookahead(flatopt.Adam(lr=0.1), k=3), cuda.to_device(p0)
+    for g in grads[:2]:
+        straight.step(pd, cuda.to_device(g))
+        resumed.step(pr, cuda.to_device(g))
+    sd = resumed.state_dict()
+    kept = dict(slow=sd["slow"].copy(), **{k: v.copy() for k, v in sd["inner"]["state"].items()})
+    sd["slow"] = FakeCAI(kept["slow"])
+    sd["inner"]["state"] = {k: FakeCAI(kept[k]) for k in sd["inner"]["state"]}
+    loaded = flatopt.Lookahead(flatopt.Adam(lr=0.1), k=3)
+    loaded.load_state_dict(sd)
+    for g in grads[2:]:
+        straight.step(pd, cuda.to_device(g))
+        loaded.step(pr, cuda.to_device(g))
+    assert_same(pr.copy_to_host(), pd.copy_to_host())
+
+
+@pytest.mark.parametrize("params, error, match", [
+    (lambda p: cuda.to_device(np.array(1.0, np.float32)), ValueError, r"params must be a 1-D buffer, got shape \(\)"),
+    pytest.param(lambda p: FakeCAI(p, mask=object()), TypeError, "params is a masked CUDA array", marks=sim_only),
+])
+def test_slow_weights_name_what_a_step_names_in_params(params, error, match):
+    p0, grads = data(dtype=np.float32, steps=1)
+    la, pd = flatopt.Lookahead(flatopt.SGD(lr=0.1), k=2), cuda.to_device(p0)
+    la.step(pd, cuda.to_device(grads[0]))
+    bad = params(p0.copy())
+    for use in (lambda: la.step(bad, cuda.to_device(grads[0])), lambda: la.slow_weights(bad).__enter__()):
+        with pytest.raises(error, match=match):
+            use()
+    assert la.step_count == 1
