@@ -8,16 +8,16 @@ import textwrap
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import flatopt
-from conftest import collector_off, in_workqueue_process, needs_threads
+from conftest import collector_off, in_workqueue_process, needs_threads, sweep
 from flatopt import backend
 from flatopt.backend import CPU
 from flatopt.kernels import cpu as kernels
 
-SWEEP = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SWEEP = sweep(15)  # (FLATOPT_SWEEP_EXAMPLES runs it deeper: see conftest.sweep)
 
 MAKERS = {
     "SGD": lambda: flatopt.SGD(lr=0.05),
@@ -1184,7 +1184,7 @@ def test_list_betas_are_kept_as_a_tuple():
     assert opt.betas == (0.5, 0.25) and type(opt.betas[0]) is float
 
 
-@settings(max_examples=200, deadline=None)
+@sweep(200)
 @given(values=st.lists(st.floats(allow_nan=True, allow_infinity=True, width=64) | st.booleans(),
                        min_size=12, max_size=12),
        dtype=st.sampled_from([np.float32, np.float64]), reuse=st.booleans())

@@ -15,17 +15,17 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 import flatopt
 
 torch = pytest.importorskip("torch")
 from seed_lookahead import SeedLookahead  # noqa: E402 - the seed's reference wrapper, needs torch
-from conftest import correctly_rounded_sqrt  # noqa: E402
+from conftest import assert_f32_like_plain_float32, correctly_rounded_sqrt, sweep  # noqa: E402
 
 DTYPES = [np.float32, np.float64]
-SWEEP = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SWEEP = sweep(12)  # (FLATOPT_SWEEP_EXAMPLES runs it deeper: see conftest.sweep)
 
 
 def max_ulp(got, ref):
@@ -127,8 +127,17 @@ def test_rmsprop_matches_torch(n, centered, momentum, weight_decay, alpha, maxim
                         lrs=lrs, foreach=False)
     if dtype == np.float64:
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13 * np.max(np.abs(ref)))
-    else:
-        assert max_ulp(got, ref) <= 64, max_ulp(got, ref)
+        return
+    # float32: bitwise against torch's rule given a correctly rounded sqrt; torch.optim's own
+    # MKL sqrt puts it 71 ulps from that rule in one draw (centered, alpha=0.3, 30000 elements),
+    # which the bound against torch.optim allows, as long as flatopt is no further than that.
+    p0, grads = data(n, 50, dtype)
+    tp = torch.from_numpy(p0.copy())
+    tstate = {k: torch.zeros(n, dtype=tp.dtype) for k in ("square_avg", "grad_avg", "momentum_buffer")}
+    for lr, g in zip(lrs, grads):
+        torch_rmsprop_step(tp, torch.from_numpy(g.copy()), tstate, lr=lr, eps=1e-8, **kw)
+    np.testing.assert_array_equal(got, tp.numpy())
+    assert max_ulp(got, ref) <= max(64, max_ulp(tp.numpy(), ref)), max_ulp(got, ref)
 
 
 def torch_rmsprop_step(p, g, state, *, lr, alpha, eps, weight_decay, momentum, centered, maximize):
@@ -302,12 +311,14 @@ def test_groups_and_frozen_match_torch_multi_tensor():
 
 # --- ADOPT against the published rule and optax -----------------------------------------------------
 def adopt_reference(p0, grads, lr=1e-3, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.0, decouple=False,
-                    clip=lambda t: t**0.25, maximize=False):
-    """Float64 transcription of the authors' ADOPT (the revision with clipping)."""
-    p = p0.astype(np.float64).copy()
+                    clip=lambda t: t**0.25, maximize=False, dtype=np.float64):
+    """Float64 transcription of the authors' ADOPT (the revision with clipping); ``dtype``
+    float32: the same formula in float32 arithmetic (the hyperparameters are Python floats,
+    which NumPy 2 takes in the arrays' dtype)."""
+    p = p0.astype(dtype).copy()
     m, v = np.zeros_like(p), np.zeros_like(p)
     for t, g in enumerate(grads):
-        g = -g.astype(np.float64) if maximize else g.astype(np.float64)
+        g = -g.astype(dtype) if maximize else g.astype(dtype)
         if weight_decay and not decouple:
             g = g + weight_decay * p
         if t == 0:
@@ -340,8 +351,10 @@ def test_adopt_matches_float64_transcription(n, weight_decay, decouple, maximize
     ref = adopt_reference(p0, grads, clip=clip_fn, **kw)
     if dtype == np.float64:
         np.testing.assert_allclose(params, ref, rtol=1e-12, atol=1e-12 * np.max(np.abs(ref)))
-    else:
-        np.testing.assert_allclose(params, ref, rtol=0, atol=200 * np.spacing(np.float32(np.max(np.abs(ref)))))
+    else:  # (an L2 term that cancels the gradient at the first step amplifies rounding: 290 ulps in one draw,
+        # where the formula in plain float32 is 379 off)
+        plain = adopt_reference(p0, grads, clip=clip_fn, dtype=np.float32, **kw)
+        assert_f32_like_plain_float32(params, ref, plain, 200, what="ADOPT float32 vs float64 transcription")
 
 
 def test_adopt_first_step_only_initialises_v():

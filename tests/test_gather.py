@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import flatopt
-from conftest import DTYPES, dtype_name, needs_threads
+from conftest import DTYPES, dtype_name, needs_threads, sweep
 from flatopt.backend import CPU, Gather, GatherCut
 
 OPTIMIZERS = {
@@ -67,6 +67,7 @@ def _chunks(n, cuts):
                     dtype=np.int64).reshape(-1, 3)
 
 
+@sweep(100)
 @given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=12), cuts=st.lists(st.integers(0, 400), max_size=8),
        other_cuts=st.lists(st.integers(0, 400), max_size=8), itemsize=st.sampled_from([4, 8]))
 def test_pieces_lie_each_in_one_gradient_buffer_and_cover_the_chunks(sizes, cuts, other_cuts, itemsize):

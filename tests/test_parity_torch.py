@@ -664,6 +664,7 @@ def test_adamw_decay_factor_rounded_like_fused_kernel():
 finite_nonnegative = st.floats(min_value=0.0, allow_infinity=False, allow_nan=False)
 
 
+@sweep(100)
 @given(finite_nonnegative, finite_nonnegative)
 @example(0.02226903609866066, 0.2039989475657453)  # rounding twice is one ulp off
 @example(1.0, 1.0 - 2**-53)  # cancels to 2**-53
