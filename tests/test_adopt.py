@@ -402,14 +402,20 @@ def test_bitwise_equal_to_the_authors_torch_code_with_a_correctly_rounded_sqrt(c
     """Parameters and both moments bitwise equal to the authors' code given the same square
     root, call by call: pins the rounding of the decoupled decay, of ``p - lr*m``, of ``v``'s
     update and of the lerp's ``w - 1``, which the tolerances above let pass."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     clip = {"default": default_clip, "tight": tight_clip, "none": None}[case["clip"]]
     hp = dict(lr=3e-3, eps=1e-6, **{k: v for k, v in case.items() if k != "clip"})
     rng = np.random.default_rng(3)
     p0 = rng.standard_normal(37).astype(dtype)
     grads = [rng.standard_normal(37).astype(dtype) for _ in range(40)]
-    opt, params = flatopt.ADOPT(clip_lambda=clip, **hp), p0.copy()
-    p = torch.from_numpy(p0.copy())
+    assert_calls_equal_the_authors(flatopt.ADOPT(clip_lambda=clip, **hp), p0, grads, clip, hp)
+
+
+def assert_calls_equal_the_authors(opt, p0, grads, clip, hp):
+    """``opt`` from ``p0`` through ``grads``: parameters and both moments bitwise equal to the
+    authors' code given a correctly rounded square root, after every call.  Returns the params."""
+    import torch
+    params, p = p0.copy(), torch.from_numpy(p0.copy())
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     for t, g in enumerate(grads):
         opt.step(params, g)
@@ -417,28 +423,21 @@ def test_bitwise_equal_to_the_authors_torch_code_with_a_correctly_rounded_sqrt(c
         np.testing.assert_array_equal(params, p.numpy(), err_msg=f"params after call {t + 1}")
         np.testing.assert_array_equal(opt.state["exp_avg"], m.numpy(), err_msg=f"m after call {t + 1}")
         np.testing.assert_array_equal(opt.state["exp_avg_sq"], v.numpy(), err_msg=f"v after call {t + 1}")
+    return params
 
 
 @pytest.mark.parametrize("decouple", [False, True], ids=["l2", "decoupled"])
 def test_a_weight_decay_that_rounds_to_zero_in_float32_decays_as_the_authors_code_does(decouple):
     """The authors' code tests ``weight_decay != 0`` on the Python float: 1e-300, 0 in float32,
     still adds ``0 * p`` (NaN where p is infinite, +0.0 to a gradient of -0.0)."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     hp = dict(lr=3e-3, eps=1e-6, betas=(0.9, 0.999), weight_decay=1e-300, decouple=decouple, maximize=False)
     rng = np.random.default_rng(4)
     p0 = rng.standard_normal(37).astype(np.float32)
     p0[[0, 5]] = np.inf, -np.inf
     grads = [rng.standard_normal(37).astype(np.float32) for _ in range(4)]
     grads[0][1] = grads[1][1] = -0.0
-    opt, params = flatopt.ADOPT(**hp), p0.copy()
-    p = torch.from_numpy(p0.copy())
-    m, v = torch.zeros_like(p), torch.zeros_like(p)
-    for t, g in enumerate(grads):
-        opt.step(params, g)
-        authors_step(p, torch.from_numpy(g.copy()), m, v, t, clip=default_clip, sqrt=correctly_rounded_sqrt, **hp)
-        np.testing.assert_array_equal(params, p.numpy(), err_msg=f"params after call {t + 1}")
-        np.testing.assert_array_equal(opt.state["exp_avg"], m.numpy(), err_msg=f"m after call {t + 1}")
-        np.testing.assert_array_equal(opt.state["exp_avg_sq"], v.numpy(), err_msg=f"v after call {t + 1}")
+    params = assert_calls_equal_the_authors(flatopt.ADOPT(**hp), p0, grads, default_clip, hp)
     assert np.isnan(params[0])
 
 
