@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from flatopt.backend import Gather, GatherCut, aligned_zeros, host_span
+from flatopt.backend import Gather, GatherCut, aligned_zeros, host_array, host_span
 from flatopt.lookahead import Lookahead, check_slow_fits
 from flatopt.optimizers import Optimizer
 from flatopt.optimizers.base import _unwrap, check_reach, check_state_fits
@@ -358,13 +358,13 @@ def _check_fits_master(opt, checkpoint, master):
     sd = {k: _unwrap(v) for k, v in checkpoint.items()}
     if sd.get("optimizer") == "Lookahead" and isinstance(opt, Lookahead):
         if sd.get("slow") is not None:
-            check_slow_fits(np.asarray(sd["slow"]), n, dtype)
+            check_slow_fits(host_array(sd["slow"]), n, dtype)
         return _check_fits_master(opt.inner, sd.get("inner", {}), master)
     known = set(getattr(opt, "state_names", ()))
     state = _unwrap(sd.get("state"))
     for name, buffer in (state.items() if isinstance(state, Mapping) else ()):
         if name in known:
-            check_state_fits(name, np.asarray(buffer), n, dtype)
+            check_state_fits(name, host_array(buffer), n, dtype)
     groups = sd.get("param_groups")
     stops = [g.get("stop") for g in (() if groups is None else groups) if isinstance(g, dict)]
     last = stops[-1] if stops else None

@@ -48,7 +48,8 @@ class Lookahead:
         self.inner, self.k, self.alpha = inner, k, alpha
         check_k_alpha(self.k, self.alpha)
         self._slow, self._slow_own = None, True
-        self._spans = None  # the spans synced at the last step (None: not known, as after a load)
+        self._spans = None  # the spans the last step synced (None: no step yet, slow weights assigned, or an
+        # older checkpoint loaded that did not record them)
         self.step_count = 0
         self._planned = None
 
@@ -227,7 +228,7 @@ def _loaded_spans(synced, slow):
         ranges = np.asarray(synced)
     except (TypeError, ValueError):
         ranges = np.asarray(None)
-    if ranges.size == 0:
+    if ranges.shape in ((0,), (0, 2)):  # (no range: every group frozen; np.savez makes [] a float array)
         return ()
     if ranges.ndim != 2 or ranges.shape[1] != 2 or ranges.dtype.kind not in "iu":
         raise ValueError(f"state_dict's synced ranges must be (start, stop) pairs of integers, got {synced!r}")

@@ -575,6 +575,7 @@ def test_load_refuses_group_states_the_step_would_refuse(bad):
     (lambda sd: sd.update(synced=[[0, 4.0]]), ValueError),
     (lambda sd: sd.update(synced=[[0, 4, 8]]), ValueError),
     (lambda sd: sd.update(synced="0:8"), ValueError),
+    (lambda sd: sd.update(synced=[[]]), ValueError),
     (lambda sd: sd.update(slow=None), ValueError),  # synced ranges of slow weights it does not have
 ])
 def test_lookahead_load_refuses_what_its_step_would_refuse(edit, error):

@@ -128,16 +128,16 @@ def test_rmsprop_matches_torch(n, centered, momentum, weight_decay, alpha, maxim
     if dtype == np.float64:
         np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-13 * np.max(np.abs(ref)))
         return
-    # float32: bitwise against torch's rule given a correctly rounded sqrt; torch.optim's own
-    # MKL sqrt puts it 71 ulps from that rule in one draw (centered, alpha=0.3, 30000 elements),
-    # which the bound against torch.optim allows, as long as flatopt is no further than that.
+    # float32: bitwise against torch's rule given a correctly rounded sqrt.  torch.optim's own
+    # MKL sqrt puts it up to 71 ulps from that rule (centered, alpha=0.3, 30000 elements): the
+    # bound against torch.optim only checks that the rule replayed is torch's.
     p0, grads = data(n, 50, dtype)
     tp = torch.from_numpy(p0.copy())
     tstate = {k: torch.zeros(n, dtype=tp.dtype) for k in ("square_avg", "grad_avg", "momentum_buffer")}
     for lr, g in zip(lrs, grads):
         torch_rmsprop_step(tp, torch.from_numpy(g.copy()), tstate, lr=lr, eps=1e-8, **kw)
     np.testing.assert_array_equal(got, tp.numpy())
-    assert max_ulp(got, ref) <= max(64, max_ulp(tp.numpy(), ref)), max_ulp(got, ref)
+    assert max_ulp(got, ref) <= 256, max_ulp(got, ref)
 
 
 def torch_rmsprop_step(p, g, state, *, lr, alpha, eps, weight_decay, momentum, centered, maximize):

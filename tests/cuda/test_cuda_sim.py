@@ -1269,3 +1269,26 @@ def test_slow_weights_name_what_a_step_names_in_params(params, error, match):
         with pytest.raises(error, match=match):
             use()
     assert la.step_count == 1
+
+
+@sim_only
+def test_a_tree_optimizer_checkpoint_with_buffers_given_through_the_interface_loads():
+    """TreeOptimizer checks a checkpoint against its master copy first: np.asarray made 0-d
+    object arrays of such buffers there too ('must be a 1-D array, got ndarray of shape ()')."""
+    jnp = pytest.importorskip("jax.numpy")
+    from flatopt.jax import TreeOptimizer
+    params = {"w": jnp.ones((3, 4), jnp.float32), "b": jnp.zeros(5, jnp.float32)}
+    grads = {"w": jnp.full((3, 4), 0.5, jnp.float32), "b": jnp.full(5, -0.25, jnp.float32)}
+    straight = TreeOptimizer(flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2), params)
+    straight.step(grads)
+    sd = straight.state_dict()
+    kept = dict(slow=sd["optimizer"]["slow"].copy(),
+                **{k: v.copy() for k, v in sd["optimizer"]["inner"]["state"].items()})
+    sd["optimizer"]["slow"] = FakeCAI(kept["slow"])
+    sd["optimizer"]["inner"]["state"] = {k: FakeCAI(kept[k]) for k in sd["optimizer"]["inner"]["state"]}
+    loaded = TreeOptimizer(flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2), params)
+    loaded.load_state_dict(sd)
+    for _ in range(3):
+        straight.step(grads)
+        loaded.step(grads)
+    assert_same(loaded.master, straight.master)
