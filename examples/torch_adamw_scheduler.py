@@ -1,7 +1,7 @@
 """A small torch MLP trained with flatopt.torch.AdamW, a warm-up + cosine lr schedule,
 no weight decay on biases, gradient clipping and a checkpoint round trip.
 
-    pip install -e . torch && python examples/torch_adamw_scheduler.py
+    pip install -e ".[torch]" && python examples/torch_adamw_scheduler.py
 
 flatopt.torch optimizers are torch.optim.Optimizer subclasses: param groups, lr schedulers,
 clip_grad_norm_, GradScaler and state_dict work as usual.  Every step is one kernel call over
