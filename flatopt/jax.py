@@ -130,9 +130,10 @@ def as_optax(opt):
         shapes = [jnp.shape(x) for x in jax.tree_util.tree_leaves(grads)]
         if shapes != [jnp.shape(x) for x in jax.tree_util.tree_leaves(params)]:
             raise ValueError(f"grads' leaf shapes {shapes} do not match params'")
-        for leaf in jax.tree_util.tree_leaves(grads):  # (cast to the params' dtype below: a complex one loses a part)
-            if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating) or jnp.result_type(leaf) == jnp.bool_:
-                raise TypeError(f"grads have a leaf of dtype {jnp.result_type(leaf)}; flatopt's update takes real "
+        for leaf_dtype in map(jnp.result_type, jax.tree_util.tree_leaves(grads)):
+            # (cast to the params' dtype below: a complex one would lose its imaginary part)
+            if jnp.issubdtype(leaf_dtype, jnp.complexfloating) or leaf_dtype == jnp.bool_:
+                raise TypeError(f"grads have a leaf of dtype {leaf_dtype}; flatopt's update takes real "
                                 "gradients (float32 and float64, or another real dtype it converts)")
         _check_state(template, state, n, dtype)
         _convert_scalars(_inner(template), dtype)
