@@ -28,9 +28,7 @@ class FlatParams:
         items = list(arrays.items()) if isinstance(arrays, Mapping) else list(enumerate(arrays))
         if not items:
             raise ValueError("FlatParams needs at least one array")
-        names = [name for name, _ in items]
-        if len(set(names)) != len(names):
-            raise ValueError("FlatParams: duplicate array names")
+        names = [name for name, _ in items]  # (unique: a dict's keys, or a list's indices)
         xp = _array_module(items[0][1])
         for name, value in items:
             if not hasattr(value, "dtype") or not hasattr(value, "shape"):

@@ -607,6 +607,12 @@ def corrupt(sd, how):
         sd["state"]["exp_avg"] = sd["state"]["exp_avg"].astype(np.int32)
     elif how == "group state count":
         sd["group_state"].append({"step": 1})
+    elif how == "group state entry":
+        sd["group_state"][0]["momentum_started"] = True
+    elif how == "fractional step":
+        sd["group_state"][0]["step"] = 1.5
+    elif how == "groups beyond the buffers":
+        sd["param_groups"] = [{"start": 0, "stop": 12}]
     elif how == "bad hyperparameter":
         sd["hyperparameters"]["betas"] = (0.9, 1.5)
     elif how == "unknown hyperparameter":
@@ -614,16 +620,31 @@ def corrupt(sd, how):
     return sd
 
 
-@pytest.mark.parametrize("how", ["kind", "missing key", "extra key", "unknown buffer", "lengths differ", "2-D buffer",
-                                 "integer buffer", "group state count", "bad hyperparameter",
-                                 "unknown hyperparameter"])
-def test_load_state_dict_rejects_bad_checkpoints_and_changes_nothing(how):
+BAD_CHECKPOINTS = [  # (how corrupt() spoils it, the error, words of its message)
+    ("kind", ValueError, "state_dict is for SGD, not Adam"),
+    ("missing key", ValueError, "state_dict keys .* do not match"),
+    ("extra key", ValueError, "state_dict keys .* do not match"),
+    ("unknown buffer", ValueError, r"unknown state buffers \['momentum'\]"),
+    ("lengths differ", ValueError, "state buffers must be 1-D and of one length"),
+    ("2-D buffer", ValueError, "state buffers must be 1-D and of one length"),
+    ("integer buffer", TypeError, "state buffers must share one dtype, float32 or float64"),
+    ("group state count", ValueError, "state_dict has 2 group states for 1 param groups"),
+    ("group state entry", ValueError, "invalid group state"),
+    ("fractional step", ValueError, "invalid group state"),
+    ("groups beyond the buffers", ValueError, "param groups reach beyond its state buffers"),
+    ("bad hyperparameter", ValueError, "Invalid beta parameter at index 1"),
+    ("unknown hyperparameter", ValueError, r"unknown hyperparameters \['momentum'\]"),
+]
+
+
+@pytest.mark.parametrize("how, error, words", BAD_CHECKPOINTS, ids=[how for how, _, _ in BAD_CHECKPOINTS])
+def test_load_state_dict_rejects_bad_checkpoints_and_changes_nothing(how, error, words):
     source, params = flatopt.Adam(lr=0.1), rand(10)
     source.step(params, rand(10, seed=1))
     target = flatopt.Adam(lr=0.5)
     target.step(rand(10), rand(10, seed=2))
     before, lr = snapshot(target), target.lr
-    with pytest.raises((ValueError, TypeError)):
+    with pytest.raises(error, match=words):
         target.load_state_dict(corrupt(source.state_dict(), how))
     assert_same(snapshot(target), before)
     assert target.lr == lr

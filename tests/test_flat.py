@@ -79,7 +79,8 @@ def test_neighbours_with_array_overrides_merge_by_value():
 
 def test_list_input_dtype_argument_and_errors():
     flat = flatopt.FlatParams([np.ones(3), np.zeros((2, 2))], dtype=np.float32)
-    assert flat.params.dtype == np.float32 and list(flat) == [0, 1]
+    assert flat.params.dtype == np.float32 and list(flat) == [0, 1] and len(flat) == 2
+    assert repr(flat) == "FlatParams(7 x float32; 0: (3,), 1: (2, 2))"
     with pytest.raises(ValueError, match="at least one"):
         flatopt.FlatParams({})
     with pytest.raises(TypeError, match="not an array"):
@@ -225,6 +226,29 @@ def test_an_array_unfrozen_next_to_a_stepping_one_keeps_them_apart_given_the_opt
         opt.step(flat.params, flat.grads)
     for name, (_, buf) in alone.items():
         np.testing.assert_array_equal(flat[name], buf)
+
+
+def test_groups_given_to_an_optimizer_built_without_groups_go_on_as_torchs_groups():
+    """``opt.param_groups = flat.param_groups(overrides, opt)`` on an optimizer built without
+    groups (one count for the whole buffer): every array keeps that count, as a torch group
+    whose weight decay is edited between steps does, bit for bit."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    flat = flatopt.FlatParams({"W": rng.standard_normal((3, 4)), "b": rng.standard_normal(4)})
+    opt = flatopt.AdamW(lr=0.1)
+    tw, tb = (torch.nn.Parameter(torch.tensor(flat[name])) for name in ("W", "b"))
+    ref = torch.optim.AdamW([{"params": [tw]}, {"params": [tb]}], lr=0.1, foreach=False)
+    for t in range(6):
+        if t == 3:
+            opt.param_groups = flat.param_groups({"b": {"weight_decay": 0.0}}, opt)
+            ref.param_groups[1]["weight_decay"] = 0.0
+            assert [s["step"] for s in opt.group_state] == [3, 3]
+        flat.grads[:] = rng.standard_normal(len(flat.grads))
+        tw.grad, tb.grad = (torch.tensor(flat.grad(name)) for name in ("W", "b"))
+        opt.step(flat.params, flat.grads)
+        ref.step()
+    np.testing.assert_array_equal(flat["W"], tw.detach().numpy())
+    np.testing.assert_array_equal(flat["b"], tb.detach().numpy())
 
 
 @pytest.mark.parametrize("make", [

@@ -681,6 +681,23 @@ def test_decay_factor_is_one_minus_the_exact_product_rounded_once(lr, wd):
     assert one_minus_product.__wrapped__(np.float64(lr), np.float32(0.25)) == float(1 - Fraction(lr) / 4)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("lr, wd", [(math.inf, 0.01), (1e-3, math.inf), (0.0, math.inf), (math.inf, 0.0)],
+                         ids=["lr inf", "decay inf", "lr 0, decay inf (0 * inf)", "lr inf, no decay"])
+def test_adamw_with_an_infinite_lr_or_decay_steps_as_torchs_fused(lr, wd, dtype):
+    """torch takes an infinite lr or weight decay (its checks are ``0 <= x``); the decay factor
+    ``1 - lr*wd`` is then -inf or NaN (0 * inf), where the exact product has no rounding to do."""
+    p0, grads = make_problem(64, 3, dtype, seed=13)
+    p0[[0, 1]] = 0.0, -0.0
+    run = lockstep(flatopt.AdamW, torch.optim.AdamW, dict(lr=lr, weight_decay=wd), p0, grads,
+                   torch_kw=dict(fused=True))
+    assert not np.isfinite(run.ref).all()
+    np.testing.assert_array_equal(run.got, run.ref)  # NaNs at the same places compare equal
+    np.testing.assert_array_equal(np.signbit(run.got), np.signbit(run.ref))
+    for name, ref in torch_state_tensors(run.tstate).items():
+        np.testing.assert_array_equal(run.flat.state[name], ref)
+
+
 # ================================ hyperparameters changed between steps, not only the lr
 # After a step that validated everything, the next one only recomputes the per-step scalars
 # until an attribute is assigned: every assignment must reach the very next kernel launch.

@@ -321,6 +321,26 @@ def test_parameters_keep_their_memory_format(set_to_none, in_place):
         assert not b.gflat.any()
 
 
+@pytest.mark.parametrize("set_to_none", [False, True])
+def test_a_parameter_with_gaps_between_its_elements_is_laid_out_contiguous(set_to_none):
+    """A parameter made as a slice of a larger tensor (its rows have gaps) cannot keep its
+    strides in a flat buffer without them: it is laid out contiguous, as ``clone()`` would lay
+    it out, and steps as torch's."""
+    torch.manual_seed(0)
+    init = torch.randn(8, 6)[:, :4]
+    assert init.stride() == (6, 1)
+    ours, theirs = torch.nn.Parameter(init), torch.nn.Parameter(init.clone())  # ours: the slice itself
+    opt, ref = ft.Adam([ours], lr=1e-2), torch.optim.Adam([theirs], lr=1e-2, foreach=False)
+    x = torch.randn(3, 8)
+    for _ in range(3):
+        for p, o in ((ours, opt), (theirs, ref)):
+            o.zero_grad(set_to_none=set_to_none)
+            (x @ p).square().sum().backward()
+            o.step()
+    assert ours.stride() == (4, 1) and ours.grad.stride() == (4, 1)
+    assert torch.equal(ours, theirs)
+
+
 def test_new_gradients_inside_the_optimizers_buffers_or_strided_are_copied_first():
     """Read in place (at any size here), a gradient that is another parameter's memory would be
     read after the step wrote it, and a strided one is not a contiguous run: both are copied
@@ -1314,6 +1334,23 @@ def test_state_edits_are_seen_at_the_next_step_as_in_torch(reset):
     _assert_same_tensors(ps1, ps2)
     _assert_same_state(o1, o2)
     assert o1.state[ps1[0]]["step"].item() == o2.state[ps2[0]]["step"].item()
+
+
+@pytest.mark.parametrize("given", [("exp_avg",), ("step", "exp_avg", "exp_avg_sq")], ids=["a buffer", "all"])
+def test_state_set_before_the_first_step_is_taken_as_the_state_it_holds(given):
+    """``opt.state[p]`` of a parameter without state yet is a new dict that notes edits: what is
+    put in it before the first step is taken in there, the entries it lacks start at zero (as a
+    loaded checkpoint's); torch's step reads it as it is, given every entry."""
+    def set_state(opt, ps):
+        entries = {"step": torch.tensor(0.0), "exp_avg": torch.full_like(ps[0], 0.25),
+                   "exp_avg_sq": torch.zeros_like(ps[0])}
+        if isinstance(opt, ft.Adam):
+            entries = {k: v for k, v in entries.items() if k in given}
+        opt.state[ps[0]].update(entries)
+
+    (ps1, o1), (ps2, o2) = _both("Adam", [(4, 3), (8,)], set_state, edit_at=0, lr=1e-2)
+    _assert_same_tensors(ps1, ps2)
+    _assert_same_state(o1, o2)
 
 
 def test_momentum_buffers_swapped_through_numpy_views_of_the_flat_state():

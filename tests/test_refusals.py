@@ -1,0 +1,247 @@
+"""Refusals that no other suite reached (a branch-coverage run of the whole suite listed them):
+each names the problem, and leaves everything as it was, so that the next step goes on as if
+the refused call had not been made."""
+import copy
+import operator
+
+import numpy as np
+import pytest
+
+import flatopt
+
+
+def _core_snapshot(opt):
+    inner = getattr(opt, "inner", opt)
+    return ({k: v.copy() for k, v in inner.state.items()}, copy.deepcopy(inner.group_state),
+            None if getattr(opt, "slow", None) is None else opt.slow.copy(), getattr(opt, "step_count", None))
+
+
+def _assert_same_snapshot(a, b):
+    (state_a, counts_a, slow_a, count_a), (state_b, counts_b, slow_b, count_b) = a, b
+    assert state_a.keys() == state_b.keys() and counts_a == counts_b and count_a == count_b
+    for name in state_a:
+        np.testing.assert_array_equal(state_a[name], state_b[name])
+    if slow_a is None or slow_b is None:
+        assert slow_a is slow_b
+    else:
+        np.testing.assert_array_equal(slow_a, slow_b)
+
+
+TWO_GROUPS = [{"start": 0, "stop": 6}, {"start": 6, "stop": 10, "lr": 0.05}]
+
+
+@pytest.mark.parametrize("groups", [None, TWO_GROUPS], ids=["one group", "two groups"])
+@pytest.mark.parametrize("make, key, words", [
+    (lambda groups: flatopt.SGD(lr=0.1, momentum=0.9, param_groups=groups), "momentum_started",
+     "need 'momentum_started'"),
+    (lambda groups: flatopt.Adam(lr=0.1, param_groups=groups), "step", "need an int step >= 0"),
+], ids=["SGD momentum flag", "Adam step"])
+def test_a_count_removed_from_group_state_is_named_and_put_back_the_steps_go_on(make, key, words, groups):
+    """After a step the next takes the prepared path (one group: the step's own fast path), which
+    reads only what depends on the count: an entry removed from ``group_state`` must still be
+    named there, before the kernel, and the steps go on once it is back."""
+    rng = np.random.default_rng(0)
+    params = rng.standard_normal(10).astype(np.float32)
+    twin_params = params.copy()
+    opt, twin = make(groups), make(groups)
+    for _ in range(2):
+        grads = rng.standard_normal(10).astype(np.float32)
+        opt.step(params, grads)
+        twin.step(twin_params, grads)
+    held = opt.group_state[-1].pop(key)
+    before, params_before = _core_snapshot(opt), params.copy()
+    with pytest.raises(ValueError, match=words):
+        opt.step(params, rng.standard_normal(10).astype(np.float32))
+    _assert_same_snapshot(_core_snapshot(opt), before)
+    np.testing.assert_array_equal(params, params_before)
+    opt.group_state[-1][key] = held
+    grads = rng.standard_normal(10).astype(np.float32)
+    opt.step(params, grads)
+    twin.step(twin_params, grads)
+    np.testing.assert_array_equal(params, twin_params)
+
+
+def _lookahead_checkpoint():
+    params, grads = np.linspace(-1, 1, 10, dtype=np.float32), np.full(10, 0.5, np.float32)
+    opt = flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2)
+    for _ in range(3):
+        opt.step(params, grads)
+    return opt.state_dict()
+
+
+@pytest.mark.parametrize("edit, error, words", [
+    (lambda sd: dict(sd, extra=1), ValueError, r"state_dict keys \[.*'extra'.*\] do not match"),
+    (lambda sd: dict(sd, optimizer="Adam"), ValueError, "state_dict is for Adam, not Lookahead"),
+    (lambda sd: dict(sd, slow=np.ones((2, 5), np.float32)), ValueError,
+     r"slow weights must be 1-D, got shape \(2, 5\)"),
+    (lambda sd: dict(sd, slow=np.ones(10, np.float16)), TypeError,
+     "slow weights must be float32 or float64, got float16"),
+    (lambda sd: dict(sd, synced=object()), ValueError, "synced ranges must be .start, stop. pairs of integers"),
+    (lambda sd: dict(sd, synced=[[0, 4], [6]]), ValueError, "synced ranges must be .start, stop. pairs of integers"),
+], ids=["extra key", "another optimizer", "2-D slow weights", "float16 slow weights", "synced not ranges",
+        "synced ragged"])
+def test_a_malformed_lookahead_checkpoint_is_refused_before_anything_changes(edit, error, words):
+    rng = np.random.default_rng(1)
+    params = rng.standard_normal(10).astype(np.float32)
+    opt, twin = (flatopt.Lookahead(flatopt.Adam(lr=0.1), k=2) for _ in range(2))
+    twin_params = params.copy()
+    grads = rng.standard_normal(10).astype(np.float32)
+    opt.step(params, grads)
+    twin.step(twin_params, grads)
+    before = _core_snapshot(opt)
+    with pytest.raises(error, match=words):
+        opt.load_state_dict(edit(_lookahead_checkpoint()))
+    _assert_same_snapshot(_core_snapshot(opt), before)
+    for _ in range(3):  # through a sync: k, alpha, the count and the slow weights are as they were
+        grads = rng.standard_normal(10).astype(np.float32)
+        opt.step(params, grads)
+        twin.step(twin_params, grads)
+    np.testing.assert_array_equal(params, twin_params)
+
+
+class TestTorch:
+    """flatopt.torch's refusals: torch's exception types, and its messages where torch refuses too."""
+
+    torch = None
+
+    @pytest.fixture(autouse=True)
+    def _torch(self):
+        type(self).torch = pytest.importorskip("torch")
+
+    def _refused_alike(self, make, error, words):
+        """flatopt.torch's Adam refuses ``make()``'s parameters; torch's does too, with the same
+        message (``words``: None where torch takes them)."""
+        import flatopt.torch as ft
+        with pytest.raises(error) as ours:
+            ft.Adam(make())
+        if words is None:
+            return ours
+        with pytest.raises(error) as theirs:
+            self.torch.optim.Adam(make())
+        assert str(ours.value) == str(theirs.value)
+        assert words in str(ours.value)
+        return ours
+
+    def test_parameters_torch_refuses_are_refused_with_its_messages(self):
+        torch = self.torch
+        self._refused_alike(lambda: [1.0], TypeError, "optimizer can only optimize Tensors")
+        leaf = torch.ones(3, requires_grad=True)
+        self._refused_alike(lambda: [leaf * 2], ValueError, "can't optimize a non-leaf Tensor")
+
+    @pytest.mark.parametrize("make, error, words", [
+        (lambda torch: torch.ones(3, dtype=torch.float16, requires_grad=True), TypeError,
+         "supports float32 and float64 parameters, got torch.float16"),
+        (lambda torch: torch.ones(3).to_sparse().requires_grad_(), TypeError, "does not support sparse parameters"),
+    ], ids=["float16", "sparse"])
+    def test_parameters_flat_buffers_cannot_hold_are_refused(self, make, error, words):
+        ours = self._refused_alike(lambda: [make(self.torch)], error, None)
+        assert words in str(ours.value)
+
+    def test_a_callable_lr_is_refused_pointing_at_torchs_schedulers(self):
+        import flatopt.torch as ft
+        with pytest.raises(TypeError, match="take a number as lr; use a torch lr_scheduler"):
+            ft.Adam([self.torch.nn.Parameter(self.torch.ones(3))], lr=lambda t: 0.1)
+
+    def _stepped(self, shapes=((2, 3),)):
+        import flatopt.torch as ft
+        torch = self.torch
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(*s)) for s in shapes]
+        opt = ft.Adam(ps, lr=0.1)
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        return ps, opt
+
+    def _state(self, opt, ps):
+        """The parameters' values, their ``.grad`` objects and the optimizer's checkpoint."""
+        return [p.detach().clone() for p in ps], [p.grad for p in ps], copy.deepcopy(opt.state_dict())
+
+    def _assert_same_state(self, a, b):
+        torch = self.torch
+        (pa, ga, sa), (pb, gb, sb) = a, b
+        assert all(map(torch.equal, pa, pb))
+        assert all(map(operator.is_, ga, gb))
+        assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
+        for i, entries in sa["state"].items():
+            assert all(torch.equal(v, sb["state"][i][k]) for k, v in entries.items())
+
+    @pytest.mark.parametrize("replace, words", [
+        (lambda p, torch: setattr(p, "grad", torch.randn(2, 3).to_sparse()), "does not support sparse gradients"),
+        (lambda p, torch: setattr(p.grad, "data", torch.randn(6)),
+         r"a gradient changed shape to \(6,\) \(p.grad.data = ...\); its parameter has shape \(2, 3\)"),
+    ], ids=["sparse gradient", "gradient reshaped through .data"])
+    def test_a_gradient_the_step_cannot_read_is_refused_before_anything_changes(self, replace, words):
+        ps, opt = self._stepped()
+        replace(ps[0], self.torch)
+        before = self._state(opt, ps)
+        with pytest.raises(RuntimeError, match=words):
+            opt.step()
+        self._assert_same_state(self._state(opt, ps), before)
+
+    def test_a_parameter_moved_to_another_dtype_is_refused_by_add_param_group_and_step(self):
+        torch = self.torch
+        ps, opt = self._stepped()
+        ps[0].data = ps[0].data.double()
+        new = torch.nn.Parameter(torch.randn(4))
+        new.grad = torch.randn(4)
+        words = "a parameter changed from torch.float32 on cpu to torch.float64 on cpu"
+        with pytest.raises(RuntimeError, match=words):
+            opt.add_param_group({"params": [new]})
+        assert len(opt.param_groups) == 1 and opt.param_groups[0]["params"] == [ps[0]]
+        with pytest.raises(RuntimeError, match=words):
+            opt.step()
+
+    def test_a_non_tensor_appended_to_a_groups_params_is_refused_by_the_step(self):
+        """Where torch's step fails on the float's missing ``.grad``, flatopt's names it as torch's
+        constructor names it; the parameters already there are left as they were."""
+        ps, opt = self._stepped()
+        before = self._state(opt, ps)
+        opt.param_groups[0]["params"].append(1.0)
+        with pytest.raises(TypeError, match="optimizer can only optimize Tensors, but one of the params is float"):
+            opt.step()
+        opt.param_groups[0]["params"].pop()
+        self._assert_same_state(self._state(opt, ps), before)
+
+    def test_lookahead_refuses_what_is_not_an_optimizer_and_a_malformed_checkpoint(self):
+        import flatopt.torch as ft
+        torch = self.torch
+        with pytest.raises(TypeError, match="Lookahead wraps a torch.optim.Optimizer, got object"):
+            ft.Lookahead(object())
+        ps, inner = self._stepped(((2, 3), (4,)))
+        opt = ft.Lookahead(inner, k=2)
+        assert opt.defaults is inner.defaults
+        assert repr(opt) == f"Lookahead({inner!r}, k=2, alpha=0.5)"
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        good = opt.state_dict()
+
+        def held():
+            wrapper = opt.state_dict()
+            return self._state(inner, ps), {k: wrapper[k] for k in ("k", "alpha", "step_count")}, wrapper["slow"]
+
+        before = held()
+        for bad, error, words in [
+            ({"inner": good["inner"], "k": 2}, ValueError, r"state_dict keys \['inner', 'k'\] do not match"),
+            (dict(good, slow={0: good["slow"][0], 1: [0.0] * 4}), TypeError,
+             "slow weight 1 must be a tensor, got list"),
+            (dict(good, slow={0: good["slow"][0].t(), 1: good["slow"][1]}), ValueError,
+             r"slow weight 0 has shape \(3, 2\), its parameter \(2, 3\)"),
+        ]:
+            with pytest.raises(error, match=words):
+                opt.load_state_dict(bad)
+            (state, scalars, slow), (state_before, scalars_before, slow_before) = held(), before
+            self._assert_same_state(state, state_before)
+            assert scalars == scalars_before and slow.keys() == slow_before.keys()
+            assert all(torch.equal(slow[i], slow_before[i]) for i in slow)
+
+    def test_lookaheads_slow_weights_before_its_first_step_are_the_parameters(self):
+        import flatopt.torch as ft
+        torch = self.torch
+        p = torch.nn.Parameter(torch.randn(5))
+        opt = ft.Lookahead(ft.Adam([p], lr=0.1))
+        before = p.detach().clone()
+        with opt.slow_weights():
+            assert torch.equal(p, before)
+        assert torch.equal(p, before)
