@@ -471,7 +471,7 @@ def _serial_after_fork(threaded, serial):
     return run
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=64)  # (bounded: a table's length changes with the number of groups)
 def _packer(char, count):
     return struct.Struct(f"={count}{char}")  # native byte order, no padding
 

@@ -3091,3 +3091,151 @@ def test_step_counts_take_torchs_scalar_dtype_under_a_float64_default(name):
     finally:
         torch.set_default_dtype(default)
     assert runs[0] == runs[1] == [(torch.float64, torch.float64, 2.0**24 + 1), (torch.float64, torch.float64, 2.0)]
+
+
+# ---- group lists, removed parameters, non-leaf parameters, relayouts (from a mutation audit)
+@pytest.mark.parametrize("foreign", [False, True], ids=["a plain list", "another optimizer's list"])
+def test_a_params_list_a_user_assigned_is_read_at_every_step_as_torch_reads_it(foreign):
+    """``group["params"] = their_list``: torch reads that list at every step, so the user's later
+    edits of it (an append, a removal) are stepped; flatopt's step sees them too."""
+    def run(make, **kw):
+        torch.manual_seed(0)
+        p1, p2, p3 = (torch.nn.Parameter(torch.randn(16)) for _ in range(3))  # (16: torch fused's SIMD body)
+        listed = make([p1], lr=0.1, **kw).param_groups[0]["params"] if foreign else [p1]
+        opt = make([p2], lr=0.1, **kw)
+        opt.param_groups[0]["params"] = listed
+        for t in range(5):
+            if t == 2:
+                listed.append(p3)
+            if t == 4:
+                listed.remove(p1)
+            for p in (p1, p2, p3):
+                p.grad = torch.full_like(p, 0.5 + t)
+            opt.step()
+        return [p1, p2, p3]
+    ours, theirs = run(ft.Adam), run(torch.optim.Adam, fused=True)
+    _assert_same_tensors(ours, theirs)
+    torch.manual_seed(0)
+    stepped = [not torch.equal(p, init) for p, init in zip(ours, [torch.randn(16) for _ in range(3)])]
+    assert stepped == [True, False, True]  # (p2's list was replaced before its first step)
+
+
+def test_a_parameter_removed_from_its_group_keeps_its_state_and_resumes_as_in_torch():
+    def run(make, **kw):
+        torch.manual_seed(0)
+        p1, p2 = (torch.nn.Parameter(torch.randn(16)) for _ in range(2))
+        opt = make([p1, p2], lr=0.1, **kw)
+        for t in range(6):
+            if t == 3:
+                del opt.param_groups[0]["params"][1]
+            if t == 4:
+                with pytest.raises(KeyError):  # (torch's state_dict cannot number a parameter outside the groups)
+                    opt.state_dict()
+                opt.param_groups[0]["params"].append(p2)
+            p1.grad, p2.grad = torch.full_like(p1, t + 1.0), torch.full_like(p2, -t - 1.0)
+            opt.step()
+            if t == 3:
+                assert p2 in opt.state and opt.state[p2]["step"].item() == 3
+        return [p1, p2], opt
+    (ours, opt), (theirs, ref) = run(ft.Adam), run(torch.optim.Adam, fused=True)
+    _assert_same_tensors(ours, theirs)
+    _assert_same_state(opt, ref)
+    assert opt.state[ours[1]]["step"].item() == ref.state[theirs[1]]["step"].item() == 5
+
+
+def test_a_non_leaf_tensor_that_retains_its_grad_is_optimized_as_torch_optimizes_it():
+    """torch.optim takes a tensor that is not a leaf but retains its grad; so does flatopt.torch
+    (its grad_dtype, which a non-leaf has none of, is not read)."""
+    runs = []
+    for make, kw in ((ft.Adam, {}), (torch.optim.Adam, dict(fused=True))):
+        torch.manual_seed(0)
+        w = torch.randn(4, 3, requires_grad=True)
+        x = w * 2
+        x.retain_grad()
+        opt = make([x], lr=0.1, **kw)
+        for t in range(4):
+            opt.zero_grad(set_to_none=t % 2 == 0)
+            (x.square() * torch.arange(12.0).view(4, 3)).sum().backward(retain_graph=True)
+            opt.step()
+        runs.append([x.detach(), x.grad, w.grad])
+    _assert_same_tensors(*runs)
+
+
+def test_gradients_stay_views_of_the_new_flat_buffer_after_a_relayout():
+    """After ``add_param_group`` (new flat buffers) a loop of ``zero_grad(set_to_none=False)``
+    keeps each gradient a view of the new gradient buffer: not a tensor of the old one, copied
+    in at every step."""
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    opt = ft.Adam([a], lr=0.1)
+    a.grad = torch.ones(3)
+    opt.step()
+    opt.add_param_group({"params": [b]})
+    for _ in range(3):
+        opt.zero_grad(set_to_none=False)
+        (a.sum() + b.sum()).backward()
+        opt.step()
+    (bucket,) = opt._buckets.values()
+    assert [a.grad, b.grad] == bucket.gviews and all(g is v for g, v in zip((a.grad, b.grad), bucket.gviews))
+
+
+def test_a_reference_to_a_params_state_stays_its_state_through_a_relayout_as_in_torch():
+    def run(make):
+        torch.manual_seed(0)
+        p, q = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+        opt = make([p], lr=0.1)
+        p.grad = torch.ones(3)
+        opt.step()
+        held = opt.state[p]
+        opt.add_param_group({"params": [q]})
+        opt.state[p]["exp_avg"].fill_(0)
+        p.grad, q.grad = torch.ones(3), torch.ones(3)
+        opt.step()
+        return held is opt.state[p], held["step"].item(), held["exp_avg"].clone()
+    ours, theirs = run(ft.Adam), run(torch.optim.Adam)
+    assert ours[:2] == theirs[:2] == (True, 2.0)
+    torch.testing.assert_close(ours[2], theirs[2])
+
+
+def test_zero_grad_false_zeroes_a_gradient_whose_memory_was_replaced_beside_a_param_without_grad():
+    """One parameter never gets a gradient (every step takes the full check), the user keeps a
+    view of the other's gradient, whose memory is then replaced (``p.grad.data = t``)."""
+    def run(make):
+        torch.manual_seed(0)
+        a, frozen = torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(4))
+        opt = make([a, frozen], lr=0.1)
+        a.sum().backward()
+        opt.step()
+        kept = a.grad.view(-1)  # a view the user keeps
+        a.sum().backward()
+        opt.step()
+        a.grad.data = torch.full((4,), 7.0)
+        opt.zero_grad(set_to_none=False)
+        assert kept.shape == (4,)  # (still held here)
+        return a.grad.clone()
+    assert torch.equal(run(ft.Adam), run(torch.optim.Adam)) and not run(ft.Adam).any()
+
+
+def test_lookahead_steps_a_parameter_appended_to_its_inner_groups_before_the_step():
+    def run(make):
+        torch.manual_seed(0)
+        a, b = torch.nn.Parameter(torch.randn(16)), torch.nn.Parameter(torch.randn(16))
+        la = ft.Lookahead(make([a], lr=0.1), k=2, alpha=0.5)
+        a.grad = torch.ones(16)
+        la.step()
+        la.param_groups[0]["params"].append(b)
+        a.grad, b.grad = torch.ones(16), torch.ones(16)
+        la.step()
+        la.step()
+        return [a, b]
+    _assert_same_tensors(run(ft.Adam), run(lambda ps, lr: torch.optim.Adam(ps, lr=lr, fused=True)))
+
+
+def test_loaded_slow_weights_take_the_parameters_dtype():
+    p = torch.nn.Parameter(torch.randn(3))
+    la = ft.Lookahead(torch.optim.Adam([p], lr=0.1), k=2)
+    p.grad = torch.ones(3)
+    la.step()
+    sd = la.state_dict()
+    sd["slow"] = {i: q.double() for i, q in sd["slow"].items()}
+    la.load_state_dict(sd)
+    assert la.slow[0].dtype == torch.float32 and la.state_dict()["slow"][0].dtype == torch.float32

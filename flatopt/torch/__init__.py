@@ -65,8 +65,10 @@
   state buffer (``exp_avg.zero_()``, ``copy_``) act directly: the buffers are views.
 * Editing ``param_groups[i]['params']`` (append, remove, replace an element, assign a new
   list) or appending to ``param_groups`` is seen at the next step or ``zero_grad``, as
-  torch reads the lists then (the lists note edits too): the parameters are laid out
-  again; those that stay keep their state, those removed lose it.  The state tensors and
+  torch reads the lists then (the lists note edits; a list a user assigned is compared
+  with what it held): the parameters are laid out again, keeping their state; a parameter
+  removed keeps it too, as copies in ``opt.state[p]``, taken up again if it comes back (as
+  in torch, whose ``state_dict()`` fails with a ``KeyError`` meanwhile).  The state tensors and
   ``.grad`` views taken before then keep their last values (the ``state[p]`` dicts stay the
   same objects and hold the new views).  A user's own entries in ``state[p]`` stay, through
   ``load_state_dict``, copies and pickles too, as in torch.

@@ -126,7 +126,8 @@ def check_param(p):
     if not (p.is_leaf or p.retains_grad):
         raise ValueError("can't optimize a non-leaf Tensor")
     check_no_internal_overlap(p)
-    grad_dtype = getattr(p, "grad_dtype", p.dtype)  # (torch 2.13: a gradient may be kept in another dtype)
+    # (torch 2.13: a leaf's gradient may be kept in another dtype; a non-leaf's has no grad_dtype to read)
+    grad_dtype = getattr(p, "grad_dtype", p.dtype) if p.is_leaf else p.dtype
     if grad_dtype is not None and grad_dtype != p.dtype:
         raise TypeError(f"flatopt.torch keeps each gradient in its parameter's dtype (a view of one flat gradient "
                         f"buffer), and a parameter of {p.dtype} has grad_dtype {grad_dtype}: use torch.optim")

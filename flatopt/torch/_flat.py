@@ -170,6 +170,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             super().add_param_group(param_group)
         try:
             group = self.param_groups[-1]
+            group["params"] = ParamList(self._group_edits, group["params"])  # (torch's own copy: no one else holds it)
             for p in group["params"]:
                 check_param(p)
             check_unique(group["params"])
@@ -187,13 +188,17 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _groups_edited(self):
         """Whether a group's ``params`` list was edited or replaced, or a group was added or
-        removed, since the layout was made: O(groups)."""
+        removed, since the layout was made: O(groups), and O(params) of the groups whose list
+        a user assigned (see ``_note_groups``)."""
         seen = self._groups_seen
         groups = self.param_groups
         if self._group_edits.edited or len(groups) != len(seen):
             return True
-        for group, params in zip(groups, seen):
-            if group["params"] is not params:
+        for group, (params, held) in zip(groups, seen):
+            current = group["params"]
+            if current is not params:
+                return True
+            if held is not None and (len(current) != len(held) or not all(map(is_, current, held))):
                 return True
         return False
 
@@ -230,17 +235,18 @@ class FlatOptimizer(torch.optim.Optimizer):
             entries = dict.get(self.state, p)
             if isinstance(entries, dict) and id(entries) not in ours:
                 self._check_entries(entries, p.numel(), "state['{name}']", RuntimeError)
-        for group in self.param_groups:  # lists that note edits (a replaced one may be any iterable)
-            if type(group["params"]) is not ParamList or group["params"]._edits is not self._group_edits:
+        for group in self.param_groups:  # a list a user assigned stays theirs (torch reads it at every step)
+            if not isinstance(group["params"], list):  # (a tuple, a generator: read once, into a list of ours)
                 group["params"] = ParamList(self._group_edits, group["params"])
         buckets = {}
         for key, entries in order.items():
             buckets[key] = self._lay_out(key, entries, old.get(key))
         kept = {id(p) for b in buckets.values() for p in b.params}
-        for b in old.values():  # parameters no longer optimized lose their state
-            for p, inst in zip(b.params, b.installed):
+        for b in old.values():  # parameters no longer optimized keep their state, as in torch: copies
+            for p, inst in zip(b.params, b.installed):  # (of the old flat state), taken in again if they return
                 if id(p) not in kept and inst is not None and dict.get(self.state, p) is inst:
-                    dict.pop(self.state, p)
+                    dict.__setitem__(self.state, p, {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                                     for k, v in inst.items()})
         self._buckets = buckets
         for b in buckets.values():
             new = [(i, dict.get(self.state, p), None) for i, (p, inst) in enumerate(zip(b.params, b.installed))
@@ -251,7 +257,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._refresh_state(force=True)
 
     def _note_groups(self):
-        self._groups_seen = tuple(g["params"] for g in self.param_groups)
+        """Per group, its params list and, where the list is not one of ours (which note their
+        edits), a copy of its contents, to compare with at every step: a list a user assigned
+        (``group["params"] = their_list``) and may edit later, as torch sees such edits."""
+        self._groups_seen = tuple(
+            (g["params"], None if type(g["params"]) is ParamList and g["params"]._edits is self._group_edits
+             else tuple(g["params"])) for g in self.param_groups)
         self._group_edits.edited = False
 
     def _lay_out(self, key, entries, prev):
@@ -924,6 +935,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         super().__setstate__(state)
         if config is not None:  # lay the copy's own parameters out, with their state
             self._init_runtime()
+            for group in self.param_groups:  # (the copy's own lists: see __getstate__)
+                group["params"] = ParamList(self._group_edits, group["params"])
             self._rebuild()
 
     def _complete_group(self, group):
