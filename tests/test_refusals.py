@@ -78,8 +78,12 @@ def _lookahead_checkpoint():
      "slow weights must be float32 or float64, got float16"),
     (lambda sd: dict(sd, synced=object()), ValueError, "synced ranges must be .start, stop. pairs of integers"),
     (lambda sd: dict(sd, synced=[[0, 4], [6]]), ValueError, "synced ranges must be .start, stop. pairs of integers"),
+    (lambda sd: dict(sd, slow=np.zeros(6, np.float32), synced=[[0, 6]]), ValueError,
+     "slow weights have 6 elements but the inner state has 10"),
+    (lambda sd: dict(sd, k=3, alpha=0.8, inner=dict(sd["inner"], group_state=[{"step": -1}])), ValueError,
+     "group_state entries need an int step >= 0"),
 ], ids=["extra key", "another optimizer", "2-D slow weights", "float16 slow weights", "synced not ranges",
-        "synced ragged"])
+        "synced ragged", "slow weights of another length", "its own fields fine, the inner state's refused"])
 def test_a_malformed_lookahead_checkpoint_is_refused_before_anything_changes(edit, error, words):
     rng = np.random.default_rng(1)
     params = rng.standard_normal(10).astype(np.float32)
@@ -97,6 +101,70 @@ def test_a_malformed_lookahead_checkpoint_is_refused_before_anything_changes(edi
         opt.step(params, grads)
         twin.step(twin_params, grads)
     np.testing.assert_array_equal(params, twin_params)
+
+
+@pytest.mark.parametrize("where", ["constructor", "assignment", "load_state_dict"])
+def test_a_groups_invalid_hyperparameter_is_refused_where_the_groups_are_given(where):
+    """With torch's message, where torch's constructor (or add_param_group) refuses it: not at the
+    first step.  The optimizer's groups stay as they were."""
+    bad = [{"start": 0, "stop": 4, "alpha": -0.1}]
+    opt = flatopt.RMSprop(param_groups=[{"start": 0, "stop": 4}])
+    before = copy.deepcopy(opt.param_groups)
+    with pytest.raises(ValueError, match="Invalid alpha value: -0.1"):
+        if where == "constructor":
+            flatopt.RMSprop(param_groups=bad)
+        elif where == "assignment":
+            opt.param_groups = bad
+        else:
+            opt.load_state_dict(dict(opt.state_dict(), param_groups=[dict(bad[0], frozen=False)]))
+    assert opt.param_groups == before
+
+
+def test_a_checkpoint_with_another_number_of_groups_loads_them_as_saved():
+    """The loader keeps its own callable group lrs only where the groups pair up one to one; a
+    checkpoint of three groups loaded into two (or two into three) takes its groups as saved."""
+    for saved, mine in [([(0, 4), (4, 6), (6, 8)], [(0, 4), (4, 8)]), ([(0, 4), (4, 8)], [(0, 2), (2, 6), (6, 8)])]:
+        saver = flatopt.SGD(lr=0.1, param_groups=[{"start": a, "stop": b} for a, b in saved])
+        groups = [{"start": a, "stop": b} for a, b in mine]
+        groups[0]["lr"] = lambda t: 5.0  # (a schedule of the loader's own, not saved)
+        loader = flatopt.SGD(lr=0.1, param_groups=groups)
+        loader.load_state_dict(saver.state_dict())
+        params = np.zeros(8)
+        loader.step(params, np.ones(8))
+        np.testing.assert_array_equal(params, np.full(8, -0.1))
+
+
+def test_slow_weights_assigned_between_steps_are_taken_over_a_range_that_joins_at_the_next_step():
+    inner = flatopt.SGD(lr=0.1, param_groups=[{"start": 0, "stop": 4}, {"start": 4, "stop": 8, "frozen": True}])
+    opt = flatopt.Lookahead(inner, k=1, alpha=0.5)
+    params, grads = np.arange(8.0), np.ones(8)
+    opt.step(params, grads)  # syncs [0, 4) only
+    opt.slow = np.full(8, 100.0)
+    inner.param_groups[1]["frozen"] = False
+    fast = params - 0.1 * grads
+    opt.step(params, grads)
+    np.testing.assert_array_equal(params, 0.5 * fast + 0.5 * 100.0)
+
+
+@pytest.mark.parametrize("make, edit", [
+    (lambda: flatopt.SGD(lr=0.1, momentum=0.9, param_groups=TWO_GROUPS), lambda gs: gs[1].update(step=-1)),
+    (lambda: flatopt.RMSprop(lr=0.01, param_groups=TWO_GROUPS), lambda gs: gs[0].update(step="3")),
+    (lambda: flatopt.Adam(lr=0.01, param_groups=TWO_GROUPS), lambda gs: gs[1].update(step=2.0)),
+    (lambda: flatopt.SGD(lr=lambda t: 0.1, momentum=0.9), lambda gs: gs[0].update(step=2.0)),
+], ids=["SGD groups, -1", "RMSprop groups, '3'", "Adam groups, 2.0", "SGD lr schedule, 2.0"])
+def test_a_count_edited_in_place_is_refused_by_the_prepared_step(make, edit):
+    """With groups or an lr schedule the step after the first takes the prepared path: a count
+    edited to what the full step refuses is refused there too, before anything changes."""
+    opt = make()
+    params, grads = np.linspace(-1, 1, 10), np.cos(np.arange(10.0))
+    for _ in range(2):
+        opt.step(params, grads)
+    edit(opt.group_state)
+    before, params_before = _core_snapshot(opt), params.copy()
+    with pytest.raises(ValueError, match="group_state entries need an int step >= 0"):
+        opt.step(params, grads)
+    _assert_same_snapshot(_core_snapshot(opt), before)
+    np.testing.assert_array_equal(params, params_before)
 
 
 class TestTorch:
