@@ -105,12 +105,26 @@ def check_dtype(name, dtype):
         raise TypeError(f"{name} has dtype {dtype}; flatopt supports float32 and float64")
 
 
+def check_1d(name, shape):
+    if len(shape) != 1:
+        raise ValueError(f"{name} must be a 1-D buffer, got shape {tuple(shape)}")
+
+
+def byte_extent(shape, strides, itemsize):
+    """``(low, high)``: the bytes an array's elements span, as offsets from its first element's
+    address (``low <= 0`` where a stride is negative); with element strides and ``itemsize`` 1,
+    ``high - low`` is the span in elements."""
+    low, high = 0, itemsize
+    for size, stride in zip(shape, strides):
+        reach = (size - 1) * stride
+        low, high = (low + reach, high) if stride < 0 else (low, high + reach)
+    return low, high
+
+
 def check_pair(params, grads, *, shape_of, dtype_of, contiguous, writeable, span):
     """Checks shared by every backend; the accessors read one backend's array type."""
     for name, arr in (("params", params), ("grads", grads)):
-        shape = shape_of(arr)
-        if len(shape) != 1:
-            raise ValueError(f"{name} must be a 1-D buffer, got shape {tuple(shape)}")
+        check_1d(name, shape_of(arr))
         check_dtype(name, dtype_of(arr))
         if not contiguous(arr):
             raise ValueError(f"{name} must be contiguous")

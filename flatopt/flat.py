@@ -3,7 +3,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from flatopt.backend import SUPPORTED_DTYPES
+from flatopt.backend import SUPPORTED_DTYPES, byte_extent
 from flatopt.optimizers.base import _plain
 
 
@@ -191,11 +191,8 @@ def _check_untied(items, xp):
 def _byte_range(array):
     """The (first, end) byte addresses an array's elements span (any strides)."""
     first = array.__array_interface__["data"][0] if isinstance(array, np.ndarray) else array.data.ptr
-    low = high = first
-    for size, stride in zip(array.shape, array.strides):
-        reach = (size - 1) * stride
-        low, high = (low + reach, high) if stride < 0 else (low, high + reach)
-    return low, high + array.itemsize
+    low, high = byte_extent(array.shape, array.strides, array.itemsize)
+    return first + low, first + high
 
 
 def _counts_reader(opt, n):

@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from flatopt.backend import SUPPORTED_DTYPES, backend_for, check_fits, host_array, kernel_ran
+from flatopt.backend import SUPPORTED_DTYPES, backend_for, check_1d, check_fits, host_array, kernel_ran
 from flatopt.optimizers.base import Optimizer, _unwrap, planned_for
 
 
@@ -138,8 +138,7 @@ class Lookahead:
             return
         backend = backend_for(params, params)
         shape = backend.shape(params, "params")  # (named as a step names it, before the length is read)
-        if len(shape) != 1:
-            raise ValueError(f"params must be a 1-D buffer, got shape {tuple(shape)}")
+        check_1d("params", shape)
         n = shape[0]
         fast = backend.zeros(n, backend.dtype(params), like=params)  # (on params' GPU)
         backend.check(params, fast)  # params a step could write (read-only, strided: refused as there)

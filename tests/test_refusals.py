@@ -8,23 +8,7 @@ import numpy as np
 import pytest
 
 import flatopt
-
-
-def _core_snapshot(opt):
-    inner = getattr(opt, "inner", opt)
-    return ({k: v.copy() for k, v in inner.state.items()}, copy.deepcopy(inner.group_state),
-            None if getattr(opt, "slow", None) is None else opt.slow.copy(), getattr(opt, "step_count", None))
-
-
-def _assert_same_snapshot(a, b):
-    (state_a, counts_a, slow_a, count_a), (state_b, counts_b, slow_b, count_b) = a, b
-    assert state_a.keys() == state_b.keys() and counts_a == counts_b and count_a == count_b
-    for name in state_a:
-        np.testing.assert_array_equal(state_a[name], state_b[name])
-    if slow_a is None or slow_b is None:
-        assert slow_a is slow_b
-    else:
-        np.testing.assert_array_equal(slow_a, slow_b)
+from test_core_behaviour import assert_same, snapshot
 
 
 TWO_GROUPS = [{"start": 0, "stop": 6}, {"start": 6, "stop": 10, "lr": 0.05}]
@@ -49,10 +33,10 @@ def test_a_count_removed_from_group_state_is_named_and_put_back_the_steps_go_on(
         opt.step(params, grads)
         twin.step(twin_params, grads)
     held = opt.group_state[-1].pop(key)
-    before, params_before = _core_snapshot(opt), params.copy()
+    before, params_before = snapshot(opt), params.copy()
     with pytest.raises(ValueError, match=words):
         opt.step(params, rng.standard_normal(10).astype(np.float32))
-    _assert_same_snapshot(_core_snapshot(opt), before)
+    assert_same(snapshot(opt), before)
     np.testing.assert_array_equal(params, params_before)
     opt.group_state[-1][key] = held
     grads = rng.standard_normal(10).astype(np.float32)
@@ -92,10 +76,10 @@ def test_a_malformed_lookahead_checkpoint_is_refused_before_anything_changes(edi
     grads = rng.standard_normal(10).astype(np.float32)
     opt.step(params, grads)
     twin.step(twin_params, grads)
-    before = _core_snapshot(opt)
+    before = snapshot(opt)
     with pytest.raises(error, match=words):
         opt.load_state_dict(edit(_lookahead_checkpoint()))
-    _assert_same_snapshot(_core_snapshot(opt), before)
+    assert_same(snapshot(opt), before)
     for _ in range(3):  # through a sync: k, alpha, the count and the slow weights are as they were
         grads = rng.standard_normal(10).astype(np.float32)
         opt.step(params, grads)
@@ -160,10 +144,10 @@ def test_a_count_edited_in_place_is_refused_by_the_prepared_step(make, edit):
     for _ in range(2):
         opt.step(params, grads)
     edit(opt.group_state)
-    before, params_before = _core_snapshot(opt), params.copy()
+    before, params_before = snapshot(opt), params.copy()
     with pytest.raises(ValueError, match="group_state entries need an int step >= 0"):
         opt.step(params, grads)
-    _assert_same_snapshot(_core_snapshot(opt), before)
+    assert_same(snapshot(opt), before)
     np.testing.assert_array_equal(params, params_before)
 
 

@@ -34,8 +34,8 @@ import weakref
 import numpy as np
 from numba import cuda
 
-from flatopt.backend import (CPU, SUPPORTED_DTYPES, check_gather, check_pair, describe, is_cuda_array,
-                             is_torch_cuda_tensor, split_chunks)
+from flatopt.backend import (CPU, SUPPORTED_DTYPES, byte_extent, check_gather, check_pair, describe,
+                             is_cuda_array, is_torch_cuda_tensor, split_chunks)
 from flatopt.kernels import cuda as kernels
 
 SIMULATOR = kernels.SIMULATOR
@@ -366,8 +366,8 @@ class CudaBackend:
         strides = tuple(desc.get("strides") or _c_strides(info.shape, info.dtype.itemsize))
         if not info.nbytes:
             return np.empty(info.shape, info.dtype)
-        low = sum((n - 1) * st for n, st in zip(info.shape, strides) if st < 0)  # bytes before the first element
-        span = sum((n - 1) * abs(st) for n, st in zip(info.shape, strides)) + info.dtype.itemsize
+        low, high = byte_extent(info.shape, strides, info.dtype.itemsize)  # (low: the bytes before the first element)
+        span = high - low
         if SIMULATOR:  # "device" pointers are host pointers
             raw = (ctypes.c_char * span).from_address(info.ptr + low)
         else:
